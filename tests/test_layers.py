@@ -1,0 +1,134 @@
+import pytest
+import torch
+
+from vlkit.layers import (Attention, KVCache, PostNormBlock, PreNormBlock, fused_attention,
+                          interpolate_pos_embed, padding_mask, pool_eot, pool_mean)
+from vlkit.layers.embeddings import ImageEmbeddings, PatchEmbed
+
+torch.manual_seed(0)
+
+
+def _pad_mask(b, m, lengths):
+    mask = torch.zeros(b, m, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return mask
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_sdpa_equals_plain_path(causal, padded):
+    attn = Attention(32, 4).eval()
+    x = torch.randn(3, 7, 32)
+    mask = padding_mask(_pad_mask(3, 7, [7, 5, 2])) if padded else None
+    with fused_attention(True):
+        fused = attn(x, mask=mask, causal=causal)
+    with fused_attention(False):
+        plain = attn(x, mask=mask, causal=causal)
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=0)
+    out, maps = attn(x, mask=mask, causal=causal, return_attention=True)
+    torch.testing.assert_close(out, plain, atol=1e-6, rtol=0)
+    assert maps.shape == (3, 4, 7, 7)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(3, 4, 7))
+    if causal:
+        assert maps.triu(1).abs().max() == 0
+    if padded:  # nothing attends to padding
+        assert maps[2, :, :, 2:].abs().max() == 0
+
+
+def test_padding_changes_nothing_for_real_tokens():
+    attn = Attention(16, 2).eval()
+    x = torch.randn(1, 4, 16)
+    padded = torch.cat([x, torch.randn(1, 3, 16)], dim=1)
+    mask = padding_mask(_pad_mask(1, 7, [4]))
+    torch.testing.assert_close(attn(padded, mask=mask)[:, :4], attn(x), atol=1e-6, rtol=0)
+
+
+def test_cross_attention_shapes_and_mask():
+    attn = Attention(32, 4, context_dim=20).eval()
+    x, ctx = torch.randn(2, 5, 32), torch.randn(2, 9, 20)
+    out, maps = attn(x, context=ctx, return_attention=True)
+    assert out.shape == (2, 5, 32) and maps.shape == (2, 4, 5, 9)
+    mask = padding_mask(_pad_mask(2, 9, [9, 3]))
+    with fused_attention(True):
+        fused = attn(x, context=ctx, mask=mask)
+    with fused_attention(False):
+        plain = attn(x, context=ctx, mask=mask)
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="context"):
+        attn(x)
+
+
+@pytest.mark.parametrize("block_cls", [PreNormBlock, PostNormBlock])
+def test_kv_cache_matches_full_recomputation(block_cls):
+    blocks = [block_cls(32, 4, 64, context_dim=24).eval() for _ in range(2)]
+    x, ctx = torch.randn(2, 6, 32), torch.randn(2, 5, 24)
+
+    def run(seq, cache=None):
+        for b in blocks:
+            seq = b(seq, causal=True, context=ctx, cache=cache)
+        return seq
+
+    full = run(x)
+    cache = KVCache()
+    steps = [run(x[:, :3], cache)] + [run(x[:, i:i + 1], cache) for i in range(3, 6)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+    # beam reordering keeps each row's cache with it
+    cache = KVCache()
+    run(x[:, :5], cache)
+    cache.reorder(torch.tensor([1, 0]))
+    last = run(x[[1, 0], 5:6], cache)
+    torch.testing.assert_close(last, full[[1, 0], 5:6], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("block_cls", [PreNormBlock, PostNormBlock])
+def test_blocks(block_cls):
+    plain = block_cls(32, 4, 64).eval()
+    x = torch.randn(2, 6, 32)
+    assert plain(x).shape == x.shape and not plain.has_cross
+    cross = block_cls(32, 4, 64, context_dim=16).eval()
+    ctx = torch.randn(2, 3, 16)
+    y = cross(x, context=ctx)
+    assert y.shape == x.shape and cross.has_cross
+    assert not torch.allclose(y, cross(x, context=torch.randn(2, 3, 16)))  # context matters
+    with pytest.raises(ValueError):
+        cross(x)
+    out, maps = cross(x, context=ctx, return_attention=True)
+    torch.testing.assert_close(out, y, atol=1e-6, rtol=0)
+    assert maps["cross"].shape == (2, 4, 6, 3) and maps["self"].shape == (2, 4, 6, 6)
+
+
+def test_post_norm_output_is_normalised():
+    block = PostNormBlock(32, 4, 64).eval()
+    y = block(torch.randn(2, 6, 32) * 5)
+    torch.testing.assert_close(y.mean(-1), torch.zeros(2, 6), atol=1e-5, rtol=0)
+
+
+def test_patch_embed_and_interpolation():
+    emb = ImageEmbeddings(image_size=32, patch_size=8, dim=16)
+    assert emb(torch.randn(2, 3, 32, 32)).shape == (2, 17, 16)
+    assert emb(torch.randn(2, 3, 48, 64)).shape == (2, 1 + 6 * 8, 16)
+    pos = torch.randn(1, 1 + 16, 8)
+    same = interpolate_pos_embed(pos, (4, 4), (4, 4))
+    assert same is pos
+    big = interpolate_pos_embed(pos, (4, 4), (8, 8))
+    assert big.shape == (1, 65, 8)
+    torch.testing.assert_close(big[:, 0], pos[:, 0])
+    constant = torch.ones(1, 17, 8)
+    torch.testing.assert_close(interpolate_pos_embed(constant, (4, 4), (6, 6)), torch.ones(1, 37, 8))
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        emb(torch.randn(1, 3, 30, 32))
+    conv = PatchEmbed(8, 16, stem="conv")
+    tokens, grid = conv(torch.randn(2, 3, 64, 64))
+    assert tokens.shape == (2, 64, 16) and grid == (8, 8)
+
+
+def test_pooling():
+    x = torch.arange(2 * 4 * 3, dtype=torch.float).view(2, 4, 3)
+    ids = torch.tensor([[5, 9, 2, 0], [5, 7, 8, 2]])
+    torch.testing.assert_close(pool_eot(x, ids, eot_token_id=2), torch.stack([x[0, 2], x[1, 3]]))
+    torch.testing.assert_close(pool_eot(x, ids), torch.stack([x[0, 1], x[1, 2]]))
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    torch.testing.assert_close(pool_mean(x, mask), torch.stack([x[0, :2].mean(0), x[1].mean(0)]))
+    with pytest.raises(ValueError, match="end-of-text"):
+        pool_eot(x, torch.zeros(2, 4, dtype=torch.long), eot_token_id=2)

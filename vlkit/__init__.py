@@ -1,0 +1,13 @@
+"""vlkit: vision-language models from one library of shared layers."""
+from .models import create_model, list_models
+
+__version__ = "0.1.0"
+
+
+def load(path, **kwargs):
+    """A :class:`vlkit.pipeline.Pipeline` from a run folder or a Hugging Face model folder."""
+    from .pipeline import load as _load
+    return _load(path, **kwargs)
+
+
+__all__ = ["create_model", "list_models", "load", "__version__"]

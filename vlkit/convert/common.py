@@ -1,0 +1,91 @@
+"""Reading Hugging Face model folders and renaming their weights with strict checks."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not fit the model it is loaded into."""
+
+
+def read_hf_config(folder: str | Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (not a model folder)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_hf_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Weights of a Hugging Face folder: model.safetensors (or its sharded index), else
+    pytorch_model.bin read with ``torch.load(weights_only=True)`` (no pickle code runs)."""
+    folder = Path(folder)
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    legacy = folder / "pytorch_model.bin"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        out = {}
+        for shard in shards:
+            out.update(load_file(str(folder / shard)))
+        return out
+    if legacy.is_file():
+        try:
+            return torch.load(str(legacy), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is reported the same way
+            raise ConversionError(f"{legacy}: cannot be read as plain tensors ({e})") from None
+    raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
+
+
+def rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]],
+           ignore: list[str] = ()) -> dict[str, torch.Tensor]:
+    """Apply the first matching ``(regex, replacement)`` rule to every key. A key that no rule
+    matches and no ``ignore`` pattern covers is an error: nothing is dropped silently."""
+    compiled = [(re.compile(p), r) for p, r in rules]
+    ignored = [re.compile(p) for p in ignore]
+    out, unmatched = {}, []
+    for key, value in state.items():
+        for pattern, repl in compiled:
+            if pattern.fullmatch(key):
+                out[pattern.sub(repl, key)] = value
+                break
+        else:
+            if not any(p.fullmatch(key) for p in ignored):
+                unmatched.append(key)
+    if unmatched:
+        raise ConversionError(f"{len(unmatched)} checkpoint key(s) have no place in the model: "
+                              + ", ".join(unmatched[:8]) + (" ..." if len(unmatched) > 8 else ""))
+    return out
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load converted weights, asserting that every key exists on both sides with equal shapes."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+           for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)}: " + ", ".join(missing[:6]))
+    if extra:
+        problems.append(f"unexpected {len(extra)}: " + ", ".join(extra[:6]))
+    if bad:
+        problems.append("shape mismatch: " + "; ".join(bad[:6]))
+    if problems:
+        raise ConversionError(f"{source}: checkpoint does not fit the model ({' | '.join(problems)})")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Drop ``prefix`` from keys that have it (e.g. "vit." of a classification checkpoint)."""
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}

@@ -1,0 +1,18 @@
+"""Shared layers every vlkit model is built from."""
+from .attention import (Attention, KVCache, causal_mask, combine_masks, fused_attention,
+                        fused_attention_enabled, padding_mask, plain_attention, set_fused_attention)
+from .blocks import PostNormBlock, PreNormBlock, Transformer
+from .drop import DropPath
+from .embeddings import (BertEmbeddings, ImageEmbeddings, PatchEmbed, TextEmbeddings,
+                         interpolate_pos_embed)
+from .mlp import Mlp, ModalityExperts, QuickGELU, activation
+from .pooling import MLMHead, Pooler, pool_cls, pool_eot, pool_mean
+
+__all__ = [
+    "Attention", "KVCache", "causal_mask", "combine_masks", "fused_attention",
+    "fused_attention_enabled", "padding_mask", "plain_attention", "set_fused_attention",
+    "PostNormBlock", "PreNormBlock", "Transformer", "DropPath", "BertEmbeddings",
+    "ImageEmbeddings", "PatchEmbed", "TextEmbeddings", "interpolate_pos_embed", "Mlp",
+    "ModalityExperts", "QuickGELU", "activation", "MLMHead", "Pooler", "pool_cls", "pool_eot",
+    "pool_mean",
+]

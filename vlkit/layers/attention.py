@@ -1,0 +1,168 @@
+"""Multi-head attention for self- and cross-attention.
+
+One module serves both: given ``context`` it attends from ``x`` to ``context`` (cross-attention),
+otherwise to ``x`` itself. Queries, keys and values have separate projections, so checkpoints with
+either separate or fused q/k/v load by a rename table.
+
+Two code paths compute the same thing:
+- fused: ``F.scaled_dot_product_attention`` (the default);
+- plain: softmax(QKᵀ/√d + mask)V in PyTorch ops, which can also return the attention maps.
+The switch is global (``set_fused_attention``) and per call (``return_attention=True`` forces the
+plain path). Both honour the same boolean masks: ``True`` means "may attend".
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_FUSED = True
+
+
+def set_fused_attention(enabled: bool) -> None:
+    """Use ``F.scaled_dot_product_attention`` (True) or the plain PyTorch path (False) globally."""
+    global _FUSED
+    _FUSED = bool(enabled)
+
+
+def fused_attention_enabled() -> bool:
+    return _FUSED
+
+
+@contextlib.contextmanager
+def fused_attention(enabled: bool):
+    """Context manager form of :func:`set_fused_attention`."""
+    previous = _FUSED
+    set_fused_attention(enabled)
+    try:
+        yield
+    finally:
+        set_fused_attention(previous)
+
+
+def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, M) 1/0 key mask -> (B, 1, 1, M) boolean mask, True where a key may be attended."""
+    return attention_mask.bool()[:, None, None, :]
+
+
+def causal_mask(n: int, m: int | None = None, device=None) -> torch.Tensor:
+    """(N, M) boolean lower-triangular mask aligned to the end: query i sees keys j <= i + (M - N)."""
+    m = n if m is None else m
+    return torch.ones(n, m, dtype=torch.bool, device=device).tril(diagonal=m - n)
+
+
+def combine_masks(*masks: torch.Tensor | None) -> torch.Tensor | None:
+    """AND of boolean masks that broadcast together; None entries are ignored."""
+    out = None
+    for mask in masks:
+        if mask is None:
+            continue
+        out = mask if out is None else (out & mask)
+    return out
+
+
+@dataclass
+class KVCache:
+    """Keys and values of previous decoding steps, one entry per attention module.
+
+    Self-attention appends the new step's keys/values; cross-attention computes them from the
+    context once and reuses them. ``reorder`` follows beam search (index_select on the batch).
+    """
+
+    store: dict = field(default_factory=dict)
+
+    def get(self, key):
+        return self.store.get(key)
+
+    def set(self, key, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.store[key] = (k, v)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.store = {key: (k.index_select(0, index), v.index_select(0, index))
+                      for key, (k, v) in self.store.items()}
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def seq_len(self, key) -> int:
+        entry = self.store.get(key)
+        return 0 if entry is None else entry[0].shape[2]
+
+
+class Attention(nn.Module):
+    """Multi-head attention; cross-attention when ``context_dim`` is given."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None,
+                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.is_cross = context_dim is not None
+        kv_dim = context_dim if context_dim is not None else dim
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(kv_dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(kv_dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, head_dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, causal: bool = False,
+                cache: KVCache | None = None, return_attention: bool = False):
+        """x: (B, N, D); context: (B, M, Dc) for cross-attention; mask: bool, broadcastable to
+        (B, heads, N, M), True = attend. ``causal`` adds a causal mask (self-attention only).
+        With ``cache``, keys/values of earlier steps are reused (decoding)."""
+        if self.is_cross and context is None:
+            raise ValueError("cross-attention needs a context")
+        q = self._heads(self.q(x))  # (B, heads, N, head_dim)
+        key = id(self)
+        if self.is_cross:
+            cached = cache.get(key) if cache is not None else None
+            if cached is None:
+                k, v = self._heads(self.k(context)), self._heads(self.v(context))
+                if cache is not None:
+                    cache.set(key, k, v)
+            else:
+                k, v = cached
+        else:
+            k, v = self._heads(self.k(x)), self._heads(self.v(x))
+            if cache is not None:
+                past = cache.get(key)
+                if past is not None:
+                    k = torch.cat([past[0], k], dim=2)
+                    v = torch.cat([past[1], v], dim=2)
+                cache.set(key, k, v)
+        n, m = q.shape[2], k.shape[2]
+        if causal and not self.is_cross:
+            mask = combine_masks(mask, causal_mask(n, m, device=x.device))
+        drop = self.attn_drop if self.training else 0.0
+        if _FUSED and not return_attention:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+            attn = None
+        else:
+            out, attn = plain_attention(q, k, v, mask, drop, self.training)
+        out = out.transpose(1, 2).reshape(x.shape[0], n, -1)  # (B, N, D)
+        out = self.proj_drop(self.proj(out))
+        return (out, attn) if return_attention else out
+
+
+def plain_attention(q, k, v, mask=None, dropout_p: float = 0.0, training: bool = False):
+    """softmax(QKᵀ/√d + mask) V in plain PyTorch; returns (output, attention probabilities)."""
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, heads, N, M)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    attn = scores.softmax(dim=-1)
+    if mask is not None:  # rows with no allowed key: zero, as SDPA gives for fully masked rows
+        attn = attn.masked_fill(~mask, 0.0)
+    probs = F.dropout(attn, dropout_p) if training and dropout_p > 0 else attn
+    return probs @ v, attn

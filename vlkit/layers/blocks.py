@@ -1,0 +1,106 @@
+"""Transformer blocks: pre-norm (ViT, CLIP, ViLT, VLMo) and post-norm (BERT: ALBEF, BLIP text).
+
+A block gains cross-attention when given ``context_dim``; the MLP may be replaced by any module
+taking ``(x, modality=...)`` (e.g. :class:`ModalityExperts`). Nothing else varies.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Attention, KVCache
+from .drop import DropPath
+from .mlp import Mlp
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, context_dim: int | None = None,
+                 act: str = "gelu", eps: float = 1e-6, qkv_bias: bool = True, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0, mlp: nn.Module | None = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        if context_dim is not None:
+            self.norm_cross = nn.LayerNorm(dim, eps=eps)
+            self.cross_attn = Attention(dim, num_heads, context_dim=context_dim, qkv_bias=qkv_bias,
+                                        attn_drop=attn_drop, proj_drop=drop)
+        else:
+            self.norm_cross = self.cross_attn = None
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = mlp if mlp is not None else Mlp(dim, mlp_dim, act, drop)
+        self.drop_path = DropPath(drop_path)
+
+    @property
+    def has_cross(self) -> bool:
+        return self.cross_attn is not None
+
+    def _check_context(self, context):
+        if self.has_cross and context is None:
+            raise ValueError("this block has cross-attention and needs a context")
+
+
+class PreNormBlock(_Block):
+    """x + attn(norm(x)) [+ cross(norm(x), context)] + mlp(norm(x))."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, modality=None, return_attention: bool = False):
+        self._check_context(context)
+        attn = self.attn(self.norm1(x), mask=mask, causal=causal, cache=cache,
+                         return_attention=return_attention)
+        maps = {}
+        if return_attention:
+            attn, maps["self"] = attn
+        x = x + self.drop_path(attn)
+        if self.has_cross:
+            cross = self.cross_attn(self.norm_cross(x), context=context, mask=context_mask,
+                                    cache=cache, return_attention=return_attention)
+            if return_attention:
+                cross, maps["cross"] = cross
+            x = x + self.drop_path(cross)
+        x = x + self.drop_path(self.mlp(self.norm2(x), modality=modality))
+        return (x, maps) if return_attention else x
+
+
+class PostNormBlock(_Block):
+    """norm(x + attn(x)) [-> norm(x + cross(x, context))] -> norm(x + mlp(x)) (BERT)."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, modality=None, return_attention: bool = False):
+        self._check_context(context)
+        attn = self.attn(x, mask=mask, causal=causal, cache=cache, return_attention=return_attention)
+        maps = {}
+        if return_attention:
+            attn, maps["self"] = attn
+        x = self.norm1(x + self.drop_path(attn))
+        if self.has_cross:
+            cross = self.cross_attn(x, context=context, mask=context_mask, cache=cache,
+                                    return_attention=return_attention)
+            if return_attention:
+                cross, maps["cross"] = cross
+            x = self.norm_cross(x + self.drop_path(cross))
+        x = self.norm2(x + self.drop_path(self.mlp(x, modality=modality)))
+        return (x, maps) if return_attention else x
+
+
+class Transformer(nn.Module):
+    """A stack of blocks sharing one call signature; optional activation checkpointing."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False, **kwargs):
+        maps = []
+        for block in self.blocks:
+            if return_attention:
+                x, m = block(x, return_attention=True, **kwargs)
+                maps.append(m)
+            elif self.grad_checkpointing and self.training and kwargs.get("cache") is None:
+                x = torch.utils.checkpoint.checkpoint(
+                    lambda t, b=block: b(t, **kwargs), x, use_reentrant=False)
+            else:
+                x = block(x, **kwargs)
+        return (x, maps) if return_attention else x

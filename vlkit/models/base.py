@@ -1,0 +1,135 @@
+"""What every vlkit model shares: the registry, presets, config (de)serialisation, outputs."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, type["VLModel"]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a model reachable by ``create_model(name)``."""
+    def wrap(cls):
+        cls.model_name = name
+        _REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+@dataclass
+class Output:
+    """What ``forward`` returns: features and logits (fields a model does not produce are None)."""
+    features: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+
+
+class VLModel(nn.Module):
+    """Base of the registered models. Subclasses set ``config_class``, ``presets`` and ``task``
+    and implement ``training_losses(batch) -> dict`` (with a ``"loss"`` entry)."""
+
+    model_name = "?"
+    config_class: type = object
+    presets: dict = {}
+    task = "none"
+    cfg: typing.Any
+
+    @classmethod
+    def make_config(cls, preset: str = "tiny", **overrides):
+        if preset not in cls.presets:
+            raise ValueError(f"unknown preset {preset!r} for {cls.model_name}; "
+                             f"presets: {', '.join(cls.presets)}")
+        fields = {f.name for f in dataclasses.fields(cls.config_class)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown {cls.model_name} config field(s): {', '.join(unknown)}")
+        return cls.config_class(**{**cls.presets[preset], **overrides})
+
+    def config_dict(self) -> dict:
+        return config_to_dict(self.cfg)
+
+    def training_losses(self, batch: dict) -> dict:
+        raise NotImplementedError
+
+    def image_spec(self) -> dict:
+        """Image size and normalisation the model expects (drives the pipeline's transform)."""
+        return image_spec(self.cfg)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters kept out of weight decay besides norms, biases and embeddings."""
+        return set()
+
+
+def config_to_dict(cfg) -> dict:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = config_to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def config_from_dict(cls, data: dict):
+    """Rebuild a (possibly nested) config dataclass from JSON, rejecting unknown fields."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) in config: {', '.join(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints.get(name)
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = config_from_dict(hint, value)
+        elif isinstance(value, list) and typing.get_origin(hint) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def list_models() -> list[str]:
+    _import_all()
+    return sorted(_REGISTRY)
+
+
+def model_class(name: str) -> type[VLModel]:
+    _import_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; models: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, preset: str = "tiny", **overrides) -> VLModel:
+    """``create_model("clip", preset="tiny", dim=256)``: a freshly initialised model."""
+    cls = model_class(name)
+    return cls(cls.make_config(preset, **overrides))
+
+
+def build_model(name: str, config: dict) -> VLModel:
+    """A model from its name and a config dict (as stored in a run folder's config.json)."""
+    cls = model_class(name)
+    return cls(config_from_dict(cls.config_class, config))
+
+
+def _import_all() -> None:
+    import importlib
+    for module in ("vit", "clip", "vilt", "albef", "vlmo", "blip"):
+        try:
+            importlib.import_module(f"vlkit.models.{module}")
+        except ModuleNotFoundError as e:
+            if e.name != f"vlkit.models.{module}":
+                raise
+
+
+def image_spec(cfg) -> dict:
+    """Image size and normalisation of a config with ``image_size``, ``mean``, ``std``."""
+    return {"size": cfg.image_size, "mean": tuple(cfg.mean), "std": tuple(cfg.std)}

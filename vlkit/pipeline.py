@@ -1,0 +1,162 @@
+"""``vlkit.load(path)``: a model with its tokenizer and image transform, and the high-level calls
+(embed, zero-shot, match, retrieve, caption, answer) that the model supports."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file
+
+from .models import build_model
+from .train.checkpoint import WEIGHTS, read_run_config
+
+
+class Unsupported(NotImplementedError):
+    """The model cannot do what was asked (e.g. captioning with CLIP)."""
+
+
+class Pipeline:
+    def __init__(self, model, tokenizer=None, transform=None, source: str = ""):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.model.model_name}, from {self.source!r})"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device) -> "Pipeline":
+        self.model.to(device)
+        return self
+
+    # -- inputs --------------------------------------------------------------------------------
+    def pixels(self, images) -> torch.Tensor:
+        """PIL images, paths or arrays -> (B, 3, H, W) on the model's device."""
+        if self.transform is None:
+            raise Unsupported(f"{self.model.model_name} has no image transform")
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if not images:
+            raise ValueError("no images given")
+        return torch.stack([self.transform(img)[0] for img in images]).to(self.device)
+
+    def tokens(self, texts) -> dict:
+        if self.tokenizer is None:
+            raise Unsupported(f"{self.model.model_name} has no tokenizer")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            raise ValueError("no texts given")
+        batch = self.tokenizer(list(texts))
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _need(self, name: str):
+        if not hasattr(self.model, name):
+            raise Unsupported(f"{self.model.model_name} does not support {name}")
+        return getattr(self.model, name)
+
+    # -- calls ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def classify(self, images, top_k: int = 1) -> list[list[tuple[str, float]]]:
+        """Image classification with the model's own head: [(label, probability)] per image."""
+        out = self.model(self.pixels(images))
+        if out.logits is None:
+            raise Unsupported(f"{self.model.model_name} has no classification head")
+        probs = out.logits.float().softmax(-1)
+        names = getattr(self.model.cfg, "class_names", None) or [str(i) for i in range(probs.shape[1])]
+        values, index = probs.topk(min(top_k, probs.shape[1]), dim=-1)
+        return [[(names[j], float(p)) for p, j in zip(vs.tolist(), ix.tolist())]
+                for vs, ix in zip(values, index)]
+
+    @torch.no_grad()
+    def embed_images(self, images) -> torch.Tensor:
+        return self._need("encode_image")(self.pixels(images)).float()
+
+    @torch.no_grad()
+    def embed_texts(self, texts) -> torch.Tensor:
+        t = self.tokens(texts)
+        return self._need("encode_text")(t["input_ids"], t["attention_mask"]).float()
+
+    @torch.no_grad()
+    def zero_shot(self, images, labels: Sequence[str], templates: Sequence[str] | None = None):
+        """Class probabilities (B, C) over ``labels`` from prompt templates averaged per class."""
+        from .eval.zeroshot import class_embeddings
+        classes = class_embeddings(self, labels, templates)
+        scale = self.model.logit_scale.exp().clamp(max=100) if hasattr(self.model, "logit_scale") else 100.0
+        return (scale * self.embed_images(images) @ classes.T).softmax(-1)
+
+    @torch.no_grad()
+    def match(self, images, texts) -> torch.Tensor:
+        """Probability that each (image, text) pair matches, from the ITM head (pairs zipped)."""
+        fn = self._need("match")
+        t = self.tokens(texts)
+        return fn(self.pixels(images), t["input_ids"], t["attention_mask"]).float().softmax(-1)[:, 1]
+
+    @torch.no_grad()
+    def retrieve(self, query, candidates, k: int = 5) -> list[tuple[int, float]]:
+        """Rank ``candidates`` (texts for an image query, images for a text query) by similarity."""
+        if isinstance(query, str):
+            q, c = self.embed_texts([query]), self.embed_images(list(candidates))
+        else:
+            q, c = self.embed_images([query]), self.embed_texts(list(candidates))
+        scores = (q @ c.T)[0]
+        values, index = scores.topk(min(k, len(candidates)))
+        return list(zip(index.tolist(), values.tolist()))
+
+    @torch.no_grad()
+    def caption(self, images, **kwargs) -> list[str]:
+        ids = self._need("generate")(self.pixels(images), **kwargs)
+        return [self.tokenizer.decode(row.tolist()) for row in ids]
+
+    @torch.no_grad()
+    def answer(self, images, questions) -> list[str]:
+        fn = self._need("answer")
+        t = self.tokens(questions)
+        return fn(self.pixels(images), t["input_ids"], t["attention_mask"])
+
+
+def image_transform(model, overrides: dict | None = None):
+    from .data.transforms import ImageTransform
+    spec = model.image_spec()
+    spec.update(overrides or {})
+    return ImageTransform(spec["size"], mean=tuple(spec["mean"]), std=tuple(spec["std"]))
+
+
+def load_weights(model, path: Path) -> None:
+    from .convert.common import load_strict
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.parent}: no {WEIGHTS}")
+    load_strict(model, load_file(str(path)), str(path))
+
+
+def load(path: str | Path, device: str | torch.device | None = None) -> Pipeline:
+    """A pipeline from a vlkit run folder or a Hugging Face model folder."""
+    from .convert.common import read_hf_config
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder")
+    raw = read_hf_config(path)
+    if "model" in raw and "config" in raw:
+        cfg = read_run_config(path)
+        model = build_model(cfg["model"], cfg["config"])
+        load_weights(model, path / WEIGHTS)
+        tokenizer = _tokenizer(path / "tokenizer") if (path / "tokenizer").is_dir() else None
+        transform = image_transform(model)
+    elif "model_type" in raw:
+        from .convert import load_hf
+        model, tokenizer, transform_overrides = load_hf(path, raw)
+        transform = image_transform(model, transform_overrides)
+    else:
+        raise ValueError(f"{path / 'config.json'}: neither a vlkit run nor a Hugging Face model config")
+    pipe = Pipeline(model, tokenizer, transform, str(path))
+    return pipe.to(device) if device is not None else pipe
+
+
+def _tokenizer(folder: Path):
+    from .tokenizers import load_tokenizer
+    return load_tokenizer(folder)
