@@ -191,7 +191,7 @@ class Trainer:
                     break
                 (loss / cfg.accum_steps).backward()
                 for k, v in losses.items():
-                    logs[k] = logs.get(k, 0.0) + float(v) / cfg.accum_steps
+                    logs[k] = logs.get(k, 0.0) + float(v.detach()) / cfg.accum_steps
             self.samples += n_batch
             if finite:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip

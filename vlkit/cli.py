@@ -1,0 +1,143 @@
+"""The ``vlkit`` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+class UsageError(Exception):
+    pass
+
+
+def _kv(items: list[str]) -> dict:
+    """--set key=value pairs (JSON values where they parse) for config overrides."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"--set takes key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_list_models(args) -> int:
+    from .models import list_models, model_class
+    for name in list_models():
+        cls = model_class(name)
+        print(f"{name:8s} presets: {', '.join(cls.presets)}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from .data.synthetic import write_dataset
+    out = write_dataset(args.out, num=args.num, seed=args.seed, image_size=args.image_size)
+    print(f"wrote the synthetic world to {args.out}" + (f": {out}" if out else ""))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .eval.run import default_tasks, evaluate, print_metrics, write_eval
+    from .pipeline import load
+    from .train.run import RunArgs, train
+    if args.data != "synthetic" and not Path(args.data).is_dir():
+        raise UsageError(f"--data {args.data}: no such folder (or use 'synthetic')")
+    run = RunArgs(model=args.model, data=args.data, preset=args.preset, out=args.out,
+                  minutes=args.minutes, steps=args.steps, seed=args.seed, resume=args.resume,
+                  init=args.init, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
+                  hard_negatives=args.hard_negatives, workers=args.workers,
+                  on_bad_sample=args.on_bad_sample, overrides=_kv(args.set),
+                  progress=not args.no_progress)
+    result = train(run)
+    print(f"trained {result['step']} steps ({result['samples']} samples) in {result['elapsed']:.0f} s; "
+          f"final loss {result.get('loss', float('nan')):.4f}")
+    if not args.no_eval:
+        pipe = load(args.out)
+        res = evaluate(pipe, args.data, "test", default_tasks(pipe.model))
+        write_eval(res, Path(args.out) / "eval.json")
+        print_metrics(res)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval.run import default_tasks, evaluate, print_metrics, write_eval
+    from .pipeline import load
+    pipe = load(args.run)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else default_tasks(pipe.model)
+    res = evaluate(pipe, args.data, args.split, tasks)
+    out = args.out or str(Path(args.run) / "eval.json")
+    write_eval(res, out)
+    print_metrics(res)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlkit", description="Vision-language models: train, evaluate, convert.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("list-models", help="the models and their presets")
+    s.set_defaults(func=cmd_list_models)
+
+    s = sub.add_parser("synth", help="write the synthetic world to a dataset folder")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--num", type=int, default=1000, help="number of training samples (val/test smaller)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=64)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("train", help="train a model and evaluate it on the test split")
+    s.add_argument("model", help="model name (see list-models)")
+    s.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder")
+    s.add_argument("--preset", default="tiny")
+    s.add_argument("--out", required=True, help="run folder")
+    s.add_argument("--minutes", type=float, help="training time budget")
+    s.add_argument("--steps", type=int, help="optimiser steps")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    s.add_argument("--init", help="start from the weights of a run or Hugging Face folder")
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    s.add_argument("--hard-negatives", action="store_true", help="train with the data's negative captions")
+    s.add_argument("--workers", type=int, default=1, help="data loader worker processes")
+    s.add_argument("--on-bad-sample", default="error", choices=["error", "skip"])
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    s.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="evaluate a run (or Hugging Face folder) on a dataset")
+    s.add_argument("run", help="run folder")
+    s.add_argument("--data", default="synthetic")
+    s.add_argument("--split", default="test")
+    s.add_argument("--tasks", help="comma-separated: classification,retrieval,zeroshot,itm,vqa,caption")
+    s.add_argument("--out", help="eval JSON (default RUN/eval.json)")
+    s.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from .convert.common import ConversionError
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, ConversionError,
+            PermissionError) as e:
+        print(f"vlkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Deterministic streams of batches.
+
+Training reads samples by a global position: sample ``i`` of the stream is fixed by the data
+seed (the synthetic world draws it; a finite dataset takes it from a seeded permutation of its
+epoch). So the data position saved in a checkpoint is one integer, a resumed run sees exactly
+the batches an uninterrupted one would, and augmentation is reproducible (its RNG is seeded by
+the sample position).
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+
+class SyntheticSource:
+    """Sample ``i`` of the synthetic world's stream for a split."""
+
+    def __init__(self, world, split: str = "train", single_object: bool = False, offset: int = 0):
+        self.world, self.split, self.single_object = world, split, single_object
+        self.offset = offset  # a different training seed reads another stretch of the stream
+
+    def __call__(self, i: int) -> dict:
+        return self.world.sample(self.offset + i, split=self.split, single_object=self.single_object)
+
+
+class EpochSource:
+    """Sample ``i`` of an endless stream over a finite dataset: epoch ``i // N`` in a seeded
+    permutation of its own."""
+
+    def __init__(self, dataset, seed: int = 0, shuffle: bool = True):
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty")
+        self.dataset, self.seed, self.shuffle = dataset, seed, shuffle
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, i: int) -> dict:
+        n = len(self.dataset)
+        epoch, offset = divmod(i, n)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+            self._epoch = epoch
+        return self.dataset[self._perm[offset]]
+
+
+def sample_rng(seed: int, i: int) -> random.Random:
+    return random.Random(seed * 1_000_003 + i)
+
+
+class BatchStream(IterableDataset):
+    """Batches ``[start + b·B, start + (b+1)·B)`` for b = 0, 1, ...; with DataLoader workers,
+    worker w makes the batches b ≡ w (mod workers), which the loader returns in order."""
+
+    def __init__(self, source: Callable[[int], dict], collate: Callable, batch_size: int,
+                 start: int = 0, seed: int = 0, limit: int | None = None):
+        self.source, self.collate, self.batch_size = source, collate, batch_size
+        self.start, self.seed, self.limit = start, seed, limit
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        b = worker
+        while self.limit is None or b * self.batch_size < self.limit:
+            first = self.start + b * self.batch_size
+            last = first + self.batch_size
+            if self.limit is not None:
+                last = min(last, self.start + self.limit)
+            index = range(first, last)
+            yield self.collate([self.source(i) for i in index], [sample_rng(self.seed, i) for i in index])
+            b += workers
+
+
+def batch_loader(source, collate, batch_size: int, start: int = 0, seed: int = 0,
+                 num_workers: int = 1, limit: int | None = None) -> DataLoader:
+    stream = BatchStream(source, collate, batch_size, start, seed, limit)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers,
+                      prefetch_factor=4 if num_workers else None,
+                      persistent_workers=False)

@@ -1,0 +1,197 @@
+"""``vlkit eval``: every task a model supports on a dataset's split, with DESIGN.md's metric names.
+
+Tasks: classification (image classifier head), retrieval, zeroshot, itm (compositional
+matching against the data's negatives), vqa, caption. A task the model cannot do is listed under
+``unsupported``; a task the data has nothing for is listed under ``no_data``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from . import metrics as M
+from .zeroshot import class_embeddings
+
+ALL_TASKS = ("classification", "retrieval", "zeroshot", "itm", "vqa", "caption")
+SYNTHETIC_TEST_PAIRS = 1000
+SYNTHETIC_TEST_SINGLE = 1000
+
+
+def load_records(data: str, split: str, image_size: int):
+    """(image-text records, single-object records) of a split."""
+    if data == "synthetic":
+        from ..train.run import synthetic_world
+        world = synthetic_world(image_size)
+        return (world.records(split, SYNTHETIC_TEST_PAIRS),
+                world.records(split, SYNTHETIC_TEST_SINGLE, single_object=True))
+    from ..data.jsonl import JsonlDataset
+    ds = JsonlDataset(data, split)
+    records = [ds[i] for i in range(len(ds))]
+    return records, [r for r in records if r.get("label")]
+
+
+def _batches(items, size):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@torch.no_grad()
+def _embed_images(pipe, records, batch_size=128):
+    return torch.cat([pipe.embed_images([r["image"] for r in chunk]) for chunk in _batches(records, batch_size)])
+
+
+@torch.no_grad()
+def _pair_scores(pipe, images, texts, batch_size=128) -> torch.Tensor:
+    """Score of zipped (image, text) pairs: ITM match probability where the model has an ITM
+    head, else embedding similarity."""
+    model = pipe.model
+    out = []
+    for i in range(0, len(texts), batch_size):
+        img, txt = images[i:i + batch_size], texts[i:i + batch_size]
+        if hasattr(model, "match"):
+            out.append(pipe.match(img, txt))
+        else:
+            t = pipe.tokens(txt)
+            out.append(model.score(pipe.pixels(img), t["input_ids"], t["attention_mask"]).float())
+    return torch.cat(out)
+
+
+def eval_classification(pipe, singles):
+    names = pipe.model.cfg.class_names
+    labels = torch.tensor([names.index(r["label"]) for r in singles])
+    preds = []
+    for chunk in _batches(singles, 256):
+        preds.append(pipe.model(pipe.pixels([r["image"] for r in chunk])).logits.argmax(-1).cpu())
+    correct = (torch.cat(preds) == labels).float()
+    out = {"classification.top1": correct.mean().item()}
+    held = torch.tensor([bool(r.get("heldout")) for r in singles])
+    if held.any():
+        out["classification.top1_seen"] = correct[~held].mean().item() if (~held).any() else float("nan")
+        out["classification.top1_heldout"] = correct[held].mean().item()
+    return out
+
+
+def eval_retrieval(pipe, records):
+    img = _embed_images(pipe, records)
+    texts, owner = [], []
+    for i, r in enumerate(records):
+        for c in r.get("captions") or [r["caption"]]:
+            texts.append(c)
+            owner.append(i)
+    txt = torch.cat([pipe.embed_texts(chunk) for chunk in _batches(texts, 256)])
+    res = M.retrieval_recall(img, txt, torch.tensor(owner))
+    return {f"retrieval.{k}": v for k, v in res.items()}
+
+
+def eval_zeroshot(pipe, singles, labels=None):
+    if labels is None:
+        labels = sorted({r["label"] for r in singles})
+        try:
+            from ..data.synthetic import class_names
+            if set(labels) <= set(class_names()):
+                labels = class_names()
+        except ImportError:
+            pass
+    classes = class_embeddings(pipe, labels)
+    img = _embed_images(pipe, singles)
+    target = torch.tensor([labels.index(r["label"]) for r in singles])
+    held = torch.tensor([bool(r.get("heldout")) for r in singles])
+    groups = {"seen": ~held, "heldout": held} if held.any() else None
+    res = M.zero_shot_accuracy(img, classes, target, groups)
+    return {f"zeroshot.{k}": v for k, v in res.items()}
+
+
+def eval_itm(pipe, records):
+    images, pos, neg, kinds = [], [], [], []
+    for r in records:
+        for n in r.get("negatives") or []:
+            images.append(r["image"])
+            pos.append(r["caption"])
+            neg.append(n["caption"])
+            kinds.append(n["kind"])
+    if not kinds:
+        return None
+    res = M.compositional_accuracy(_pair_scores(pipe, images, pos), _pair_scores(pipe, images, neg), kinds)
+    return {f"itm.{k}": v for k, v in res.items()}
+
+
+def eval_vqa(pipe, records):
+    images, questions, answers, types = [], [], [], []
+    for r in records:
+        for qa in r.get("qa") or []:
+            images.append(r["image"])
+            questions.append(qa["question"])
+            answers.append(qa["answer"])
+            types.append(qa["type"])
+    if not questions:
+        return None
+    preds = []
+    for i in range(0, len(questions), 128):
+        preds.extend(pipe.answer(images[i:i + 128], questions[i:i + 128]))
+    res = M.vqa_accuracy(preds, answers, types)
+    return {f"vqa.{k}": v for k, v in res.items()}
+
+
+def eval_caption(pipe, records):
+    preds = []
+    for chunk in _batches(records, 64):
+        preds.extend(pipe.caption([r["image"] for r in chunk]))
+    refs = [r.get("captions") or [r["caption"]] for r in records]
+    return {"caption.bleu4": M.bleu4(preds, refs), "caption.cider": M.cider(preds, refs)}
+
+
+SUPPORT = {  # task -> what the model needs
+    "classification": lambda m: getattr(m, "head", None) is not None,
+    "retrieval": lambda m: hasattr(m, "encode_image") and hasattr(m, "encode_text"),
+    "zeroshot": lambda m: hasattr(m, "encode_image") and hasattr(m, "encode_text"),
+    "itm": lambda m: hasattr(m, "match") or hasattr(m, "score"),
+    "vqa": lambda m: hasattr(m, "answer"),
+    "caption": lambda m: hasattr(m, "generate"),
+}
+
+
+def evaluate(pipe, data: str = "synthetic", split: str = "test", tasks=ALL_TASKS) -> dict:
+    unknown = [t for t in tasks if t not in ALL_TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(ALL_TASKS)}")
+    records, singles = load_records(data, split, pipe.model.image_spec()["size"])
+    out: dict = {"metrics": {}, "unsupported": [], "no_data": [], "data": data, "split": split,
+                 "model": pipe.model.model_name}
+    for task in tasks:
+        if not SUPPORT[task](pipe.model):
+            out["unsupported"].append(task)
+            continue
+        if task in ("classification", "zeroshot"):
+            res = eval_classification(pipe, singles) if task == "classification" and singles else \
+                eval_zeroshot(pipe, singles) if singles else None
+        else:
+            res = {"retrieval": eval_retrieval, "itm": eval_itm, "vqa": eval_vqa,
+                   "caption": eval_caption}[task](pipe, records)
+        if res is None:
+            out["no_data"].append(task)
+        else:
+            out["metrics"].update({k: round(float(v), 4) for k, v in res.items()})
+    return out
+
+
+def default_tasks(model) -> list[str]:
+    return [t for t in ALL_TASKS if SUPPORT[t](model)]
+
+
+def write_eval(result: dict, path: str | Path) -> None:
+    from ..train.checkpoint import atomic_write_json
+    atomic_write_json(path, result)
+
+
+def print_metrics(result: dict, file=sys.stdout) -> None:
+    for k, v in sorted(result["metrics"].items()):
+        print(f"{k:34s} {v:.4f}", file=file)
+    if result["unsupported"]:
+        print(f"unsupported by {result['model']}: {', '.join(result['unsupported'])}", file=file)
+    if result["no_data"]:
+        print(f"no data for: {', '.join(result['no_data'])}", file=file)
+
+
+__all__ = ["evaluate", "default_tasks", "write_eval", "print_metrics", "ALL_TASKS"]
