@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+import vlkit
+from vlkit.convert.common import ConversionError
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_clip(tmp_path, eos_token_id=98, act="quick_gelu"):
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                         vocab_size=99, max_position_embeddings=16, eos_token_id=eos_token_id,
+                         bos_token_id=97, pad_token_id=1, hidden_act=act),
+        vision_config=dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=30,
+                           image_size=32, patch_size=8, hidden_act=act),
+        projection_dim=16)
+    model = transformers.CLIPModel(cfg).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(3.1)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def _text_batch(eos):
+    ids = torch.tensor([[97, 5, 6, 7, eos, 1, 1], [97, 10, 11, 12, 13, 14, eos], [97, eos, 1, 1, 1, 1, 1]])
+    mask = (torch.arange(7)[None] <= (ids == eos).int().argmax(-1)[:, None]).long()
+    return ids, mask
+
+
+@pytest.mark.parametrize("eos", [98, 2])
+def test_clip_parity_with_transformers(tmp_path, eos):
+    ref = _hf_clip(tmp_path, eos_token_id=eos)
+    pipe = vlkit.load(tmp_path)
+    model = pipe.model
+    pixels = torch.randn(2, 3, 32, 32)
+    ids, mask = _text_batch(98)
+    with torch.no_grad():
+        out = ref(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        img = model.encode_image(pixels)
+        txt = model.encode_text(ids, mask)
+        logits = model(pixels, ids, mask).logits
+        feats = model.forward_features(pixels)
+        hf_feats = ref.vision_model(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(img, out.image_embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(txt, out.text_embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, out.logits_per_image, atol=1e-5, rtol=0)
+    # forward_features is after the last norm: HF applies post_layernorm to the pooled token only
+    torch.testing.assert_close(feats[:, 0], ref.vision_model.post_layernorm(hf_feats[:, 0]), atol=1e-5, rtol=0)
+    assert model.cfg.text.eot_token_id == (None if eos == 2 else eos)
+
+
+def test_clip_gelu_variant_and_bad_folder(tmp_path):
+    ref = _hf_clip(tmp_path / "a", act="gelu")
+    model = vlkit.load(tmp_path / "a").model
+    ids, mask = _text_batch(98)
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        out = ref(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        torch.testing.assert_close(model.encode_text(ids, mask), out.text_embeds, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.encode_image(pixels), out.image_embeds, atol=1e-5, rtol=0)
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(tmp_path / "a" / "model.safetensors"))
+    state["visual_projection.weight"] = state["visual_projection.weight"][:, :10].contiguous()
+    save_file(state, str(tmp_path / "a" / "model.safetensors"))
+    with pytest.raises(ConversionError, match="shape mismatch"):
+        vlkit.load(tmp_path / "a")
+
+
+def test_clip_training_losses_and_hard_negatives():
+    torch.manual_seed(0)
+    model = vlkit.create_model("clip", "tiny", hard_negatives=True)
+    b = 4
+    ids = torch.randint(5, 100, (b, 8))
+    ids[:, -1] = model.cfg.text.eot_token_id or 3
+    batch = {"pixel_values": torch.randn(b, 3, 64, 64), "input_ids": ids,
+             "attention_mask": torch.ones(b, 8, dtype=torch.long),
+             "neg_input_ids": ids[:2].flip(1), "neg_attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    batch["neg_input_ids"][:, -1] = ids[0, -1]
+    with_neg = model.training_losses(batch)["loss"]
+    model.cfg.hard_negatives = False
+    without = model.training_losses(batch)["loss"]
+    assert with_neg > without  # extra negatives can only enlarge the image->text partition
+    with_neg.backward()
+    assert model.logit_scale.grad is not None
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    model.after_step(0)
+    assert model.logit_scale.item() == pytest.approx(torch.log(torch.tensor(100.0)).item())

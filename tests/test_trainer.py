@@ -1,0 +1,116 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vlkit
+from vlkit.train.checkpoint import checkpoint_dirs, latest_checkpoint
+from vlkit.train.loop import TrainConfig, Trainer, TrainingAborted
+from vlkit.train.optim import lr_at, param_groups
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _batches(batch_size, crash_at=None):
+    """A deterministic stream: batch contents depend only on the sample position."""
+    def make(start):
+        pos = start
+        while True:
+            if crash_at is not None and pos >= crash_at:
+                raise Crash(f"simulated crash at sample {pos}")
+            g = torch.Generator().manual_seed(pos)
+            yield {"pixel_values": torch.randn(batch_size, 3, 16, 16, generator=g),
+                   "labels": torch.randint(0, 4, (batch_size,), generator=g)}
+            pos += batch_size
+    return make
+
+
+def _model():
+    torch.manual_seed(0)
+    return vlkit.create_model("vit", "tiny", image_size=16, patch_size=8, stem="patch", dim=32, depth=2,
+                              heads=2, mlp_dim=64, num_classes=4, drop_path=0.2, dropout=0.1)
+
+
+def _cfg(**kw):
+    base = dict(steps=12, batch_size=8, lr=1e-3, warmup_steps=3, log_every=1, ckpt_every=5,
+                keep_last=2, progress=False, accum_steps=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_with_the_same_losses_and_weights(tmp_path):
+    full = Trainer(_model(), _batches(8), _cfg(), tmp_path / "full")
+    full.fit()
+    # the same run, crashing in step 8 (after the step-5 checkpoint), then resumed
+    crashed = Trainer(_model(), _batches(8, crash_at=8 * 2 * 7 + 8), _cfg(), tmp_path / "resumed")
+    with pytest.raises(Crash):
+        crashed.fit()
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-00000005"
+    torch.manual_seed(1234)  # a resumed process starts with other RNG state: the checkpoint restores it
+    resumed = Trainer(_model(), _batches(8), _cfg(), tmp_path / "resumed")
+    resumed.fit(resume=True)
+    assert resumed.step == 12
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert len(a) == len(b) == 12
+    assert a == b
+    wa = load_file(str(tmp_path / "full" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert len(checkpoint_dirs(tmp_path / "full")) == 2  # keep-last-N
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path):
+    Trainer(_model(), _batches(8), _cfg(steps=10), tmp_path).fit()
+    newest = checkpoint_dirs(tmp_path)[-1]
+    data = bytearray((newest / "model.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (newest / "model.safetensors").write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="unusable"):
+        assert latest_checkpoint(tmp_path) == checkpoint_dirs(tmp_path)[-2]
+    # a torn checkpoint (no manifest) is also passed over
+    os.remove(checkpoint_dirs(tmp_path)[-2] / "manifest.json")
+    with pytest.warns(UserWarning):
+        assert latest_checkpoint(tmp_path) is None
+
+
+def test_non_finite_losses_abort_with_checkpoint_intact(tmp_path):
+    model = _model()
+    steps = {"n": 0}
+    original = model.training_losses
+
+    def flaky(batch):
+        out = original(batch)
+        steps["n"] += 1
+        if steps["n"] > 6:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    model.training_losses = flaky
+    trainer = Trainer(model, _batches(8), _cfg(steps=20, accum_steps=1, max_bad_steps=3, ckpt_every=5), tmp_path)
+    with pytest.raises(TrainingAborted, match="non-finite"):
+        trainer.fit()
+    assert latest_checkpoint(tmp_path).name == "step-00000005"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_schedule_and_weight_decay_groups():
+    assert lr_at(0, 1.0, 100, 10) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 100, 10) == pytest.approx(1.0)
+    assert lr_at(55, 1.0, 100, 10) == pytest.approx(0.5)
+    assert lr_at(100, 1.0, 100, 10, min_ratio=0.1) == pytest.approx(0.1)
+    model = vlkit.create_model("clip", "tiny")
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert "logit_scale" in nd and "vision.embed.pos_embed" in nd and "text.embed.word.weight" in nd
+    assert all(not n.endswith(".bias") for n in d) and not any("norm" in n for n in d)
+    assert "vision.encoder.blocks.0.attn.q.weight" in d

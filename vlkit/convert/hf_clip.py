@@ -1,0 +1,83 @@
+"""Hugging Face ``CLIPModel`` folders -> vlkit CLIP (e.g. openai/clip-vit-base-patch32 on disk)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..models.clip import CLIP, CLIPConfig, TextConfig
+from ..models.vit import ViTConfig
+from .common import ConversionError, load_strict, read_hf_weights, rename
+
+_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+        "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
+
+def _tower_rules(hf: str, ours: str) -> list[tuple[str, str]]:
+    layer = rf"{hf}\.encoder\.layers\.(\d+)\."
+    to = rf"{ours}.encoder.blocks.\1."
+    return [
+        (layer + r"self_attn\.q_proj\.(weight|bias)", to + r"attn.q.\2"),
+        (layer + r"self_attn\.k_proj\.(weight|bias)", to + r"attn.k.\2"),
+        (layer + r"self_attn\.v_proj\.(weight|bias)", to + r"attn.v.\2"),
+        (layer + r"self_attn\.out_proj\.(weight|bias)", to + r"attn.proj.\2"),
+        (layer + r"layer_norm1\.(weight|bias)", to + r"norm1.\2"),
+        (layer + r"layer_norm2\.(weight|bias)", to + r"norm2.\2"),
+        (layer + r"mlp\.fc1\.(weight|bias)", to + r"mlp.fc1.\2"),
+        (layer + r"mlp\.fc2\.(weight|bias)", to + r"mlp.fc2.\2"),
+    ]
+
+
+RULES = [
+    (r"vision_model\.embeddings\.class_embedding", "vision.embed.cls_token"),
+    (r"vision_model\.embeddings\.patch_embedding\.weight", "vision.embed.patch_embed.proj.weight"),
+    (r"vision_model\.embeddings\.position_embedding\.weight", "vision.embed.pos_embed"),
+    (r"vision_model\.pre_layrnorm\.(weight|bias)", r"vision.norm_pre.\1"),
+    (r"vision_model\.post_layernorm\.(weight|bias)", r"vision.norm.\1"),
+    *_tower_rules(r"vision_model", "vision"),
+    (r"text_model\.embeddings\.token_embedding\.weight", "text.embed.word.weight"),
+    (r"text_model\.embeddings\.position_embedding\.weight", "text.embed.position.weight"),
+    (r"text_model\.final_layer_norm\.(weight|bias)", r"text.norm.\1"),
+    *_tower_rules(r"text_model", "text"),
+    (r"visual_projection\.weight", "image_proj.weight"),
+    (r"text_projection\.weight", "text_proj.weight"),
+    (r"logit_scale", "logit_scale"),
+]
+IGNORE = [r".*position_ids"]
+
+
+def config_from_hf(hf: dict) -> CLIPConfig:
+    if hf.get("model_type") != "clip":
+        raise ConversionError(f"expected a CLIP config (model_type 'clip'), got {hf.get('model_type')!r}")
+    v, t = hf.get("vision_config") or {}, hf.get("text_config") or {}
+
+    def act(cfg):
+        name = cfg.get("hidden_act", "quick_gelu")
+        if name not in _ACT:
+            raise ConversionError(f"unsupported CLIP activation {name!r}")
+        return _ACT[name]
+
+    eos = t.get("eos_token_id", 2)
+    vision = ViTConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32),
+                       in_chans=v.get("num_channels", 3), dim=v.get("hidden_size", 768),
+                       depth=v.get("num_hidden_layers", 12), heads=v.get("num_attention_heads", 12),
+                       mlp_dim=v.get("intermediate_size", 3072), act=act(v),
+                       eps=v.get("layer_norm_eps", 1e-5), pre_norm=True, patch_bias=False,
+                       mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+    text = TextConfig(vocab_size=t.get("vocab_size", 49408), context_length=t.get("max_position_embeddings", 77),
+                      dim=t.get("hidden_size", 512), depth=t.get("num_hidden_layers", 12),
+                      heads=t.get("num_attention_heads", 8), mlp_dim=t.get("intermediate_size", 2048),
+                      act=act(t), eps=t.get("layer_norm_eps", 1e-5),
+                      # configs from before the end-token fix say 2: they pool at the largest id
+                      eot_token_id=None if eos == 2 else eos)
+    return CLIPConfig(vision=vision, text=text, embed_dim=hf.get("projection_dim", 512),
+                      logit_scale_init=hf.get("logit_scale_init_value", 2.6592))
+
+
+def load_hf_clip(folder: str | Path, hf_config: dict) -> CLIP:
+    model = CLIP(config_from_hf(hf_config))
+    state = rename(read_hf_weights(folder), RULES, IGNORE)
+    if "vision.embed.cls_token" in state:
+        state["vision.embed.cls_token"] = state["vision.embed.cls_token"].reshape(1, 1, -1)
+    if "vision.embed.pos_embed" in state:
+        state["vision.embed.pos_embed"] = state["vision.embed.pos_embed"].unsqueeze(0)
+    load_strict(model, state, str(folder))
+    return model.eval()
