@@ -106,9 +106,13 @@ def eval_zeroshot(pipe, singles, labels=None):
 def eval_itm(pipe, records):
     images, pos, neg, kinds = [], [], [], []
     for r in records:
+        captions = r.get("captions") or [r["caption"]]
         for n in r.get("negatives") or []:
+            # a negative is scored against the true caption it was edited from, where the data
+            # says which, so that wording differences do not count
+            source = n.get("source", 0)
             images.append(r["image"])
-            pos.append(r["caption"])
+            pos.append(captions[source] if isinstance(source, int) and source < len(captions) else r["caption"])
             neg.append(n["caption"])
             kinds.append(n["kind"])
     if not kinds:

@@ -1,0 +1,376 @@
+"""The synthetic world, checked by an independent reading of its caption grammar."""
+import json
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from vlkit.data.synthetic import (COLORS, HELDOUT_COMBINATIONS, RELATIONS, SHAPES, SIZES,
+                                  SyntheticStream, SyntheticWorld, class_names, write_dataset)
+from vlkit.data.transforms import load_image
+
+# reference colours, written out here rather than imported
+PALETTE = {"red": (220, 40, 40), "green": (40, 180, 70), "blue": (45, 90, 235),
+           "yellow": (240, 220, 40), "purple": (150, 65, 205), "orange": (245, 140, 25),
+           "white": (245, 245, 245), "gray": (135, 135, 135)}
+NUM = {"one": 1, "two": 2, "three": 3, "four": 4}
+PLURAL = {"circles": "circle", "squares": "square", "triangles": "triangle",
+          "diamonds": "diamond", "stars": "star", "crosses": "cross"}
+_C, _S = "|".join(COLORS), "|".join(SHAPES)
+NP = rf"(?:a|an|the) (?:(?:small|large) )?(?:{_C}) (?:{_S})"
+NP_PARTS = re.compile(rf"(a|an|the) (?:(small|large) )?({_C}) ({_S})")
+RELP = r"to the left of|left of|to the right of|right of|above|below"
+
+
+# ----------------------------------------------------------------------------- the checker
+def parse_np(text):
+    m = NP_PARTS.fullmatch(text)
+    assert m, f"not a noun phrase: {text!r}"
+    det, size, color, shape = m.groups()
+    if det != "the":
+        assert det == ("an" if (size or color)[0] in "aeiou" else "a"), f"article in {text!r}"
+    return size, color, shape
+
+
+def split_list(text):
+    parts = text.split(" and ")
+    assert len(parts) == 2 or len(parts) == 1, text
+    head = parts[0].split(", ")
+    return head + parts[1:]
+
+
+def find(objects, np_):
+    size, color, shape = np_
+    hits = [o for o in objects if o["color"] == color and o["shape"] == shape
+            and (size is None or o["size"] == size)]
+    assert len(hits) <= 1
+    return hits[0] if hits else None
+
+
+def where(a, b):
+    """True relation of a to b, and whether it is clear (dominant axis, boxes apart)."""
+    dx, dy = a["x"] - b["x"], a["y"] - b["y"]
+    if abs(dx) > abs(dy):
+        rel, major, minor = ("left of" if dx < 0 else "right of"), abs(dx), abs(dy)
+    else:
+        rel, major, minor = ("above" if dy < 0 else "below"), abs(dy), abs(dx)
+    clear = major - minor > 0.05 and major > (a["extent"] + b["extent"]) / 2
+    return rel, clear
+
+
+def truth(caption, objects):
+    """Parse a caption of the grammar and decide it against the objects (raises if unparsable)."""
+    prev = None
+    value = True
+    for clause in caption.split("; "):
+        last = None
+        if m := re.fullmatch(rf"there is ({NP})", clause):
+            last = parse_np(m.group(1))
+            value &= find(objects, last) is not None
+        elif m := re.fullmatch(rf"({NP})( is)? ({RELP}) ({NP}|it)", clause):
+            a_np = parse_np(m.group(1))
+            b_np = prev if m.group(4) == "it" else parse_np(m.group(4))
+            assert b_np is not None, caption
+            rel = m.group(3).replace("to the ", "")
+            a, b = find(objects, a_np), find(objects, b_np)
+            if a is None or b is None:
+                value = False
+            else:
+                true_rel, clear = where(a, b)
+                assert clear, f"relation not clear-cut in {caption!r}"
+                value &= rel == true_rel
+            last = b_np if m.group(4) != "it" else None
+        elif m := re.fullmatch(r"(one|two|three|four) objects?: (.*)", clause):
+            n = NUM[m.group(1)]
+            assert (n == 1) == (not clause.split(":")[0].endswith("s")), clause
+            nps = [parse_np(x) for x in split_list(m.group(2))]
+            assert len(nps) == n, f"count word disagrees with the list in {caption!r}"
+            value &= n == len(objects) and all(find(objects, x) for x in nps)
+            last = nps[-1]
+        elif re.fullmatch(rf"(?:(?:one|two|three|four) \w+)(?:, (?:one|two|three|four) \w+)*"
+                          rf"(?: and (?:one|two|three|four) \w+)?", clause):
+            counts = {}
+            for item in split_list(clause):
+                word, noun = item.split(" ")
+                shape = noun if word == "one" else PLURAL[noun]
+                assert shape in SHAPES and shape not in counts, clause
+                counts[shape] = NUM[word]
+            value &= counts == dict(Counter(o["shape"] for o in objects))
+        else:
+            nps = [parse_np(x) for x in split_list(clause)]
+            value &= all(find(objects, x) is not None for x in nps)
+            last = nps[-1]
+        prev = last if last is not None else prev
+    return bool(value)
+
+
+def flip_clause(caption, i):
+    """The caption with the relation of clause i reversed on the same axis."""
+    opposite = {"left": "right", "right": "left", "above": "below", "below": "above"}
+    clauses = caption.split("; ")
+    clauses[i] = re.sub(r"\b(left|right|above|below)\b", lambda m: opposite[m.group(1)], clauses[i])
+    return "; ".join(clauses)
+
+
+def mentioned(caption):
+    return [(s or None, c, sh) for _, s, c, sh in NP_PARTS.findall(caption)]
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def world():
+    return SyntheticWorld(seed=0)
+
+
+@pytest.fixture(scope="module")
+def train_recs(world):
+    return world.records("train", 600) + [world.sample(i, "train", single_object=True)
+                                          for i in range(600, 700)]
+
+
+@pytest.fixture(scope="module")
+def test_recs(world):
+    return world.records("test", 400)
+
+
+def test_vocabulary_and_class_names():
+    assert len(SHAPES) == 6 and len(COLORS) == 8 and SIZES == ("small", "large")
+    assert RELATIONS == ("left of", "right of", "above", "below")
+    names = class_names()
+    assert len(names) == 48 == len(set(names)) and names[0] == "red circle"
+    seen = class_names(include_heldout=False)
+    assert len(seen) == 48 - len(HELDOUT_COMBINATIONS)
+    assert not {f"{c} {s}" for c, s in HELDOUT_COMBINATIONS} & set(seen)
+    assert 6 <= len(HELDOUT_COMBINATIONS) <= 10
+    assert max(Counter(c for c, _ in HELDOUT_COMBINATIONS).values()) <= 2
+    assert max(Counter(s for _, s in HELDOUT_COMBINATIONS).values()) <= 2
+
+
+def test_deterministic_per_seed_split_index():
+    a, b = SyntheticWorld(seed=3).sample(11), SyntheticWorld(seed=3).sample(11)
+    assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    assert {k: v for k, v in a.items() if k != "image"} == {k: v for k, v in b.items() if k != "image"}
+    c = SyntheticWorld(seed=4).sample(11)
+    assert not np.array_equal(np.asarray(a["image"]), np.asarray(c["image"]))
+    d = SyntheticWorld(seed=3).sample(11, "test")
+    assert not np.array_equal(np.asarray(a["image"]), np.asarray(d["image"]))
+    recs = SyntheticWorld(seed=3).records("test", 5)
+    assert [r["caption"] for r in recs] == [r["caption"] for r in SyntheticWorld(seed=3).records("test", 5)]
+
+
+def test_every_caption_true_and_every_negative_false(train_recs, test_recs):
+    kinds = Counter()
+    for rec in train_recs + test_recs:
+        objs = rec["objects"]
+        assert rec["caption"] == rec["captions"][0] and len(rec["captions"]) >= 3
+        for cap in rec["captions"]:
+            assert truth(cap, objs), (cap, objs)
+        assert len(set(rec["captions"])) == len(rec["captions"])
+        for neg in rec["negatives"]:
+            cap, kind = neg["caption"], neg["kind"]
+            assert 0 <= neg["source"] < len(rec["captions"])  # the true caption it was edited from
+            kinds[kind] += 1
+            assert not truth(cap, objs), (kind, cap, objs)
+            assert cap not in rec["captions"]
+            words = mentioned(cap)
+            colors, shapes = {o["color"] for o in objs}, {o["shape"] for o in objs}
+            if kind in ("attribute_swap", "relation_flip"):
+                # same words as the image: a bag of words cannot tell these apart
+                assert all(c in colors and s in shapes for _, c, s in words), (kind, cap)
+            if kind == "attribute_swap":
+                # size words travel with the colour: (size, colour) pairs stay true,
+                # unless the two objects share a shape and only the sizes swap
+                same_shape = len(shapes) < len(objs)
+                bad_size = [(z, c) for z, c, _ in words
+                            if z and not any(o["size"] == z and o["color"] == c for o in objs)]
+                assert not bad_size or same_shape, cap
+            if kind == "relation_flip":
+                assert all(find(objs, (z, c, s)) for z, c, s in words), cap
+                src = rec["captions"][neg["source"]]
+                assert any(flip_clause(cap, i) == src for i in range(cap.count("; ") + 1)), cap
+            if kind == "attribute_change":
+                assert any(c not in colors or s not in shapes for _, c, s in words) or \
+                    not re.search(_C, cap), cap
+        n = len(objs)
+        if n == 1:
+            assert {nk["kind"] for nk in rec["negatives"]} <= {"attribute_change", "count_change"}
+    assert set(kinds) == {"attribute_swap", "relation_flip", "attribute_change", "count_change"}
+    assert min(kinds.values()) > 200
+
+
+def test_count_negatives_state_totals_like_true_captions(world):
+    """A count caption's number must not hint at its truth: stated totals in count_change
+    negatives follow the frequencies of true totals."""
+    stated = {"pos": Counter(), "neg": Counter()}
+    for i in range(1500):
+        rec = world.sample(i, "val")
+        for cap in rec["captions"]:
+            if m := re.match(r"(one|two|three) objects?:", cap):
+                stated["pos"][m.group(1)] += 1
+        for neg in rec["negatives"]:
+            m = re.match(r"(one|two|three) objects?:", neg["caption"])
+            if neg["kind"] == "count_change" and m:
+                stated["neg"][m.group(1)] += 1
+    for word in ("one", "two", "three"):
+        p = stated["pos"][word] / sum(stated["pos"].values())
+        q = stated["neg"][word] / sum(stated["neg"].values())
+        assert abs(p - q) < 0.07, (word, p, q)
+
+
+def test_objects_geometry(train_recs):
+    sizes = {"small": [], "large": []}
+    for rec in train_recs:
+        objs = rec["objects"]
+        assert 1 <= len(objs) <= 3
+        assert len({o["color"] for o in objs}) == len(objs)  # colours unique in an image
+        for o in objs:
+            assert o["shape"] in SHAPES and o["color"] in COLORS and o["size"] in SIZES
+            half = o["extent"] / 2
+            assert half <= o["x"] <= 1 - half and half <= o["y"] <= 1 - half
+            sizes[o["size"]].append(o["extent"])
+        for i, a in enumerate(objs):
+            for b in objs[i + 1:]:
+                sep = (a["extent"] + b["extent"]) / 2
+                assert abs(a["x"] - b["x"]) >= sep or abs(a["y"] - b["y"]) >= sep  # no overlap
+                assert where(a, b)[1], (a, b)  # every pair has a clear-cut relation
+    assert min(sizes["small"]) * 64 >= 14 and 0.2 <= np.mean(sizes["small"]) <= 0.3
+    assert 0.35 <= np.mean(sizes["large"]) <= 0.45
+
+
+def test_pixels_match_objects(train_recs, test_recs):
+    names = list(PALETTE)
+    ref = np.array([PALETTE[c] for c in names], float)
+    for rec in train_recs[:300] + test_recs[:100]:
+        a = np.asarray(rec["image"]).astype(float)
+        assert a.shape == (64, 64, 3)
+        bg = a[:3, :3].reshape(-1, 3).mean(0)
+        for o in rec["objects"]:
+            r, c = int(o["y"] * 64), int(o["x"] * 64)
+            patch = a[r - 1:r + 2, c - 1:c + 2].reshape(-1, 3).mean(0)
+            nearest = names[int(np.argmin(((ref - patch) ** 2).sum(1)))]
+            assert nearest == o["color"], (o, patch)
+            assert np.abs(patch - np.array(PALETTE[o["color"]])).max() < 50
+            # the object stands out from the background (a corner patch)
+            assert np.sqrt(((bg - np.array(PALETTE[o["color"]])) ** 2).sum()) > 60, (o, bg)
+        assert a.std() > 5  # not a flat image
+
+
+def test_backgrounds_vary(train_recs):
+    corners = np.array([np.asarray(r["image"])[0, 0].mean() for r in train_recs])
+    assert corners.std() > 30 and corners.min() < 60 and corners.max() > 150
+
+
+def test_heldout_only_outside_train(train_recs, test_recs, world):
+    held = {f"{c} {s}" for c, s in HELDOUT_COMBINATIONS}
+    for rec in train_recs:
+        assert not rec["heldout"]
+        texts = rec["captions"] + [n["caption"] for n in rec["negatives"]] + \
+            [q["question"] for q in rec["qa"]]
+        for t in texts:
+            assert not any(h in t for h in held), t
+    assert any(r["heldout"] for r in test_recs)
+    found = {f"{o['color']} {o['shape']}" for r in test_recs for o in r["objects"]} & held
+    assert found == held
+    for r in test_recs:
+        assert r["heldout"] == any(f"{o['color']} {o['shape']}" in held for o in r["objects"])
+    singles = [world.sample(i, "val", single_object=True) for i in range(150)]
+    assert any(r["heldout"] and r["label"] in held for r in singles)
+
+
+def test_labels_only_for_single_objects(train_recs):
+    singles = 0
+    for rec in train_recs:
+        if len(rec["objects"]) == 1:
+            o = rec["objects"][0]
+            assert rec["label"] == f"{o['color']} {o['shape']}"
+            singles += 1
+        else:
+            assert "label" not in rec
+    assert 150 < singles < 450  # ~35% of 600, plus the 100 forced ones
+
+
+def test_qa_answers_are_right(train_recs, test_recs):
+    answers = Counter()
+    for rec in train_recs + test_recs:
+        objs = rec["objects"]
+        types = [q["type"] for q in rec["qa"]]
+        assert types.count("exists") == 2 and types.count("count") == 1
+        assert ("relation" in types) == (len(objs) > 1)
+        for q in rec["qa"]:
+            text, ans, kind = q["question"], q["answer"], q["type"]
+            if kind == "color":
+                shape = re.fullmatch(rf"what color is the ({_S})\?", text).group(1)
+                hits = [o for o in objs if o["shape"] == shape]
+                assert len(hits) == 1 and ans == hits[0]["color"]
+            elif kind == "shape":
+                color = re.fullmatch(rf"what shape is the ({_C}) object\?", text).group(1)
+                hits = [o for o in objs if o["color"] == color]
+                assert len(hits) == 1 and ans == hits[0]["shape"]
+            elif kind == "count":
+                assert text == "how many objects are there?"
+                assert NUM[ans] == len(objs)
+            elif kind == "exists":
+                _, color, shape = parse_np(re.fullmatch(r"is there (.*)\?", text).group(1))
+                present = any(o["color"] == color and o["shape"] == shape for o in objs)
+                assert ans == ("yes" if present else "no"), (text, objs)
+            elif kind == "relation":
+                m = re.fullmatch(rf"is the ({_C}) ({_S}) ({RELP}) the ({_C}) ({_S})\?", text)
+                a = find(objs, (None, m.group(1), m.group(2)))
+                b = find(objs, (None, m.group(4), m.group(5)))
+                rel, clear = where(a, b)
+                assert clear and ans == ("yes" if m.group(3).replace("to the ", "") == rel else "no")
+            else:
+                raise AssertionError(kind)
+            answers[(kind, ans)] += 1
+    assert answers[("exists", "yes")] == answers[("exists", "no")]
+    rel_yes, rel_no = answers[("relation", "yes")], answers[("relation", "no")]
+    assert 0.4 < rel_yes / (rel_yes + rel_no) < 0.6
+
+
+def test_single_object_forced(world):
+    for i in range(20):
+        rec = world.sample(i, "train", single_object=True)
+        assert len(rec["objects"]) == 1 and rec["label"]
+
+
+def test_stream_order_same_with_workers(world):
+    expect = [world.sample(i, "val")["caption"] for i in range(5, 17)]
+
+    def captions(batch):
+        return [r["caption"] for r in batch]
+
+    stream = SyntheticStream(world, "val", start=5, chunk=4)
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=workers,
+                                             collate_fn=captions)
+        got = []
+        for batch in loader:
+            got += batch
+            if len(got) >= 12:
+                break
+        assert got == expect, workers
+
+
+def test_write_dataset(tmp_path):
+    written = write_dataset(tmp_path, num=20, seed=1, image_size=32)
+    assert written == {"train": 16, "val": 2, "test": 2}
+    meta = json.loads((tmp_path / "world.json").read_text())
+    assert meta["seed"] == 1 and meta["image_size"] == 32
+    assert [tuple(p) for p in meta["heldout"]] == list(HELDOUT_COMBINATIONS)
+    for split, n in written.items():
+        lines = (tmp_path / f"{split}.jsonl").read_text().splitlines()
+        assert len(lines) == n
+        for line in lines:
+            rec = json.loads(line)
+            assert rec["image"].startswith("images/") and rec["caption"] == rec["captions"][0]
+            assert {"negatives", "qa", "objects", "heldout"} <= set(rec)
+            img = load_image(tmp_path / rec["image"])
+            assert img.size == (32, 32)
+            for cap in rec["captions"]:
+                assert truth(cap, rec["objects"])
+    first = json.loads((tmp_path / "train.jsonl").read_text().splitlines()[0])
+    again = SyntheticWorld(seed=1, image_size=32).sample(0, "train")
+    assert first["caption"] == again["caption"]
+    assert np.array_equal(np.asarray(load_image(tmp_path / first["image"])), np.asarray(again["image"]))

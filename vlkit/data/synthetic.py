@@ -1,0 +1,701 @@
+"""A seeded synthetic world of coloured shapes, with true captions and hard false ones.
+
+Every image holds 1-3 objects: a shape (SHAPES) of a colour (COLORS) and a size (SIZES), on a
+tinted background with a mild gradient and noise. Colours are distinct within an image, so
+"the red circle" or "the red object" always names exactly one object. A sample carries:
+
+* ``captions``: several true captions from varied templates (``caption`` is the first);
+* ``negatives``: false captions ``{"caption", "kind", "source"}``, each a minimal edit of
+  ``captions[source]`` in the same template, of kinds ``attribute_swap`` (two objects exchange
+  colour -- or shape; the size word moves with the colour, so size words alone do not give the
+  swap away), ``relation_flip`` (left<->right, above<->below, same objects),
+  ``attribute_change`` (a colour or shape replaced by one absent from the image) and
+  ``count_change`` (the stated number of objects -- "two objects: ..." -- or of shapes -- "two
+  circles and one star" -- changed, listed items added or removed to match). A negative and
+  its source are texts of one template, and false totals are drawn with the frequencies of
+  true ones, so the text alone does not tell them apart (a bag-of-bigrams classifier trained
+  on captions vs negatives scored 49-52% per kind on source/negative pairs);
+* ``qa``: questions of types color / shape / count / exists (one yes and one no per image) /
+  relation (yes or no with equal probability);
+* ``label`` ("red circle") for single-object images; ``objects`` with centres in [0, 1].
+
+Captions and negatives come from one small grammar (see ``_render``); every caption is checked
+true and every negative false against the objects before it is emitted.
+
+Geometry: objects never overlap. For every pair of objects, the axis with the larger centre
+distance separates their bounding squares by a gap, and exceeds the other axis by a margin; the
+relation of a pair is read off that axis ("left of" / "right of" on x, "above" / "below" on
+y), so a flipped relation is clearly false.
+
+Held-out combinations (``HELDOUT_COMBINATIONS``) never occur in the train split, neither in an
+image nor in any caption, negative or question; val and test draw objects from all 48.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
+COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "gray")
+SIZES = ("small", "large")
+RELATIONS = ("left of", "right of", "above", "below")
+NEGATIVE_KINDS = ("attribute_swap", "relation_flip", "attribute_change", "count_change")
+QA_TYPES = ("color", "shape", "count", "exists", "relation")
+
+# (colour, shape) pairs never seen in training. Each colour appears once; star and triangle
+# twice, every other shape once, so every colour and every shape is still seen in training.
+HELDOUT_COMBINATIONS = (
+    ("red", "star"), ("green", "triangle"), ("blue", "cross"), ("yellow", "diamond"),
+    ("purple", "circle"), ("orange", "square"), ("white", "star"), ("gray", "triangle"),
+)
+_HELDOUT = frozenset(HELDOUT_COMBINATIONS)
+
+COLOR_RGB = {
+    "red": (220, 40, 40), "green": (40, 180, 70), "blue": (45, 90, 235),
+    "yellow": (240, 220, 40), "purple": (150, 65, 205), "orange": (245, 140, 25),
+    "white": (245, 245, 245), "gray": (135, 135, 135),
+}
+# side of an object's bounding square as a fraction of the image side (uniform in the range)
+SIZE_EXTENT = {"small": (0.24, 0.28), "large": (0.38, 0.42)}
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+_PAD = 0.02            # free border around objects (fraction of the side)
+_GAP = 0.03            # bounding squares separated at least this much along the major axis
+_AXIS_MARGIN = 0.08    # major-axis distance exceeds the minor-axis one by at least this much
+_MIN_BG_DIST = 110.0   # RGB distance between the background and every object colour ...
+_MIN_BG_LUMA = 40.0    # ... and luminance difference (yellow on light grey is not "visible")
+_COLOR_JITTER = 12     # brightness jitter of an object's colour (plus +-4 per channel)
+_NOISE_STD = 6.0       # per-pixel Gaussian noise
+_GRADIENT = 12.0       # max background ramp (per axis), in grey levels
+
+
+def class_names(include_heldout: bool = True) -> list[str]:
+    """'colour shape' names, colours outer and shapes inner (48 with held-out pairs, 40 without)."""
+    return [f"{c} {s}" for c in COLORS for s in SHAPES if include_heldout or (c, s) not in _HELDOUT]
+
+
+def is_heldout(color: str, shape: str) -> bool:
+    return (color, shape) in _HELDOUT
+
+
+class _Obj:
+    __slots__ = ("shape", "color", "size", "x", "y", "extent")
+
+    def __init__(self, shape, color, size, x, y, extent):
+        self.shape, self.color, self.size = shape, color, size
+        self.x, self.y, self.extent = x, y, extent
+
+
+def relation_of(a: _Obj, b: _Obj) -> str:
+    """Where a is relative to b, on the axis of larger centre distance (y grows downwards)."""
+    dx, dy = a.x - b.x, a.y - b.y
+    if abs(dx) >= abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
+
+
+def _luma(c) -> float:
+    return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
+
+
+def _contrast_ok(bg, color) -> bool:
+    """Background far from an object colour both in RGB and in luminance."""
+    d2 = (bg[0] - color[0]) ** 2 + (bg[1] - color[1]) ** 2 + (bg[2] - color[2]) ** 2
+    return d2 >= _MIN_BG_DIST ** 2 and abs(_luma(bg) - _luma(color)) >= _MIN_BG_LUMA
+
+
+def _pair_ok(a: _Obj, b: _Obj) -> bool:
+    adx, ady = abs(a.x - b.x), abs(a.y - b.y)
+    major, minor = (adx, ady) if adx >= ady else (ady, adx)
+    return major >= (a.extent + b.extent) / 2 + _GAP and major - minor >= _AXIS_MARGIN
+
+
+# ----------------------------------------------------------------------------- caption grammar
+# An NP is (object index, determiner "a"|"the", size or None, colour, shape).
+# A clause is one of
+#   ("list", [np, ...])                 "a red circle, a blue square and a green star"
+#   ("there", np)                       "there is a red circle"
+#   ("rel", npA, rel, npB|None, is_form, long_form)
+#                                       "a red circle (is) (to the) left of a blue square|it"
+#   ("count", n, [np, ...])             "two objects: a red circle and a blue square"
+#   ("shapes", [(count, shape), ...])   "two circles and one square" (exact, exhaustive)
+# A caption is a list of clauses joined by "; ". "it" is the last NP of the previous clause.
+
+def _np_text(np_) -> str:
+    _, det, size, color, shape = np_
+    first = size or color
+    if det == "a" and first[0] in "aeiou":
+        det = "an"
+    return f"{det} {size} {color} {shape}" if size else f"{det} {color} {shape}"
+
+
+def _join(items: Sequence[str]) -> str:
+    if len(items) == 1:
+        return items[0]
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _plural(shape: str) -> str:
+    return shape + "es" if shape.endswith("s") else shape + "s"
+
+
+def _rel_text(rel: str, long_form: bool) -> str:
+    if long_form and rel in ("left of", "right of"):
+        return "to the " + rel
+    return rel
+
+
+def _clause_text(cl) -> str:
+    kind = cl[0]
+    if kind == "list":
+        return _join([_np_text(n) for n in cl[1]])
+    if kind == "there":
+        return "there is " + _np_text(cl[1])
+    if kind == "rel":
+        _, a, rel, b, is_form, long_form = cl
+        verb = " is " if is_form else " "
+        return _np_text(a) + verb + _rel_text(rel, long_form) + " " + (_np_text(b) if b else "it")
+    if kind == "count":
+        n = cl[1]
+        return f"{NUMBER_WORDS[n]} object{'' if n == 1 else 's'}: " + _join([_np_text(x) for x in cl[2]])
+    if kind == "shapes":
+        return _join([f"{NUMBER_WORDS[c]} {s if c == 1 else _plural(s)}" for c, s in cl[1]])
+    raise ValueError(kind)
+
+
+def _render(caption) -> str:
+    return "; ".join(_clause_text(cl) for cl in caption)
+
+
+def _find(objs, np_):
+    _, _, size, color, shape = np_
+    for o in objs:
+        if o.color == color and o.shape == shape and (size is None or o.size == size):
+            return o
+    return None
+
+
+def _last_np(cl):
+    kind = cl[0]
+    if kind == "list" or kind == "count":
+        return cl[-1][-1]
+    if kind == "there":
+        return cl[1]
+    if kind == "rel":
+        return cl[3] if cl[3] is not None else None
+    return None
+
+
+def _holds(caption, objs) -> bool:
+    """Truth of a caption structure for these objects (the grammar's semantics)."""
+    prev = None
+    for cl in caption:
+        kind = cl[0]
+        if kind in ("list", "count"):
+            nps = cl[1] if kind == "list" else cl[2]
+            if kind == "count" and cl[1] != len(objs):
+                return False
+            if any(_find(objs, n) is None for n in nps):
+                return False
+        elif kind == "there":
+            if _find(objs, cl[1]) is None:
+                return False
+        elif kind == "rel":
+            _, a_np, rel, b_np, _, _ = cl
+            b_np = b_np if b_np is not None else prev
+            a, b = _find(objs, a_np), (_find(objs, b_np) if b_np is not None else None)
+            if a is None or b is None or a is b or relation_of(a, b) != rel:
+                return False
+        elif kind == "shapes":
+            counts = {}
+            for o in objs:
+                counts[o.shape] = counts.get(o.shape, 0) + 1
+            if dict((s, c) for c, s in cl[1]) != counts or len(cl[1]) != len(counts):
+                return False
+        cur = _last_np(cl)
+        prev = cur if cur is not None else prev
+    return True
+
+
+def _map_nps(caption, fn):
+    """Copy of a caption structure with every NP replaced by fn(np)."""
+    out = []
+    for cl in caption:
+        kind = cl[0]
+        if kind == "list":
+            out.append(("list", [fn(n) for n in cl[1]]))
+        elif kind == "there":
+            out.append(("there", fn(cl[1])))
+        elif kind == "rel":
+            out.append(("rel", fn(cl[1]), cl[2], fn(cl[3]) if cl[3] else None, cl[4], cl[5]))
+        elif kind == "count":
+            out.append(("count", cl[1], [fn(n) for n in cl[2]]))
+        else:
+            out.append(cl)
+    return out
+
+
+def _mentioned(caption) -> set:
+    ids = set()
+    _map_nps(caption, lambda n: ids.add(n[0]) or n)
+    return ids
+
+
+def _sized(caption) -> bool:
+    found = []
+    _map_nps(caption, lambda n: found.append(n[2] is not None) or n)
+    return any(found)
+
+
+# ----------------------------------------------------------------------------- drawing
+_STAR = [(math.cos(math.radians(-90 + 36 * k)) * (1.0 if k % 2 == 0 else 0.45),
+          math.sin(math.radians(-90 + 36 * k)) * (1.0 if k % 2 == 0 else 0.45)) for k in range(10)]
+_TRIANGLE = [(0.0, -1.0), (1.0, 0.85), (-1.0, 0.85)]
+_DIAMOND = [(0.0, -1.0), (1.0, 0.0), (0.0, 1.0), (-1.0, 0.0)]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill):
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        h = 0.88 * r
+        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
+    elif shape == "cross":
+        t = 0.3 * r
+        draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=fill)
+        draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=fill)
+    else:
+        pts = {"triangle": _TRIANGLE, "diamond": _DIAMOND, "star": _STAR}[shape]
+        draw.polygon([(cx + px * r, cy + py * r) for px, py in pts], fill=fill)
+
+
+# ----------------------------------------------------------------------------- the world
+class SyntheticWorld:
+    """Deterministic generator: ``sample(index, split)`` depends only on (seed, split, index).
+
+    Each split has its own random stream (the split name is part of every sample's seed), so
+    the test set is the same in every run for a given world seed and is disjoint from train's
+    stream. ``--data synthetic`` means the default seed, 0.
+    """
+
+    def __init__(self, seed: int = 0, image_size: int = 64, max_objects: int = 3,
+                 single_object_prob: float = 0.35):
+        if not 1 <= max_objects <= 3:
+            raise ValueError("max_objects must be 1, 2 or 3")
+        if image_size < 16:
+            raise ValueError("image_size must be at least 16")
+        self.seed, self.image_size = int(seed), int(image_size)
+        self.max_objects, self.single_object_prob = int(max_objects), float(single_object_prob)
+        s = self.image_size
+        self._factor = 4 if s <= 256 else 2  # supersampling of object masks: crisp, anti-aliased
+        bank_rng = np.random.default_rng([self.seed & 0xFFFFFFFF, s, 7919])
+        self._noise = np.rint(bank_rng.normal(0.0, _NOISE_STD, (2 * s, 2 * s, 3))).astype(np.int16)
+        self._ramp = np.linspace(-1.0, 1.0, s, dtype=np.float32)  # background gradient along y
+        self._ramp3 = np.repeat(self._ramp, 3)                        # ... and along x (per channel)
+        self._allowed = {split: self._shapes_by_color(split) for split in ("train", "eval")}
+        multi = 1.0 - single_object_prob if max_objects > 1 else 0.0
+        self._count_prob = {1: 1.0 - multi}  # how often an image holds k objects
+        self._count_prob.update({k: multi / (max_objects - 1) for k in range(2, max_objects + 1)})
+
+    def config(self) -> dict:
+        return {"seed": self.seed, "image_size": self.image_size, "max_objects": self.max_objects,
+                "single_object_prob": self.single_object_prob}
+
+    @staticmethod
+    def _shapes_by_color(split):
+        return {c: [s for s in SHAPES if split != "train" or (c, s) not in _HELDOUT] for c in COLORS}
+
+    # -- public API
+    def sample(self, index: int, split: str = "train", single_object: bool = False) -> dict:
+        rng = random.Random(f"vlkit-synth:{self.seed}:{split}:{int(index)}:{int(bool(single_object))}")
+        train = split == "train"
+        objs = self._objects(rng, train, single_object)
+        image = self._draw(rng, objs)
+        captions, cap_texts = [], []
+        for c in self._captions(rng, objs):
+            t = _render(c)
+            if t not in cap_texts:
+                captions.append(c)
+                cap_texts.append(t)
+        negatives = self._negatives(rng, objs, captions, cap_texts, train)
+        rec = {
+            "image": image,
+            "caption": cap_texts[0],
+            "captions": cap_texts,
+            "negatives": negatives,
+            "qa": self._qa(rng, objs, train),
+            "heldout": any((o.color, o.shape) in _HELDOUT for o in objs),
+            "objects": [{"shape": o.shape, "color": o.color, "size": o.size, "x": round(o.x, 4),
+                         "y": round(o.y, 4), "extent": round(o.extent, 4)} for o in objs],
+        }
+        if len(objs) == 1:
+            rec["label"] = f"{objs[0].color} {objs[0].shape}"
+        return rec
+
+    def records(self, split: str, n: int, single_object: bool = False) -> list[dict]:
+        """The fixed first n samples of a split."""
+        return [self.sample(i, split, single_object) for i in range(n)]
+
+    # -- scene
+    def _objects(self, rng: random.Random, train: bool, single: bool) -> list[_Obj]:
+        if single or self.max_objects == 1 or rng.random() < self.single_object_prob:
+            n = 1
+        else:
+            n = rng.randint(2, self.max_objects)
+        allowed = self._allowed["train" if train else "eval"]
+        colors = rng.sample(COLORS, n)
+        sizes = [rng.choice(SIZES) for _ in range(n)]
+        order = sorted(range(n), key=lambda i: sizes[i] != "large")  # place large ones first
+        for _ in range(50):
+            placed: list[_Obj] = []
+            for i in order:
+                lo, hi = SIZE_EXTENT[sizes[i]]
+                e = rng.uniform(lo, hi)
+                m = e / 2 + _PAD
+                for _ in range(40):
+                    o = _Obj(None, None, sizes[i], rng.uniform(m, 1 - m), rng.uniform(m, 1 - m), e)
+                    if all(_pair_ok(o, p) for p in placed):
+                        placed.append(o)
+                        break
+                else:
+                    break
+            if len(placed) == n:
+                break
+        else:  # practically unreachable; fall back to a fixed layout of small objects
+            placed = [_Obj(None, None, "small", x, y, 0.26) for x, y in
+                      ((0.2, 0.2), (0.8, 0.2), (0.5, 0.8))[:n]]
+        for o, c in zip(placed, [colors[i] for i in order]):
+            o.color, o.shape = c, rng.choice(allowed[c])
+        rng.shuffle(placed)
+        return placed
+
+    def _draw(self, rng: random.Random, objs: list[_Obj]) -> Image.Image:
+        s, f = self.image_size, self._factor
+        cols = [COLOR_RGB[o.color] for o in objs]
+        for _ in range(30):  # a background shade far from every object colour present
+            g = rng.uniform(0.0, 235.0)
+            bg = tuple(min(255, max(0, int(g + rng.uniform(-12.0, 12.0)))) for _ in range(3))
+            if all(_contrast_ok(bg, c) for c in cols):
+                break
+        else:
+            bg = (24, 24, 28)  # dark slate: contrasts with every colour
+        canvas = Image.new("RGB", (s, s), bg)
+        for o, col in zip(objs, cols):
+            shade = rng.randint(-_COLOR_JITTER, _COLOR_JITTER)  # brightness, then a slight tint
+            fill = tuple(min(255, max(0, v + shade + rng.randint(-4, 4))) for v in col)
+            # anti-aliased coverage mask of the object's box, drawn f times larger, box-filtered
+            cx, cy, r = o.x * s, o.y * s, o.extent * s / 2
+            x0, y0 = max(0, int(cx - r) - 1), max(0, int(cy - r) - 1)
+            x1, y1 = min(s, int(cx + r) + 2), min(s, int(cy + r) + 2)
+            mask = Image.new("L", ((x1 - x0) * f, (y1 - y0) * f), 0)
+            _draw_shape(ImageDraw.Draw(mask), o.shape, (cx - x0) * f, (cy - y0) * f, r * f, 255)
+            canvas.paste(fill, (x0, y0, x1, y1), mask.reduce(f) if f > 1 else mask)
+        ox, oy = rng.randrange(s), rng.randrange(s)
+        gx, gy = rng.uniform(-_GRADIENT, _GRADIENT), rng.uniform(-_GRADIENT, _GRADIENT)
+        a = np.asarray(canvas, dtype=np.int16) + self._noise[oy:oy + s, ox:ox + s]
+        rows = a.reshape(s, 3 * s)  # the same memory, so the ramps broadcast along fast axes
+        rows += (gx * self._ramp3).astype(np.int16)[None, :]
+        rows += (gy * self._ramp).astype(np.int16)[:, None]
+        np.clip(a, 0, 255, out=a)
+        return Image.fromarray(a.astype(np.uint8), "RGB")
+
+    # -- captions
+    @staticmethod
+    def _np(objs, i, sized: bool, det: str = "a"):
+        o = objs[i]
+        return (i, det, o.size if sized else None, o.color, o.shape)
+
+    def _rel(self, rng, objs, i, j, sized, is_form):
+        return ("rel", self._np(objs, i, sized), relation_of(objs[i], objs[j]),
+                self._np(objs, j, sized), is_form, rng.random() < 0.5)
+
+    def _captions(self, rng: random.Random, objs: list[_Obj]) -> list:
+        n = len(objs)
+        ids = list(range(n))
+        shapes = {}
+        for o in objs:
+            shapes[o.shape] = shapes.get(o.shape, 0) + 1
+        shape_clause = ("shapes", [(c, s) for s, c in sorted(shapes.items(), key=lambda kv: rng.random())])
+        rb = lambda: rng.random() < 0.5  # noqa: E731
+        if n == 1:
+            return [[("list", [self._np(objs, 0, True)])],
+                    [("list", [self._np(objs, 0, False)])],
+                    [("count", 1, [self._np(objs, 0, rb())])],
+                    [("there", self._np(objs, 0, rb()))],
+                    [shape_clause]]
+        a, b = rng.sample(ids, 2)
+        caps = []
+        if n == 2:
+            caps.append([self._rel(rng, objs, a, b, True, False)])
+        else:
+            c = next(i for i in ids if i not in (a, b))
+            x = rng.choice((a, b))
+            second = ("rel", self._np(objs, c, False), relation_of(objs[c], objs[x]),
+                      self._np(objs, x, False, "the"), True, rng.random() < 0.5)
+            caps.append([self._rel(rng, objs, a, b, True, False), second])
+        p, q = rng.sample(ids, 2)
+        caps.append([self._rel(rng, objs, p, q, rb(), True)])
+        p, q = rng.sample(ids, 2)
+        caps.append([("there", self._np(objs, q, rb())),
+                     ("rel", self._np(objs, p, False), relation_of(objs[p], objs[q]), None, True,
+                      rng.random() < 0.5)])
+        order = rng.sample(ids, n)
+        sized = rb()
+        caps.append([("list", [self._np(objs, i, sized) for i in order])])
+        order = rng.sample(ids, n)
+        sized = rb()
+        caps.append([("count", n, [self._np(objs, i, sized) for i in order])])
+        caps.append([shape_clause])
+        return caps
+
+    # -- negatives
+    def _negatives(self, rng, objs, captions, texts, train: bool) -> list[dict]:
+        """False captions, each a minimal edit of captions[source] (recorded as "source").
+
+        Sources are spread evenly over the templates (least used first), so a template is
+        about as likely to appear in a negative as in a reference caption: the template alone
+        says nothing about truth.
+        """
+        n = len(objs)
+        allowed = (lambda c, s: (c, s) not in _HELDOUT) if train else (lambda c, s: True)
+        seen = set(texts)
+        used = [0] * len(captions)
+        found = {}
+
+        def try_kind(kind, make, want=2):
+            got = []
+            for k in sorted(range(len(captions)), key=lambda k: (used[k], rng.random())):
+                if len(got) == want:
+                    break
+                cap = make(captions[k])
+                if cap is None or _holds(cap, objs):
+                    continue
+                text = _render(cap)
+                if text in seen:
+                    continue
+                seen.add(text)
+                used[k] += 1
+                got.append({"caption": text, "kind": kind, "source": k})
+            found[kind] = got
+
+        # the most constrained kinds pick their templates first
+        try_kind("count_change", lambda cap: self._recount(rng, objs, cap, allowed))
+        if n >= 2:
+            try_kind("relation_flip", lambda cap: self._flip(rng, cap))
+            try_kind("attribute_swap", lambda cap: self._swap(rng, objs, cap, allowed))
+        try_kind("attribute_change", lambda cap: self._change(rng, objs, cap, allowed))
+        return [neg for kind in NEGATIVE_KINDS for neg in found.get(kind, ())]
+
+    @staticmethod
+    def _flip(rng, cap):
+        rels = [i for i, cl in enumerate(cap) if cl[0] == "rel"]
+        if not rels:
+            return None
+        i = rng.choice(rels)
+        cl = cap[i]
+        return cap[:i] + [(cl[0], cl[1], OPPOSITE[cl[2]], cl[3], cl[4], cl[5])] + cap[i + 1:]
+
+    @staticmethod
+    def _swap(rng, objs, cap, allowed):
+        ids = sorted(_mentioned(cap))
+        pairs = [(i, j) for i in ids for j in ids if i < j]
+        rng.shuffle(pairs)
+        for i, j in pairs:
+            a, b = objs[i], objs[j]
+            if a.shape != b.shape:
+                # the (size, colour) units change places; shapes stay with their positions
+                if not (allowed(b.color, a.shape) and allowed(a.color, b.shape)):
+                    continue
+                new = {i: (b.size, b.color, a.shape), j: (a.size, a.color, b.shape)}
+                if rng.random() < 0.5:  # or: the shapes change places (same words, other spots)
+                    new = {i: (a.size, a.color, b.shape), j: (b.size, b.color, a.shape)}
+            elif a.size != b.size and _sized(cap):
+                new = {i: (b.size, a.color, a.shape), j: (a.size, b.color, b.shape)}
+            else:
+                continue
+            return _map_nps(cap, lambda np_: (np_[0], np_[1], new[np_[0]][0] if np_[2] else None,
+                                              new[np_[0]][1], new[np_[0]][2])
+                            if np_[0] in new else np_)
+        return None
+
+    @staticmethod
+    def _change(rng, objs, cap, allowed):
+        if cap[0][0] == "shapes":
+            present = {s for _, s in cap[0][1]}
+            k = rng.randrange(len(cap[0][1]))
+            cnt, _ = cap[0][1][k]
+            new = rng.choice([s for s in SHAPES if s not in present])
+            items = list(cap[0][1])
+            items[k] = (cnt, new)
+            return [("shapes", items)]
+        ids = sorted(_mentioned(cap))
+        if not ids:
+            return None
+        i = rng.choice(ids)
+        o = objs[i]
+        present_colors = {p.color for p in objs}
+        present_shapes = {p.shape for p in objs}
+        if rng.random() < 0.5:
+            opts = [(c, o.shape) for c in COLORS if c not in present_colors and allowed(c, o.shape)]
+        else:
+            opts = [(o.color, s) for s in SHAPES if s not in present_shapes and allowed(o.color, s)]
+        if not opts:
+            return None
+        color, shape = rng.choice(opts)
+        return _map_nps(cap, lambda np_: (np_[0], np_[1], np_[2], color, shape) if np_[0] == i else np_)
+
+    def _recount(self, rng, objs, cap, allowed):
+        """Change the stated number of objects (count template) or of shapes (shape template).
+
+        The false total is drawn with the frequencies true totals have, and objects are added
+        (uniform shapes, absent colours) or removed at random, so a count caption's text is
+        distributed alike whether it is true or false.
+        """
+        if len(cap) != 1 or cap[0][0] not in ("count", "shapes"):
+            return None
+        n = len(objs)
+        opts = [k for k in range(1, self.max_objects + 1) if k != n]
+        if not opts:
+            return None
+        target = rng.choices(opts, [self._count_prob[k] for k in opts])[0]
+        cl = cap[0]
+        if cl[0] == "count":
+            nps = list(cl[2])
+            if target < n:
+                for _ in range(n - target):
+                    del nps[rng.randrange(len(nps))]
+            else:
+                sized = nps[0][2] is not None
+                absent = [c for c in COLORS if c not in {o.color for o in objs}]
+                for color in rng.sample(absent, target - n):
+                    shape = rng.choice([sh for sh in SHAPES if allowed(color, sh)])
+                    extra = (-1, "a", rng.choice(SIZES) if sized else None, color, shape)
+                    nps.insert(rng.randint(0, len(nps)), extra)
+            return [("count", target, nps)]
+        shapes = [s for c, s in cl[1] for _ in range(c)]
+        if target < n:
+            for _ in range(n - target):
+                del shapes[rng.randrange(len(shapes))]
+        else:
+            shapes += [rng.choice(SHAPES) for _ in range(target - n)]
+        counts = {}
+        for s in shapes:
+            counts[s] = counts.get(s, 0) + 1
+        return [("shapes", [(c, s) for s, c in sorted(counts.items(), key=lambda kv: rng.random())])]
+
+    # -- questions
+    def _qa(self, rng, objs, train: bool) -> list[dict]:
+        n = len(objs)
+        qa = []
+        shape_count = {}
+        for o in objs:
+            shape_count[o.shape] = shape_count.get(o.shape, 0) + 1
+        unique = [o for o in objs if shape_count[o.shape] == 1]
+        if unique:
+            o = rng.choice(unique)
+            qa.append({"question": f"what color is the {o.shape}?", "answer": o.color, "type": "color"})
+        o = rng.choice(objs)
+        qa.append({"question": f"what shape is the {o.color} object?", "answer": o.shape, "type": "shape"})
+        qa.append({"question": "how many objects are there?", "answer": NUMBER_WORDS[n], "type": "count"})
+        # exists: one yes and one no per image; the "no" is a near miss (a present colour with
+        # another shape, or a present shape with an absent colour)
+        o = rng.choice(objs)
+        yes = {"question": f"is there {_np_text((0, 'a', None, o.color, o.shape))}?", "answer": "yes",
+               "type": "exists"}
+        present = {(p.color, p.shape) for p in objs}
+        colors = {p.color for p in objs}
+        shapes = {p.shape for p in objs}
+        misses = [(c, s) for c in COLORS for s in SHAPES
+                  if (c, s) not in present and (c in colors or s in shapes)
+                  and not (train and (c, s) in _HELDOUT)]
+        c, s = rng.choice(misses)
+        no = {"question": f"is there {_np_text((0, 'a', None, c, s))}?", "answer": "no", "type": "exists"}
+        qa.extend([yes, no] if rng.random() < 0.5 else [no, yes])
+        if n >= 2:
+            i, j = rng.sample(range(n), 2)
+            rel = relation_of(objs[i], objs[j])
+            ans = rng.random() < 0.5
+            asked = rel if ans else OPPOSITE[rel]
+            qa.append({"question": f"is the {objs[i].color} {objs[i].shape} "
+                                   f"{_rel_text(asked, rng.random() < 0.5)} the {objs[j].color} "
+                                   f"{objs[j].shape}?", "answer": "yes" if ans else "no",
+                       "type": "relation"})
+        return qa
+
+
+# ----------------------------------------------------------------------------- streaming
+class SyntheticStream(torch.utils.data.IterableDataset):
+    """Endless stream of ``world.sample(start + k, split)`` for k = 0, 1, 2, ...
+
+    Under a DataLoader with W workers, the stream is cut into chunks of ``chunk`` indices and
+    worker w takes chunks w, w + W, w + 2W, ... Since the DataLoader takes batches from the
+    workers in turn, setting ``chunk`` to the DataLoader's batch size gives exactly the same
+    order of samples as with no workers (chunk=1 does the same for batch_size=1).
+    ``transform(record)``, if given, is applied to each record (e.g. to make tensors).
+    """
+
+    def __init__(self, world: SyntheticWorld, split: str = "train", start: int = 0,
+                 single_object: bool = False, chunk: int = 1, transform=None):
+        super().__init__()
+        self.world, self.split, self.start = world, split, int(start)
+        self.single_object, self.chunk, self.transform = single_object, max(1, int(chunk)), transform
+
+    def __iter__(self) -> Iterator:
+        info = torch.utils.data.get_worker_info()
+        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        k = w
+        while True:
+            base = self.start + k * self.chunk
+            for index in range(base, base + self.chunk):
+                rec = self.world.sample(index, self.split, self.single_object)
+                yield self.transform(rec) if self.transform is not None else rec
+            k += nw
+
+
+# ----------------------------------------------------------------------------- on disk
+def record_to_json(rec: dict, image_path: str) -> dict:
+    """A sample as one JSONL object of the on-disk format (image replaced by its path)."""
+    out = {"image": image_path}
+    out.update({k: v for k, v in rec.items() if k != "image"})
+    return out
+
+
+def write_dataset(out_dir, num: int = 1000, seed: int = 0, image_size: int = 64,
+                  splits: Sequence[str] = ("train", "val", "test"),
+                  fractions: Sequence[float] = (0.8, 0.1, 0.1), sizes: dict | None = None,
+                  max_objects: int = 3, single_object_prob: float = 0.35) -> dict:
+    """Write ``out_dir/images/<split>_<index>.png`` and ``<split>.jsonl`` for each split,
+    plus ``world.json``. Sizes are ``sizes[split]`` if given, else ``num`` shared by
+    ``fractions`` (one per split). Returns {split: number written}."""
+    world = SyntheticWorld(seed, image_size, max_objects, single_object_prob)
+    if sizes is None:
+        if len(fractions) != len(splits):
+            raise ValueError("give one fraction per split")
+        counts = [int(round(num * f)) for f in fractions]
+        counts[0] += num - sum(counts) if abs(sum(fractions) - 1.0) < 1e-9 else 0
+        sizes = dict(zip(splits, counts))
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    written = {}
+    for split in splits:
+        n = int(sizes.get(split, 0))
+        with open(os.path.join(out_dir, f"{split}.jsonl"), "w", encoding="utf-8") as fh:
+            for i in range(n):
+                rec = world.sample(i, split)
+                rel = f"images/{split}_{i:06d}.png"
+                rec["image"].save(os.path.join(out_dir, rel), compress_level=1)
+                fh.write(json.dumps(record_to_json(rec, rel)) + "\n")
+        written[split] = n
+    meta = dict(world.config(), heldout=[list(p) for p in HELDOUT_COMBINATIONS], splits=written,
+                generator="vlkit.data.synthetic")
+    with open(os.path.join(out_dir, "world.json"), "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, indent=1)
+    return written
