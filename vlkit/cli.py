@@ -41,7 +41,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .eval.run import default_tasks, evaluate, print_metrics, write_eval
+    from .eval.run import ALL_TASKS, evaluate, print_metrics, write_eval
     from .pipeline import load
     from .train.run import RunArgs, train
     if args.data != "synthetic" and not Path(args.data).is_dir():
@@ -57,7 +57,7 @@ def cmd_train(args) -> int:
           f"final loss {result.get('loss', float('nan')):.4f}")
     if not args.no_eval:
         pipe = load(args.out)
-        res = evaluate(pipe, args.data, "test", default_tasks(pipe.model))
+        res = evaluate(pipe, args.data, "test", ALL_TASKS)
         write_eval(res, Path(args.out) / "eval.json")
         print_metrics(res)
     return 0

@@ -55,9 +55,9 @@ class Pipeline:
         batch = self.tokenizer(list(texts))
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def _need(self, name: str):
+    def _need(self, name: str, task: str | None = None):
         if not hasattr(self.model, name):
-            raise Unsupported(f"{self.model.model_name} does not support {name}")
+            raise Unsupported(f"{self.model.model_name} does not support {task or name}")
         return getattr(self.model, name)
 
     # -- calls ----------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ class Pipeline:
     @torch.no_grad()
     def match(self, images, texts) -> torch.Tensor:
         """Probability that each (image, text) pair matches, from the ITM head (pairs zipped)."""
-        fn = self._need("match")
+        fn = self._need("match", "image-text matching")
         t = self.tokens(texts)
         return fn(self.pixels(images), t["input_ids"], t["attention_mask"]).float().softmax(-1)[:, 1]
 
@@ -110,12 +110,12 @@ class Pipeline:
 
     @torch.no_grad()
     def caption(self, images, **kwargs) -> list[str]:
-        ids = self._need("generate")(self.pixels(images), **kwargs)
+        ids = self._need("generate", "captioning")(self.pixels(images), **kwargs)
         return [self.tokenizer.decode(row.tolist()) for row in ids]
 
     @torch.no_grad()
     def answer(self, images, questions) -> list[str]:
-        fn = self._need("answer")
+        fn = self._need("answer", "question answering")
         t = self.tokens(questions)
         return fn(self.pixels(images), t["input_ids"], t["attention_mask"])
 

@@ -189,7 +189,8 @@ def write_eval(result: dict, path: str | Path) -> None:
     atomic_write_json(path, result)
 
 
-def print_metrics(result: dict, file=sys.stdout) -> None:
+def print_metrics(result: dict, file=None) -> None:
+    file = file or sys.stdout
     for k, v in sorted(result["metrics"].items()):
         print(f"{k:34s} {v:.4f}", file=file)
     if result["unsupported"]:

@@ -12,8 +12,9 @@ class PatchEmbed(nn.Module):
     """Image (B, C, H, W) -> patch tokens (B, N, D) and the grid size.
 
     ``stem="patch"``: one P×P convolution with stride P (ViT). ``stem="conv"``: a small stack of
-    3×3 stride-2 convolutions (log2 P of them, GELU between) and a 1×1 projection — an early
-    convolutional stem, which learns shapes faster on small images than a linear patch projection.
+    3×3 stride-2 convolutions (log2 P of them, each with BatchNorm and ReLU) and a 1×1 projection
+    — an early convolutional stem (Xiao et al. 2021), which learns shapes faster on small images
+    than a linear patch projection.
     """
 
     def __init__(self, patch_size: int, dim: int, in_chans: int = 3, stem: str = "patch",
@@ -30,7 +31,8 @@ class PatchEmbed(nn.Module):
             layers, c = [], in_chans
             for i in range(steps):
                 out = max(dim // 2 ** (steps - 1 - i), 16)
-                layers += [nn.Conv2d(c, out, 3, stride=2, padding=1), nn.GELU()]
+                layers += [nn.Conv2d(c, out, 3, stride=2, padding=1, bias=False),
+                           nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
                 c = out
             layers.append(nn.Conv2d(c, dim, 1, bias=bias))
             self.proj = nn.Sequential(*layers)

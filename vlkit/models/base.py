@@ -45,11 +45,8 @@ class VLModel(nn.Module):
         if preset not in cls.presets:
             raise ValueError(f"unknown preset {preset!r} for {cls.model_name}; "
                              f"presets: {', '.join(cls.presets)}")
-        fields = {f.name for f in dataclasses.fields(cls.config_class)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ValueError(f"unknown {cls.model_name} config field(s): {', '.join(unknown)}")
-        return cls.config_class(**{**cls.presets[preset], **overrides})
+        base = cls.config_class(**cls.presets[preset])
+        return merge_config(base, overrides, cls.model_name)
 
     def config_dict(self) -> dict:
         return config_to_dict(self.cfg)
@@ -64,6 +61,31 @@ class VLModel(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names of parameters kept out of weight decay besides norms, biases and embeddings."""
         return set()
+
+
+def merge_config(cfg, overrides: dict, name: str = "model"):
+    """``cfg`` with fields replaced; a nested config takes a dict (merged into it) or dotted keys
+    such as ``"vision.dim"``; unknown fields are an error naming them."""
+    grouped: dict = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            grouped.setdefault(head, {})[rest] = value
+        else:
+            grouped[head] = value
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(grouped) - fields)
+    if unknown:
+        raise ValueError(f"unknown {name} config field(s): {', '.join(unknown)}")
+    changes = {}
+    for key, value in grouped.items():
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = merge_config(current, value, f"{name}.{key}")
+        elif isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        changes[key] = value
+    return dataclasses.replace(cfg, **changes)
 
 
 def config_to_dict(cfg) -> dict:

@@ -117,6 +117,8 @@ class Trainer:
         state = load_checkpoint(path, self.model, self.optimizer)
         self.step, self.samples = state["step"], state["samples"]
         self.elapsed, self.total_steps = state["elapsed"], state["total_steps"]
+        if self.cfg.steps is not None:  # an explicit step count may extend a finished run
+            self.total_steps = self.cfg.steps
         self.skipped_steps = state.get("skipped_steps", 0)
         self._truncate_metrics(self.step)
         return True

@@ -1,0 +1,69 @@
+"""Image-text matching (ITM): the loss and the ways negatives are built (ViLT, ALBEF, BLIP, VLMo).
+
+- ``itm_loss``: 2-way cross-entropy on the fused [CLS] (label 1 = matching pair).
+- ``sample_hard_negatives``: per row, one index drawn from softmax(sim) with the positives
+  excluded (ALBEF/BLIP/VLMo hard negatives mined by contrastive similarity).
+- ``other_index`` / ``itm_batch_from_swaps``: negatives made by giving a caption another image
+  of the batch (ViLT swaps the image with probability 0.5).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["itm_loss", "itm_accuracy", "sample_hard_negatives", "other_index", "itm_batch_from_swaps"]
+
+
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of (N, 2) ITM logits against (N,) labels in {0, 1} (1 = match)."""
+    if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"ITM logits {tuple(logits.shape)} do not fit labels {tuple(labels.shape)}")
+    return F.cross_entropy(logits.float(), labels.long())
+
+
+def itm_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(-1) == labels).float().mean()
+
+
+def sample_hard_negatives(sim: torch.Tensor, generator: torch.Generator | None = None,
+                          positive_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """For each row of ``sim`` (N, M), one column index drawn from softmax(sim[row]) over the
+    non-positive columns (multinomial). Positives are the diagonal (i == j), or the True
+    entries of ``positive_mask`` (N, M) when given (e.g. other captions of the same image).
+    The positives get probability exactly 0, so they are never drawn."""
+    if sim.ndim != 2:
+        raise ValueError(f"similarity must be (N, M), got shape {tuple(sim.shape)}")
+    n, m = sim.shape
+    if positive_mask is None:
+        positive_mask = torch.eye(n, m, dtype=torch.bool, device=sim.device)
+    if not bool((~positive_mask).any(dim=1).all()):
+        raise ValueError("every row needs at least one negative candidate (batch of one?)")
+    logits = sim.detach().float().masked_fill(positive_mask, float("-inf"))
+    probs = logits.softmax(dim=1)  # exactly 0 at the positives
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def other_index(n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """(n,) indices, entry i drawn uniformly from {0..n-1} \\ {i} (needs n >= 2)."""
+    if n < 2:
+        raise ValueError("swapping needs a batch of at least two")
+    shift = torch.randint(1, n, (n,), generator=generator, device=device)
+    return (torch.arange(n, device=device) + shift) % n
+
+
+def itm_batch_from_swaps(batch_size: int, prob: float = 0.5, generator: torch.Generator | None = None,
+                         device=None, negative_index: torch.Tensor | None = None):
+    """ViLT's ITM batch: caption i keeps its image with probability 1 - ``prob`` (label 1) or is
+    paired with another image of the batch (label 0). Returns (image_index (B,), labels (B,)):
+    pair i is (images[image_index[i]], captions[i]). ``negative_index`` (B,) chooses the other
+    image (e.g. from ``sample_hard_negatives``); by default it is uniform over the others.
+    A batch of one has no other image, so it stays positive."""
+    device = negative_index.device if negative_index is not None else device
+    own = torch.arange(batch_size, device=device)
+    if batch_size < 2:
+        return own, torch.ones(batch_size, dtype=torch.long, device=device)
+    swap = torch.rand(batch_size, generator=generator, device=device) < prob
+    other = negative_index if negative_index is not None else other_index(batch_size, generator, device)
+    if bool((other[swap] == own[swap]).any()):
+        raise ValueError("negative_index pairs a caption with its own image")
+    return torch.where(swap, other, own), (~swap).long()

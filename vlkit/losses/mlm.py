@@ -1,0 +1,59 @@
+"""Masked language modelling: BERT's 80/10/10 token masking (optionally whole words) and the loss.
+
+Eligible tokens are real (attention_mask 1) and not special. Each is chosen with probability
+``prob`` (with ``word_ids``, each *word* is chosen and all its pieces with it); a chosen token
+becomes [MASK] with probability 0.8, a random non-special token with 0.1, and stays with 0.1.
+Labels hold the original id at chosen positions and -100 elsewhere (ignored by the loss).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["mask_tokens", "mlm_loss", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+
+
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: Iterable[int],
+                mask_token_id: int, vocab_size: int, prob: float = 0.15,
+                generator: torch.Generator | None = None, word_ids: torch.Tensor | None = None):
+    """(masked_ids, labels), both (B, L). ``word_ids`` (B, L): the word each token belongs to
+    (negative for special/padding positions, as the tokenizer's ``return_word_ids`` gives);
+    when given, the pieces of a word are masked together."""
+    device = input_ids.device
+    special = torch.tensor(sorted(set(int(i) for i in special_ids)), dtype=torch.long, device=device)
+    eligible = attention_mask.bool() & ~torch.isin(input_ids, special)
+    if word_ids is None:
+        chosen = torch.rand(input_ids.shape, generator=generator, device=device) < prob
+    else:
+        if word_ids.shape != input_ids.shape:
+            raise ValueError(f"word_ids {tuple(word_ids.shape)} do not fit "
+                             f"input_ids {tuple(input_ids.shape)}")
+        n_words = int(word_ids.max().clamp(min=0)) + 1
+        word_chosen = torch.rand(input_ids.shape[0], n_words, generator=generator, device=device) < prob
+        chosen = word_chosen.gather(1, word_ids.clamp(min=0)) & (word_ids >= 0)
+    chosen &= eligible
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+
+    r = torch.rand(input_ids.shape, generator=generator, device=device)
+    allowed = torch.ones(vocab_size, dtype=torch.bool, device=device)
+    allowed[special[special < vocab_size]] = False
+    allowed = allowed.nonzero()[:, 0]  # random replacements are never special tokens
+    pick = torch.randint(len(allowed), input_ids.shape, generator=generator, device=device)
+    masked = torch.where(chosen & (r < 0.8), torch.full_like(input_ids, mask_token_id), input_ids)
+    masked = torch.where(chosen & (r >= 0.8) & (r < 0.9), allowed[pick], masked)
+    return masked, labels
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the predicted positions (labels != -100); 0 (with a gradient path)
+    when a batch happens to have none."""
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"MLM logits {tuple(logits.shape)} do not fit labels {tuple(labels.shape)}")
+    if not bool((labels != IGNORE_INDEX).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)

@@ -1,0 +1,294 @@
+"""ViLT (Kim et al. 2021): one single-stream pre-norm Transformer over [text tokens ; image patches].
+
+Text: BERT embeddings (word + position + segment, LayerNorm). Image: ViT patches + [CLS] + learned
+position embeddings, interpolated to each image's valid patch grid. Each part gets a modality-type
+embedding (text 0, image 1, a second image 2). After the encoder: LayerNorm, then the pooler
+tanh(dense(token 0)) feeds the heads: ITM (2-way), retrieval rank (1-way, Hugging Face's
+ViltForImageAndTextRetrieval), VQA and pair (NLVR2) classifiers; MLM reads the text tokens.
+Training: ITM with in-batch image swaps (+ the dataset's negative captions) and MLM.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import (BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormBlock, Transformer,
+                      padding_mask)
+from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
+from ..losses.mlm import mask_tokens, mlm_loss
+from ..losses.vqa import vqa_loss
+from .base import Output, VLModel, register
+from .vit import _init_weights
+
+
+@dataclass
+class ViLTConfig:
+    image_size: int = 384
+    patch_size: int = 32
+    in_chans: int = 3
+    stem: str = "patch"             # "patch" (ViT) or "conv" (small conv stem, see PatchEmbed)
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    act: str = "gelu"
+    eps: float = 1e-12              # every LayerNorm of the backbone and the MLM head
+    qkv_bias: bool = True
+    dropout: float = 0.1
+    drop_path: float = 0.0
+    vocab_size: int = 30522
+    max_text_len: int = 40
+    type_vocab_size: int = 2        # BERT segment ids of the text
+    modality_types: int = 2         # text 0, image 1 (and 2: second image, needs 3)
+    max_image_tokens: int = 0       # >0: training keeps at most this many random patches per image
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    # heads
+    itm_head: bool = True           # 2-way image-text matching
+    mlm_head: bool = True
+    rank_head: bool = False         # 1-way retrieval score (HF ViltForImageAndTextRetrieval)
+    num_answers: int = 0            # >0: VQA classifier over answer_names
+    answer_names: list[str] = field(default_factory=list)
+    pair_classes: int = 0           # >0: NLVR2 classifier over two images (needs modality_types 3)
+    # training
+    hard_negatives: bool = False    # the dataset's negative captions join ITM as negatives
+    itm_swap_prob: float = 0.5
+    mlm_prob: float = 0.15
+    whole_word_mask: bool = False   # needs batch["word_ids"] (tokenizer(..., return_word_ids=True))
+    mask_token_id: int = 4          # ids of vlkit's WordPiece vocabulary ([PAD]=0 ... [MASK]=4)
+    pad_token_id: int = 0
+    special_token_ids: tuple[int, ...] = (0, 1, 2, 3, 4)
+
+
+PRESETS = {
+    # The synthetic world at 64 px: 8x8 = 64 patches from a conv stem.
+    "tiny": dict(image_size=64, patch_size=8, stem="conv", dim=192, depth=4, heads=3, mlp_dim=768,
+                 max_text_len=40, vocab_size=2000, eps=1e-6, dropout=0.0, modality_types=3),
+    "small": dict(image_size=224, patch_size=16, dim=384, depth=12, heads=6, mlp_dim=1536,
+                  max_text_len=40, eps=1e-6, modality_types=3),
+    # ViLT-B/32 at 384 px (keys and shapes of dandelin/vilt-b32-mlm); 200 image tokens in training.
+    "b32": dict(image_size=384, patch_size=32, dim=768, depth=12, heads=12, mlp_dim=3072,
+                max_text_len=40, max_image_tokens=200, mask_token_id=103,
+                special_token_ids=(0, 100, 101, 102, 103)),
+}
+
+
+def classifier(dim: int, hidden: int, out: int) -> nn.Sequential:
+    """ViLT's VQA / NLVR2 head: Linear, LayerNorm (PyTorch's default eps 1e-5), GELU, Linear."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out))
+
+
+def _with_head(*heads: str):
+    """A method that exists only when one of the heads does, so ``hasattr(model, name)`` tells the
+    pipeline and the evaluation what this model can do."""
+    def wrap(fn):
+        def get(self):
+            if all(getattr(self, h) is None for h in heads):
+                raise AttributeError(f"this ViLT has no {' or '.join(heads)} for {fn.__name__}")
+            return fn.__get__(self)
+        return property(get, doc=fn.__doc__)
+    return wrap
+
+
+@register("vilt")
+class ViLT(VLModel):
+    config_class = ViLTConfig
+    presets = PRESETS
+    task = "fusion"
+
+    def __init__(self, cfg: ViLTConfig):
+        super().__init__()
+        if cfg.pair_classes and cfg.modality_types < 3:
+            raise ValueError("pair classification needs modality_types=3 (text, image 1, image 2)")
+        if cfg.answer_names and len(cfg.answer_names) != cfg.num_answers:
+            raise ValueError(f"{len(cfg.answer_names)} answer_names for num_answers={cfg.num_answers}")
+        self.cfg = cfg
+        d = cfg.dim
+        self.text_embed = BertEmbeddings(cfg.vocab_size, d, cfg.max_text_len, cfg.type_vocab_size,
+                                         cfg.eps, cfg.dropout, cfg.pad_token_id)
+        self.image_embed = ImageEmbeddings(cfg.image_size, cfg.patch_size, d, cfg.in_chans, cfg.stem,
+                                           dropout=cfg.dropout)
+        self.modality_embed = nn.Embedding(cfg.modality_types, d)
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        self.encoder = Transformer([
+            PreNormBlock(d, cfg.heads, cfg.mlp_dim, act=cfg.act, eps=cfg.eps, qkv_bias=cfg.qkv_bias,
+                         drop=cfg.dropout, drop_path=r) for r in rates])
+        self.norm = nn.LayerNorm(d, eps=cfg.eps)
+        self.pooler = Pooler(d)
+        self.itm_head = nn.Linear(d, 2) if cfg.itm_head else None
+        self.rank_head = nn.Linear(d, 1) if cfg.rank_head else None
+        self.mlm_head = MLMHead(d, cfg.vocab_size, cfg.eps, cfg.act) if cfg.mlm_head else None
+        self.vqa_head = classifier(d, 2 * d, cfg.num_answers) if cfg.num_answers else None
+        self.pair_head = classifier(2 * d, 2 * d, cfg.pair_classes) if cfg.pair_classes else None
+        self.apply(_init_weights)
+        for emb in (self.text_embed.word, self.text_embed.position, self.modality_embed,
+                    self.text_embed.token_type):
+            nn.init.normal_(emb.weight, std=0.02)
+
+    # -- embeddings -----------------------------------------------------------------------------
+    def embed_image(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None):
+        """(tokens (B, 1+N', D), mask (B, 1+N')): [CLS] + patches with position embeddings.
+        ``pixel_mask`` (B, H, W) marks the valid (unpadded) top-left region of each image; position
+        embeddings are interpolated (bilinear, corners aligned, as ViLT) to each valid grid and
+        padded patches are masked. In training with ``max_image_tokens``, a random subset of the
+        valid patches is kept (padded patches fill up the shorter rows, masked)."""
+        emb = self.image_embed
+        x, grid = emb.patch_embed(pixel_values)  # (B, N, D)
+        b, n, d = x.shape
+        if pixel_mask is None:
+            valid = torch.ones(b, *grid, dtype=torch.bool, device=x.device)
+            x = x + self._grid_pos([grid[0]], [grid[1]], grid)  # one grid for all: no host sync
+        else:  # nearest-neighbour downsampling of the pixel mask to the patch grid
+            valid = F.interpolate(pixel_mask[:, None].float(), size=grid)[:, 0] > 0.5
+            x = x + self._grid_pos(valid.sum(1)[:, 0].tolist(), valid.sum(2)[:, 0].tolist(), grid)
+        keep = valid.flatten(1)  # (B, N)
+        limit = self.cfg.max_image_tokens
+        if self.training and limit > 0:
+            count = min(limit, int(keep.sum(1).max()))
+            key = torch.rand(b, n, device=x.device) + keep  # valid patches first, in random order
+            index = key.topk(count, dim=1).indices.sort(dim=1).values  # (B, count)
+            x = x.gather(1, index[..., None].expand(-1, -1, d))
+            keep = keep.gather(1, index)
+        cls = (emb.cls_token + emb.pos_embed[:, :1]).expand(b, -1, -1)
+        x = emb.dropout(torch.cat([cls, x], dim=1))  # (B, 1+N', D)
+        return x, torch.cat([keep.new_ones(b, 1), keep], dim=1)
+
+    def _grid_pos(self, heights: list[int], widths: list[int], grid) -> torch.Tensor:
+        """(B or 1, N, D) position embeddings of each image's valid h x w grid, zero-padded to ``grid``."""
+        pos = self.image_embed.pos_embed
+        spatial = pos[:, 1:].transpose(1, 2).reshape(1, pos.shape[-1], *self.image_embed.grid)
+        made = {}
+        for hw in zip(heights, widths):
+            if hw not in made:
+                if min(hw) == 0:
+                    raise ValueError("pixel_mask leaves an image without any valid patch")
+                p = spatial if hw == tuple(spatial.shape[-2:]) else \
+                    F.interpolate(spatial, size=hw, mode="bilinear", align_corners=True)
+                made[hw] = F.pad(p, (0, grid[1] - hw[1], 0, grid[0] - hw[0]))
+        out = torch.cat([made[hw] for hw in zip(heights, widths)])  # (B, D, gh, gw)
+        return out.flatten(2).transpose(1, 2)
+
+    def embed(self, pixel_values, input_ids, attention_mask, token_type_ids=None, image_token_type=1,
+              pixel_mask=None):
+        """The joint sequence [text ; image] (B, L+1+N', D) and its 1/0 mask (B, L+1+N')."""
+        if image_token_type >= self.cfg.modality_types:
+            raise ValueError(f"image modality type {image_token_type} needs modality_types > "
+                             f"{image_token_type} (this model has {self.cfg.modality_types})")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text = self.text_embed(input_ids, token_type_ids) + self.modality_embed.weight[0]  # (B, L, D)
+        image, image_mask = self.embed_image(pixel_values, pixel_mask)
+        image = image + self.modality_embed.weight[image_token_type]
+        mask = torch.cat([attention_mask.to(image_mask.dtype), image_mask], dim=1)
+        return torch.cat([text, image], dim=1), mask
+
+    # -- the single stream ----------------------------------------------------------------------
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                image_token_type: int = 1, pixel_mask: torch.Tensor | None = None) -> Output:
+        """features: the joint sequence after the final norm (B, L+1+N', D), text first;
+        pooled: tanh(dense(features[:, 0])) (B, D)."""
+        x, mask = self.embed(pixel_values, input_ids, attention_mask, token_type_ids,
+                             image_token_type, pixel_mask)
+        x = self.norm(self.encoder(x, mask=padding_mask(mask)))
+        return Output(features=x, pooled=self.pooler(x))
+
+    @_with_head("itm_head", "rank_head")
+    def match(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> torch.Tensor:
+        """(B, 2) ITM logits of zipped pairs (column 1 = match). A model with only the 1-way
+        retrieval head returns [0, rank score], so softmax[:, 1] = sigmoid(rank score)."""
+        pooled = self(pixel_values, input_ids, attention_mask, pixel_mask=pixel_mask).pooled
+        if self.itm_head is not None:
+            return self.itm_head(pooled)
+        rank = self.rank_head(pooled)  # (B, 1)
+        return torch.cat([torch.zeros_like(rank), rank], dim=1)
+
+    @_with_head("itm_head", "rank_head")
+    def score(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> torch.Tensor:
+        """(B,) log-probability that each zipped pair matches."""
+        return self.match(pixel_values, input_ids, attention_mask, pixel_mask).log_softmax(-1)[:, 1]
+
+    @_with_head("mlm_head")
+    def mlm_logits(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> torch.Tensor:
+        """(B, L, vocab) predictions for every text position."""
+        features = self(pixel_values, input_ids, attention_mask, pixel_mask=pixel_mask).features
+        return self.mlm_head(features[:, :input_ids.shape[1]])
+
+    @_with_head("vqa_head")
+    def vqa_logits(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> torch.Tensor:
+        """(B, num_answers) answer logits (sigmoid scores, trained with soft-score BCE)."""
+        return self.vqa_head(self(pixel_values, input_ids, attention_mask, pixel_mask=pixel_mask).pooled)
+
+    @_with_head("vqa_head")
+    def answer(self, pixel_values, input_ids, attention_mask=None) -> list[str]:
+        """The highest-scoring answer for each (image, question)."""
+        best = self.vqa_logits(pixel_values, input_ids, attention_mask).argmax(-1).tolist()
+        names = self.cfg.answer_names or [str(i) for i in range(self.cfg.num_answers)]
+        return [names[i] for i in best]
+
+    @_with_head("pair_head")
+    def pair_logits(self, pixel_values_1, pixel_values_2, input_ids, attention_mask=None) -> torch.Tensor:
+        """NLVR2 "pair" setting: the text runs once with each image (modality types 1 and 2);
+        the two pooled outputs, concatenated, go to the classifier. (B, pair_classes)."""
+        pooled = [self(p, input_ids, attention_mask, image_token_type=i + 1).pooled
+                  for i, p in enumerate((pixel_values_1, pixel_values_2))]
+        return self.pair_head(torch.cat(pooled, dim=-1))
+
+    # -- training -------------------------------------------------------------------------------
+    def training_losses(self, batch: dict) -> dict:
+        """ITM (in-batch image swaps, + the batch's negative captions with ``hard_negatives``),
+        MLM on the captions of the true pairs, and VQA when the batch has ``vqa_targets``."""
+        pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+        out, losses = {}, []
+        if self.itm_head is not None:
+            index, labels = itm_batch_from_swaps(ids.shape[0], self.cfg.itm_swap_prob, device=ids.device)
+            itm_pixels, itm_ids, itm_mask = pixels[index], ids, mask
+            neg_ids = batch.get("neg_input_ids")
+            if self.cfg.hard_negatives and neg_ids is not None and neg_ids.shape[0] > 0:
+                owner = batch["neg_owner"].to(ids.device)
+                itm_pixels = torch.cat([itm_pixels, pixels[owner]])
+                itm_ids, itm_mask = _pad_cat(ids, mask, neg_ids, batch["neg_attention_mask"],
+                                             self.cfg.pad_token_id)
+                labels = torch.cat([labels, torch.zeros_like(owner)])
+            logits = self.itm_head(self(itm_pixels, itm_ids, itm_mask).pooled)
+            out["itm_loss"] = itm_loss(logits, labels)
+            out["itm_acc"] = itm_accuracy(logits.detach(), labels)
+            losses.append(out["itm_loss"])
+        if self.mlm_head is not None:
+            word_ids = batch.get("word_ids") if self.cfg.whole_word_mask else None
+            if self.cfg.whole_word_mask and word_ids is None:
+                raise ValueError("whole_word_mask needs batch['word_ids'] "
+                                 "(tokenize with return_word_ids=True)")
+            masked, labels = mask_tokens(ids, mask, self.cfg.special_token_ids, self.cfg.mask_token_id,
+                                         self.cfg.vocab_size, self.cfg.mlm_prob, word_ids=word_ids)
+            features = self(pixels, masked, mask).features
+            logits = self.mlm_head(features[:, :ids.shape[1]])
+            out["mlm_loss"] = mlm_loss(logits, labels)
+            hit = labels != -100
+            out["mlm_acc"] = (logits.detach().argmax(-1)[hit] == labels[hit]).float().mean() \
+                if bool(hit.any()) else logits.new_zeros(())
+            losses.append(out["mlm_loss"])
+        if "vqa_targets" in batch:
+            if self.vqa_head is None:
+                raise ValueError("the batch has vqa_targets but this ViLT has no VQA head (num_answers=0)")
+            q_ids = batch.get("question_input_ids", ids)
+            q_mask = batch.get("question_attention_mask", mask)
+            out["vqa_loss"] = vqa_loss(self.vqa_logits(pixels, q_ids, q_mask), batch["vqa_targets"])
+            losses.append(out["vqa_loss"])
+        if not losses:
+            raise ValueError("nothing to train: no ITM or MLM head and no vqa_targets in the batch")
+        out["loss"] = torch.stack(losses).sum()
+        return out
+
+
+def _pad_cat(ids_a, mask_a, ids_b, mask_b, pad_id: int):
+    """Stack two tokenised batches padded to a common length."""
+    n = max(ids_a.shape[1], ids_b.shape[1])
+
+    def pad(t, value):
+        return F.pad(t, (0, n - t.shape[1]), value=value)
+    ids = torch.cat([pad(ids_a, pad_id), pad(ids_b.to(ids_a.device), pad_id)])
+    return ids, torch.cat([pad(mask_a, 0), pad(mask_b.to(mask_a.device), 0)])
