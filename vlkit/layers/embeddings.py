@@ -30,7 +30,7 @@ class PatchEmbed(nn.Module):
                 raise ValueError(f"conv stem needs a power-of-two patch size, got {patch_size}")
             layers, c = [], in_chans
             for i in range(steps):
-                out = max(dim // 2 ** (steps - 1 - i), 16)
+                out = dim if i == steps - 1 else min(dim, 32 * 2 ** i)  # 32, 64, ... then dim
                 layers += [nn.Conv2d(c, out, 3, stride=2, padding=1, bias=False),
                            nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
                 c = out

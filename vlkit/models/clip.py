@@ -51,9 +51,9 @@ def _vision(**kw) -> ViTConfig:
 
 PRESETS = {
     # The synthetic world at 64 px: a conv stem so shapes are learned within minutes on a CPU.
-    "tiny": dict(vision=_vision(image_size=64, patch_size=8, dim=192, depth=4, heads=3, mlp_dim=768,
+    "tiny": dict(vision=_vision(image_size=64, patch_size=16, dim=192, depth=3, heads=3, mlp_dim=768,
                                 stem="conv", act="gelu", mean=(0.5,) * 3, std=(0.5,) * 3),
-                 text=TextConfig(vocab_size=512, context_length=32, dim=192, depth=4, heads=3,
+                 text=TextConfig(vocab_size=512, context_length=32, dim=192, depth=3, heads=3,
                                  mlp_dim=768, act="gelu"),
                  embed_dim=128),
     "small": dict(vision=_vision(image_size=224, patch_size=16, dim=384, depth=12, heads=6, mlp_dim=1536),

@@ -173,7 +173,8 @@ class Trainer:
         data = iter(self.batches(self.samples))
         last: dict = {}
         window_samples, window_start = 0, time.perf_counter()
-        calib_steps = 20
+        calib_steps = 25
+        mark = None
         while not self._done() and not self._stop_requested:
             t0 = time.perf_counter()
             lr = lr_at(self.step, cfg.lr, self.total_steps or 10**9, cfg.warmup_steps, cfg.min_lr_ratio)
@@ -213,10 +214,16 @@ class Trainer:
             self.step += 1
             self.elapsed += time.perf_counter() - t0
             window_samples += n_batch
+            # a time budget fixes the schedule's length once the speed is known (the first steps,
+            # which warm up allocators and workers, are left out of the estimate)
+            if self.step == 5:
+                mark = self.elapsed
             if cfg.minutes is not None and cfg.steps is None and self.step == calib_steps \
                     and self.total_steps is None:
-                per_step = self.elapsed / self.step
-                self.total_steps = max(self.step + 1, int(cfg.minutes * 60 / per_step))
+                per_step = (self.elapsed - mark) / (calib_steps - 5) if mark is not None else \
+                    self.elapsed / self.step
+                remaining = cfg.minutes * 60 - self.elapsed
+                self.total_steps = max(self.step + 1, self.step + int(remaining / per_step))
             if finite:
                 last = {k: round(v, 6) for k, v in logs.items()}
             if self.step % cfg.log_every == 0 or self._done():

@@ -17,7 +17,7 @@ from .loop import TrainConfig, Trainer
 
 # Per-model defaults for the tiny presets on the synthetic world (a 2-core CPU).
 TRAIN_DEFAULTS = {
-    "vit": dict(batch_size=128, lr=2e-3, weight_decay=0.05, warmup_steps=40),
+    "vit": dict(batch_size=128, lr=3e-3, weight_decay=0.05, warmup_steps=30, min_lr_ratio=0.1),
     "clip": dict(batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=50),
 }
 SYNTHETIC_SEED = 0  # the built-in world's default seed: the same world and test split everywhere
@@ -90,12 +90,16 @@ def training_source(task: str, data: str, image_size: int, seed: int, on_bad_sam
     return EpochSource(JsonlDataset(data, "train", on_bad_sample=on_bad_sample), seed=seed)
 
 
-def make_collate(model, task: str, tokenizer, negatives: int, train: bool = True):
+def make_collate(model, task: str, tokenizer, negatives: int, train: bool = True,
+                 data: str = "synthetic"):
     from ..data.collate import ClassificationCollate, ImageTextCollate
     from ..data.transforms import ImageTransform
     spec = model.image_spec()
+    # The synthetic world never repeats a sample, so it needs no crops (a crop can cut an object
+    # out of the picture and falsify its caption); a user's dataset gets random resized crops.
+    scale = (1.0, 1.0) if data == "synthetic" else (0.7, 1.0)
     transform = ImageTransform(spec["size"], spec["mean"], spec["std"], train=train,
-                               scale=(0.7, 1.0), hflip=True)
+                               scale=scale, hflip=True)
     if task == "classification":
         return ClassificationCollate(transform, model.cfg.class_names)
     return ImageTextCollate(transform, tokenizer, negatives=negatives)
@@ -183,7 +187,7 @@ def train(args: RunArgs) -> dict:
     task = model.task
     negatives = 2 if getattr(model.cfg, "hard_negatives", False) else 0
     source = training_source(task, args.data, model.image_spec()["size"], args.seed, args.on_bad_sample)
-    collate = make_collate(model, task, tok, negatives)
+    collate = make_collate(model, task, tok, negatives, data=args.data)
     from ..data.loader import batch_loader
 
     def batches(start: int):
