@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..models.vilt import ViLT, ViLTConfig
+from .hf_vit import layer_rules
 from .common import ConversionError, load_strict, read_hf_weights, rename, strip_prefix
 
 _L = r"encoder\.layer\.(\d+)\."
@@ -25,14 +26,7 @@ RULES = [
     (r"embeddings\.position_embeddings", "image_embed.pos_embed"),
     (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"image_embed.patch_embed.proj.\1"),
     (r"embeddings\.token_type_embeddings\.weight", "modality_embed.weight"),
-    (_L + r"attention\.attention\.query\.(weight|bias)", _B + r"attn.q.\2"),
-    (_L + r"attention\.attention\.key\.(weight|bias)", _B + r"attn.k.\2"),
-    (_L + r"attention\.attention\.value\.(weight|bias)", _B + r"attn.v.\2"),
-    (_L + r"attention\.output\.dense\.(weight|bias)", _B + r"attn.proj.\2"),
-    (_L + r"layernorm_before\.(weight|bias)", _B + r"norm1.\2"),
-    (_L + r"layernorm_after\.(weight|bias)", _B + r"norm2.\2"),
-    (_L + r"intermediate\.dense\.(weight|bias)", _B + r"mlp.fc1.\2"),
-    (_L + r"output\.dense\.(weight|bias)", _B + r"mlp.fc2.\2"),
+    *layer_rules(_L, _B),
     (r"layernorm\.(weight|bias)", r"norm.\1"),
     (r"pooler\.dense\.(weight|bias)", r"pooler.dense.\1"),
     (r"mlm_score\.transform\.dense\.(weight|bias)", r"mlm_head.dense.\1"),

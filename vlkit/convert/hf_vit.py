@@ -8,18 +8,26 @@ from .common import ConversionError, load_strict, read_hf_weights, rename, strip
 
 # Both the classic layout (what save_pretrained writes) and the renamed in-memory layout.
 _L = r"(?:encoder\.layer|layers)\.(\d+)\."
+def layer_rules(hf_layer: str, ours: str) -> list[tuple[str, str]]:
+    """Rename rules of the Hugging Face ViT layer layout (query/key/value, layernorm_before/after,
+    intermediate/output) onto a vlkit PreNormBlock; ``hf_layer`` captures the layer index."""
+    return [
+        (hf_layer + r"attention\.(?:attention\.)?(?:query|q_proj)\.(weight|bias)", ours + r"attn.q.\2"),
+        (hf_layer + r"attention\.(?:attention\.)?(?:key|k_proj)\.(weight|bias)", ours + r"attn.k.\2"),
+        (hf_layer + r"attention\.(?:attention\.)?(?:value|v_proj)\.(weight|bias)", ours + r"attn.v.\2"),
+        (hf_layer + r"attention\.(?:output\.dense|o_proj)\.(weight|bias)", ours + r"attn.proj.\2"),
+        (hf_layer + r"layernorm_before\.(weight|bias)", ours + r"norm1.\2"),
+        (hf_layer + r"layernorm_after\.(weight|bias)", ours + r"norm2.\2"),
+        (hf_layer + r"(?:intermediate\.dense|mlp\.fc1)\.(weight|bias)", ours + r"mlp.fc1.\2"),
+        (hf_layer + r"(?:output\.dense|mlp\.fc2)\.(weight|bias)", ours + r"mlp.fc2.\2"),
+    ]
+
+
 RULES = [
     (r"embeddings\.cls_token", r"vision.embed.cls_token"),
     (r"embeddings\.position_embeddings", r"vision.embed.pos_embed"),
     (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"vision.embed.patch_embed.proj.\1"),
-    (_L + r"attention\.(?:attention\.)?(?:query|q_proj)\.(weight|bias)", r"vision.encoder.blocks.\1.attn.q.\2"),
-    (_L + r"attention\.(?:attention\.)?(?:key|k_proj)\.(weight|bias)", r"vision.encoder.blocks.\1.attn.k.\2"),
-    (_L + r"attention\.(?:attention\.)?(?:value|v_proj)\.(weight|bias)", r"vision.encoder.blocks.\1.attn.v.\2"),
-    (_L + r"attention\.(?:output\.dense|o_proj)\.(weight|bias)", r"vision.encoder.blocks.\1.attn.proj.\2"),
-    (_L + r"layernorm_before\.(weight|bias)", r"vision.encoder.blocks.\1.norm1.\2"),
-    (_L + r"layernorm_after\.(weight|bias)", r"vision.encoder.blocks.\1.norm2.\2"),
-    (_L + r"(?:intermediate\.dense|mlp\.fc1)\.(weight|bias)", r"vision.encoder.blocks.\1.mlp.fc1.\2"),
-    (_L + r"(?:output\.dense|mlp\.fc2)\.(weight|bias)", r"vision.encoder.blocks.\1.mlp.fc2.\2"),
+    *layer_rules(_L, r"vision.encoder.blocks.\1."),
     (r"layernorm\.(weight|bias)", r"vision.norm.\1"),
     (r"classifier\.(weight|bias)", r"head.\1"),
 ]

@@ -20,6 +20,17 @@ TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "vlkit_tokenizer.json"
 
 
+def read_backend(path: str | Path) -> Tokenizer:
+    """A `tokenizers` JSON file, with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} does not exist")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as error:  # the Rust parser raises plain Exception
+        raise ValueError(f"{path} is not a valid tokenizers JSON file: {error}") from error
+
+
 def special_token(content: str) -> AddedToken:
     """An added token that is matched on the raw text (before lower-casing) and never split."""
     return AddedToken(content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)

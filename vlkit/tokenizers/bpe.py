@@ -20,7 +20,7 @@ from typing import Any
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from .base import TextTokenizer, special_token
+from .base import TextTokenizer, special_token, read_backend
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -155,12 +155,7 @@ class CLIPTokenizer(TextTokenizer):
         """From a `tokenizers` JSON file (one saved by vlkit or a Hugging Face CLIP tokenizer.json),
         whose normaliser and pre-tokeniser are used as they are."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist")
-        try:
-            backend = Tokenizer.from_file(str(path))
-        except Exception as error:  # the Rust parser raises plain Exception
-            raise ValueError(f"{path} is not a valid tokenizers JSON file: {error}") from error
+        backend = read_backend(path)
         return cls(
             backend,
             context_length=context_length,

@@ -10,7 +10,7 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
-from .base import TextTokenizer, special_token
+from .base import TextTokenizer, special_token, read_backend
 from .learn import learn_wordpiece_vocab
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
@@ -105,12 +105,7 @@ class WordPieceTokenizer(TextTokenizer):
         """From a `tokenizers` JSON file (one saved by vlkit or a Hugging Face BERT tokenizer.json),
         whose normaliser and pre-tokeniser are used as they are."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist")
-        try:
-            backend = Tokenizer.from_file(str(path))
-        except Exception as error:  # the Rust parser raises plain Exception
-            raise ValueError(f"{path} is not a valid tokenizers JSON file: {error}") from error
+        backend = read_backend(path)
         return cls(backend, max_length=max_length, extra_special_tokens=extra_special_tokens, source=str(path))
 
     @property

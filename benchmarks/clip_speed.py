@@ -1,0 +1,149 @@
+"""CLIP speed side by side: vlkit against Hugging Face transformers (and open_clip when it is
+importable), the same ViT-B/32 configuration, random weights, in one process, alternating.
+
+Rows: training step (forward + backward + AdamW) in pairs/s and image embedding in images/s, for
+fp32 and bf16 autocast, batch 16 and 64, on the CPU (and CUDA when present). Printed: each
+implementation's rate and the ratios vlkit/HF and vlkit/open_clip.
+
+open_clip needs torchvision, which does not import beside torch 2.13; to include it, use a
+separate environment, e.g. ``python -m venv /tmp/oc && /tmp/oc/bin/pip install torch==2.14.1
+torchvision==0.29.1 open_clip_torch transformers && /tmp/oc/bin/pip install -e .`` and run this
+script with that interpreter. open_clip is never a dependency of vlkit.
+
+    python benchmarks/clip_speed.py [--batches 16 64] [--precisions fp32 bf16] [--repeats 3] [--small]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import vlkit
+
+
+def vlkit_model(small: bool):
+    if small:
+        return vlkit.create_model("clip", "tiny")
+    return vlkit.create_model("clip", "b32")
+
+
+def hf_model(model):
+    import transformers
+    v, t = model.cfg.vision, model.cfg.text
+    act = {"quick_gelu": "quick_gelu", "gelu": "gelu"}[v.act]
+    cfg = transformers.CLIPConfig(
+        text_config=dict(hidden_size=t.dim, num_hidden_layers=t.depth, num_attention_heads=t.heads,
+                         intermediate_size=t.mlp_dim, vocab_size=t.vocab_size,
+                         max_position_embeddings=t.context_length, hidden_act=act),
+        vision_config=dict(hidden_size=v.dim, num_hidden_layers=v.depth, num_attention_heads=v.heads,
+                           intermediate_size=v.mlp_dim, image_size=v.image_size, patch_size=v.patch_size,
+                           hidden_act=act),
+        projection_dim=model.cfg.embed_dim)
+    return transformers.CLIPModel(cfg)
+
+
+def open_clip_model():
+    try:
+        import open_clip
+    except Exception:  # noqa: BLE001 - any import failure means "not available here"
+        return None
+    model, _, _ = open_clip.create_model_and_transforms("ViT-B-32")
+    return model
+
+
+def contrastive(img, txt, scale):
+    logits = scale.exp() * img @ txt.T
+    labels = torch.arange(img.shape[0], device=img.device)
+    return (torch.nn.functional.cross_entropy(logits, labels)
+            + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+
+
+def step_fns(kind, model):
+    """(train step, image embedding) callables for one implementation."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    if kind == "vlkit":
+        def train(px, ids, mask):
+            loss = contrastive(model.encode_image(px), model.encode_text(ids, mask), model.logit_scale)
+            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+
+        def embed(px):
+            return model.encode_image(px)
+    elif kind == "hf":
+        def train(px, ids, mask):
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=px, return_loss=True)
+            out.loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+
+        def embed(px):
+            return model.get_image_features(pixel_values=px)
+    else:
+        def train(px, ids, mask):
+            img, txt = model.encode_image(px, normalize=True), model.encode_text(ids, normalize=True)
+            loss = contrastive(img, txt, model.logit_scale)
+            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+
+        def embed(px):
+            return model.encode_image(px)
+    return train, embed
+
+
+def timed(fn, *args, repeats=3):
+    fn(*args)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--small", action="store_true", help="the tiny preset instead of ViT-B/32 (a quick check)")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ours = vlkit_model(args.small).to(device)
+    impls = {"vlkit": ours, "hf": hf_model(ours).to(device)}
+    oc = None if args.small else open_clip_model()
+    if oc is not None:
+        impls["open_clip"] = oc.to(device)
+    fns = {k: step_fns(k, m) for k, m in impls.items()}
+    v, t = ours.cfg.vision, ours.cfg.text
+    print(f"device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}; "
+          f"open_clip: {'yes' if oc is not None else 'not importable (see the docstring)'}")
+    header = f"{'row':28s}" + "".join(f"{k:>12s}" for k in impls) + f"{'vlkit/hf':>10s}" + \
+        (f"{'vlkit/oc':>10s}" if oc is not None else "")
+    print(header)
+    for precision in args.precisions:
+        ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" \
+            else (lambda: torch.autocast(device.type, enabled=False))
+        for b in args.batches:
+            px = torch.randn(b, 3, v.image_size, v.image_size, device=device)
+            ids = torch.randint(1, t.vocab_size - 1, (b, min(t.context_length, 20)), device=device)
+            ids[:, -1] = t.vocab_size - 1
+            mask = torch.ones_like(ids)
+            for row, make in (("train pairs/s", lambda f: (f[0], (px, ids, mask))),
+                              ("embed images/s", lambda f: (f[1], (px,)))):
+                rates = {}
+                for k, f in fns.items():  # alternating implementations within a row
+                    fn, fargs = make(f)
+                    with ctx():
+                        if row.startswith("embed"):
+                            with torch.no_grad():
+                                sec = timed(fn, *fargs, repeats=args.repeats)
+                        else:
+                            sec = timed(fn, *fargs, repeats=args.repeats)
+                    rates[k] = b / sec
+                line = f"{f'{row} {precision} b{b}':28s}" + "".join(f"{rates[k]:12.1f}" for k in impls)
+                line += f"{rates['vlkit'] / rates['hf']:10.2f}"
+                if oc is not None:
+                    line += f"{rates['vlkit'] / rates['open_clip']:10.2f}"
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
