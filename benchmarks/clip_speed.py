@@ -23,8 +23,9 @@ import vlkit
 
 
 def vlkit_model(small: bool):
-    if small:
-        return vlkit.create_model("clip", "tiny")
+    if small:  # the tiny preset's sizes with a plain patch projection, as HF and open_clip have
+        return vlkit.create_model("clip", "tiny", **{"vision.stem": "patch", "vision.patch_bias": False,
+                                                     "vision.act": "quick_gelu", "text.act": "quick_gelu"})
     return vlkit.create_model("clip", "b32")
 
 
