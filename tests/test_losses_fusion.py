@@ -14,13 +14,6 @@ SPECIAL = (0, 1, 2, 3, 4)  # [PAD] [UNK] [CLS] [SEP] [MASK]
 VOCAB = 500
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _captions(b=1024, length=40, seed=0):
     """[CLS] content [SEP] [PAD]..., random lengths, a few [UNK]s inside the content."""

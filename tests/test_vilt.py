@@ -12,14 +12,6 @@ transformers = pytest.importorskip("transformers")
 SMALL = dict(dim=32, depth=2, heads=4, mlp_dim=64, vocab_size=60)  # fast overrides of "tiny"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and far faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # -- Hugging Face parity --------------------------------------------------------------------------
 def _hf_vilt(folder, cls_name, **extra):
