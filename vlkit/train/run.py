@@ -17,7 +17,7 @@ from .loop import TrainConfig, Trainer
 
 # Per-model defaults for the tiny presets on the synthetic world (a 2-core CPU).
 TRAIN_DEFAULTS = {
-    "vit": dict(batch_size=128, lr=3e-3, weight_decay=0.05, warmup_steps=30, min_lr_ratio=0.1),
+    "vit": dict(batch_size=128, lr=4e-3, weight_decay=0.05, warmup_steps=30, min_lr_ratio=0.5),
     "clip": dict(batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=50),
 }
 SYNTHETIC_SEED = 0  # the built-in world's default seed: the same world and test split everywhere
