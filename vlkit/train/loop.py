@@ -218,9 +218,10 @@ class Trainer:
             # which warm up allocators and workers, are left out of the estimate)
             if self.step == 5:
                 mark = self.elapsed
-            if cfg.minutes is not None and cfg.steps is None and self.step == calib_steps \
-                    and self.total_steps is None:
-                per_step = (self.elapsed - mark) / (calib_steps - 5) if mark is not None else \
+            # (estimated at step 25, refined at step 100 once workers and caches are warm)
+            if cfg.minutes is not None and cfg.steps is None and (
+                    (self.step == calib_steps and self.total_steps is None) or self.step == 4 * calib_steps):
+                per_step = (self.elapsed - mark) / (self.step - 5) if mark is not None else \
                     self.elapsed / self.step
                 remaining = cfg.minutes * 60 - self.elapsed
                 self.total_steps = max(self.step + 1, self.step + int(remaining / per_step))
