@@ -114,3 +114,26 @@ def test_schedule_and_weight_decay_groups():
     assert "logit_scale" in nd and "vision.embed.pos_embed" in nd and "text.embed.word.weight" in nd
     assert all(not n.endswith(".bias") for n in d) and not any("norm" in n for n in d)
     assert "vision.encoder.blocks.0.attn.q.weight" in d
+
+
+def test_batchnorm_statistics_are_recomputed_for_the_exported_weights(tmp_path):
+    torch.manual_seed(0)
+    model = vlkit.create_model("vit", "tiny", image_size=16, patch_size=4, dim=16, heads=2, mlp_dim=32,
+                               num_classes=4)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms  # the conv stem has BatchNorm
+    Trainer(model, _batches(8), _cfg(steps=4, ckpt_every=100), tmp_path).fit()
+    exported = load_file(str(tmp_path / "model.safetensors"))
+    last = load_file(str(checkpoint_dirs(tmp_path)[-1] / "model.safetensors"))
+    key = next(k for k in exported if k.endswith("running_mean"))
+    assert not torch.equal(exported[key], last[key])  # recomputed after the checkpoint
+    assert all(torch.equal(exported[k], last[k]) for k in exported if "running" not in k and "num_batches" not in k)
+    # the recomputed mean is the plain average over the calibration batches: recompute it here
+    stem = norms[0]
+    feats = []
+    make = _batches(8)(4 * 2 * 8)
+    for _ in range(8):
+        x = next(make)["pixel_values"]
+        feats.append(model.vision.embed.patch_embed.proj[0](x).mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(stem.running_mean, torch.stack(feats).mean(0), atol=1e-5, rtol=1e-4)
+    assert stem.momentum == 0.1
