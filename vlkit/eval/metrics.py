@@ -113,12 +113,16 @@ def compositional_accuracy(pos_scores, neg_scores, kinds: Sequence[str]) -> dict
         raise ValueError("pos_scores, neg_scores and kinds must have the same length")
     hit = (pos > neg).tolist()
     out = {"compositional_acc": sum(hit) / len(hit) if hit else float("nan")}
-    by_kind: dict[str, list[bool]] = defaultdict(list)
-    for h, k in zip(hit, kinds):
-        by_kind[k].append(h)
-    for k in sorted(by_kind):
-        out[f"{k}_acc"] = sum(by_kind[k]) / len(by_kind[k])
+    out.update(_accuracy_by_group(hit, kinds))
     return out
+
+
+def _accuracy_by_group(hits: Sequence[bool], groups: Sequence[str]) -> dict[str, float]:
+    """{"<group>_acc": fraction of hits} for each group name, in sorted order."""
+    by_group: dict[str, list[bool]] = defaultdict(list)
+    for h, g in zip(hits, groups):
+        by_group[g].append(h)
+    return {f"{g}_acc": sum(by_group[g]) / len(by_group[g]) for g in sorted(by_group)}
 
 
 def _norm_answer(s: str) -> str:
@@ -137,11 +141,7 @@ def vqa_accuracy(predictions: Sequence[str], answers: Sequence[str | Sequence[st
         hits.append(_norm_answer(p) in accepted)
     out = {"acc": sum(hits) / len(hits) if hits else float("nan")}
     if types is not None:
-        by_type: dict[str, list[bool]] = defaultdict(list)
-        for h, t in zip(hits, types):
-            by_type[t].append(h)
-        for t in sorted(by_type):
-            out[f"{t}_acc"] = sum(by_type[t]) / len(by_type[t])
+        out.update(_accuracy_by_group(hits, types))
     return out
 
 

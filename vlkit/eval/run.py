@@ -156,6 +156,10 @@ SUPPORT = {  # task -> what the model needs
 }
 
 
+RUNNERS = {"classification": eval_classification, "zeroshot": eval_zeroshot,
+           "retrieval": eval_retrieval, "itm": eval_itm, "vqa": eval_vqa, "caption": eval_caption}
+
+
 def evaluate(pipe, data: str = "synthetic", split: str = "test", tasks=ALL_TASKS) -> dict:
     unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown:
@@ -167,12 +171,10 @@ def evaluate(pipe, data: str = "synthetic", split: str = "test", tasks=ALL_TASKS
         if not SUPPORT[task](pipe.model):
             out["unsupported"].append(task)
             continue
-        if task in ("classification", "zeroshot"):
-            res = eval_classification(pipe, singles) if task == "classification" and singles else \
-                eval_zeroshot(pipe, singles) if singles else None
+        if task in ("classification", "zeroshot"):  # single-object (labelled) images
+            res = RUNNERS[task](pipe, singles) if singles else None
         else:
-            res = {"retrieval": eval_retrieval, "itm": eval_itm, "vqa": eval_vqa,
-                   "caption": eval_caption}[task](pipe, records)
+            res = RUNNERS[task](pipe, records)
         if res is None:
             out["no_data"].append(task)
         else:
