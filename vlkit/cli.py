@@ -33,6 +33,26 @@ def cmd_list_models(args) -> int:
     return 0
 
 
+def cmd_shard(args) -> int:
+    from .data.shards import write_shards
+    if not Path(args.dataset).is_dir():
+        raise UsageError(f"{args.dataset}: no such dataset folder")
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    present = [s for s in splits if (Path(args.dataset) / f"{s}.jsonl").is_file()]
+    if not present:
+        raise UsageError(f"{args.dataset}: none of {', '.join(f'{s}.jsonl' for s in splits)} found")
+    for split in present:
+        res = write_shards(args.dataset, args.out, split, args.shard_size, args.on_bad_sample)
+        skipped = sum(res["skipped"].values())
+        print(f"{split}: {res['samples']} samples in {len(res['shards'])} shards"
+              + (f" ({skipped} skipped: {res['skipped']})" if skipped else ""))
+    for split in ("val", "test"):  # evaluation reads JSONL: keep the other splits next to the shards
+        src = Path(args.dataset) / f"{split}.jsonl"
+        if split not in present and src.is_file():
+            print(f"{split}: not sharded (add it to --splits to shard it)")
+    return 0
+
+
 def cmd_synth(args) -> int:
     from .data.synthetic import write_dataset
     out = write_dataset(args.out, num=args.num, seed=args.seed, image_size=args.image_size)
@@ -49,13 +69,24 @@ def cmd_train(args) -> int:
     run = RunArgs(model=args.model, data=args.data, preset=args.preset, out=args.out,
                   minutes=args.minutes, steps=args.steps, seed=args.seed, resume=args.resume,
                   init=args.init, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
-                  hard_negatives=args.hard_negatives, workers=args.workers,
+                  hard_negatives=args.hard_negatives, vqa=args.vqa, workers=args.workers,
                   on_bad_sample=args.on_bad_sample, overrides=_kv(args.set),
-                  progress=not args.no_progress)
-    result = train(run)
+                  progress=not args.no_progress, max_skip_rate=args.max_skip_rate,
+                  ckpt_every=args.ckpt_every, grad_checkpointing=args.grad_checkpointing,
+                  fsdp=args.fsdp)
+    from .train import distributed as vdist
+    try:
+        result = train(run)
+    finally:
+        vdist.destroy()  # under torchrun; the evaluation below runs on rank 0 alone
+    if not vdist.is_main_env():
+        return 0
     print(f"trained {result['step']} steps ({result['samples']} samples) in {result['elapsed']:.0f} s; "
           f"final loss {result.get('loss', float('nan')):.4f}")
-    if not args.no_eval:
+    if not args.no_eval and args.data != "synthetic" and not (Path(args.data) / "test.jsonl").is_file():
+        print(f"no {Path(args.data) / 'test.jsonl'}: evaluation skipped (vlkit eval {args.out} --data "
+              "a dataset folder with a test split)")
+    elif not args.no_eval:
         pipe = load(args.out)
         res = evaluate(pipe, args.data, "test", ALL_TASKS)
         write_eval(res, Path(args.out) / "eval.json")
@@ -68,11 +99,24 @@ def cmd_eval(args) -> int:
     from .pipeline import load
     pipe = load(args.run)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else default_tasks(pipe.model)
-    res = evaluate(pipe, args.data, args.split, tasks)
+    if args.retrieval_size is not None and args.retrieval_size < 2:
+        raise UsageError(f"--retrieval-size must be at least 2, got {args.retrieval_size}")
+    res = evaluate(pipe, args.data, args.split, tasks, retrieval_size=args.retrieval_size)
     out = args.out or str(Path(args.run) / "eval.json")
     write_eval(res, out)
     print_metrics(res)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .explain import explain
+    if not Path(args.image).is_file():
+        raise UsageError(f"{args.image}: no such image file")
+    if args.panel < 16:
+        raise UsageError(f"--panel must be at least 16 pixels, got {args.panel}")
+    res = explain(args.run, args.image, args.caption, layer=args.layer, out=args.out, panel=args.panel)
+    print(f"wrote {args.out}: {len(res['words'])} words ({' '.join(res['words'])})")
     return 0
 
 
@@ -82,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("list-models", help="the models and their presets")
     s.set_defaults(func=cmd_list_models)
+
+    s = sub.add_parser("shard", help="write a JSONL dataset folder as webdataset tar shards")
+    s.add_argument("dataset", help="dataset folder (images/ and train.jsonl ...)")
+    s.add_argument("--out", required=True, help="output folder for SPLIT-000000.tar ...")
+    s.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per shard")
+    s.add_argument("--splits", default="train", help="comma-separated splits to shard")
+    s.add_argument("--on-bad-sample", default="error", choices=["error", "skip"])
+    s.set_defaults(func=cmd_shard)
 
     s = sub.add_parser("synth", help="write the synthetic world to a dataset folder")
     s.add_argument("--out", required=True, help="output folder")
@@ -104,8 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float)
     s.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     s.add_argument("--hard-negatives", action="store_true", help="train with the data's negative captions")
+    s.add_argument("--vqa", action="store_true",
+                   help="train question answering on the data's 'qa' pairs: a VQA head over the training "
+                        "answers, trained alone (--set objectives=... to add others); with --init RUN it "
+                        "fine-tunes a pretraining run")
     s.add_argument("--workers", type=int, default=1, help="data loader worker processes")
     s.add_argument("--on-bad-sample", default="error", choices=["error", "skip"])
+    s.add_argument("--max-skip-rate", type=float, default=0.1, metavar="R",
+                   help="with --on-bad-sample skip: stop when more than this fraction of the samples "
+                        "is bad (checked after the first 100)")
+    s.add_argument("--ckpt-every", type=int, metavar="N", help="optimiser steps between checkpoints")
+    s.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each Transformer block in the backward pass (less memory)")
+    s.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimiser state (FSDP2) "
+                        "instead of replicating them (DDP)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     s.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     s.add_argument("--no-progress", action="store_true")
@@ -117,8 +182,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test")
     s.add_argument("--tasks", help="comma-separated: classification,retrieval,zeroshot,itm,vqa,caption")
     s.add_argument("--out", help="eval JSON (default RUN/eval.json)")
+    s.add_argument("--retrieval-size", type=int, metavar="N",
+                   help="retrieval among the first N images of the split, each with its first caption "
+                        "(default: the whole split for dual encoders, 100 images for fusion models, "
+                        "which score every image-text pair)")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("explain", help="per-word cross-attention over an image, as a heat-map PNG")
+    s.add_argument("run", help="run folder of a fusion model with cross-attention (albef)")
+    s.add_argument("image", help="image file")
+    s.add_argument("caption", help="the text whose words are explained")
+    s.add_argument("--out", required=True, help="output PNG")
+    s.add_argument("--layer", type=int, help="fusion layer (negative counts from the end; default: mean of all)")
+    s.add_argument("--panel", type=int, default=128, help="panel size in pixels")
+    s.set_defaults(func=cmd_explain)
     return p
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of an error; one raised in a DataLoader worker arrives wrapped in the
+    worker's traceback, whose last line holds the original message."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def main(argv=None) -> int:
@@ -132,7 +220,7 @@ def main(argv=None) -> int:
         return args.func(args)
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, ConversionError,
             PermissionError) as e:
-        print(f"vlkit: error: {e}", file=sys.stderr)
+        print(f"vlkit: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vlkit: interrupted", file=sys.stderr)

@@ -46,13 +46,15 @@ class Pipeline:
         return torch.stack([self.transform(img)[0] for img in images]).to(self.device)
 
     def tokens(self, texts) -> dict:
+        """Texts -> {"input_ids", "attention_mask"} (B, L), truncated to what the model takes."""
+        from .data.collate import max_text_length
         if self.tokenizer is None:
             raise Unsupported(f"{self.model.model_name} has no tokenizer")
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
             raise ValueError("no texts given")
-        batch = self.tokenizer(list(texts))
+        batch = self.tokenizer(list(texts), max_length=max_text_length(self.model.cfg))
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _need(self, name: str, task: str | None = None):
@@ -98,8 +100,31 @@ class Pipeline:
         return fn(self.pixels(images), t["input_ids"], t["attention_mask"]).float().softmax(-1)[:, 1]
 
     @torch.no_grad()
-    def retrieve(self, query, candidates, k: int = 5) -> list[tuple[int, float]]:
-        """Rank ``candidates`` (texts for an image query, images for a text query) by similarity."""
+    def retrieve(self, query, candidates, k: int = 5, rerank: int = 0) -> list[tuple[int, float]]:
+        """Rank ``candidates`` (texts for an image query, images for a text query) by similarity,
+        or, for a fusion model without embeddings, by its pair ``score`` (one pass per pair).
+        ``rerank > 0`` (embeddings + ITM head, e.g. ALBEF): the top ``rerank`` by similarity are
+        re-scored by ITM log-odds and ranked first (``vlkit.eval.rerank``)."""
+        if rerank > 0:
+            from .eval.rerank import rerank_query
+            self._need("match", "ITM re-ranking")
+            is_text = isinstance(query, str)
+            q = self.tokens([query]) if is_text else {"pixel_values": self.pixels([query])}
+            c = {"pixel_values": self.pixels(list(candidates))} if is_text else self.tokens(list(candidates))
+            scores = rerank_query(self.model, is_text, q, c, k=rerank)
+            values, index = scores.topk(min(k, len(candidates)))
+            return list(zip(index.tolist(), values.tolist()))
+        if not (hasattr(self.model, "encode_image") and hasattr(self.model, "encode_text")) \
+                and hasattr(self.model, "score"):
+            candidates = list(candidates)
+            if isinstance(query, str):
+                images, texts = candidates, [query] * len(candidates)
+            else:
+                images, texts = [query] * len(candidates), candidates
+            t = self.tokens(texts)
+            scores = self.model.score(self.pixels(images), t["input_ids"], t["attention_mask"]).float()
+            values, index = scores.topk(min(k, len(candidates)))
+            return list(zip(index.tolist(), values.tolist()))
         if isinstance(query, str):
             q, c = self.embed_texts([query]), self.embed_images(list(candidates))
         else:
@@ -115,9 +140,18 @@ class Pipeline:
 
     @torch.no_grad()
     def answer(self, images, questions) -> list[str]:
-        fn = self._need("answer", "question answering")
+        """The answer to each (image, question) pair (zipped): the model's ``answer``, else the
+        best of its ``vqa_logits`` over the config's ``answer_names``."""
+        if isinstance(questions, str):
+            questions = [questions]
         t = self.tokens(questions)
-        return fn(self.pixels(images), t["input_ids"], t["attention_mask"])
+        if hasattr(self.model, "answer"):
+            return self.model.answer(self.pixels(images), t["input_ids"], t["attention_mask"])
+        logits = self._need("vqa_logits", "question answering")(self.pixels(images), t["input_ids"],
+                                                                t["attention_mask"])
+        names = list(getattr(self.model.cfg, "answer_names", None) or [])
+        best = logits.argmax(-1).tolist()
+        return [names[i] if i < len(names) else str(i) for i in best]
 
 
 def image_transform(model, overrides: dict | None = None):

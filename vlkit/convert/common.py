@@ -67,10 +67,12 @@ def rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]],
     return out
 
 
-def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load converted weights, asserting that every key exists on both sides with equal shapes."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
+def check_fit(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str,
+              what: str = "the model", needed=None) -> None:
+    """Raise a ConversionError naming the keys of ``needed`` (default: all of ``expected``) that
+    ``state`` lacks, the keys of ``state`` that ``expected`` lacks, and every shape mismatch."""
+    needed = expected if needed is None else needed
+    missing = sorted(set(needed) - set(state))
     extra = sorted(set(state) - set(expected))
     bad = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
            for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
@@ -82,7 +84,13 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
     if bad:
         problems.append("shape mismatch: " + "; ".join(bad[:6]))
     if problems:
-        raise ConversionError(f"{source}: checkpoint does not fit the model ({' | '.join(problems)})")
+        raise ConversionError(f"{source}: checkpoint does not fit {what} ({' | '.join(problems)})")
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load converted weights, asserting that every key exists on both sides with equal shapes."""
+    expected = model.state_dict()
+    check_fit(expected, state, source)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 

@@ -2,8 +2,22 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import torch
+
+from ..losses.vqa import vqa_soft_scores
+
+
+def max_text_length(cfg) -> int | None:
+    """The longest token sequence a model's text embeddings take (``max_text_len``, or a nested
+    text config's ``context_length``); None when the config has neither."""
+    for owner in (cfg, getattr(cfg, "text", None)):
+        for name in ("max_text_len", "context_length"):
+            value = getattr(owner, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
 
 
 class ClassificationCollate:
@@ -31,16 +45,31 @@ class ImageTextCollate:
     In training one reference caption is drawn per image (from ``captions`` when present). With
     ``negatives > 0`` up to that many of the record's ``negatives`` captions are added per image
     as ``neg_input_ids`` / ``neg_attention_mask`` with ``neg_owner`` (the image each belongs to).
-    A horizontal flip swaps left/right in the caption and its negatives alike.
+    A horizontal flip swaps left/right in the caption, its negatives and its question alike.
+    Every text is truncated to ``max_length`` tokens (the tokenizer's own limit when None).
+
+    ``word_ids=True`` adds the captions' ``word_ids`` (B, L): the word each token belongs to,
+    -1 for special and padding positions (for whole-word masking).
+
+    ``answers`` (an answer vocabulary) turns on VQA: one of each record's ``qa`` entries is drawn
+    and batched as ``question_input_ids`` / ``question_attention_mask`` with ``vqa_targets``
+    (B, len(answers)), the soft scores min(1, k/3) of the entry's annotator ``answers`` list, or
+    1 at its single ``answer``; an answer outside the vocabulary scores nothing.
     """
 
     def __init__(self, transform, tokenizer, max_length: int | None = None, negatives: int = 0,
-                 random_caption: bool = True):
+                 random_caption: bool = True, word_ids: bool = False,
+                 answers: Sequence[str] | None = None):
         self.transform, self.tokenizer = transform, tokenizer
         self.max_length, self.negatives, self.random_caption = max_length, negatives, random_caption
+        self.word_ids = word_ids
+        self.answers = list(answers) if answers is not None else None
+        if self.answers is not None and not self.answers:
+            raise ValueError("answers: the VQA answer vocabulary is empty")
+        self.answer_index = {a: i for i, a in enumerate(self.answers or [])}
 
     def __call__(self, records: list[dict], rngs: list[random.Random] | None = None) -> dict:
-        pixels, captions, negs, owners = [], [], [], []
+        pixels, captions, negs, owners, questions, annotated = [], [], [], [], [], []
         for j, rec in enumerate(records):
             rng = rngs[j] if rngs else random.Random(0)
             options = rec.get("captions") or [rec["caption"]]
@@ -49,13 +78,19 @@ class ImageTextCollate:
             if self.negatives:
                 pool = [n["caption"] for n in rec.get("negatives") or []]
                 chosen = rng.sample(pool, min(self.negatives, len(pool)))
-            pixel, texts = self.transform(rec["image"], [caption] + chosen, rng)
+            asked = []
+            if self.answers is not None:
+                question, answers = _draw_question(rec, j, rng)
+                asked = [question]
+                annotated.append(answers)
+            pixel, texts = self.transform(rec["image"], [caption] + chosen + asked, rng)
             pixels.append(pixel)
             captions.append(texts[0])
-            negs.extend(texts[1:])
+            negs.extend(texts[1:1 + len(chosen)])
             owners.extend([j] * len(chosen))
+            questions.extend(texts[1 + len(chosen):])
         batch = {"pixel_values": torch.stack(pixels)}
-        batch.update(self._tokens(captions))
+        batch.update(self._tokens(captions, self.word_ids))
         if self.negatives:
             if negs:
                 t = self._tokens(negs)
@@ -64,8 +99,38 @@ class ImageTextCollate:
                 batch["neg_input_ids"] = torch.zeros(0, 1, dtype=torch.long)
                 batch["neg_attention_mask"] = torch.zeros(0, 1, dtype=torch.long)
             batch["neg_owner"] = torch.tensor(owners, dtype=torch.long)
+        if self.answers is not None:
+            t = self._tokens(questions)
+            batch["question_input_ids"] = t["input_ids"]
+            batch["question_attention_mask"] = t["attention_mask"]
+            batch["vqa_targets"] = vqa_soft_scores(annotated, self.answer_index)
         return batch
 
-    def _tokens(self, texts: list[str]) -> dict:
-        out = self.tokenizer(texts, max_length=self.max_length, padding="longest")
-        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+    def _tokens(self, texts: list[str], word_ids: bool = False) -> dict:
+        out = self.tokenizer(texts, max_length=self.max_length, padding="longest", truncation=True,
+                             return_word_ids=word_ids)
+        keys = ("input_ids", "attention_mask", "word_ids") if word_ids else ("input_ids", "attention_mask")
+        return {k: out[k] for k in keys}
+
+
+def _draw_question(rec: dict, j: int, rng: random.Random) -> tuple[str, list[str]]:
+    """(question, annotator answers) of one of the record's ``qa`` entries. A single ``answer``
+    counts as full agreement (three annotators), so its soft score is 1."""
+    image = rec.get("image_path") or rec.get("image")
+    where = f"record {image!r}" if isinstance(image, str) else f"record {j} of the batch"
+    qa = rec.get("qa")
+    if not qa:
+        raise ValueError(f"{where}: no 'qa' questions (VQA training needs a 'qa' list in every record)")
+    entry = rng.choice(qa)
+    question = entry.get("question") if isinstance(entry, dict) else None
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: a 'qa' entry has no 'question' text")
+    answers = entry.get("answers")
+    if answers is None:
+        answer = entry.get("answer")
+        if not isinstance(answer, str):
+            raise ValueError(f"{where}: the 'qa' entry {question!r} has no 'answer' (or 'answers' list)")
+        answers = [answer] * 3
+    elif not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"{where}: 'answers' of the 'qa' entry {question!r} must be a list of strings")
+    return question, answers

@@ -32,16 +32,62 @@ class DatasetError(ValueError):
     """A dataset line or sample that cannot be used; the message names file and line."""
 
 
-class _SkipCounter:
-    """Shared bookkeeping of bad samples for both readers."""
+class TooManyBadSamples(DatasetError):
+    """More of the samples are bad than the dataset's ``max_skip_rate`` allows."""
 
-    def _init_skips(self, on_bad_sample: str):
+
+class _SkipCounter:
+    """Shared bookkeeping of bad samples for the readers.
+
+    ``skipped`` counts bad samples by reason (each bad line or image once), ``bad_samples``
+    maps the index of each sample whose image proved bad to its reason (in the order found),
+    and ``skipped_at_start`` holds the counts of lines dropped while the dataset was built.
+    With ``max_skip_rate`` set, a `TooManyBadSamples` error stops the reader once the estimated
+    fraction of bad samples exceeds it, after ``min_samples`` lines (or images) are checked."""
+
+    def _init_skips(self, on_bad_sample: str, max_skip_rate: float | None = None,
+                    min_samples: int = 100):
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        if max_skip_rate is not None and not 0 <= max_skip_rate <= 1:
+            raise ValueError(f"max_skip_rate must lie in [0, 1], got {max_skip_rate}")
         self.on_bad_sample = on_bad_sample
+        self.max_skip_rate, self.min_samples = max_skip_rate, min_samples
         self.skipped: Counter = Counter()
+        self.skipped_at_start: Counter = Counter()
         self.total = 0
-        self._bad: set[int] = set()
+        self.bad_samples: dict[int, str] = {}
+        self._seen: bytearray | None = None
+        self._checked = 0  # distinct samples whose image was read (or found bad)
+
+    def _finish_scan(self) -> None:
+        self.skipped_at_start = Counter(self.skipped)
+        self._check_rate()
+
+    def skip_rate(self) -> float:
+        """Estimated fraction of bad samples: bad lines, then bad images among those checked."""
+        lines_bad = sum(self.skipped_at_start.values())
+        line_rate = lines_bad / self.total if self.total else 0.0
+        image_rate = len(self.bad_samples) / self._checked if self._checked else 0.0
+        return line_rate + (1 - line_rate) * image_rate
+
+    def _check_rate(self) -> None:
+        if self.max_skip_rate is None or self.on_bad_sample != "skip":
+            return
+        if self.total < self.min_samples and self._checked < self.min_samples:
+            return
+        rate = self.skip_rate()
+        if rate > self.max_skip_rate:
+            raise TooManyBadSamples(
+                f"{self._source}: {rate:.1%} of the samples are bad, more than the allowed "
+                f"{self.max_skip_rate:.1%} (max_skip_rate); {self.summary()}")
+
+    def _mark(self, j: int) -> None:
+        if self._seen is None:
+            self._seen = bytearray(len(self))
+        if not self._seen[j]:
+            self._seen[j] = 1
+            self._checked += 1
 
     def summary(self) -> str:
         """One line, e.g. 'skipped 3 of 100 samples: 2 missing image, 1 empty caption'."""
@@ -60,13 +106,18 @@ class _SkipCounter:
             return read(i)
         for k in range(n):
             j = (i + k) % n
-            if j in self._bad:
+            if j in self.bad_samples:
                 continue
             try:
-                return read(j)
+                rec = read(j)
             except DatasetError as e:
-                self._bad.add(j)
+                self.bad_samples[j] = e.reason
                 self.skipped[e.reason] += 1
+                self._mark(j)
+                self._check_rate()
+                continue
+            self._mark(j)
+            return rec
         raise DatasetError(f"{self._source}: no readable sample left ({self.summary()})")
 
 
@@ -84,8 +135,9 @@ class JsonlDataset(_SkipCounter, Dataset):
     """
 
     def __init__(self, root, split: str = "train", on_bad_sample: str = "error",
-                 image_loader: Callable = load_image):
-        self._init_skips(on_bad_sample)
+                 image_loader: Callable = load_image, max_skip_rate: float | None = None,
+                 min_samples: int = 100):
+        self._init_skips(on_bad_sample, max_skip_rate, min_samples)
         root = os.fspath(root)
         if root.endswith(".jsonl") and os.path.isfile(root):
             self.path, self.root = root, os.path.dirname(os.path.abspath(root))
@@ -97,13 +149,13 @@ class JsonlDataset(_SkipCounter, Dataset):
             raise DatasetError(f"{self.path}: no such dataset file")
         self.records: list[dict] = []
         self.lines: list[int] = []
-        with open(self.path, encoding="utf-8", errors="replace") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
+        with open(self.path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                if not raw.strip():
                     continue
                 self.total += 1
                 try:
-                    rec = self._parse(line, lineno)
+                    rec = self._parse(self._decode(raw, lineno), lineno)
                 except DatasetError as e:
                     if self.on_bad_sample == "error":
                         raise
@@ -111,6 +163,14 @@ class JsonlDataset(_SkipCounter, Dataset):
                     continue
                 self.records.append(rec)
                 self.lines.append(lineno)
+        self._finish_scan()
+
+    def _decode(self, raw: bytes, lineno: int) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _error("bad encoding", f"{self.path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} "
+                                         f"at offset {e.start})") from None
 
     def _parse(self, line: str, lineno: int) -> dict:
         where = f"{self.path}:{lineno}"
@@ -145,7 +205,8 @@ class JsonlDataset(_SkipCounter, Dataset):
         try:
             image = self.image_loader(path)
         except (ImageError, OSError) as e:
-            raise _error("corrupt image", f"{where}: cannot read image {path}: {e}") from None
+            raise _error(getattr(e, "reason", "corrupt image"),
+                         f"{where}: cannot read image {path}: {e}") from None
         rec = dict(self.records[i])
         rec["image"], rec["image_path"] = image, path
         return rec
@@ -188,6 +249,7 @@ class FolderDataset(_SkipCounter, Dataset):
                 self.skipped[e.reason] += 1
                 continue
             self.items.append((path, caption))
+        self._finish_scan()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -197,7 +259,7 @@ class FolderDataset(_SkipCounter, Dataset):
         try:
             image = self.image_loader(path)
         except (ImageError, OSError) as e:
-            raise _error("corrupt image", f"cannot read image {path}: {e}") from None
+            raise _error(getattr(e, "reason", "corrupt image"), f"cannot read image {path}: {e}") from None
         return {"image": image, "caption": caption, "image_path": path}
 
     def __getitem__(self, i: int) -> dict:

@@ -36,6 +36,11 @@ class EpochSource:
         self.dataset, self.seed, self.shuffle = dataset, seed, shuffle
         self._epoch, self._perm = -1, None
 
+    @property
+    def bad_samples(self) -> dict[int, str] | None:
+        """The dataset's record of samples skipped as bad (index -> reason), if it keeps one."""
+        return getattr(self.dataset, "bad_samples", None)
+
     def __call__(self, i: int) -> dict:
         n = len(self.dataset)
         epoch, offset = divmod(i, n)
@@ -50,14 +55,34 @@ def sample_rng(seed: int, i: int) -> random.Random:
     return random.Random(seed * 1_000_003 + i)
 
 
+def rank_slice(first: int, last: int, rank: int, world: int) -> range:
+    """Rank ``rank``'s contiguous share of the global sample range [first, last): the ranks'
+    shares concatenated in rank order give the range back (sizes differ by at most one)."""
+    n = last - first
+    lo = first + (n * rank) // world
+    hi = first + (n * (rank + 1)) // world
+    return range(lo, hi)
+
+
 class BatchStream(IterableDataset):
     """Batches ``[start + b·B, start + (b+1)·B)`` for b = 0, 1, ...; with DataLoader workers,
-    worker w makes the batches b ≡ w (mod workers), which the loader returns in order."""
+    worker w makes the batches b ≡ w (mod workers), which the loader returns in order.
+
+    With ``world > 1`` each global batch is cut into ``world`` contiguous slices and this stream
+    yields slice ``rank`` only: positions (and so the data state in checkpoints) stay global,
+    and sample i is augmented by the same seeded RNG whichever rank reads it. A source with a
+    ``bad_samples`` dict (index -> reason) has the samples it skipped while making a batch
+    reported in the batch's ``_bad_samples`` entry ((index, reason) pairs), which the trainer
+    takes out before the model sees the batch."""
 
     def __init__(self, source: Callable[[int], dict], collate: Callable, batch_size: int,
-                 start: int = 0, seed: int = 0, limit: int | None = None):
+                 start: int = 0, seed: int = 0, limit: int | None = None, rank: int = 0,
+                 world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside a world of {world}")
         self.source, self.collate, self.batch_size = source, collate, batch_size
         self.start, self.seed, self.limit = start, seed, limit
+        self.rank, self.world = rank, world
 
     def __iter__(self):
         info = get_worker_info()
@@ -68,14 +93,25 @@ class BatchStream(IterableDataset):
             last = first + self.batch_size
             if self.limit is not None:
                 last = min(last, self.start + self.limit)
-            index = range(first, last)
-            yield self.collate([self.source(i) for i in index], [sample_rng(self.seed, i) for i in index])
+            index = rank_slice(first, last, self.rank, self.world)
+            bad = getattr(self.source, "bad_samples", None)
+            known = len(bad) if bad is not None else 0
+            batch = self.collate([self.source(i) for i in index], [sample_rng(self.seed, i) for i in index])
+            if bad is not None and len(bad) > known:  # samples skipped while making this batch
+                batch["_bad_samples"] = list(bad.items())[known:]
+            yield batch
             b += workers
 
 
 def batch_loader(source, collate, batch_size: int, start: int = 0, seed: int = 0,
-                 num_workers: int = 1, limit: int | None = None) -> DataLoader:
-    stream = BatchStream(source, collate, batch_size, start, seed, limit)
+                 num_workers: int = 1, limit: int | None = None, rank: int = 0,
+                 world: int = 1) -> DataLoader:
+    """Batches of the global ``batch_size`` from sample ``start`` on (this rank's slice of each
+    when ``world > 1``)."""
+    stream = BatchStream(source, collate, batch_size, start, seed, limit, rank, world)
+    # a generator of its own: starting an iterator (which draws the workers' base seed) leaves
+    # the global RNG untouched, so a resumed run's RNG stream matches an uninterrupted one's
     return DataLoader(stream, batch_size=None, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(seed),
                       prefetch_factor=4 if num_workers else None,
                       persistent_workers=False)

@@ -35,27 +35,40 @@ ImageInput = Union[Image.Image, np.ndarray, PathLike]
 
 
 class ImageError(ValueError):
-    """An image file that is missing, unreadable, corrupt, truncated or too large."""
+    """An image file that is missing, unreadable, corrupt, truncated or too large. ``reason``
+    names the kind in a few words (e.g. "truncated image"), for counting skipped samples."""
+
+    def __init__(self, message: str, reason: str = "corrupt image"):
+        super().__init__(message)
+        self.reason = reason
 
 
 # ----------------------------------------------------------------------------- loading
-def load_image(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               name: str | None = None) -> Image.Image:
     """Read `path` as an upright RGB PIL image.
 
     EXIF orientation is applied; L/LA/P/CMYK/I;16/I/F/RGBA... are converted to RGB
     (transparency is composited onto white, 16-bit data is scaled to 8 bits). Raises
     `ImageError` (a ValueError) naming the path if the file is missing, not an image,
     truncated, or has more than `max_pixels` pixels (decompression-bomb guard; None = off, though
-    PIL still refuses images over twice its own `Image.MAX_IMAGE_PIXELS`).
+    PIL still refuses images over twice its own `Image.MAX_IMAGE_PIXELS`). `path` may also be
+    a binary file object, with `name` (e.g. a tar member) used in the messages.
     """
+    label = name or path
     try:
+        if isinstance(path, (str, os.PathLike)) and os.path.isfile(path) and os.path.getsize(path) == 0 \
+                or hasattr(path, "getbuffer") and path.getbuffer().nbytes == 0:
+            raise ImageError(f"{label}: empty file (0 bytes)", "empty image file")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides
             with Image.open(path) as img:
                 w, h = img.size
                 if max_pixels is not None and w * h > max_pixels:
-                    raise ImageError(f"{path}: image of {w}x{h} pixels exceeds the limit of "
-                                     f"{max_pixels} (possible decompression bomb)")
+                    raise ImageError(f"{label}: image of {w}x{h} pixels exceeds the limit of "
+                                     f"{max_pixels} (possible decompression bomb)", "image too large")
+                if w < 1 or h < 1:
+                    raise ImageError(f"{label}: image of {w}x{h} pixels has no content", "corrupt image")
                 img.load()
                 try:
                     img = ImageOps.exif_transpose(img)
@@ -65,15 +78,17 @@ def load_image(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> I
     except ImageError:
         raise
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such image file") from None
+        raise ImageError(f"{label}: no such image file", "missing image") from None
     except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
+        raise ImageError(f"{label}: is a directory, not an image", "missing image") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{path}: not a readable image (unknown or corrupt format)") from None
+        raise ImageError(f"{label}: not a readable image (unknown or corrupt format)") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: {e}") from None
+        raise ImageError(f"{label}: {e}", "image too large") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(f"{path}: corrupt or truncated image ({e})") from None
+        truncated = "truncated" in str(e).lower() or isinstance(e, EOFError)
+        raise ImageError(f"{label}: corrupt or truncated image ({e})",
+                         "truncated image" if truncated else "corrupt image") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

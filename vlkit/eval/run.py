@@ -3,6 +3,12 @@
 Tasks: classification (image classifier head), retrieval, zeroshot, itm (compositional
 matching against the data's negatives), vqa, caption. A task the model cannot do is listed under
 ``unsupported``; a task the data has nothing for is listed under ``no_data``.
+
+Dual encoders (``encode_image`` / ``encode_text``) retrieve by embedding similarity over the whole
+split. Fusion models, which score a pair only by running it through the model
+(``score(pixel_values, input_ids, attention_mask)``), retrieve among the first
+``FUSION_RETRIEVAL_SIZE`` images of the split, each with its first caption, scoring all N x N
+pairs; ``retrieval_size`` sets N for either kind (the result records it as ``retrieval_images``).
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from .zeroshot import class_embeddings
 ALL_TASKS = ("classification", "retrieval", "zeroshot", "itm", "vqa", "caption")
 SYNTHETIC_TEST_PAIRS = 1000
 SYNTHETIC_TEST_SINGLE = 1000
+FUSION_RETRIEVAL_SIZE = 100  # images (and as many captions) when every pair costs a forward pass
 
 
 def load_records(data: str, split: str, image_size: int):
@@ -42,20 +49,40 @@ def _embed_images(pipe, records, batch_size=128):
     return torch.cat([pipe.embed_images([r["image"] for r in chunk]) for chunk in _batches(records, batch_size)])
 
 
+def _is_dual(model) -> bool:
+    return hasattr(model, "encode_image") and hasattr(model, "encode_text")
+
+
 @torch.no_grad()
 def _pair_scores(pipe, images, texts, batch_size=128) -> torch.Tensor:
-    """Score of zipped (image, text) pairs: ITM match probability where the model has an ITM
-    head, else embedding similarity."""
+    """Score of zipped (image, text) pairs: the model's ``score`` (an ITM log-probability, or an
+    embedding similarity), else the ITM match probability."""
     model = pipe.model
     out = []
     for i in range(0, len(texts), batch_size):
         img, txt = images[i:i + batch_size], texts[i:i + batch_size]
-        if hasattr(model, "match"):
-            out.append(pipe.match(img, txt))
-        else:
+        if hasattr(model, "score"):
             t = pipe.tokens(txt)
-            out.append(model.score(pipe.pixels(img), t["input_ids"], t["attention_mask"]).float())
+            out.append(model.score(pipe.pixels(img), t["input_ids"], t["attention_mask"]).float().cpu())
+        else:
+            out.append(pipe.match(img, txt).cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def _score_matrix(pipe, images, texts, batch_size=128) -> torch.Tensor:
+    """(n_images, n_texts) scores of every image with every text by a fusion model's ``score``."""
+    model = pipe.model
+    pixels = torch.cat([pipe.pixels(chunk) for chunk in _batches(images, batch_size)])
+    tokens = pipe.tokens(texts)
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    n_texts = len(texts)
+    flat = torch.empty(len(images) * n_texts)
+    for start in range(0, flat.numel(), batch_size):
+        pair = torch.arange(start, min(start + batch_size, flat.numel()))
+        i, j = (pair // n_texts).to(pixels.device), (pair % n_texts).to(ids.device)
+        flat[pair] = model.score(pixels[i], ids[j], mask[j]).float().cpu()
+    return flat.view(len(images), n_texts)
 
 
 def eval_classification(pipe, singles):
@@ -73,15 +100,32 @@ def eval_classification(pipe, singles):
     return out
 
 
-def eval_retrieval(pipe, records):
-    img = _embed_images(pipe, records)
-    texts, owner = [], []
-    for i, r in enumerate(records):
-        for c in r.get("captions") or [r["caption"]]:
-            texts.append(c)
-            owner.append(i)
-    txt = torch.cat([pipe.embed_texts(chunk) for chunk in _batches(texts, 256)])
-    res = M.retrieval_recall(img, txt, torch.tensor(owner))
+def retrieval_images(model, n_records: int, size: int | None) -> int | None:
+    """How many images retrieval uses when not the whole split (see the module docstring)."""
+    if size is None and not _is_dual(model):
+        size = FUSION_RETRIEVAL_SIZE
+    return None if size is None else min(size, n_records)
+
+
+def eval_retrieval(pipe, records, size: int | None = None):
+    size = retrieval_images(pipe.model, len(records), size)
+    if size is not None:  # the first images, each with its first caption
+        records = records[:size]
+        texts, owner = [r["caption"] for r in records], list(range(len(records)))
+    else:
+        texts, owner = [], []
+        for i, r in enumerate(records):
+            for c in r.get("captions") or [r["caption"]]:
+                texts.append(c)
+                owner.append(i)
+    if _is_dual(pipe.model):
+        img = _embed_images(pipe, records)
+        txt = torch.cat([pipe.embed_texts(chunk) for chunk in _batches(texts, 256)])
+        res = M.retrieval_recall(img, txt, torch.tensor(owner))
+    else:
+        scores = _score_matrix(pipe, [r["image"] for r in records], texts)
+        res = M.retrieval_recall_from_scores(lambda i0, i1: scores[i0:i1], len(records), len(texts),
+                                             torch.tensor(owner))
     return {f"retrieval.{k}": v for k, v in res.items()}
 
 
@@ -104,20 +148,24 @@ def eval_zeroshot(pipe, singles, labels=None):
 
 
 def eval_itm(pipe, records):
-    images, pos, neg, kinds = [], [], [], []
-    for r in records:
+    images, neg, kinds, pos_of = [], [], [], []
+    pos_pairs: dict = {}  # (record, true caption) -> index: each true pair is scored once
+    for i, r in enumerate(records):
         captions = r.get("captions") or [r["caption"]]
         for n in r.get("negatives") or []:
             # a negative is scored against the true caption it was edited from, where the data
             # says which, so that wording differences do not count
             source = n.get("source", 0)
+            pos = captions[source] if isinstance(source, int) and source < len(captions) else r["caption"]
+            pos_of.append(pos_pairs.setdefault((i, pos), len(pos_pairs)))
             images.append(r["image"])
-            pos.append(captions[source] if isinstance(source, int) and source < len(captions) else r["caption"])
             neg.append(n["caption"])
             kinds.append(n["kind"])
     if not kinds:
         return None
-    res = M.compositional_accuracy(_pair_scores(pipe, images, pos), _pair_scores(pipe, images, neg), kinds)
+    unique = list(pos_pairs)
+    pos_scores = _pair_scores(pipe, [records[i]["image"] for i, _ in unique], [c for _, c in unique])
+    res = M.compositional_accuracy(pos_scores[torch.tensor(pos_of)], _pair_scores(pipe, images, neg), kinds)
     return {f"itm.{k}": v for k, v in res.items()}
 
 
@@ -148,10 +196,10 @@ def eval_caption(pipe, records):
 
 SUPPORT = {  # task -> what the model needs
     "classification": lambda m: getattr(m, "head", None) is not None,
-    "retrieval": lambda m: hasattr(m, "encode_image") and hasattr(m, "encode_text"),
+    "retrieval": lambda m: _is_dual(m) or hasattr(m, "score"),
     "zeroshot": lambda m: hasattr(m, "encode_image") and hasattr(m, "encode_text"),
     "itm": lambda m: hasattr(m, "match") or hasattr(m, "score"),
-    "vqa": lambda m: hasattr(m, "answer"),
+    "vqa": lambda m: hasattr(m, "answer") or hasattr(m, "vqa_logits"),
     "caption": lambda m: hasattr(m, "generate"),
 }
 
@@ -160,7 +208,9 @@ RUNNERS = {"classification": eval_classification, "zeroshot": eval_zeroshot,
            "retrieval": eval_retrieval, "itm": eval_itm, "vqa": eval_vqa, "caption": eval_caption}
 
 
-def evaluate(pipe, data: str = "synthetic", split: str = "test", tasks=ALL_TASKS) -> dict:
+def evaluate(pipe, data: str = "synthetic", split: str = "test", tasks=ALL_TASKS,
+             retrieval_size: int | None = None) -> dict:
+    """Metrics of ``tasks`` on a split; ``retrieval_size``: see the module docstring."""
     unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(ALL_TASKS)}")
@@ -173,6 +223,11 @@ def evaluate(pipe, data: str = "synthetic", split: str = "test", tasks=ALL_TASKS
             continue
         if task in ("classification", "zeroshot"):  # single-object (labelled) images
             res = RUNNERS[task](pipe, singles) if singles else None
+        elif task == "retrieval":
+            res = eval_retrieval(pipe, records, retrieval_size) if records else None
+            images = retrieval_images(pipe.model, len(records), retrieval_size)
+            if res is not None and images is not None:
+                out["retrieval_images"] = images
         else:
             res = RUNNERS[task](pipe, records)
         if res is None:
@@ -195,6 +250,8 @@ def print_metrics(result: dict, file=None) -> None:
     file = file or sys.stdout
     for k, v in sorted(result["metrics"].items()):
         print(f"{k:34s} {v:.4f}", file=file)
+    if result.get("retrieval_images"):
+        print(f"retrieval among {result['retrieval_images']} images, each with its first caption", file=file)
     if result["unsupported"]:
         print(f"unsupported by {result['model']}: {', '.join(result['unsupported'])}", file=file)
     if result["no_data"]:

@@ -6,6 +6,7 @@ from .drop import DropPath
 from .embeddings import (BertEmbeddings, ImageEmbeddings, PatchEmbed, TextEmbeddings,
                          interpolate_pos_embed)
 from .mlp import Mlp, ModalityExperts, QuickGELU, activation
+from .momentum import FeatureQueue, MomentumCopy
 from .pooling import MLMHead, Pooler, pool_cls, pool_eot, pool_mean
 
 __all__ = [
@@ -14,5 +15,5 @@ __all__ = [
     "PostNormBlock", "PreNormBlock", "Transformer", "DropPath", "BertEmbeddings",
     "ImageEmbeddings", "PatchEmbed", "TextEmbeddings", "interpolate_pos_embed", "Mlp",
     "ModalityExperts", "QuickGELU", "activation", "MLMHead", "Pooler", "pool_cls", "pool_eot",
-    "pool_mean",
+    "pool_mean", "FeatureQueue", "MomentumCopy",
 ]

@@ -133,7 +133,10 @@ def model_class(name: str) -> type[VLModel]:
 def create_model(name: str, preset: str = "tiny", **overrides) -> VLModel:
     """``create_model("clip", preset="tiny", dim=256)``: a freshly initialised model."""
     cls = model_class(name)
-    return cls(cls.make_config(preset, **overrides))
+    model = cls(cls.make_config(preset, **overrides))
+    if hasattr(model, "init_pretrained"):  # e.g. a text tower initialised from a BERT checkpoint
+        model.init_pretrained()
+    return model
 
 
 def build_model(name: str, config: dict) -> VLModel:

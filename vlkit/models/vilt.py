@@ -5,7 +5,8 @@ position embeddings, interpolated to each image's valid patch grid. Each part ge
 embedding (text 0, image 1, a second image 2). After the encoder: LayerNorm, then the pooler
 tanh(dense(token 0)) feeds the heads: ITM (2-way), retrieval rank (1-way, Hugging Face's
 ViltForImageAndTextRetrieval), VQA and pair (NLVR2) classifiers; MLM reads the text tokens.
-Training: ITM with in-batch image swaps (+ the dataset's negative captions) and MLM.
+Training (the config's ``objectives``): ITM with in-batch image swaps (+ the dataset's negative
+captions), MLM, and VQA (soft-score BCE) on batches that carry VQA targets.
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class ViLTConfig:
     answer_names: list[str] = field(default_factory=list)
     pair_classes: int = 0           # >0: NLVR2 classifier over two images (needs modality_types 3)
     # training
+    objectives: tuple[str, ...] = ("itm", "mlm", "vqa")  # losses trained, where the head exists
     hard_negatives: bool = False    # the dataset's negative captions join ITM as negatives
     itm_swap_prob: float = 0.5
     mlm_prob: float = 0.15
@@ -62,6 +64,8 @@ class ViLTConfig:
     pad_token_id: int = 0
     special_token_ids: tuple[int, ...] = (0, 1, 2, 3, 4)
 
+
+OBJECTIVES = ("itm", "mlm", "vqa")
 
 PRESETS = {
     # The synthetic world at 64 px: 8x8 = 64 patches from a conv stem.
@@ -98,6 +102,8 @@ class ViLT(VLModel):
     config_class = ViLTConfig
     presets = PRESETS
     task = "fusion"
+    # task heads that ``vlkit train --init`` may initialise afresh when the source lacks them
+    optional_heads = ("itm_head", "rank_head", "mlm_head", "vqa_head", "pair_head")
 
     def __init__(self, cfg: ViLTConfig):
         super().__init__()
@@ -105,6 +111,9 @@ class ViLT(VLModel):
             raise ValueError("pair classification needs modality_types=3 (text, image 1, image 2)")
         if cfg.answer_names and len(cfg.answer_names) != cfg.num_answers:
             raise ValueError(f"{len(cfg.answer_names)} answer_names for num_answers={cfg.num_answers}")
+        unknown = [o for o in cfg.objectives if o not in OBJECTIVES]
+        if unknown or not cfg.objectives:
+            raise ValueError(f"objectives {list(cfg.objectives)}: choose from {', '.join(OBJECTIVES)}")
         self.cfg = cfg
         d = cfg.dim
         self.text_embed = BertEmbeddings(cfg.vocab_size, d, cfg.max_text_len, cfg.type_vocab_size,
@@ -239,11 +248,13 @@ class ViLT(VLModel):
 
     # -- training -------------------------------------------------------------------------------
     def training_losses(self, batch: dict) -> dict:
-        """ITM (in-batch image swaps, + the batch's negative captions with ``hard_negatives``),
-        MLM on the captions of the true pairs, and VQA when the batch has ``vqa_targets``."""
+        """The config's ``objectives`` among: ITM (in-batch image swaps, + the batch's negative
+        captions with ``hard_negatives``), MLM on the captions of the true pairs, and VQA when the
+        batch has ``vqa_targets``. Each needs its head."""
         pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
         out, losses = {}, []
-        if self.itm_head is not None:
+        objectives = self.cfg.objectives
+        if self.itm_head is not None and "itm" in objectives:
             index, labels = itm_batch_from_swaps(ids.shape[0], self.cfg.itm_swap_prob, device=ids.device)
             itm_pixels, itm_ids, itm_mask = pixels[index], ids, mask
             neg_ids = batch.get("neg_input_ids")
@@ -257,7 +268,7 @@ class ViLT(VLModel):
             out["itm_loss"] = itm_loss(logits, labels)
             out["itm_acc"] = itm_accuracy(logits.detach(), labels)
             losses.append(out["itm_loss"])
-        if self.mlm_head is not None:
+        if self.mlm_head is not None and "mlm" in objectives:
             word_ids = batch.get("word_ids") if self.cfg.whole_word_mask else None
             if self.cfg.whole_word_mask and word_ids is None:
                 raise ValueError("whole_word_mask needs batch['word_ids'] "
@@ -271,7 +282,7 @@ class ViLT(VLModel):
             out["mlm_acc"] = (logits.detach().argmax(-1)[hit] == labels[hit]).float().mean() \
                 if bool(hit.any()) else logits.new_zeros(())
             losses.append(out["mlm_loss"])
-        if "vqa_targets" in batch:
+        if "vqa_targets" in batch and "vqa" in objectives:
             if self.vqa_head is None:
                 raise ValueError("the batch has vqa_targets but this ViLT has no VQA head (num_answers=0)")
             q_ids = batch.get("question_input_ids", ids)
@@ -279,7 +290,8 @@ class ViLT(VLModel):
             out["vqa_loss"] = vqa_loss(self.vqa_logits(pixels, q_ids, q_mask), batch["vqa_targets"])
             losses.append(out["vqa_loss"])
         if not losses:
-            raise ValueError("nothing to train: no ITM or MLM head and no vqa_targets in the batch")
+            raise ValueError(f"nothing to train: objectives {list(objectives)} need their heads "
+                             "(and VQA needs vqa_targets in the batch)")
         out["loss"] = torch.stack(losses).sum()
         return out
 

@@ -30,6 +30,7 @@ class ViTConfig:
     pool: str = "cls"            # "cls" or "mean"
     drop_path: float = 0.0
     dropout: float = 0.0
+    patch_dropout: float = 0.0   # training only: drop this fraction of patch tokens (FLIP), CLS kept
     num_classes: int = 0         # >0 adds a linear classification head on the pooled feature
     class_names: list[str] = field(default_factory=list)
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -38,11 +39,14 @@ class ViTConfig:
 
 PRESETS = {
     # Learns the synthetic world's colour x shape classes in minutes on a laptop CPU.
-    # A conv stem (BatchNorm + ReLU) to 4x4 tokens of 16 px and one Transformer layer: the
-    # cheapest ViT that learns shape on the synthetic world on a CPU (shape comes after a plateau
-    # of ~300 steps; a linear patch projection, or 8 px tokens at 2.5x the cost, did not get there).
+    # A conv stem (BatchNorm + ReLU) to 4x4 tokens of 16 px, one Transformer layer, [CLS]
+    # pooling. Measured sample efficiency (seen-class test accuracy after 51k / 64k / 77k
+    # training images, the budget of 3 CPU minutes being ~77k): [CLS] with lr 1.5e-3 0.84 / 0.90
+    # / 0.95; mean pooling with lr 4e-3 0.31 / 0.52 / 0.69 (a long plateau before shape is
+    # learned); lr 8e-3 never left the plateau; 8 px tokens learn a little faster per image but
+    # cost more per image; a linear patch projection stayed at 0.41.
     "tiny": dict(image_size=64, patch_size=16, dim=128, depth=1, heads=2, mlp_dim=512,
-                 stem="conv", eps=1e-6, pool="mean"),
+                 stem="conv", eps=1e-6, pool="cls"),
     "small": dict(image_size=224, patch_size=16, dim=384, depth=12, heads=6, mlp_dim=1536, eps=1e-6),
     "base": dict(image_size=224, patch_size=16, dim=768, depth=12, heads=12, mlp_dim=3072),
 }
@@ -63,8 +67,23 @@ class VisionTransformer(nn.Module):
                          qkv_bias=cfg.qkv_bias, drop=cfg.dropout, drop_path=r) for r in rates])
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
 
+    def drop_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Training only: keep the CLS token and a random ``1 - patch_dropout`` share of the
+        patch tokens, chosen independently per image (FLIP, Li et al. 2023). (B, 1+N, D) ->
+        (B, 1+K, D) with K = max(1, int(N * (1 - patch_dropout)))."""
+        p = self.cfg.patch_dropout
+        if not self.training or p <= 0:
+            return x
+        if not 0 <= p < 1:
+            raise ValueError(f"patch_dropout must lie in [0, 1), got {p}")
+        b, n = x.shape[0], x.shape[1] - 1
+        keep = max(1, int(n * (1 - p)))
+        idx = torch.rand(b, n, device=x.device).argsort(dim=1)[:, :keep] + 1  # (B, K)
+        patches = x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
+        return torch.cat([x[:, :1], patches], dim=1)
+
     def forward_features(self, pixel_values: torch.Tensor, return_attention: bool = False):
-        x = self.norm_pre(self.embed(pixel_values))  # (B, 1+N, D)
+        x = self.norm_pre(self.drop_patches(self.embed(pixel_values)))  # (B, 1+N, D); 1+K in training
         if return_attention:
             x, maps = self.encoder(x, return_attention=True)
             return self.norm(x), maps

@@ -168,8 +168,13 @@ def checkpoint_dirs(run: str | Path) -> list[Path]:
 
 
 def save_checkpoint(run: str | Path, step: int, model: torch.nn.Module, optimizer, state: dict,
-                    keep_last: int = 3) -> Path:
-    """Write checkpoints/step-N atomically (temporary folder, fsync, rename) and prune old ones."""
+                    keep_last: int = 3, model_tensors: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
+    """Write checkpoints/step-N atomically (temporary folder, fsync, rename) and prune old ones.
+
+    ``model_tensors`` / ``optimizer_state`` replace ``model_state(model)`` and
+    ``optimizer.state_dict()`` (e.g. full state dicts gathered from sharded parameters).
+    A ``state["rng_ranks"]`` list holds one RNG state per rank of a distributed run."""
     root = Path(run) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -179,9 +184,12 @@ def save_checkpoint(run: str | Path, step: int, model: torch.nn.Module, optimize
     tmp.mkdir()
     tensors: dict[str, torch.Tensor] = {}
     full_state = dict(state)
-    full_state["optimizer"] = _split_state(optimizer.state_dict(), "opt", tensors)
+    full_state["optimizer"] = _split_state(optimizer.state_dict() if optimizer_state is None
+                                           else optimizer_state, "opt", tensors)
     full_state["rng"] = _split_state(rng_state(), "rng", tensors)
-    atomic_save_tensors(tmp / WEIGHTS, model_state(model))
+    if "rng_ranks" in full_state:
+        full_state["rng_ranks"] = _split_state(full_state["rng_ranks"], "rngr", tensors)
+    atomic_save_tensors(tmp / WEIGHTS, model_state(model) if model_tensors is None else model_tensors)
     atomic_save_tensors(tmp / "optimizer.safetensors", tensors)
     atomic_write_json(tmp / "state.json", full_state)
     manifest = {name: _sha256(tmp / name) for name in (WEIGHTS, "optimizer.safetensors", "state.json")}
@@ -224,11 +232,29 @@ def latest_checkpoint(run: str | Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict:
-    """Restore model, optimizer and RNG states; returns the rest of the saved state."""
-    model.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
+def read_checkpoint(path: Path, rank: int = 0) -> tuple[dict, dict, dict]:
+    """(model tensors, optimizer state, rest of the state) of a checkpoint; sets this process's
+    RNG state (rank ``rank``'s own where the checkpoint has one per rank)."""
+    weights = load_file(str(path / WEIGHTS))
     tensors = load_file(str(path / "optimizer.safetensors"))
     state = json.loads((path / "state.json").read_text())
-    optimizer.load_state_dict(_join_state(state.pop("optimizer"), tensors))
-    set_rng_state(_join_state(state.pop("rng"), tensors))
+    optim = _join_state(state.pop("optimizer"), tensors)
+    rng = _join_state(state.pop("rng"), tensors)
+    per_rank = _join_state(state.pop("rng_ranks", None), tensors)
+    if per_rank is not None and rank < len(per_rank):
+        rng = per_rank[rank]
+    set_rng_state(rng)
+    if rank > 0 and (per_rank is None or rank >= len(per_rank)):
+        # a run resumed on more ranks than it had: derive a distinct stream for this rank
+        random.seed(random.random() + rank)
+        np.random.seed((int(np.random.randint(2**31)) + rank) % 2**32)
+        torch.manual_seed(int(torch.randint(2**62, ())) + rank)
+    return weights, optim, state
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, rank: int = 0) -> dict:
+    """Restore model, optimizer and RNG states; returns the rest of the saved state."""
+    weights, optim, state = read_checkpoint(path, rank)
+    model.load_state_dict(weights, strict=True)
+    optimizer.load_state_dict(optim)
     return state

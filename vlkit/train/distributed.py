@@ -101,3 +101,166 @@ def all_gather_no_grad(x: torch.Tensor, sizes: Sequence[int] | None = None) -> t
     if not is_dist() or world_size() == 1:
         return x.detach()
     return _gather(x, _sizes_of(x, sizes))
+
+
+# --------------------------------------------------------------------------------------------
+# Process group set-up (torchrun) and small collectives for the trainer
+# --------------------------------------------------------------------------------------------
+def init_from_env(backend: str | None = None) -> bool:
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT, LOCAL_RANK): gloo on CPU, NCCL on CUDA. Returns True when this
+    process runs distributed (world size > 1). A no-op without WORLD_SIZE or when a group
+    already exists."""
+    import os
+    if is_dist():
+        return world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return world_size() > 1
+
+
+def local_device() -> torch.device:
+    """This process's device: cuda:LOCAL_RANK under NCCL, else cuda or cpu."""
+    import os
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if is_dist() else
+                            torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def is_main() -> bool:
+    """True on rank 0 (the one that writes files) or without a process group."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_dist() and world_size() > 1:
+        dist.barrier()
+
+
+def destroy() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy; identity without a process group)."""
+    x = x.clone()
+    if is_dist() and world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (pickled; [obj] without a process group)."""
+    if not (is_dist() and world_size() > 1):
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s obj on every rank."""
+    if not (is_dist() and world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """all_reduce(sum); backward = all_reduce(sum) of the gradient (the convention above:
+    every rank's loss depends on the sum, so the gradient of the sum of the rank losses
+    reaches each rank's contribution)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous().clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum over ranks; identity without a process group."""
+    if not is_dist() or world_size() == 1:
+        return x
+    return _AllReduceWithGrad.apply(x)
+
+
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch: per-channel sums
+    are all-reduced (with gradient) over the ranks, so W processes with B/W samples each
+    normalise exactly as one process with B samples. (torch's SyncBatchNorm does the same on
+    GPUs only; this one runs on any backend, gloo included.) Evaluation mode and a world of
+    one use the plain kernel. The state dict is that of ``nn.BatchNorm*d``."""
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        if not (self.training and is_dist() and world_size() > 1):
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        count = all_reduce_sum(torch.tensor([float(x.numel() // x.shape[1])], device=x.device))
+        n = count[0]
+        mean = all_reduce_with_grad(xf.sum(dims)) / n  # (C,)
+        centred = xf - mean.view(shape)
+        var = all_reduce_with_grad((centred * centred).sum(dims)) / n  # biased, for normalising
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                     else self.momentum)
+                unbiased = var * (n / max(float(n) - 1, 1.0))
+                self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.detach().to(self.running_var.dtype), alpha=m)
+        return y.to(x.dtype)
+
+
+def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every BatchNorm*d by one normalising over the global batch: torch's
+    SyncBatchNorm on CUDA, `GlobalBatchNorm` elsewhere. Parameters and buffers are kept
+    (the same tensors), so state-dict keys do not change."""
+    if module.__class__ in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d):
+        cls = torch.nn.SyncBatchNorm if module.weight is not None and module.weight.is_cuda \
+            else GlobalBatchNorm
+        new = cls(module.num_features, module.eps, module.momentum, module.affine,
+                  module.track_running_stats)
+        if module.affine:
+            new.weight, new.bias = module.weight, module.bias
+        if module.track_running_stats:
+            new.running_mean, new.running_var = module.running_mean, module.running_var
+            new.num_batches_tracked = module.num_batches_tracked
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        new = convert_batchnorm(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def is_main_env() -> bool:
+    """True unless torchrun's environment names this process a rank other than 0 (usable after
+    the process group is gone)."""
+    import os
+    return int(os.environ.get("RANK", "0")) == 0

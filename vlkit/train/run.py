@@ -11,14 +11,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models import build_model, create_model, model_class
+from ..models import build_model, model_class
+from ..models.base import config_from_dict, merge_config
 from .checkpoint import CONFIG, latest_checkpoint, read_run_config, save_run_config
 from .loop import TrainConfig, Trainer
 
-# Per-model defaults for the tiny presets on the synthetic world (a 2-core CPU).
+# Per-model defaults for the tiny presets on the synthetic world (a 2-core CPU). A model without
+# an entry of its own takes its task's ("fusion": one joint image-text encoder scoring pairs,
+# which costs a forward pass per pair, hence the smaller batch), else the "clip" entry.
 TRAIN_DEFAULTS = {
-    "vit": dict(batch_size=128, lr=4e-3, weight_decay=0.05, warmup_steps=30, min_lr_ratio=0.5),
+    "vit": dict(batch_size=128, lr=1.5e-3, weight_decay=0.05, warmup_steps=30, min_lr_ratio=0.5),
     "clip": dict(batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=50),
+    "fusion": dict(batch_size=64, lr=1e-3, weight_decay=0.01, warmup_steps=50, min_lr_ratio=0.1),
+    "vilt": dict(batch_size=64, lr=1e-3, weight_decay=0.01, warmup_steps=50, min_lr_ratio=0.1),
 }
 SYNTHETIC_SEED = 0  # the built-in world's default seed: the same world and test split everywhere
 
@@ -38,10 +43,15 @@ class RunArgs:
     lr: float | None = None
     precision: str = "auto"
     hard_negatives: bool = False
+    vqa: bool = False               # train VQA on the data's qa pairs (answer vocabulary from them)
     workers: int = 1
     on_bad_sample: str = "error"
     overrides: dict = dataclasses.field(default_factory=dict)
     progress: bool = True
+    max_skip_rate: float = 0.1      # --on-bad-sample skip: abort when more samples than this are bad
+    ckpt_every: int | None = None   # optimiser steps between checkpoints (None: the default)
+    grad_checkpointing: bool = False
+    fsdp: bool = False
 
 
 def seed_everything(seed: int) -> None:
@@ -67,32 +77,61 @@ def corpus_texts(records) -> list[str]:
     return texts
 
 
-def build_tokenizer(data: str, image_size: int, jsonl=None):
+def vocabulary_records(data: str, image_size: int, jsonl=None) -> list[dict]:
+    """The training records the text and answer vocabularies are learned from."""
+    if data == "synthetic":
+        world = synthetic_world(image_size)
+        return world.records("train", 1500) + world.records("train", 300, single_object=True)
+    return jsonl.records if hasattr(jsonl, "records") else [jsonl.record(i) for i in range(len(jsonl))]
+
+
+def build_tokenizer(data: str, image_size: int, jsonl=None, records: list[dict] | None = None):
     """A WordPiece vocabulary learned from the training captions (and their negatives and
     questions), so small models need no outside vocabulary file."""
     from ..tokenizers import build_wordpiece_vocab
-    if data == "synthetic":
-        world = synthetic_world(image_size)
-        records = world.records("train", 1500) + world.records("train", 300, single_object=True)
-        texts = corpus_texts(records)
-    else:
-        texts = corpus_texts(jsonl.records if hasattr(jsonl, "records") else
-                             [jsonl.record(i) for i in range(len(jsonl))])
-    return build_wordpiece_vocab(texts, vocab_size=2000)
+    if records is None:
+        records = vocabulary_records(data, image_size, jsonl)
+    return build_wordpiece_vocab(corpus_texts(records), vocab_size=2000)
 
 
-def training_source(task: str, data: str, image_size: int, seed: int, on_bad_sample: str):
+def answer_vocabulary(records: list[dict]) -> list[str]:
+    """The answers of the records' ``qa`` entries (``answer``, or each of ``answers``), most
+    frequent first."""
+    from ..losses.vqa import build_answer_vocab
+    answers = []
+    for rec in records:
+        for qa in rec.get("qa") or []:
+            given = qa.get("answers") or [qa.get("answer")]
+            answers.extend(a for a in given if isinstance(a, str) and a.strip())
+    return build_answer_vocab(answers)
+
+
+def training_source(task: str, data: str, image_size: int, seed: int, on_bad_sample: str,
+                    max_skip_rate: float | None = None):
     from ..data.loader import EpochSource, SyntheticSource
     if data == "synthetic":
         return SyntheticSource(synthetic_world(image_size), "train",
                                      single_object=(task == "classification"), offset=seed * 10_000_000)
+    dataset = open_dataset(data, "train", on_bad_sample, max_skip_rate)
+    if hasattr(dataset, "shard_ranges"):  # shards: shuffled shard order, then within each shard
+        from ..data.shards import ShardSource
+        return ShardSource(dataset, seed=seed)
+    return EpochSource(dataset, seed=seed)
+
+
+def open_dataset(data: str, split: str, on_bad_sample: str = "error",
+                 max_skip_rate: float | None = None):
+    """A folder of webdataset shards (``{split}-000000.tar`` ...) or a JSONL dataset folder."""
+    from ..data.shards import ShardDataset, is_shard_folder
+    if is_shard_folder(data, split):
+        return ShardDataset(data, split, on_bad_sample=on_bad_sample, max_skip_rate=max_skip_rate)
     from ..data.jsonl import JsonlDataset
-    return EpochSource(JsonlDataset(data, "train", on_bad_sample=on_bad_sample), seed=seed)
+    return JsonlDataset(data, split, on_bad_sample=on_bad_sample, max_skip_rate=max_skip_rate)
 
 
 def make_collate(model, task: str, tokenizer, negatives: int, train: bool = True,
                  data: str = "synthetic"):
-    from ..data.collate import ClassificationCollate, ImageTextCollate
+    from ..data.collate import ClassificationCollate, ImageTextCollate, max_text_length
     from ..data.transforms import ImageTransform
     spec = model.image_spec()
     # The synthetic world never repeats a sample, so it needs no crops (a crop can cut an object
@@ -102,13 +141,30 @@ def make_collate(model, task: str, tokenizer, negatives: int, train: bool = True
                                scale=scale, hflip=True)
     if task == "classification":
         return ClassificationCollate(transform, model.cfg.class_names)
-    return ImageTextCollate(transform, tokenizer, negatives=negatives)
+    cfg = model.cfg
+    return ImageTextCollate(transform, tokenizer, max_length=max_text_length(cfg), negatives=negatives,
+                            word_ids=bool(getattr(cfg, "whole_word_mask", False)),
+                            answers=vqa_answers(cfg))
+
+
+def vqa_answers(cfg) -> list[str] | None:
+    """The answer vocabulary when the model trains VQA (a VQA head, and "vqa" among the config's
+    ``objectives`` where it has that field), else None."""
+    if not getattr(cfg, "num_answers", 0) or "vqa" not in getattr(cfg, "objectives", ("vqa",)):
+        return None
+    names = list(getattr(cfg, "answer_names", None) or [])
+    if len(names) != cfg.num_answers:
+        raise ValueError(f"answer_names: {len(names)} names for num_answers={cfg.num_answers} "
+                         "(VQA training needs the answer vocabulary)")
+    return names
 
 
 # ---- the run ----------------------------------------------------------------------------------
 
 def prepare_model(args: RunArgs, run: Path):
-    """(model, tokenizer): rebuilt from the run folder on --resume, else created anew."""
+    """(model, tokenizer): rebuilt from the run folder on --resume, else created anew. With
+    --init the architecture (config) and tokenizer come from that run or Hugging Face folder
+    (--preset is not used; --set still applies), then its weights are loaded."""
     from ..tokenizers import load_tokenizer
     if args.resume and (run / CONFIG).is_file():
         saved = read_run_config(run)
@@ -119,7 +175,13 @@ def prepare_model(args: RunArgs, run: Path):
         return model, tok
     cls = model_class(args.model)
     overrides = dict(args.overrides)
-    probe = cls.make_config(args.preset, **overrides)
+    source = init_source(args.init, args.model) if args.init else None
+    if source is not None:
+        base = config_from_dict(cls.config_class, source.model.config_dict())
+        print(f"--init {args.init}: architecture and tokenizer from it (--preset not used)", file=sys.stderr)
+    else:
+        base = cls.make_config(args.preset)
+    probe = merge_config(base, overrides, cls.model_name)
     image_size = (probe.vision if hasattr(probe, "vision") else probe).image_size
     tok = None
     if cls.task == "classification":
@@ -127,39 +189,109 @@ def prepare_model(args: RunArgs, run: Path):
         if args.data != "synthetic":
             raise ValueError("vit trains on --data synthetic (labelled single-object images); "
                              "for a folder of your own, give records a 'label' field")
+        if args.vqa:
+            raise ValueError(f"--vqa: {args.model} is an image classifier, it cannot answer questions")
         names = class_names(include_heldout=True)
         overrides.update(num_classes=len(names), class_names=names)
     else:
         jsonl = None
         if args.data != "synthetic":
-            from ..data.jsonl import JsonlDataset
-            jsonl = JsonlDataset(args.data, "train", on_bad_sample=args.on_bad_sample)
-        tok = build_tokenizer(args.data, image_size, jsonl)
+            jsonl = open_dataset(args.data, "train", args.on_bad_sample, args.max_skip_rate)
+        records = vocabulary_records(args.data, image_size, jsonl)
+        if source is not None and source.tokenizer is not None:
+            tok = source.tokenizer
+        elif getattr(probe, "text_init", ""):  # a pretrained text tower brings its vocabulary
+            from ..convert.hf_bert import bert_tokenizer
+            tok = bert_tokenizer(probe.text_init)
+        else:
+            tok = build_tokenizer(args.data, image_size, records=records)
         overrides.update(_text_overrides(cls, probe, tok))
+        if args.vqa:
+            overrides.update(_vqa_overrides(probe, records, args.model, "objectives" in args.overrides))
     if args.hard_negatives:
         overrides["hard_negatives"] = True
-    model = create_model(args.model, args.preset, **overrides)
-    if args.init:
-        init_weights(model, args.init)
+    model = cls(merge_config(base, overrides, cls.model_name))
+    if source is not None:
+        init_weights(model, source, args.init)
+    elif hasattr(model, "init_pretrained"):  # e.g. ALBEF's text stack from a BERT checkpoint
+        model.init_pretrained()
     return model, tok
 
 
 def _text_overrides(cls, probe, tok) -> dict:
-    """Vocabulary size and end-token id of the learned tokenizer, wherever the config keeps them."""
-    if hasattr(probe, "text"):
-        text = dataclasses.replace(probe.text, vocab_size=tok.vocab_size, eot_token_id=tok.eos_token_id)
-        return {"text": text}
-    return {"vocab_size": tok.vocab_size}
+    """The tokenizer's vocabulary size and special-token ids (end, padding, mask, all specials),
+    in whichever of these fields the config, or its nested ``text`` config, has."""
+    specials = set(tok.special_token_ids) | {tok.pad_token_id}
+    values = {"vocab_size": tok.vocab_size, "eot_token_id": tok.eos_token_id,
+              "pad_token_id": tok.pad_token_id, "special_token_ids": tuple(sorted(specials))}
+    mask = tok.token_to_id("[MASK]")
+    if mask is not None:
+        values["mask_token_id"] = mask
+
+    def present(cfg) -> dict:
+        names = {f.name for f in dataclasses.fields(cfg)}
+        return {k: v for k, v in values.items() if k in names}
+    out = present(probe)
+    if dataclasses.is_dataclass(getattr(probe, "text", None)):
+        out["text"] = dataclasses.replace(probe.text, **present(probe.text))
+    return out
 
 
-def init_weights(model, path: str) -> None:
-    """Start from the weights of another run or a Hugging Face folder of the same architecture."""
-    from ..convert.common import load_strict
+def _vqa_overrides(probe, records: list[dict], model_name: str, objectives_given: bool) -> dict:
+    """A VQA head over the training answers (kept as they are when the config already names
+    them, e.g. a VQA run continued on other data), trained alone unless ``objectives`` was set."""
+    names = {f.name for f in dataclasses.fields(probe)}
+    if "num_answers" not in names or "answer_names" not in names:
+        raise ValueError(f"--vqa: {model_name} has no VQA head (its config has no num_answers/answer_names)")
+    answers = list(probe.answer_names) or answer_vocabulary(records)
+    if not answers:
+        raise ValueError("--vqa: the training records have no 'qa' entries with an 'answer'")
+    out = {"num_answers": len(answers), "answer_names": answers}
+    if "objectives" in names and not objectives_given:
+        out["objectives"] = ("vqa",)
+    return out
+
+
+def init_source(path: str, model_name: str):
+    """The pipeline of --init's run or Hugging Face folder, which must hold a ``model_name``."""
     from ..pipeline import load
-    src = load(path).model
-    if src.model_name != model.model_name:
-        raise ValueError(f"--init {path}: a {src.model_name} checkpoint cannot initialise {model.model_name}")
-    load_strict(model, src.state_dict(), path)
+    src = load(path)
+    if src.model.model_name != model_name:
+        raise ValueError(f"--init {path}: a {src.model.model_name} checkpoint cannot initialise {model_name}")
+    return src
+
+
+def init_weights(model, source, label: str | None = None) -> list[str]:
+    """Start from the weights of another run or a Hugging Face folder (a path, or its loaded
+    pipeline) of the same architecture. Task heads (``model.optional_heads``) that the source
+    lacks keep their fresh initialisation, and heads the model lacks are not used, each named in
+    a note; any other missing or unexpected key or any shape mismatch is an error. Returns the
+    freshly initialised keys."""
+    from ..convert.common import load_strict
+    if isinstance(source, (str, Path)):
+        label, source = label or str(source), init_source(str(source), model.model_name)
+    elif source.model.model_name != model.model_name:
+        raise ValueError(f"--init {label}: a {source.model.model_name} checkpoint cannot initialise "
+                         f"{model.model_name}")
+    state, own = dict(source.model.state_dict()), model.state_dict()
+    heads = set(getattr(model, "optional_heads", ()))
+
+    def head_of(key: str) -> str:
+        return key.split(".", 1)[0]
+    in_source, in_model = {head_of(k) for k in state}, {head_of(k) for k in own}
+    fresh = sorted(k for k in own if head_of(k) in heads - in_source)
+    unused = sorted(k for k in state if head_of(k) in heads - in_model)
+    state.update({k: own[k] for k in fresh})
+    for k in unused:
+        del state[k]
+    load_strict(model, state, f"--init {label}")
+    if fresh:
+        print(f"--init {label}: not in the checkpoint, freshly initialised: {', '.join(fresh)}",
+              file=sys.stderr)
+    if unused:
+        print(f"--init {label}: heads this model does not have, not used: {', '.join(unused)}",
+              file=sys.stderr)
+    return fresh
 
 
 def train(args: RunArgs) -> dict:
@@ -168,36 +300,67 @@ def train(args: RunArgs) -> dict:
         raise ValueError("give --steps or --minutes")
     if not args.resume and latest_checkpoint(run) is not None:
         raise ValueError(f"{run} already holds a run; use --resume to continue it or another --out")
-    seed_everything(args.seed)
+    from . import distributed as vdist
+    vdist.init_from_env()  # under torchrun: join the process group (gloo on CPU, NCCL on CUDA)
+    rank, world = vdist.rank(), vdist.world_size()
+    seed_everything(args.seed)  # the same initial weights on every rank
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    fresh = not (args.resume and (run / CONFIG).is_file())
+    vdist.barrier()  # every rank has decided before rank 0 writes the run folder
     model, tok = prepare_model(args, run)
-    run.mkdir(parents=True, exist_ok=True)
-    defaults = TRAIN_DEFAULTS.get(args.model, TRAIN_DEFAULTS["clip"])
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+    defaults = TRAIN_DEFAULTS.get(args.model) or TRAIN_DEFAULTS.get(model.task) or TRAIN_DEFAULTS["clip"]
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, seed=args.seed, precision=args.precision,
                       progress=args.progress, **defaults)
     if args.batch_size:
         cfg.batch_size = args.batch_size
     if args.lr:
         cfg.lr = args.lr
-    if not (args.resume and (run / CONFIG).is_file()):
+    if args.ckpt_every:
+        cfg.ckpt_every = args.ckpt_every
+    cfg.grad_checkpointing, cfg.fsdp = args.grad_checkpointing, args.fsdp
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) is not a multiple of "
+                         f"the {world} processes")
+    if fresh and rank == 0:
         save_run_config(run, args.model, model.config_dict(),
-                        {"data": args.data, "preset": args.preset, "train": dataclasses.asdict(cfg)})
+                        {"data": args.data, "preset": args.preset, "init": args.init, "vqa": args.vqa,
+                         "train": dataclasses.asdict(cfg)})
         if tok is not None:
             tok.save(run / "tokenizer")
     task = model.task
     negatives = 2 if getattr(model.cfg, "hard_negatives", False) else 0
-    source = training_source(task, args.data, model.image_spec()["size"], args.seed, args.on_bad_sample)
+    source = training_source(task, args.data, model.image_spec()["size"], args.seed, args.on_bad_sample,
+                             args.max_skip_rate)
     collate = make_collate(model, task, tok, negatives, data=args.data)
     from ..data.loader import batch_loader
+    # augmentation draws from an RNG seeded by (seed, global sample position), so every sample
+    # is augmented alike whichever rank or worker reads it
+    if world > 1:
+        torch.manual_seed(args.seed + 1_000_003 * rank)  # per-rank stream for dropout and the like
 
     def batches(start: int):
         return batch_loader(source, collate, cfg.batch_size, start=start, seed=args.seed,
-                            num_workers=args.workers)
+                            num_workers=args.workers, rank=rank, world=world)
 
+    vdist.barrier()
     trainer = Trainer(model, batches, cfg, run)
-    print(f"training {args.model} ({args.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          f"parameters) on {args.data}, precision {trainer.precision}, batch {cfg.batch_size}",
-          file=sys.stderr)
+    if rank == 0:
+        millions = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"training {args.model} ({args.preset}, {millions:.1f}M "
+              f"parameters) on {args.data}, precision {trainer.precision}, batch {cfg.batch_size}"
+              + (f" over {world} processes" if world > 1 else ""), file=sys.stderr)
     result = trainer.fit(resume=args.resume)
-    (run / "train_summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    bad = getattr(getattr(source, "dataset", None), "skipped_at_start", None)
+    if bad is not None:  # lines dropped when the dataset was read, plus images found bad in training
+        counts = dict(bad)
+        for reason, n in trainer.bad_sample_counts().items():
+            counts[reason] = counts.get(reason, 0) + n
+        result["bad_samples"] = dict(sorted(counts.items()))
+        if counts and rank == 0:
+            print(f"skipped bad samples: {', '.join(f'{n} {r}' for r, n in sorted(counts.items()))}",
+                  file=sys.stderr)
+    if rank == 0:
+        (run / "train_summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

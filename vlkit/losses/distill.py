@@ -1,0 +1,121 @@
+"""Momentum distillation (ALBEF, BLIP): contrastive loss against feature queues with soft
+pseudo-targets, MLM with soft targets, and the hard-negative ITM batch.
+
+- ``alpha_at(step, alpha, ramp_steps)``: α ramped linearly from 0 to ``alpha`` over
+  ``ramp_steps`` optimiser steps (the paper ramps over the first epoch).
+- ``distill_targets``: α·softmax(momentum logits) + (1 − α)·hard targets.
+- ``soft_cross_entropy``: −Σ_j t_ij log softmax(z_i)_j, averaged over rows.
+- ``itc_queue_loss``: image-to-text logits of the online image features against
+  [momentum text features of the batch ; text queue] / τ, and text-to-image alike; the hard
+  targets are the diagonal (or, with ids, every column with the row's id, normalised), the soft
+  ones come from the momentum features against the same columns. Loss = (i2t + t2i) / 2.
+- ``mlm_distill_loss``: (1 − α)·CE(labels) + α·soft CE against softmax(momentum logits), both
+  over the masked positions only.
+- ``itm_hard_negative_index``: for each image a negative text and for each text a negative
+  image, drawn from softmax(similarity) over the non-positives of the (global) batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .matching import sample_hard_negatives
+from .mlm import IGNORE_INDEX
+
+__all__ = ["alpha_at", "distill_targets", "soft_cross_entropy", "positive_targets",
+           "itc_queue_loss", "mlm_distill_loss", "itm_hard_negative_index"]
+
+
+def alpha_at(step: int, alpha: float, ramp_steps: int) -> float:
+    """α after ``step`` optimiser steps: alpha * min(1, step / ramp_steps); no ramp when <= 0."""
+    if ramp_steps <= 0:
+        return float(alpha)
+    return float(alpha) * min(1.0, max(0, int(step)) / ramp_steps)
+
+
+def distill_targets(momentum_logits: torch.Tensor, hard_targets: torch.Tensor, alpha: float) -> torch.Tensor:
+    """α·softmax(momentum_logits) + (1 − α)·hard_targets (rows of both sum to 1)."""
+    soft = momentum_logits.detach().float().softmax(dim=-1)
+    return alpha * soft + (1.0 - alpha) * hard_targets.float()
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of −Σ_j targets_ij · log_softmax(logits_i)_j."""
+    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+
+
+def positive_targets(n: int, m: int, ids: torch.Tensor | None = None,
+                     column_ids: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    """(n, m) hard targets: the diagonal, or (with ``ids`` (n,) and ``column_ids`` (m,)) every
+    column whose id equals the row's, each row normalised to sum 1."""
+    if ids is None:
+        return torch.eye(n, m, device=device)
+    pos = (ids[:, None] == column_ids[None, :]).float()
+    eye = torch.eye(n, m, device=pos.device)
+    pos = torch.maximum(pos, eye)  # a row's own pair is always positive
+    return pos / pos.sum(dim=1, keepdim=True)
+
+
+def itc_queue_loss(image_feat: torch.Tensor, text_feat: torch.Tensor,
+                   image_feat_m: torch.Tensor, text_feat_m: torch.Tensor,
+                   image_queue: torch.Tensor, text_queue: torch.Tensor, temp,
+                   alpha: float = 0.0, distill: bool = True,
+                   ids: torch.Tensor | None = None, queue_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """ITC with momentum features and queues.
+
+    image_feat, text_feat (B, E): online, normalised; image_feat_m, text_feat_m (B, E): momentum,
+    normalised; image_queue, text_queue (K, E); temp: τ (logits = sims / τ). Columns are
+    [momentum batch ; queue] (B + K). ``ids`` (B,) / ``queue_ids`` (K,) mark extra positives
+    (e.g. other captions of the same image). ``distill=False`` (or α = 0) uses the hard targets."""
+    text_all = torch.cat([text_feat_m, text_queue.to(text_feat_m.dtype)]).detach()  # (B+K, E)
+    image_all = torch.cat([image_feat_m, image_queue.to(image_feat_m.dtype)]).detach()  # (B+K, E)
+    sim_i2t = image_feat @ text_all.T / temp  # (B, B+K)
+    sim_t2i = text_feat @ image_all.T / temp  # (B, B+K)
+    b, cols = sim_i2t.shape
+    column_ids = None if ids is None else torch.cat([ids, queue_ids.to(ids.device)])
+    hard = positive_targets(b, cols, ids, column_ids, device=sim_i2t.device)
+    if distill and alpha > 0:
+        with torch.no_grad():
+            t_i2t = distill_targets(image_feat_m @ text_all.T / temp, hard, alpha)
+            t_t2i = distill_targets(text_feat_m @ image_all.T / temp, hard, alpha)
+    else:
+        t_i2t = t_t2i = hard
+    return (soft_cross_entropy(sim_i2t, t_i2t) + soft_cross_entropy(sim_t2i, t_t2i)) / 2
+
+
+def mlm_distill_loss(logits: torch.Tensor, labels: torch.Tensor,
+                     momentum_logits: torch.Tensor | None = None, alpha: float = 0.0) -> torch.Tensor:
+    """(1 − α)·CE(logits, labels) + α·soft CE(logits, softmax(momentum_logits)) over the
+    positions with labels != -100; logits (B, L, V), labels (B, L). 0 (with a gradient path)
+    when nothing is masked."""
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"MLM logits {tuple(logits.shape)} do not fit labels {tuple(labels.shape)}")
+    hit = labels != IGNORE_INDEX
+    if not bool(hit.any()):
+        return logits.sum() * 0.0
+    z = logits[hit].float()  # (M, V)
+    loss = F.cross_entropy(z, labels[hit])
+    if momentum_logits is None or alpha <= 0:
+        return loss
+    soft = momentum_logits[hit].detach().float().softmax(dim=-1)
+    return (1.0 - alpha) * loss + alpha * soft_cross_entropy(z, soft)
+
+
+def itm_hard_negative_index(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, row_start: int = 0,
+                            ids: torch.Tensor | None = None, column_ids: torch.Tensor | None = None,
+                            hard: bool = True, generator: torch.Generator | None = None):
+    """(text index per image (B,), image index per text (B,)) into the columns of the (global)
+    batch. sim_i2t (B, N): local images against all N texts; sim_t2i (B, N) alike. The local row
+    i is column ``row_start + i``; with ids, every column of the same id is a positive too. The
+    positives are never drawn. ``hard=False`` draws uniformly among the non-positives."""
+    b, n = sim_i2t.shape
+    cols = torch.arange(n, device=sim_i2t.device)
+    own = (row_start + torch.arange(b, device=sim_i2t.device))[:, None]
+    positive = cols[None, :] == own  # (B, N)
+    if ids is not None:
+        positive = positive | (ids[:, None] == column_ids[None, :])
+    if not hard:
+        sim_i2t, sim_t2i = torch.zeros_like(sim_i2t), torch.zeros_like(sim_t2i)
+    neg_text = sample_hard_negatives(sim_i2t, generator, positive_mask=positive)
+    neg_image = sample_hard_negatives(sim_t2i, generator, positive_mask=positive)
+    return neg_text, neg_image

@@ -1,0 +1,377 @@
+"""ALBEF (Li et al. 2021, "Align before Fuse"): a ViT image encoder and a BERT split in two —
+``text_layers`` (self-attention: the text encoder) and ``fusion_layers`` (self-attention, then
+cross-attention to the image tokens) — with linear projections into a shared, L2-normalised
+embedding space, a 2-way ITM head on the fused [CLS] and an MLM head.
+
+Training (``training_losses``), as the paper's figure:
+  1. ITC, aligned *before* fusion: online features against [momentum features of the batch ;
+     feature queue], with soft targets from the momentum encoders (momentum distillation).
+  2. ITM on the fused [CLS]: each positive pair, one negative image per text and one negative
+     text per image, drawn by in-batch similarity (``itm_hard_negatives``; otherwise uniformly)
+     from the global batch; with ``hard_negatives`` the dataset's negative captions join as
+     negatives of their image.
+  3. MLM conditioned on the image, distilled from the momentum model's predictions.
+The momentum encoders (EMA, m=0.995) are updated in ``after_step`` — once per optimiser step,
+after it, so the next batch's momentum features come from the updated copy — and the momentum
+features of each training batch are enqueued at the end of ``training_losses`` (training mode
+only). α ramps from 0 over ``alpha_ramp_steps`` optimiser steps, counted in the ``steps_done``
+buffer (saved in checkpoints with the queues and momentum weights, so a resume is exact).
+Optional: a VQA classifier over an answer vocabulary on the fused [CLS] (``num_answers``) —
+a classification head, not the paper's answer decoder.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostNormBlock, Transformer,
+                      padding_mask)
+from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
+from ..losses.matching import itm_accuracy, itm_loss
+from ..losses.mlm import mask_tokens
+from ..losses.vqa import vqa_loss
+from ..train.distributed import (all_gather_no_grad, all_gather_sizes, all_gather_with_grad, is_dist,
+                                 rank, world_size)
+from .base import Output, VLModel, image_spec, register
+from .clip import PRESETS as CLIP_PRESETS
+from .vilt import classifier
+from .vit import ViTConfig, VisionTransformer, _init_weights
+
+BERT_IDS = dict(mask_token_id=103, pad_token_id=0, special_token_ids=(0, 100, 101, 102, 103))
+
+
+@dataclass
+class ALBEFConfig:
+    vision: ViTConfig = field(default_factory=ViTConfig)
+    dim: int = 768                  # text width (BERT hidden size)
+    text_layers: int = 6            # self-attention only: the text encoder
+    fusion_layers: int = 6          # self-attention + cross-attention to the image tokens
+    heads: int = 12
+    mlp_dim: int = 3072
+    act: str = "gelu"
+    eps: float = 1e-12
+    dropout: float = 0.0
+    vocab_size: int = 30522
+    max_text_len: int = 512         # text position embeddings
+    type_vocab_size: int = 2
+    embed_dim: int = 256            # the shared ITC space
+    temp: float = 0.07              # learnable, clamped to [0.001, 0.5]
+    queue_size: int = 65536
+    momentum: float = 0.995
+    num_answers: int = 0            # >0: VQA classifier over answer_names
+    answer_names: list[str] = field(default_factory=list)
+    text_init: str = ""             # "minilm" or a Hugging Face BERT folder (see init_pretrained)
+    # training
+    distill: bool = True            # momentum distillation (ITC and MLM soft targets)
+    alpha: float = 0.4
+    alpha_ramp_steps: int = 1000
+    itm_hard_negatives: bool = True  # similarity-sampled in-batch negatives (else uniform)
+    hard_negatives: bool = False    # the dataset's negative captions join ITM
+    mlm_prob: float = 0.15
+    whole_word_mask: bool = False   # needs batch["word_ids"]
+    mask_token_id: int = 4          # vlkit's WordPiece ids ([PAD]=0 ... [MASK]=4)
+    pad_token_id: int = 0
+    special_token_ids: tuple[int, ...] = (0, 1, 2, 3, 4)
+
+
+def _vit(**kw) -> ViTConfig:
+    base = dict(eps=1e-6, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+    return ViTConfig(**{**base, **kw})
+
+
+PRESETS = {
+    # The synthetic world at 64 px: CLIP tiny's image tower (conv stem, 16 px tokens).
+    "tiny": dict(vision=dataclasses.replace(CLIP_PRESETS["tiny"]["vision"]), dim=192, text_layers=2,
+                 fusion_layers=2, heads=3, mlp_dim=768, eps=1e-6, vocab_size=2000, max_text_len=40,
+                 embed_dim=128, queue_size=4096, alpha_ramp_steps=200),
+    "small": dict(vision=_vit(image_size=224, dim=384, depth=12, heads=6, mlp_dim=1536), dim=384,
+                  text_layers=4, fusion_layers=4, heads=6, mlp_dim=1536, queue_size=16384, dropout=0.1,
+                  **BERT_IDS),
+    # ViT-B/16 at 256 px + BERT-base split 6 + 6; α ramps over one epoch of 4M pairs at batch 512.
+    "base": dict(vision=_vit(image_size=256, dim=768, depth=12, heads=12, mlp_dim=3072), dim=768,
+                 text_layers=6, fusion_layers=6, heads=12, mlp_dim=3072, queue_size=65536, dropout=0.1,
+                 alpha_ramp_steps=7800, **BERT_IDS),
+    # The synthetic-world image tower with all-MiniLM-L6-v2's six layers as 3 text + 3 fusion
+    # layers (the BERT-uncased vocabulary; cross-attention starts fresh).
+    "minilm": dict(vision=dataclasses.replace(CLIP_PRESETS["tiny"]["vision"]), dim=384, text_layers=3,
+                   fusion_layers=3, heads=12, mlp_dim=1536, embed_dim=128, queue_size=4096,
+                   alpha_ramp_steps=200, text_init="minilm", **BERT_IDS),
+}
+
+
+def _vqa_only(fn):
+    """A method that exists only with a VQA head, so ``hasattr(model, "answer")`` tells the
+    pipeline and the evaluation whether this model answers questions."""
+    def get(self):
+        if self.vqa_head is None:
+            raise AttributeError(f"this ALBEF has no VQA head (num_answers=0) for {fn.__name__}")
+        return fn.__get__(self)
+    return property(get, doc=fn.__doc__)
+
+
+@register("albef")
+class ALBEF(VLModel):
+    config_class = ALBEFConfig
+    presets = PRESETS
+    task = "fusion"
+    optional_heads = ("vqa_head",)  # may be missing from an --init source (added for --vqa)
+    has_queues = True  # the trainer skips BatchNorm recalibration (training_losses fills queues)
+
+    def __init__(self, cfg: ALBEFConfig):
+        super().__init__()
+        if cfg.answer_names and len(cfg.answer_names) != cfg.num_answers:
+            raise ValueError(f"{len(cfg.answer_names)} answer_names for num_answers={cfg.num_answers}")
+        self.cfg = cfg
+        d, e = cfg.dim, cfg.embed_dim
+        self.vision = VisionTransformer(cfg.vision)
+        self.text_embed = BertEmbeddings(cfg.vocab_size, d, cfg.max_text_len, cfg.type_vocab_size,
+                                         cfg.eps, cfg.dropout, cfg.pad_token_id)
+
+        def block(context_dim=None):
+            return PostNormBlock(d, cfg.heads, cfg.mlp_dim, context_dim=context_dim, act=cfg.act,
+                                 eps=cfg.eps, drop=cfg.dropout, attn_drop=cfg.dropout)
+        self.text_layers = Transformer([block() for _ in range(cfg.text_layers)])
+        self.fusion_layers = Transformer([block(cfg.vision.dim) for _ in range(cfg.fusion_layers)])
+        self.image_proj = nn.Linear(cfg.vision.dim, e)
+        self.text_proj = nn.Linear(d, e)
+        self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
+        self.itm_head = nn.Linear(d, 2)
+        self.mlm_head = MLMHead(d, cfg.vocab_size, cfg.eps, cfg.act)
+        self.vqa_head = classifier(d, 2 * d, cfg.num_answers) if cfg.num_answers else None
+        self.apply(_init_weights)
+        for emb in (self.text_embed.word, self.text_embed.position, self.text_embed.token_type):
+            nn.init.normal_(emb.weight, std=0.02)
+        # momentum encoders (everything ITC and MLM distillation read) and the feature queues
+        self.momentum = MomentumCopy({name: getattr(self, name) for name in (
+            "vision", "image_proj", "text_embed", "text_layers", "text_proj", "fusion_layers",
+            "mlm_head")}, cfg.momentum)
+        self.queue = FeatureQueue(cfg.queue_size, image=e, text=e)
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+
+    def image_spec(self) -> dict:
+        return image_spec(self.cfg.vision)
+
+    def init_pretrained(self) -> None:
+        """Load ``cfg.text_init`` (a BERT) into the text + fusion stack; momentum copies follow."""
+        if self.cfg.text_init:
+            from ..convert.hf_bert import load_bert_text
+            load_bert_text(self, self.cfg.text_init)
+            self.momentum.reset()
+
+    def _part(self, name: str, momentum: bool) -> nn.Module:
+        return self.momentum[name] if momentum else self.momentum.online[name]
+
+    # -- the two unimodal encoders, then fusion ---------------------------------------------------
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision.forward_features(pixel_values)  # (B, 1+N, Dv)
+
+    def _image(self, pixel_values, momentum: bool = False):
+        """(image tokens (B, 1+N, Dv), normalised embedding (B, E))."""
+        vision = self._part("vision", momentum)
+        tokens = vision.forward_features(pixel_values)
+        return tokens, F.normalize(self._part("image_proj", momentum)(vision.pool(tokens)), dim=-1)
+
+    def _text(self, input_ids, attention_mask, momentum: bool = False):
+        """(text hidden states (B, L, D), normalised [CLS] embedding (B, E))."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        x = self._part("text_embed", momentum)(input_ids)  # (B, L, D)
+        x = self._part("text_layers", momentum)(x, mask=padding_mask(attention_mask))
+        return x, F.normalize(self._part("text_proj", momentum)(x[:, 0]), dim=-1)
+
+    def fuse(self, text_hidden, attention_mask, image_tokens, momentum: bool = False,
+             return_attention: bool = False):
+        """Fusion layers over the text hidden states (B, L, D), cross-attending to the image
+        tokens (B, 1+N, Dv): (B, L, D) (and the per-layer maps with ``return_attention``)."""
+        if attention_mask is None:
+            attention_mask = torch.ones(text_hidden.shape[:2], dtype=torch.long, device=text_hidden.device)
+        return self._part("fusion_layers", momentum)(
+            text_hidden, mask=padding_mask(attention_mask), context=image_tokens,
+            return_attention=return_attention)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._image(pixel_values)[1]  # (B, E)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._text(input_ids, attention_mask)[1]  # (B, E)
+
+    def text_features(self, input_ids, attention_mask=None) -> torch.Tensor:
+        return self._text(input_ids, attention_mask)[0]  # (B, L, D)
+
+    def forward(self, pixel_values, input_ids, attention_mask=None) -> Output:
+        """features: fused text tokens (B, L, D); pooled: fused [CLS]; logits: ITM (B, 2)."""
+        tokens, img = self._image(pixel_values)
+        hidden, txt = self._text(input_ids, attention_mask)
+        fused = self.fuse(hidden, attention_mask, tokens)
+        return Output(features=fused, pooled=fused[:, 0], logits=self.itm_head(fused[:, 0]),
+                      image_embeds=img, text_embeds=txt)
+
+    def match_tokens(self, image_tokens, text_hidden, attention_mask=None) -> torch.Tensor:
+        """ITM logits (B, 2) of zipped pairs from precomputed encoder outputs (re-ranking)."""
+        return self.itm_head(self.fuse(text_hidden, attention_mask, image_tokens)[:, 0])
+
+    def match(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
+        """(B, 2) ITM logits of zipped (image, text) pairs; column 1 = match."""
+        return self(pixel_values, input_ids, attention_mask).logits
+
+    def score(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
+        """(B,) ITM probability that each zipped pair matches."""
+        return self.match(pixel_values, input_ids, attention_mask).float().softmax(-1)[:, 1]
+
+    def mlm_logits(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
+        """(B, L, vocab) predictions for every text position, conditioned on the image."""
+        return self.mlm_head(self(pixel_values, input_ids, attention_mask).features)
+
+    def cross_attention_maps(self, pixel_values, input_ids, attention_mask=None,
+                             layer: int | None = None) -> torch.Tensor:
+        """(B, L, N): each text token's cross-attention over the N image patches, averaged over
+        heads, from fusion layer ``layer`` (negative counts from the end) or the mean of all layers'
+        maps. The plain attention path computes the maps; the share of the image [CLS] is dropped
+        and each row renormalised to sum 1 over the patches."""
+        n_layers = len(self.fusion_layers.blocks)
+        if n_layers == 0:
+            raise ValueError("this ALBEF has no fusion layers, so no cross-attention maps")
+        if layer is not None and not -n_layers <= layer < n_layers:
+            raise ValueError(f"layer {layer} out of range: this ALBEF has {n_layers} fusion layers")
+        tokens = self.forward_features(pixel_values)
+        _, maps = self.fuse(self.text_features(input_ids, attention_mask), attention_mask, tokens,
+                            return_attention=True)
+        cross = torch.stack([m["cross"] for m in maps])  # (layers, B, heads, L, 1+N)
+        if layer is not None:
+            cross = cross[layer][None]
+        attn = cross.float().mean(dim=2)[..., 1:]  # (layers, B, L, N)
+        return (attn / attn.sum(-1, keepdim=True).clamp_min(1e-12)).mean(0)  # (B, L, N)
+
+    @_vqa_only
+    def vqa_logits(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
+        """(B, num_answers) answer logits from the fused [CLS] (soft-score BCE)."""
+        return self.vqa_head(self(pixel_values, input_ids, attention_mask).pooled)
+
+    @_vqa_only
+    def answer(self, pixel_values, input_ids, attention_mask=None) -> list[str]:
+        best = self.vqa_logits(pixel_values, input_ids, attention_mask).argmax(-1).tolist()
+        names = self.cfg.answer_names or [str(i) for i in range(self.cfg.num_answers)]
+        return [names[i] for i in best]
+
+    # -- training ---------------------------------------------------------------------------------
+    def alpha(self) -> float:
+        """The distillation weight now: 0 without distillation, else ramped by steps_done."""
+        if not self.cfg.distill:
+            return 0.0
+        return alpha_at(int(self.steps_done), self.cfg.alpha, self.cfg.alpha_ramp_steps)
+
+    def training_losses(self, batch: dict) -> dict:
+        """ITC (queues + distillation), ITM (hard negatives), MLM (distilled) and, when the batch
+        has ``vqa_targets``, VQA. Keys: pixel_values, input_ids, attention_mask; optional word_ids,
+        image_ids (captions of one image are positives of each other), neg_input_ids /
+        neg_attention_mask / neg_owner, question_input_ids / question_attention_mask / vqa_targets."""
+        cfg = self.cfg
+        pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+        image_ids = batch.get("image_ids")
+        alpha, temp = self.alpha(), self.temp.clamp(0.001, 0.5)
+        image_tokens, image_feat = self._image(pixels)  # (B, 1+N, Dv), (B, E)
+        text_hidden, text_feat = self._text(ids, mask)  # (B, L, D), (B, E)
+        with torch.no_grad():
+            image_tokens_m, image_feat_m = self._image(pixels, momentum=True)
+            text_feat_m = self._text(ids, mask, momentum=True)[1]
+        out = {"itc_loss": itc_queue_loss(
+            image_feat, text_feat, image_feat_m, text_feat_m, self.queue.image, self.queue.text, temp,
+            alpha, cfg.distill, image_ids, self.queue.ids if image_ids is not None else None)}
+
+        logits, labels = self._itm(batch, image_tokens, text_hidden, mask, image_feat, text_feat, temp)
+        out["itm_loss"], out["itm_acc"] = itm_loss(logits, labels), itm_accuracy(logits.detach(), labels)
+
+        word_ids = batch.get("word_ids") if cfg.whole_word_mask else None
+        if cfg.whole_word_mask and word_ids is None:
+            raise ValueError("whole_word_mask needs batch['word_ids'] (tokenize with return_word_ids=True)")
+        masked, mlm_labels = mask_tokens(ids, mask, cfg.special_token_ids, cfg.mask_token_id,
+                                         cfg.vocab_size, cfg.mlm_prob, word_ids=word_ids)
+        mlm_logits = self.mlm_head(self.fuse(self._text(masked, mask)[0], mask, image_tokens))
+        mlm_logits_m = None
+        if alpha > 0:
+            with torch.no_grad():
+                hidden_m = self._text(masked, mask, momentum=True)[0]
+                fused_m = self.fuse(hidden_m, mask, image_tokens_m, momentum=True)
+                mlm_logits_m = self._part("mlm_head", True)(fused_m)
+        out["mlm_loss"] = mlm_distill_loss(mlm_logits, mlm_labels, mlm_logits_m, alpha)
+
+        losses = [out["itc_loss"], out["itm_loss"], out["mlm_loss"]]
+        if "vqa_targets" in batch:
+            if self.vqa_head is None:
+                raise ValueError("the batch has vqa_targets but this ALBEF has no VQA head (num_answers=0)")
+            q_ids = batch.get("question_input_ids", ids)
+            q_mask = batch.get("question_attention_mask", mask)
+            out["vqa_loss"] = vqa_loss(self.vqa_logits(pixels, q_ids, q_mask), batch["vqa_targets"])
+            losses.append(out["vqa_loss"])
+        if self.training:
+            self.queue.enqueue(ids=image_ids, image=image_feat_m, text=text_feat_m)
+        out["loss"] = torch.stack([l.float() for l in losses]).sum()
+        out["alpha"] = torch.tensor(alpha)
+        return out
+
+    def _itm(self, batch, image_tokens, text_hidden, mask, image_feat, text_feat, temp):
+        """ITM logits and labels: B positives, B (text, negative image), B (image, negative text),
+        then (image, dataset negative caption) pairs with ``hard_negatives``."""
+        b = image_tokens.shape[0]
+        g = _gather_global(image_tokens, text_hidden, mask, image_feat, text_feat, batch.get("image_ids"))
+        with torch.no_grad():
+            neg_text, neg_image = itm_hard_negative_index(
+                image_feat @ g["text_feat"].T / temp, text_feat @ g["image_feat"].T / temp, g["row_start"],
+                batch.get("image_ids"), g["ids"], hard=self.cfg.itm_hard_negatives)
+        text_p, mask_p = g["local_text"], g["local_mask"]  # padded to the global length
+        images = torch.cat([image_tokens, g["image_tokens"][neg_image], image_tokens])
+        texts = torch.cat([text_p, text_p, g["text_hidden"][neg_text]])
+        masks = torch.cat([mask_p, mask_p, g["mask"][neg_text]])
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(mask.device)
+        neg_ids = batch.get("neg_input_ids")
+        if self.cfg.hard_negatives and neg_ids is not None and neg_ids.shape[0] > 0:
+            owner = batch["neg_owner"].to(mask.device)
+            neg_hidden = self._text(neg_ids, batch["neg_attention_mask"])[0]
+            texts, masks = _pad_cat(texts, masks, neg_hidden, batch["neg_attention_mask"])
+            images = torch.cat([images, image_tokens[owner]])
+            labels = torch.cat([labels, torch.zeros_like(owner)])
+        return self.itm_head(self.fuse(texts, masks, images)[:, 0]), labels
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """After each optimiser step: EMA update of the momentum encoders, temperature clamp, and
+        the step count behind the α ramp."""
+        self.momentum.update()
+        self.temp.clamp_(0.001, 0.5)
+        self.steps_done += 1
+
+
+def _gather_global(image_tokens, text_hidden, mask, image_feat, text_feat, ids) -> dict:
+    """The global batch for ITM negatives: every process's image tokens and text hidden states
+    (with gradient; texts padded to the longest length of all processes), masks, features and ids.
+    Without a process group this is the local batch."""
+    out = dict(image_tokens=image_tokens, text_hidden=text_hidden, mask=mask, image_feat=image_feat,
+               text_feat=text_feat, ids=ids, row_start=0, local_text=text_hidden, local_mask=mask)
+    if not (is_dist() and world_size() > 1):
+        return out
+    sizes = all_gather_sizes([image_tokens.shape[0], text_hidden.shape[1]], mask.device)
+    b_sizes, length = [s[0] for s in sizes], max(s[1] for s in sizes)
+    pad = length - text_hidden.shape[1]
+    local_text, local_mask = F.pad(text_hidden, (0, 0, 0, pad)), F.pad(mask, (0, pad))
+    out.update(local_text=local_text, local_mask=local_mask, row_start=sum(b_sizes[:rank()]),
+               image_tokens=all_gather_with_grad(image_tokens, b_sizes),
+               text_hidden=all_gather_with_grad(local_text, b_sizes),
+               mask=all_gather_no_grad(local_mask, b_sizes),
+               image_feat=all_gather_no_grad(image_feat, b_sizes),
+               text_feat=all_gather_no_grad(text_feat, b_sizes),
+               ids=None if ids is None else all_gather_no_grad(ids, b_sizes))
+    return out
+
+
+def _pad_cat(hidden_a, mask_a, hidden_b, mask_b):
+    """Stack two (N, L, D) hidden-state batches and their masks, padded to a common length."""
+    n = max(hidden_a.shape[1], hidden_b.shape[1])
+    hidden = torch.cat([F.pad(hidden_a, (0, 0, 0, n - hidden_a.shape[1])),
+                        F.pad(hidden_b, (0, 0, 0, n - hidden_b.shape[1]))])
+    masks = torch.cat([F.pad(mask_a, (0, n - mask_a.shape[1])),
+                       F.pad(mask_b.to(mask_a.device), (0, n - mask_b.shape[1]))])
+    return hidden, masks
