@@ -417,9 +417,9 @@ class Trainer:
             # which warm up allocators and workers, are left out of the estimate)
             if self.step == 5:
                 mark = self.elapsed
-            # (estimated at step 25, refined at step 100 once workers and caches are warm)
+            # (estimated at step 25, refined every 100 steps as the speed settles)
             if cfg.minutes is not None and cfg.steps is None and (
-                    (self.step == calib_steps and self.total_steps is None) or self.step == 4 * calib_steps):
+                    (self.step == calib_steps and self.total_steps is None) or self.step % (4 * calib_steps) == 0):
                 per_step = (self.elapsed - mark) / (self.step - 5) if mark is not None else \
                     self.elapsed / self.step
                 remaining = cfg.minutes * 60 - self.elapsed
