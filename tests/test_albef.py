@@ -135,6 +135,18 @@ def test_itc_queue_loss_against_direct_computation():
     ids, qids = torch.tensor([0, 1, 2, 3]), torch.tensor([5, 0] + [9] * 8)
     t = D.positive_targets(4, 14, ids, torch.cat([ids, qids]))
     assert t[0, 0] == 0.5 and t[0, 5] == 0.5 and t[1, 1] == 1.0
+    # rows 2:4 of the batch against the whole momentum batch (one process's share): the mean of
+    # the two shares is the loss of the whole batch
+    img, txt, img_m, txt_m, q_img, q_txt = feats
+    for ids_ in (None, torch.tensor([0, 1, 0, 3])):
+        full = D.itc_queue_loss(*feats, temp=0.07, alpha=0.4, ids=ids_,
+                                queue_ids=None if ids_ is None else qids)
+        parts = [D.itc_queue_loss(img[r:r + 2], txt[r:r + 2], img_m, txt_m, q_img, q_txt, temp=0.07,
+                                  alpha=0.4, ids=ids_, queue_ids=None if ids_ is None else qids,
+                                  row_start=r) for r in (0, 2)]
+        torch.testing.assert_close((parts[0] + parts[1]) / 2, full, atol=1e-6, rtol=1e-6)
+    shifted = D.positive_targets(2, 6, offset=2)
+    assert shifted.nonzero().tolist() == [[0, 2], [1, 3]]
 
 
 def test_hard_negatives_never_pick_a_positive():

@@ -118,9 +118,28 @@ def _worker(rank, world, ports, out_dir, data):
         vdist.destroy()
 
 
-def _spawn(tmp_path, data, timeout=150):
+def _albef_args(out, data):
+    """ALBEF with every random draw of training (ITM negatives, MLM masks) in play, the dataset's
+    negative captions included; no dropout (its masks are drawn per process by design);
+    distillation fully on after two steps; the queue wraps around within the run."""
+    return ["train", "albef", "--data", str(data), "--out", str(out), "--steps", "12",
+            "--batch-size", "8", "--lr", "3e-3", "--no-eval", "--no-progress", "--workers", "0",
+            "--precision", "fp32", "--ckpt-every", "6", "--hard-negatives", *ALBEF_TINY,
+            "--set", "dropout=0.0", "--set", "alpha_ramp_steps=2", "--set", "mlm_prob=0.3"]
+
+
+def _albef_worker(rank, world, ports, out_dir, data):
+    from vlkit.cli import main
+    torch.set_num_threads(1)
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(ports[0])})
+    assert main(_albef_args(Path(out_dir), data)) == 0
+
+
+def _spawn(tmp_path, data, timeout=150, worker=_worker):
     ports = [_free_port(), _free_port()]
-    ctx = mp.spawn(_worker, args=(WORLD, ports, str(tmp_path), str(data)), nprocs=WORLD, join=False)
+    ctx = mp.spawn(worker, args=(WORLD, ports, str(tmp_path), str(data)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
@@ -160,6 +179,32 @@ def test_two_processes_match_one_process(tmp_path, monkeypatch, data):
     assert len(_losses(two / "fsdp")) == 6
     assert _losses(two / "fsdp") == pytest.approx(_losses(one / "fsdp"), abs=1e-5)
     assert _max_diff(one / "fsdp", two / "fsdp") <= 1e-5
+
+
+def test_two_processes_match_one_process_albef(tmp_path, monkeypatch, data):
+    """ITM negatives and MLM masks are drawn for the global batch, ITC columns hold the global
+    momentum batch, the queues fill in rank order, and the ITM and MLM means are over the global
+    batch: 2 processes train as 1 does."""
+    monkeypatch.setenv("VLKIT_NO_PROGRESS", "1")
+    two, one = tmp_path / "two", tmp_path / "one"
+    _spawn(two, data, worker=_albef_worker)
+    from vlkit.cli import main
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_albef_args(one, data)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    metrics = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+               for run in (one, two)]
+    assert [m["step"] for m in metrics[0]] == [m["step"] for m in metrics[1]] == [10, 12]
+    for key in ("loss", "itc_loss", "itm_loss", "mlm_loss", "alpha"):
+        assert [m[key] for m in metrics[1]] == pytest.approx([m[key] for m in metrics[0]], abs=1e-5), key
+    assert metrics[0][-1]["alpha"] == pytest.approx(0.4)  # distillation in play
+    wa, wb = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert int(wa["queue.ptr"]) == 12 * 8 % 32 and torch.equal(wa["queue.ids"], wb["queue.ids"])
+    assert torch.equal(wa["steps_done"], wb["steps_done"])
+    assert _max_diff(one, two) <= 1e-5  # the weights, momentum copies and feature queues
 
 
 def test_rank_slices_partition_each_global_batch():

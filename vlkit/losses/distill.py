@@ -45,14 +45,18 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def positive_targets(n: int, m: int, ids: torch.Tensor | None = None,
-                     column_ids: torch.Tensor | None = None, device=None) -> torch.Tensor:
-    """(n, m) hard targets: the diagonal, or (with ``ids`` (n,) and ``column_ids`` (m,)) every
-    column whose id equals the row's, each row normalised to sum 1."""
+                     column_ids: torch.Tensor | None = None, device=None, offset: int = 0) -> torch.Tensor:
+    """(n, m) hard targets: row i's own column ``offset + i`` (the diagonal by default), or (with
+    ``ids`` (n,) and ``column_ids`` (m,)) every column whose id equals the row's as well, each row
+    normalised to sum 1."""
+    if ids is not None:
+        device = ids.device
+    own = (torch.arange(m, device=device)[None, :]
+           == offset + torch.arange(n, device=device)[:, None]).float()  # (n, m)
     if ids is None:
-        return torch.eye(n, m, device=device)
-    pos = (ids[:, None] == column_ids[None, :]).float()
-    eye = torch.eye(n, m, device=pos.device)
-    pos = torch.maximum(pos, eye)  # a row's own pair is always positive
+        return own
+    pos = (ids[:, None] == column_ids[None, :].to(device)).float()
+    pos = torch.maximum(pos, own)  # a row's own pair is always positive
     return pos / pos.sum(dim=1, keepdim=True)
 
 
@@ -60,24 +64,29 @@ def itc_queue_loss(image_feat: torch.Tensor, text_feat: torch.Tensor,
                    image_feat_m: torch.Tensor, text_feat_m: torch.Tensor,
                    image_queue: torch.Tensor, text_queue: torch.Tensor, temp,
                    alpha: float = 0.0, distill: bool = True,
-                   ids: torch.Tensor | None = None, queue_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   ids: torch.Tensor | None = None, queue_ids: torch.Tensor | None = None,
+                   row_start: int = 0) -> torch.Tensor:
     """ITC with momentum features and queues.
 
-    image_feat, text_feat (B, E): online, normalised; image_feat_m, text_feat_m (B, E): momentum,
-    normalised; image_queue, text_queue (K, E); temp: τ (logits = sims / τ). Columns are
-    [momentum batch ; queue] (B + K). ``ids`` (B,) / ``queue_ids`` (K,) mark extra positives
-    (e.g. other captions of the same image). ``distill=False`` (or α = 0) uses the hard targets."""
-    text_all = torch.cat([text_feat_m, text_queue.to(text_feat_m.dtype)]).detach()  # (B+K, E)
-    image_all = torch.cat([image_feat_m, image_queue.to(image_feat_m.dtype)]).detach()  # (B+K, E)
-    sim_i2t = image_feat @ text_all.T / temp  # (B, B+K)
-    sim_t2i = text_feat @ image_all.T / temp  # (B, B+K)
+    image_feat, text_feat (B, E): online, normalised; image_feat_m, text_feat_m (N, E): momentum,
+    normalised, of the global batch (N = B in one process), whose rows ``row_start`` to
+    ``row_start + B`` are those of image_feat/text_feat; image_queue, text_queue (K, E); temp: τ
+    (logits = sims / τ). Columns are [momentum batch ; queue] (N + K). ``ids`` (N,) /
+    ``queue_ids`` (K,) mark extra positives (e.g. other captions of the same image).
+    ``distill=False`` (or α = 0) uses the hard targets. The loss is the mean over the B rows."""
+    text_all = torch.cat([text_feat_m, text_queue.to(text_feat_m.dtype)]).detach()  # (N+K, E)
+    image_all = torch.cat([image_feat_m, image_queue.to(image_feat_m.dtype)]).detach()  # (N+K, E)
+    sim_i2t = image_feat @ text_all.T / temp  # (B, N+K)
+    sim_t2i = text_feat @ image_all.T / temp  # (B, N+K)
     b, cols = sim_i2t.shape
+    rows = slice(row_start, row_start + b)
     column_ids = None if ids is None else torch.cat([ids, queue_ids.to(ids.device)])
-    hard = positive_targets(b, cols, ids, column_ids, device=sim_i2t.device)
+    hard = positive_targets(b, cols, None if ids is None else ids[rows], column_ids,
+                            device=sim_i2t.device, offset=row_start)
     if distill and alpha > 0:
         with torch.no_grad():
-            t_i2t = distill_targets(image_feat_m @ text_all.T / temp, hard, alpha)
-            t_t2i = distill_targets(text_feat_m @ image_all.T / temp, hard, alpha)
+            t_i2t = distill_targets(image_feat_m[rows] @ text_all.T / temp, hard, alpha)
+            t_t2i = distill_targets(text_feat_m[rows] @ image_all.T / temp, hard, alpha)
     else:
         t_i2t = t_t2i = hard
     return (soft_cross_entropy(sim_i2t, t_i2t) + soft_cross_entropy(sim_t2i, t_t2i)) / 2

@@ -16,6 +16,11 @@ after it, so the next batch's momentum features come from the updated copy — a
 features of each training batch are enqueued at the end of ``training_losses`` (training mode
 only). α ramps from 0 over ``alpha_ramp_steps`` optimiser steps, counted in the ``steps_done``
 buffer (saved in checkpoints with the queues and momentum weights, so a resume is exact).
+Under a process group the ITC columns hold the momentum features of the global batch, the ITM
+negatives and MLM masks are drawn for the global batch from a generator seeded by (run seed,
+``steps_done``) and sliced to this process's rows, and the ITM and MLM means are taken over the
+global batch: W processes train as one process does on the same global batch (without dropout,
+whose masks are drawn per process).
 Optional: a VQA classifier over an answer vocabulary on the fused [CLS] (``num_answers``) —
 a classification head, not the paper's answer decoder.
 """
@@ -34,7 +39,8 @@ from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, 
 from ..losses.matching import itm_accuracy, itm_loss
 from ..losses.mlm import mask_tokens
 from ..losses.vqa import vqa_loss
-from ..train.distributed import (all_gather_no_grad, all_gather_sizes, all_gather_with_grad, is_dist,
+from ..train.distributed import (all_gather_no_grad, all_gather_padded, all_gather_sizes,
+                                 all_gather_with_grad, global_generator, global_mean_scale, is_dist,
                                  rank, world_size)
 from .base import Output, VLModel, image_spec, register
 from .clip import PRESETS as CLIP_PRESETS
@@ -151,6 +157,7 @@ class ALBEF(VLModel):
             "mlm_head")}, cfg.momentum)
         self.queue = FeatureQueue(cfg.queue_size, image=e, text=e)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self._calls: dict[bool, tuple[int, int]] = {}  # mode -> (step, calls at that step)
 
     def image_spec(self) -> dict:
         return image_spec(self.cfg.vision)
@@ -264,6 +271,18 @@ class ALBEF(VLModel):
             return 0.0
         return alpha_at(int(self.steps_done), self.cfg.alpha, self.cfg.alpha_ramp_steps)
 
+    def _generator(self, device) -> torch.Generator:
+        """The generator of one ``training_losses`` call (ITM negatives, MLM masks), seeded alike
+        on every process from the run seed, ``steps_done`` and the number of calls so far at this
+        step (the micro-batches of an accumulated step; evaluation calls count apart). Its draws
+        are made for the whole global batch, so they do not depend on the number of processes,
+        and a resumed run repeats them."""
+        step = int(self.steps_done)
+        last, n = self._calls.get(self.training, (step, -1))
+        n = n + 1 if last == step else 0
+        self._calls[self.training] = (step, n)
+        return global_generator(step, 2 * n + (0 if self.training else 1), device)
+
     def training_losses(self, batch: dict) -> dict:
         """ITC (queues + distillation), ITM (hard negatives), MLM (distilled) and, when the batch
         has ``vqa_targets``, VQA. Keys: pixel_values, input_ids, attention_mask; optional word_ids,
@@ -273,23 +292,37 @@ class ALBEF(VLModel):
         pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
         image_ids = batch.get("image_ids")
         alpha, temp = self.alpha(), self.temp.clamp(0.001, 0.5)
+        generator = self._generator(ids.device)
         image_tokens, image_feat = self._image(pixels)  # (B, 1+N, Dv), (B, E)
         text_hidden, text_feat = self._text(ids, mask)  # (B, L, D), (B, E)
         with torch.no_grad():
             image_tokens_m, image_feat_m = self._image(pixels, momentum=True)
             text_feat_m = self._text(ids, mask, momentum=True)[1]
+        # every process's batch: ITC columns, ITM negatives, and the rows random draws are made for
+        g = _gather_global(image_tokens, text_hidden, mask, image_feat, text_feat, image_ids)
+        rows = slice(g["row_start"], g["row_start"] + ids.shape[0])
         out = {"itc_loss": itc_queue_loss(
-            image_feat, text_feat, image_feat_m, text_feat_m, self.queue.image, self.queue.text, temp,
-            alpha, cfg.distill, image_ids, self.queue.ids if image_ids is not None else None)}
+            image_feat, text_feat, all_gather_no_grad(image_feat_m, g["sizes"]),
+            all_gather_no_grad(text_feat_m, g["sizes"]), self.queue.image, self.queue.text, temp,
+            alpha, cfg.distill, g["ids"], self.queue.ids if image_ids is not None else None,
+            row_start=g["row_start"])}
 
-        logits, labels = self._itm(batch, image_tokens, text_hidden, mask, image_feat, text_feat, temp)
-        out["itm_loss"], out["itm_acc"] = itm_loss(logits, labels), itm_accuracy(logits.detach(), labels)
+        logits, labels = self._itm(batch, g, image_tokens, temp, generator)
+        scale = global_mean_scale(labels.shape[0], mask.device)  # the mean over all processes' pairs
+        out["itm_loss"] = itm_loss(logits, labels) * scale
+        out["itm_acc"] = itm_accuracy(logits.detach(), labels)
 
         word_ids = batch.get("word_ids") if cfg.whole_word_mask else None
         if cfg.whole_word_mask and word_ids is None:
             raise ValueError("whole_word_mask needs batch['word_ids'] (tokenize with return_word_ids=True)")
-        masked, mlm_labels = mask_tokens(ids, mask, cfg.special_token_ids, cfg.mask_token_id,
-                                         cfg.vocab_size, cfg.mlm_prob, word_ids=word_ids)
+        # masks drawn for the global batch (padded to its longest text), then this process's rows
+        length = g["length"]
+        masked, mlm_labels = mask_tokens(
+            all_gather_padded(ids, length, cfg.pad_token_id, g["sizes"]),
+            all_gather_padded(mask, length, 0, g["sizes"]), cfg.special_token_ids, cfg.mask_token_id,
+            cfg.vocab_size, cfg.mlm_prob, generator=generator,
+            word_ids=None if word_ids is None else all_gather_padded(word_ids, length, -1, g["sizes"]))
+        masked, mlm_labels = masked[rows, :ids.shape[1]], mlm_labels[rows, :ids.shape[1]]
         mlm_logits = self.mlm_head(self.fuse(self._text(masked, mask)[0], mask, image_tokens))
         mlm_logits_m = None
         if alpha > 0:
@@ -297,7 +330,8 @@ class ALBEF(VLModel):
                 hidden_m = self._text(masked, mask, momentum=True)[0]
                 fused_m = self.fuse(hidden_m, mask, image_tokens_m, momentum=True)
                 mlm_logits_m = self._part("mlm_head", True)(fused_m)
-        out["mlm_loss"] = mlm_distill_loss(mlm_logits, mlm_labels, mlm_logits_m, alpha)
+        scale = global_mean_scale(int((mlm_labels != -100).sum()), mask.device)  # all masked tokens
+        out["mlm_loss"] = mlm_distill_loss(mlm_logits, mlm_labels, mlm_logits_m, alpha) * scale
 
         losses = [out["itc_loss"], out["itm_loss"], out["mlm_loss"]]
         if "vqa_targets" in batch:
@@ -313,15 +347,17 @@ class ALBEF(VLModel):
         out["alpha"] = torch.tensor(alpha)
         return out
 
-    def _itm(self, batch, image_tokens, text_hidden, mask, image_feat, text_feat, temp):
+    def _itm(self, batch, g, image_tokens, temp, generator):
         """ITM logits and labels: B positives, B (text, negative image), B (image, negative text),
-        then (image, dataset negative caption) pairs with ``hard_negatives``."""
-        b = image_tokens.shape[0]
-        g = _gather_global(image_tokens, text_hidden, mask, image_feat, text_feat, batch.get("image_ids"))
+        then (image, dataset negative caption) pairs with ``hard_negatives``. The negatives are
+        drawn for every row of the global batch ``g`` (``_gather_global``), then this process's
+        rows are kept."""
+        b, mask = image_tokens.shape[0], g["local_mask"]
         with torch.no_grad():
-            neg_text, neg_image = itm_hard_negative_index(
-                image_feat @ g["text_feat"].T / temp, text_feat @ g["image_feat"].T / temp, g["row_start"],
-                batch.get("image_ids"), g["ids"], hard=self.cfg.itm_hard_negatives)
+            img, txt = g["image_feat"], g["text_feat"]  # (N, E)
+            neg_text, neg_image = (i[g["row_start"]:g["row_start"] + b] for i in itm_hard_negative_index(
+                img @ txt.T / temp, txt @ img.T / temp, 0, g["ids"], g["ids"],
+                hard=self.cfg.itm_hard_negatives, generator=generator))
         text_p, mask_p = g["local_text"], g["local_mask"]  # padded to the global length
         images = torch.cat([image_tokens, g["image_tokens"][neg_image], image_tokens])
         texts = torch.cat([text_p, text_p, g["text_hidden"][neg_text]])
@@ -350,7 +386,8 @@ def _gather_global(image_tokens, text_hidden, mask, image_feat, text_feat, ids) 
     (with gradient; texts padded to the longest length of all processes), masks, features and ids.
     Without a process group this is the local batch."""
     out = dict(image_tokens=image_tokens, text_hidden=text_hidden, mask=mask, image_feat=image_feat,
-               text_feat=text_feat, ids=ids, row_start=0, local_text=text_hidden, local_mask=mask)
+               text_feat=text_feat, ids=ids, row_start=0, local_text=text_hidden, local_mask=mask,
+               sizes=[image_tokens.shape[0]], length=text_hidden.shape[1])
     if not (is_dist() and world_size() > 1):
         return out
     sizes = all_gather_sizes([image_tokens.shape[0], text_hidden.shape[1]], mask.device)
@@ -358,6 +395,7 @@ def _gather_global(image_tokens, text_hidden, mask, image_feat, text_feat, ids) 
     pad = length - text_hidden.shape[1]
     local_text, local_mask = F.pad(text_hidden, (0, 0, 0, pad)), F.pad(mask, (0, pad))
     out.update(local_text=local_text, local_mask=local_mask, row_start=sum(b_sizes[:rank()]),
+               sizes=b_sizes, length=length,
                image_tokens=all_gather_with_grad(image_tokens, b_sizes),
                text_hidden=all_gather_with_grad(local_text, b_sizes),
                mask=all_gather_no_grad(local_mask, b_sizes),

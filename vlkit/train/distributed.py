@@ -103,6 +103,54 @@ def all_gather_no_grad(x: torch.Tensor, sizes: Sequence[int] | None = None) -> t
     return _gather(x, _sizes_of(x, sizes))
 
 
+@torch.no_grad()
+def all_gather_padded(x: torch.Tensor, length: int, value=0, sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """(B_r, L_r, ...) on each rank r -> (sum_r B_r, length, ...) in rank order, detached: each
+    rank's rows padded along dim 1 with ``value`` to ``length`` (at least every rank's L_r), e.g.
+    token ids padded to the longest text of the global batch."""
+    if x.shape[1] > length:
+        raise ValueError(f"rows of length {x.shape[1]} do not fit the padded length {length}")
+    pad = [0, 0] * (x.dim() - 2) + [0, length - x.shape[1]]
+    return all_gather_no_grad(torch.nn.functional.pad(x, pad, value=value), sizes)
+
+
+def global_mean_scale(count: int | torch.Tensor, device=None) -> float:
+    """The factor n_r·W / Σ_r n_r that turns a mean over this rank's n_r items (e.g. masked
+    tokens) into its share of the mean over every rank's items, so that DDP's average of the
+    rank losses (and of their gradients) is the single-process mean over the global batch.
+    1 without a process group; 0 when no rank has an item (collective: every rank calls it)."""
+    if not (is_dist() and world_size() > 1):
+        return 1.0
+    n = float(count)
+    total = float(all_reduce_sum(torch.tensor([n], dtype=torch.float64, device=device))[0])
+    return n * world_size() / total if total > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Randomness that depends on the global batch, not on the number of processes
+# --------------------------------------------------------------------------------------------
+_RUN_SEED = 0
+
+
+def set_run_seed(seed: int) -> None:
+    """The seed `global_generator` mixes in (the trainer sets its run's seed)."""
+    global _RUN_SEED
+    _RUN_SEED = int(seed)
+
+
+def global_generator(step: int, draw: int = 0, device=None) -> torch.Generator:
+    """A generator seeded alike on every rank from (run seed, ``step``, ``draw``). Draws made
+    from it for every row of the global batch, of which each rank then keeps its own rows, are
+    the same whatever the number of processes; with ``step`` taken from saved state (e.g. a
+    model's step buffer) a resumed run repeats them exactly."""
+    import hashlib
+    key = f"{_RUN_SEED}:{int(step)}:{int(draw)}".encode()
+    seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
+    g = torch.Generator(device=device if device is not None else "cpu")
+    g.manual_seed(seed)
+    return g
+
+
 # --------------------------------------------------------------------------------------------
 # Process group set-up (torchrun) and small collectives for the trainer
 # --------------------------------------------------------------------------------------------

@@ -120,6 +120,7 @@ class Trainer:
         self.model = model
         self.batches = batches
         self.cfg = cfg
+        vdist.set_run_seed(cfg.seed)  # behind the models' draws over the global batch
         self.run = Path(run_dir)
         self.rank, self.world = vdist.rank(), vdist.world_size()
         self.distributed = self.world > 1
