@@ -320,6 +320,9 @@ def train(args: RunArgs) -> dict:
     if args.ckpt_every:
         cfg.ckpt_every = args.ckpt_every
     cfg.grad_checkpointing, cfg.fsdp = args.grad_checkpointing, args.fsdp
+    # fusion models may carry heads a run does not train (a VQA-only run, pair or rank heads):
+    # DDP must then look for parameters without gradients
+    cfg.find_unused_parameters = model.task == "fusion"
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) is not a multiple of "
                          f"the {world} processes")
