@@ -443,3 +443,22 @@ def test_explain_cli(tiny_run, tmp_path, capsys):
     assert main(["explain", str(tiny_run["run"]), str(tiny_run["run"] / "image.png"), "a", "--out", str(out),
                  "--layer", "7"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_vision_init_copies_a_clip_image_tower_into_both_encoders(tmp_path):
+    from vlkit.train.checkpoint import WEIGHTS, atomic_save_tensors, model_state, save_run_config
+    vision = {k: v for k, v in SMALL.items() if k.startswith("vision.")}
+    clip = vlkit.create_model("clip", "tiny", **vision, **{"text.dim": 32, "text.depth": 1, "text.heads": 2,
+                                                          "text.mlp_dim": 64, "embed_dim": 16})
+    with torch.no_grad():
+        for p in clip.vision.parameters():
+            p.add_(0.1)  # weights no fresh ALBEF could have by chance
+    save_run_config(tmp_path, "clip", clip.config_dict())
+    atomic_save_tensors(tmp_path / WEIGHTS, model_state(clip))
+    model = vlkit.create_model("albef", "tiny", **SMALL, vision_init=str(tmp_path))
+    for key, value in clip.vision.state_dict().items():
+        assert torch.equal(model.vision.state_dict()[key], value), key
+        assert torch.equal(model.momentum["vision"].state_dict()[key], value), key  # momentum follows
+    with pytest.raises(ValueError, match="no ViT image tower|does not fit"):
+        vlkit.create_model("albef", "tiny", **{**SMALL, "vision.dim": 48, "vision.heads": 2},
+                           vision_init=str(tmp_path))

@@ -278,6 +278,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, model, data):
     while written() < kill_after * EVERY and proc.poll() is None:
         assert time.monotonic() < deadline, "no checkpoints appeared"
         time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.03))  # a random moment after that checkpoint: mid-step or mid-write
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

@@ -71,6 +71,7 @@ class ALBEFConfig:
     num_answers: int = 0            # >0: VQA classifier over answer_names
     answer_names: list[str] = field(default_factory=list)
     text_init: str = ""             # "minilm" or a Hugging Face BERT folder (see init_pretrained)
+    vision_init: str = ""           # a ViT or CLIP run (or HF folder) whose image tower fits ``vision``
     # training
     distill: bool = True            # momentum distillation (ITC and MLM soft targets)
     alpha: float = 0.4
@@ -163,10 +164,21 @@ class ALBEF(VLModel):
         return image_spec(self.cfg.vision)
 
     def init_pretrained(self) -> None:
-        """Load ``cfg.text_init`` (a BERT) into the text + fusion stack; momentum copies follow."""
+        """Load ``cfg.text_init`` (a BERT) into the text + fusion stack and ``cfg.vision_init``
+        (the image tower of a ViT or CLIP run) into the image encoder; momentum copies follow."""
         if self.cfg.text_init:
             from ..convert.hf_bert import load_bert_text
             load_bert_text(self, self.cfg.text_init)
+        if self.cfg.vision_init:
+            from ..convert.common import load_strict
+            from ..pipeline import load
+            source = load(self.cfg.vision_init).model
+            tower = getattr(source, "vision", None)
+            if not isinstance(tower, type(self.vision)):
+                raise ValueError(f"vision_init {self.cfg.vision_init}: a {source.model_name} model has no "
+                                 "ViT image tower")
+            load_strict(self.vision, tower.state_dict(), f"vision_init {self.cfg.vision_init}")
+        if self.cfg.text_init or self.cfg.vision_init:
             self.momentum.reset()
 
     def _part(self, name: str, momentum: bool) -> nn.Module:
