@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["vqa_soft_scores", "vqa_loss", "build_answer_vocab"]
+__all__ = ["vqa_soft_scores", "vqa_loss", "batch_vqa_loss", "build_answer_vocab"]
 
 
 def vqa_soft_scores(answers_per_question: Sequence[Sequence[str]],
@@ -41,3 +41,15 @@ def build_answer_vocab(answers: Iterable[str], min_count: int = 1) -> list[str]:
     counts = Counter(answers)
     kept = [a for a, c in counts.items() if c >= min_count]
     return sorted(kept, key=lambda a: (-counts[a], a))
+
+
+def batch_vqa_loss(model, batch: dict, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+    """The VQA loss of a batch with ``vqa_targets``: its question tokens (the caption tokens when
+    it has none) through ``model.vqa_logits``, against the soft targets."""
+    if getattr(model, "vqa_head", None) is None:
+        raise ValueError(f"the batch has vqa_targets but this {type(model).__name__} has no VQA head "
+                         "(num_answers=0)")
+    q_ids = batch.get("question_input_ids", input_ids)
+    q_mask = batch.get("question_attention_mask", attention_mask)
+    return vqa_loss(model.vqa_logits(pixel_values, q_ids, q_mask), batch["vqa_targets"])

@@ -38,7 +38,7 @@ from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostN
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
 from ..losses.matching import itm_accuracy, itm_loss
 from ..losses.mlm import mask_tokens
-from ..losses.vqa import vqa_loss
+from ..losses.vqa import batch_vqa_loss
 from ..train.distributed import (all_gather_no_grad, all_gather_padded, all_gather_sizes,
                                  all_gather_with_grad, global_generator, global_mean_scale, is_dist,
                                  rank, world_size)
@@ -350,11 +350,7 @@ class ALBEF(VLModel):
 
         losses = [out["itc_loss"], out["itm_loss"], out["mlm_loss"]]
         if "vqa_targets" in batch:
-            if self.vqa_head is None:
-                raise ValueError("the batch has vqa_targets but this ALBEF has no VQA head (num_answers=0)")
-            q_ids = batch.get("question_input_ids", ids)
-            q_mask = batch.get("question_attention_mask", mask)
-            out["vqa_loss"] = vqa_loss(self.vqa_logits(pixels, q_ids, q_mask), batch["vqa_targets"])
+            out["vqa_loss"] = batch_vqa_loss(self, batch, pixels, ids, mask)
             losses.append(out["vqa_loss"])
         if self.training:
             self.queue.enqueue(ids=image_ids, image=image_feat_m, text=text_feat_m)

@@ -20,7 +20,7 @@ from ..layers import (BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormB
                       padding_mask)
 from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
 from ..losses.mlm import mask_tokens, mlm_loss
-from ..losses.vqa import vqa_loss
+from ..losses.vqa import batch_vqa_loss
 from .base import Output, VLModel, register
 from .vit import _init_weights
 
@@ -283,11 +283,7 @@ class ViLT(VLModel):
                 if bool(hit.any()) else logits.new_zeros(())
             losses.append(out["mlm_loss"])
         if "vqa_targets" in batch and "vqa" in objectives:
-            if self.vqa_head is None:
-                raise ValueError("the batch has vqa_targets but this ViLT has no VQA head (num_answers=0)")
-            q_ids = batch.get("question_input_ids", ids)
-            q_mask = batch.get("question_attention_mask", mask)
-            out["vqa_loss"] = vqa_loss(self.vqa_logits(pixels, q_ids, q_mask), batch["vqa_targets"])
+            out["vqa_loss"] = batch_vqa_loss(self, batch, pixels, ids, mask)
             losses.append(out["vqa_loss"])
         if not losses:
             raise ValueError(f"nothing to train: objectives {list(objectives)} need their heads "
