@@ -20,7 +20,7 @@ from .loop import TrainConfig, Trainer
 # an entry of its own takes its task's ("fusion": one joint image-text encoder scoring pairs,
 # which costs a forward pass per pair, hence the smaller batch), else the "clip" entry.
 TRAIN_DEFAULTS = {
-    "vit": dict(batch_size=128, lr=1.5e-3, weight_decay=0.05, warmup_steps=30, min_lr_ratio=0.5),
+    "vit": dict(batch_size=128, lr=1e-3, weight_decay=0.05, warmup_steps=30, min_lr_ratio=0.5),
     "clip": dict(batch_size=128, lr=1e-3, weight_decay=0.1, warmup_steps=50),
     "fusion": dict(batch_size=64, lr=1e-3, weight_decay=0.01, warmup_steps=50, min_lr_ratio=0.1),
     "vilt": dict(batch_size=64, lr=1e-3, weight_decay=0.01, warmup_steps=50, min_lr_ratio=0.1),
