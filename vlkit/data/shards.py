@@ -120,8 +120,9 @@ def _key_ext(name: str) -> tuple[str, str]:
     return os.path.join(os.path.dirname(name), key), ext.lower()
 
 
-def _samples_of(members) -> Iterator[tuple[str, dict]]:
-    """Group consecutive tar members by key: (key, {ext: member})."""
+def _samples_of(members, value=lambda m: m) -> Iterator[tuple[str, dict]]:
+    """Group consecutive tar members by key: (key, {ext: value(member)}). ``value`` runs as each
+    member is met (a streamed tar must have a member's bytes read before it moves on)."""
     key, group = None, {}
     for m in members:
         if not m.isfile():
@@ -131,7 +132,7 @@ def _samples_of(members) -> Iterator[tuple[str, dict]]:
             yield key, group
             group = {}
         key = k
-        group[ext] = m
+        group[ext] = value(m)
     if group:
         yield key, group
 
@@ -301,17 +302,7 @@ class ShardStream(IterableDataset):
 
     def _samples(self, path: Path) -> Iterator[dict]:
         with tarfile.open(path, "r|") as tar:  # front to back, no seeking
-            key, group = None, {}
-            for m in tar:
-                if not m.isfile():
-                    continue
-                k, ext = _key_ext(m.name)
-                if k != key and group:
-                    yield from self._decode(path, key, group)
-                    group = {}
-                key = k
-                group[ext] = tar.extractfile(m).read()
-            if group:
+            for key, group in _samples_of(tar, lambda m: tar.extractfile(m).read()):
                 yield from self._decode(path, key, group)
 
     def _decode(self, path, key, group: dict) -> Iterator[dict]:
