@@ -462,3 +462,19 @@ def test_vision_init_copies_a_clip_image_tower_into_both_encoders(tmp_path):
     with pytest.raises(ValueError, match="no ViT image tower|does not fit"):
         vlkit.create_model("albef", "tiny", **{**SMALL, "vision.dim": 48, "vision.heads": 2},
                            vision_init=str(tmp_path))
+
+
+def test_training_with_vision_init_adopts_the_towers_architecture(tmp_path):
+    from vlkit.train.run import RunArgs, train
+    vit = tmp_path / "vit"
+    train(RunArgs(model="vit", out=str(vit), steps=2, batch_size=8, progress=False,
+                  overrides={"depth": 1, "dim": 48, "heads": 2, "mlp_dim": 96}))
+    run = tmp_path / "albef"
+    small = {k: v for k, v in SMALL.items() if not k.startswith("vision.") and k != "vocab_size"}
+    train(RunArgs(model="albef", out=str(run), steps=1, batch_size=8, progress=False,
+                  overrides={**small, "vision_init": str(vit)}))
+    tower = vlkit.load(vit).model.vision.cfg
+    model = vlkit.load(run).model
+    assert model.cfg.vision.dim == 48 == tower.dim and model.cfg.vision.depth == 1
+    assert model.cfg.vision.num_classes == 0 and model.cfg.vision.stem == tower.stem
+    assert model.image_proj.in_features == 48

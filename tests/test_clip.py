@@ -88,3 +88,16 @@ def test_clip_training_losses_and_hard_negatives():
         model.logit_scale.fill_(10.0)
     model.after_step(0)
     assert model.logit_scale.item() == pytest.approx(torch.log(torch.tensor(100.0)).item())
+
+
+def test_text_mean_pooling_option():
+    model = vlkit.create_model("clip", "tiny", **{"text.pool": "mean", "text.depth": 1, "vision.depth": 1})
+    ids = torch.tensor([[5, 9, 12, 3, 0, 0], [7, 8, 3, 0, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        hidden = model.text.forward_features(ids, mask)
+        want = torch.stack([hidden[i, :int(mask[i].sum())].mean(0) for i in range(2)])
+        got = model.text(ids, mask)
+    assert torch.allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="text.pool"):
+        vlkit.create_model("clip", "tiny", **{"text.pool": "max"})

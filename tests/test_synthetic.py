@@ -374,3 +374,82 @@ def test_write_dataset(tmp_path):
     again = SyntheticWorld(seed=1, image_size=32).sample(0, "train")
     assert first["caption"] == again["caption"]
     assert np.array_equal(np.asarray(load_image(tmp_path / first["image"])), np.asarray(again["image"]))
+
+
+# ----------------------------------------------------------------------------- minimal-pair groups
+def _scene(rec):
+    return sorted((o["color"], o["shape"], o["size"], o["x"], o["y"]) for o in rec["objects"])
+
+
+def _one_edit(a, b):
+    """The kind of the single edit turning scene a into scene b (objects as dicts), or None."""
+    oa, ob = a["objects"], b["objects"]
+    if len(oa) != len(ob):
+        return None
+    pos = lambda o: (o["x"], o["y"], o["size"])  # noqa: E731
+    if [pos(o) for o in oa] == [pos(o) for o in ob]:
+        diff = [i for i, (p, q) in enumerate(zip(oa, ob)) if (p["color"], p["shape"]) != (q["color"], q["shape"])]
+        if len(diff) == 1:
+            p, q = oa[diff[0]], ob[diff[0]]
+            if p["color"] == q["color"]:
+                return "shape"
+            return "color" if p["shape"] == q["shape"] else None
+        if len(diff) == 2:
+            i, j = diff
+            swapped = (oa[i]["color"] == ob[j]["color"] and oa[j]["color"] == ob[i]["color"]
+                       and oa[i]["shape"] == ob[i]["shape"] and oa[j]["shape"] == ob[j]["shape"])
+            return "swap" if swapped else None
+        return None
+    for axis, other in (("x", "y"), ("y", "x")):
+        if all(abs(p[axis] + q[axis] - 1) < 1e-3 and p[other] == q[other] and
+               (p["color"], p["shape"], p["size"]) == (q["color"], q["shape"], q["size"])
+               for p, q in zip(oa, ob)):
+            return "mirror"
+    return None
+
+
+def test_groups_leave_val_and_test_alone(world):
+    grouped = SyntheticWorld(seed=0, group_size=4)
+    for split in ("val", "test"):
+        for i in (0, 5, 17):
+            a, b = world.sample(i, split), grouped.sample(i, split)
+            assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+            assert a["captions"] == b["captions"] and a["negatives"] == b["negatives"]
+    assert grouped.config()["group_size"] == 4
+    with pytest.raises(ValueError, match="group_size"):
+        SyntheticWorld(group_size=0)
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_group_members_are_one_edit_apart_and_captions_single_them_out(size):
+    w = SyntheticWorld(seed=1, group_size=size)
+    held = {f"{c} {s}" for c, s in HELDOUT_COMBINATIONS}
+    edits, fallbacks, groups = Counter(), 0, 60
+    for g in range(groups):
+        recs = [w.sample(g * size + m) for m in range(size)]
+        again = w.sample(g * size + size - 1)  # deterministic, whatever was sampled before
+        assert again["captions"] == recs[-1]["captions"]
+        assert np.array_equal(np.asarray(again["image"]), np.asarray(recs[-1]["image"]))
+        assert len({tuple(map(tuple, _scene(r))) for r in recs}) == size  # distinct scenes
+        for m, rec in enumerate(recs):
+            objs = rec["objects"]
+            assert len({o["color"] for o in objs}) == len(objs)
+            assert not {f"{o['color']} {o['shape']}" for o in objs} & held and not rec["heldout"]
+            for cap in rec["captions"]:
+                assert truth(cap, objs), (cap, objs)
+            for neg in rec["negatives"]:
+                assert not truth(neg["caption"], objs)
+            others = [r["objects"] for k, r in enumerate(recs) if k != m]
+            singled = [c for c in rec["captions"] if not any(truth(c, o) for o in others)]
+            if singled != rec["captions"]:
+                fallbacks += 1  # no caption singles this member out: it keeps them all
+                assert not singled
+            if m:
+                kind = _one_edit(recs[0], rec)
+                assert kind is not None, (recs[0]["objects"], objs)
+                edits[kind] += 1
+        # shared background: the corner pixels of the members are alike
+        corners = np.array([np.asarray(r["image"])[:4, :4].mean((0, 1)) for r in recs])
+        assert np.abs(corners - corners[0]).max() < 40
+    assert fallbacks <= 0.05 * groups * size
+    assert set(edits) == {"shape", "color", "swap", "mirror"}

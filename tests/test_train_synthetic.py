@@ -35,3 +35,28 @@ def test_clip_trains_with_hard_negatives_on_the_synthetic_world(tmp_path):
     assert pipe.tokenizer is not None and pipe.model.cfg.text.eot_token_id == pipe.tokenizer.eos_token_id
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(l == l for l in losses)  # finite
+
+
+def test_learning_curve_and_minimal_pair_groups(tmp_path):
+    run = tmp_path / "clip"
+    ov = {"vision.depth": 1, "text.depth": 1}
+    train(RunArgs(model="clip", out=str(run), steps=4, batch_size=16, progress=False, groups=4,
+                  eval_every=2, eval_size=20, overrides=ov))
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["groups"] == 4
+    curve = [json.loads(line) for line in (run / "curve.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in curve] == [2, 4] and [c["samples"] for c in curve] == [32, 64]
+    for c in curve:
+        assert 0.0 <= c["zeroshot.top1"] <= 1.0 and 0.0 <= c["retrieval.t2i_r1"] <= 1.0
+        assert "itm.compositional_acc" in c and "caption.bleu4" not in c
+    # the curve's evaluation leaves training alone: the same run without it ends on equal weights
+    plain = tmp_path / "plain"
+    train(RunArgs(model="clip", out=str(plain), steps=4, batch_size=16, progress=False, groups=4,
+                  overrides=ov))
+    a, b = vlkit.load(run).model.state_dict(), vlkit.load(plain).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a group that does not divide the batch is refused
+    import pytest
+    with pytest.raises(ValueError, match="group size"):
+        train(RunArgs(model="clip", out=str(tmp_path / "bad"), steps=1, batch_size=18, progress=False,
+                      groups=4, overrides=ov))

@@ -168,3 +168,27 @@ def test_pretrain_then_vqa_with_init_then_eval(tmp_path, capsys, monkeypatch):
     clip = _clip_run(tmp_path / "clip")
     assert main(["train", "vilt", "--vqa", "--init", str(clip), "--out", str(tmp_path / "y"), *common]) == 2
     assert "a clip checkpoint cannot initialise vilt" in capsys.readouterr().err
+
+
+def test_vision_init_starts_vilt_from_a_vit_run(tmp_path):
+    import vlkit
+    from vlkit.train.run import RunArgs, train
+    vit = tmp_path / "vit"
+    train(RunArgs(model="vit", out=str(vit), steps=2, batch_size=8, progress=False,
+                  overrides={"depth": 1, "dim": 48, "heads": 2, "mlp_dim": 96}))
+    source = vlkit.load(vit).model.vision
+    run = tmp_path / "vilt"
+    train(RunArgs(model="vilt", out=str(run), steps=0, batch_size=8, progress=False,
+                  overrides={"depth": 2, "vision_init": str(vit)}))
+    model = vlkit.load(run).model
+    assert (model.cfg.dim, model.cfg.depth, model.cfg.patch_size) == (48, 2, source.cfg.patch_size)
+    ref = source.state_dict()
+    own = model.state_dict()
+    assert torch.equal(own["image_embed.pos_embed"], ref["embed.pos_embed"])
+    for key in ref:
+        if "running_" in key or "num_batches" in key:
+            continue  # BatchNorm statistics: recomputed on ViLT's batches when the run ends
+        if key.startswith("encoder.blocks.0.") or key.startswith("embed.patch_embed."):
+            mine = key.replace("embed.", "image_embed.", 1) if key.startswith("embed.") else key
+            assert torch.equal(own[mine], ref[key]), key
+    assert not torch.equal(own["encoder.blocks.1.mlp.fc1.weight"], ref["encoder.blocks.0.mlp.fc1.weight"])

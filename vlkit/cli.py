@@ -73,7 +73,8 @@ def cmd_train(args) -> int:
                   on_bad_sample=args.on_bad_sample, overrides=_kv(args.set),
                   progress=not args.no_progress, max_skip_rate=args.max_skip_rate,
                   ckpt_every=args.ckpt_every, grad_checkpointing=args.grad_checkpointing,
-                  fsdp=args.fsdp)
+                  fsdp=args.fsdp, groups=args.groups, eval_every=args.eval_every,
+                  eval_size=args.eval_size)
     from .train import distributed as vdist
     try:
         result = train(run)
@@ -171,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimiser state (FSDP2) "
                         "instead of replicating them (DDP)")
+    s.add_argument("--groups", type=int, metavar="G",
+                   help="synthetic world: image-text batches made of minimal-pair groups of G (a scene "
+                        "and G-1 one-edit variants of it, each other's hard negatives); 1 turns them off")
+    s.add_argument("--eval-every", type=int, metavar="N",
+                   help="learning curve: evaluate on the test split every N steps (curve.jsonl; the "
+                        "time spent does not count against --minutes)")
+    s.add_argument("--eval-size", type=int, default=300, metavar="N",
+                   help="test records per learning-curve point (default 300)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     s.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     s.add_argument("--no-progress", action="store_true")

@@ -95,6 +95,10 @@ class _Obj:
         self.x, self.y, self.extent = x, y, extent
 
 
+def _scene_key(objs) -> tuple:
+    return tuple(sorted((o.shape, o.color, round(o.x, 6), round(o.y, 6)) for o in objs))
+
+
 def relation_of(a: _Obj, b: _Obj) -> str:
     """Where a is relative to b, on the axis of larger centre distance (y grows downwards)."""
     dx, dy = a.x - b.x, a.y - b.y
@@ -288,9 +292,13 @@ class SyntheticWorld:
     """
 
     def __init__(self, seed: int = 0, image_size: int = 64, max_objects: int = 3,
-                 single_object_prob: float = 0.35):
+                 single_object_prob: float = 0.35, group_size: int = 1):
         if not 1 <= max_objects <= 3:
             raise ValueError("max_objects must be 1, 2 or 3")
+        if not 1 <= int(group_size) <= 16:
+            raise ValueError(f"group_size must be 1 to 16, got {group_size}")
+        self.group_size = int(group_size)
+        self._group_cache = None  # (key, members) of the last group: its members come in a row
         if image_size < 16:
             raise ValueError("image_size must be at least 16")
         self.seed, self.image_size = int(seed), int(image_size)
@@ -308,7 +316,7 @@ class SyntheticWorld:
 
     def config(self) -> dict:
         return {"seed": self.seed, "image_size": self.image_size, "max_objects": self.max_objects,
-                "single_object_prob": self.single_object_prob}
+                "single_object_prob": self.single_object_prob, "group_size": self.group_size}
 
     @staticmethod
     def _shapes_by_color(split):
@@ -316,16 +324,108 @@ class SyntheticWorld:
 
     # -- public API
     def sample(self, index: int, split: str = "train", single_object: bool = False) -> dict:
+        """Sample ``index`` of a split. With ``group_size`` G > 1, training samples come in
+        minimal-pair groups (see ``_group_member``); val and test are the same for every G."""
+        if self.group_size > 1 and split == "train":
+            return self._group_member(int(index), single_object)
         rng = random.Random(f"vlkit-synth:{self.seed}:{split}:{int(index)}:{int(bool(single_object))}")
         train = split == "train"
         objs = self._objects(rng, train, single_object)
         image = self._draw(rng, objs)
+        captions, cap_texts = self._unique_captions(rng, objs)
+        return self._record(rng, objs, image, captions, cap_texts, train)
+
+    def _unique_captions(self, rng, objs) -> tuple[list, list[str]]:
         captions, cap_texts = [], []
         for c in self._captions(rng, objs):
             t = _render(c)
             if t not in cap_texts:
                 captions.append(c)
                 cap_texts.append(t)
+        return captions, cap_texts
+
+    def _group_member(self, index: int, single_object: bool) -> dict:
+        """Member ``index % G`` of training group ``index // G``: member 0 is a scene, every
+        other member the same scene after one edit -- an object's shape or colour changed, two
+        objects' colours exchanged, or the scene mirrored along the axis of one of its relations
+        (which reverses the relations on that axis). The members share the background, noise and
+        caption templates, so they differ only where the edit is. A member keeps only the
+        captions false for every other member of its group (all of them in the rare group where
+        none is), so each caption singles out its own image within the group. Sampled in
+        consecutive indices, a group lands in one batch: its members are each other's hardest
+        in-batch negatives, on the image side and on the text side."""
+        g, m = divmod(index, self.group_size)
+        key = f"vlkit-synth:{self.seed}:train-group{self.group_size}:{g}:{int(bool(single_object))}"
+        if self._group_cache is None or self._group_cache[0] != key:
+            self._group_cache = (key, self._group(key, single_object))
+        members = self._group_cache[1]
+        objs, captions, cap_texts = members[m]
+        colors = sorted({o.color for member in members for o in member[0]})  # one background for all
+        image = self._draw(random.Random(key + ":draw"), objs, colors)
+        return self._record(random.Random(f"{key}:member:{m}"), objs, image, captions, cap_texts, True)
+
+    def _group(self, key: str, single_object: bool) -> list[tuple]:
+        """(objects, captions, caption texts) of each member of a group."""
+        base = self._objects(random.Random(key + ":objects"), True, single_object)
+        members, seen = [base], {_scene_key(base)}
+        rng = random.Random(key + ":edits")
+        for _ in range(8 * self.group_size):  # distinct scenes (a tiny group may run out)
+            if len(members) == self.group_size:
+                break
+            edited = self._edit(rng, base)
+            if _scene_key(edited) not in seen:
+                seen.add(_scene_key(edited))
+                members.append(edited)
+        while len(members) < self.group_size:
+            members.append(self._edit(rng, base))
+        out = []
+        for m, objs in enumerate(members):
+            captions, texts = self._unique_captions(random.Random(key + ":captions"), objs)
+            others = [o for k, o in enumerate(members) if k != m]
+            keep = [i for i, c in enumerate(captions) if not any(_holds(c, o) for o in others)]
+            if keep:
+                captions, texts = [captions[i] for i in keep], [texts[i] for i in keep]
+            out.append((objs, captions, texts))
+        return out
+
+    def _edit(self, rng: random.Random, objs: list[_Obj]) -> list[_Obj]:
+        """A copy of a training scene after one edit (kinds as in ``_group_member``); the
+        result never shows a held-out combination and keeps colours distinct."""
+        new = [_Obj(o.shape, o.color, o.size, o.x, o.y, o.extent) for o in objs]
+        allowed = self._allowed["train"]
+        if len(new) == 1:
+            kinds, weights = ("shape", "color"), (0.6, 0.4)
+        else:
+            kinds, weights = ("shape", "color", "swap", "mirror"), (0.25, 0.15, 0.3, 0.3)
+        while True:  # "shape" always succeeds (every colour allows several shapes)
+            kind = rng.choices(kinds, weights)[0]
+            if kind == "shape":
+                o = rng.choice(new)
+                o.shape = rng.choice([s for s in allowed[o.color] if s != o.shape])
+                return new
+            if kind == "color":
+                o = rng.choice(new)
+                used = {p.color for p in new}
+                options = [c for c in COLORS if c not in used and o.shape in allowed[c]]
+                if options:
+                    o.color = rng.choice(options)
+                    return new
+            elif kind == "swap":
+                a, b = rng.sample(new, 2)
+                if a.shape != b.shape and a.shape in allowed[b.color] and b.shape in allowed[a.color]:
+                    a.color, b.color = b.color, a.color
+                    return new
+            else:  # mirror along the axis on which the first two objects are related
+                a, b = new[0], new[1]
+                on_x = abs(a.x - b.x) >= abs(a.y - b.y)
+                for o in new:
+                    if on_x:
+                        o.x = 1.0 - o.x
+                    else:
+                        o.y = 1.0 - o.y
+                return new
+
+    def _record(self, rng, objs, image, captions, cap_texts, train: bool) -> dict:
         negatives = self._negatives(rng, objs, captions, cap_texts, train)
         rec = {
             "image": image,
@@ -378,13 +478,15 @@ class SyntheticWorld:
         rng.shuffle(placed)
         return placed
 
-    def _draw(self, rng: random.Random, objs: list[_Obj]) -> Image.Image:
+    def _draw(self, rng: random.Random, objs: list[_Obj], colors=None) -> Image.Image:
+        """The image of ``objs``; the background contrasts with ``colors`` (default: theirs)."""
         s, f = self.image_size, self._factor
         cols = [COLOR_RGB[o.color] for o in objs]
+        far = [COLOR_RGB[c] for c in colors] if colors is not None else cols
         for _ in range(30):  # a background shade far from every object colour present
             g = rng.uniform(0.0, 235.0)
             bg = tuple(min(255, max(0, int(g + rng.uniform(-12.0, 12.0)))) for _ in range(3))
-            if all(_contrast_ok(bg, c) for c in cols):
+            if all(_contrast_ok(bg, c) for c in far):
                 break
         else:
             bg = (24, 24, 28)  # dark slate: contrasts with every colour

@@ -209,12 +209,14 @@ RUNNERS = {"classification": eval_classification, "zeroshot": eval_zeroshot,
 
 
 def evaluate(pipe, data: str = "synthetic", split: str = "test", tasks=ALL_TASKS,
-             retrieval_size: int | None = None) -> dict:
-    """Metrics of ``tasks`` on a split; ``retrieval_size``: see the module docstring."""
+             retrieval_size: int | None = None, records: tuple[list, list] | None = None) -> dict:
+    """Metrics of ``tasks`` on a split; ``retrieval_size``: see the module docstring.
+    ``records``: (image-text records, single-object records) to use instead of loading the split."""
     unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(ALL_TASKS)}")
-    records, singles = load_records(data, split, pipe.model.image_spec()["size"])
+    records, singles = records if records is not None else \
+        load_records(data, split, pipe.model.image_spec()["size"])
     out: dict = {"metrics": {}, "unsupported": [], "no_data": [], "data": data, "split": split,
                  "model": pipe.model.model_name}
     for task in tasks:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import PreNormBlock, TextEmbeddings, Transformer, padding_mask, pool_eot
+from ..layers import PreNormBlock, TextEmbeddings, Transformer, padding_mask, pool_eot, pool_mean
 from ..losses.contrastive import ContrastiveLoss
 from .base import Output, VLModel, image_spec, register
 from .vit import ViTConfig, VisionTransformer, _init_weights
@@ -29,6 +29,7 @@ class TextConfig:
     eps: float = 1e-5
     eot_token_id: int | None = None   # None: pool at the largest id (original CLIP vocabulary)
     causal: bool = True
+    pool: str = "eot"                 # "eot" (CLIP) or "mean" over the caption's tokens
 
 
 @dataclass
@@ -70,6 +71,8 @@ class TextTransformer(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
+        if cfg.pool not in ("eot", "mean"):
+            raise ValueError(f"text.pool: {cfg.pool!r} is not 'eot' or 'mean'")
         self.cfg = cfg
         self.embed = TextEmbeddings(cfg.vocab_size, cfg.dim, cfg.context_length)
         self.encoder = Transformer([PreNormBlock(cfg.dim, cfg.heads, cfg.mlp_dim, act=cfg.act, eps=cfg.eps)
@@ -82,7 +85,10 @@ class TextTransformer(nn.Module):
         return self.norm(self.encoder(x, mask=mask, causal=self.cfg.causal))  # (B, L, D)
 
     def forward(self, input_ids, attention_mask=None) -> torch.Tensor:
-        return pool_eot(self.forward_features(input_ids, attention_mask), input_ids, self.cfg.eot_token_id)
+        x = self.forward_features(input_ids, attention_mask)
+        if self.cfg.pool == "mean":
+            return pool_mean(x, attention_mask)
+        return pool_eot(x, input_ids, self.cfg.eot_token_id)
 
 
 @register("clip")

@@ -10,6 +10,7 @@ captions), MLM, and VQA (soft-score BCE) on batches that carry VQA targets.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +64,7 @@ class ViLTConfig:
     mask_token_id: int = 4          # ids of vlkit's WordPiece vocabulary ([PAD]=0 ... [MASK]=4)
     pad_token_id: int = 0
     special_token_ids: tuple[int, ...] = (0, 1, 2, 3, 4)
+    vision_init: str = ""           # a ViT run (or HF folder): patch embeddings and first blocks
 
 
 OBJECTIVES = ("itm", "mlm", "vqa")
@@ -136,6 +138,42 @@ class ViLT(VLModel):
         for emb in (self.text_embed.word, self.text_embed.position, self.modality_embed,
                     self.text_embed.token_type):
             nn.init.normal_(emb.weight, std=0.02)
+
+    @staticmethod
+    def with_vision_tower(cfg: ViLTConfig, tower) -> ViLTConfig:
+        """``cfg`` with the image and backbone fields of a ViT tower's config (``tower``), so
+        ``vision_init`` fits; the backbone keeps its own depth if deeper than the tower's."""
+        if tower.pre_norm or not tower.patch_bias:
+            raise ValueError("vision_init: ViLT starts from a ViT classifier's tower (no pre-encoder "
+                             "LayerNorm, a biased patch projection), not a CLIP image tower")
+        return dataclasses.replace(
+            cfg, image_size=tower.image_size, patch_size=tower.patch_size, in_chans=tower.in_chans,
+            stem=tower.stem, dim=tower.dim, heads=tower.heads, mlp_dim=tower.mlp_dim, act=tower.act,
+            eps=tower.eps, qkv_bias=tower.qkv_bias, mean=tuple(tower.mean), std=tuple(tower.std),
+            depth=max(cfg.depth, tower.depth))
+
+    def init_pretrained(self) -> None:
+        """ViLT starts from a ViT (the paper: ImageNet ViT-B/32): ``cfg.vision_init``'s patch
+        embeddings ([CLS], positions), its Transformer blocks as the first blocks of the backbone
+        and its final LayerNorm; text embeddings, the later blocks and the heads start fresh."""
+        if not self.cfg.vision_init:
+            return
+        from ..convert.common import check_fit
+        from ..pipeline import load
+        source = load(self.cfg.vision_init).model
+        tower = getattr(source, "vision", None)
+        if tower is None or not hasattr(tower, "embed"):
+            raise ValueError(f"vision_init {self.cfg.vision_init}: a {source.model_name} model has no "
+                             "ViT image tower")
+        state = {}
+        for key, value in tower.state_dict().items():
+            if key.startswith("norm_pre."):
+                raise ValueError(f"vision_init {self.cfg.vision_init}: a tower with a pre-encoder "
+                                 "LayerNorm (CLIP) does not fit ViLT")
+            state[("image_embed." + key[len("embed."):]) if key.startswith("embed.") else key] = value
+        own = self.state_dict()
+        check_fit(own, state, f"vision_init {self.cfg.vision_init}", "this ViLT", needed=())
+        self.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
 
     # -- embeddings -----------------------------------------------------------------------------
     def embed_image(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None):

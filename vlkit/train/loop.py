@@ -34,6 +34,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 200
     keep_last: int = 3
+    eval_every: int = 0               # steps between learning-curve points (0: none; needs an evaluator)
     seed: int = 0
     max_bad_steps: int = 5            # consecutive non-finite losses before the run stops
     progress: bool = True
@@ -113,11 +114,18 @@ class Trainer:
     FSDP2 when ``cfg.fsdp``), its BatchNorm layers normalise over the global batch, the logged
     losses are averaged over the ranks, and only rank 0 writes metrics, checkpoints and the
     exported weights. Every rank loads a checkpoint on resume; each keeps its own RNG state.
+
+    ``evaluator(model) -> dict`` with ``cfg.eval_every`` draws a learning curve: every that many
+    steps the model is evaluated (in eval mode, BatchNorm statistics recomputed as for the
+    exported weights, then restored) and a line {"step", "samples", "elapsed", metrics...} is
+    appended to ``curve.jsonl``. The evaluation's time does not count against a time budget.
     """
 
     def __init__(self, model: torch.nn.Module, batches: Callable[[int], Iterable[dict]],
-                 cfg: TrainConfig, run_dir: str | Path, device: str | torch.device | None = None):
+                 cfg: TrainConfig, run_dir: str | Path, device: str | torch.device | None = None,
+                 evaluator: Callable[[torch.nn.Module], dict] | None = None):
         self.model = model
+        self.evaluator = evaluator
         self.batches = batches
         self.cfg = cfg
         vdist.set_run_seed(cfg.seed)  # behind the models' draws over the global batch
@@ -446,7 +454,31 @@ class Trainer:
                 bar.update(1)
             if self.step % cfg.ckpt_every == 0:
                 self.checkpoint()
+            if self.evaluator is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                self.curve_point()
         return last
+
+    def curve_point(self) -> None:
+        """Evaluate the model now and append the result to ``curve.jsonl`` (rank 0 evaluates;
+        under a process group every rank takes part in the BatchNorm recalibration)."""
+        norms = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+        self.recalibrate_batchnorm()
+        if self.rank == 0:
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    metrics = self.evaluator(self.model)
+            finally:
+                self.model.train(was_training)
+            line = {"step": self.step, "samples": self.samples, "elapsed": round(self.elapsed, 2),
+                    **{k: round(float(v), 4) for k, v in metrics.items()}}
+            with open(self.run / "curve.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
+        for m, state in zip(norms, saved):
+            m.load_state_dict(state)
+        vdist.barrier()
 
     def _on_sigterm(self, signum, frame):
         print("SIGTERM: writing a checkpoint at the end of this step", file=sys.stderr)
