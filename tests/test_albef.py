@@ -478,3 +478,33 @@ def test_training_with_vision_init_adopts_the_towers_architecture(tmp_path):
     assert model.cfg.vision.dim == 48 == tower.dim and model.cfg.vision.depth == 1
     assert model.cfg.vision.num_classes == 0 and model.cfg.vision.stem == tower.stem
     assert model.image_proj.in_features == 48
+
+
+def test_eval_retrieval_reports_itc_and_itm_reranked_recall(tiny_run):
+    from vlkit.data.synthetic import SyntheticWorld
+    from vlkit.eval.rerank import rerank
+    from vlkit.eval.run import eval_retrieval
+    pipe = vlkit.load(tiny_run["run"])
+    records = SyntheticWorld(seed=0, image_size=64).records("test", 12)
+    res = eval_retrieval(pipe, records, rerank_k=4)
+    itc_only = eval_retrieval(pipe, records, rerank_k=0)
+    assert {k.replace("retrieval.", "retrieval_itc."): v for k, v in itc_only.items()} == \
+        {k: v for k, v in res.items() if k.startswith("retrieval_itc.")}
+    texts, owner = [], []
+    for i, r in enumerate(records):
+        texts += r["captions"]
+        owner += [i] * len(r["captions"])
+    owner = torch.tensor(owner)
+    tok = pipe.tokens(texts)
+    scores = rerank(pipe.model, pipe.pixels([r["image"] for r in records]), tok["input_ids"],
+                    tok["attention_mask"], k=4)
+    # brute force: a text's own image is retrieved at rank 1 when no other image scores at least as high
+    t2i = scores["t2i"]  # (texts, images)
+    own = t2i[torch.arange(len(texts)), owner]
+    beaten = (t2i >= own[:, None]).sum(1) - 1
+    assert res["retrieval.t2i_r1"] == pytest.approx((beaten == 0).float().mean().item())
+    i2t = scores["i2t"]  # (images, texts): an image is right at rank 1 when its best caption beats the rest
+    right = owner[None, :] == torch.arange(len(records))[:, None]
+    best = i2t.masked_fill(~right, float("-inf")).amax(1)
+    wrong_above = ((i2t >= best[:, None]) & ~right).sum(1)
+    assert res["retrieval.i2t_r1"] == pytest.approx((wrong_above == 0).float().mean().item())

@@ -2,7 +2,8 @@
 
 One module serves both: given ``context`` it attends from ``x`` to ``context`` (cross-attention),
 otherwise to ``x`` itself. Queries, keys and values have separate projections, so checkpoints with
-either separate or fused q/k/v load by a rename table.
+either separate or fused q/k/v load by a rename table; the forward pass computes them as one
+product over the stacked weights.
 
 Two code paths compute the same thing:
 - fused: ``F.scaled_dot_product_attention`` (the default);
@@ -124,18 +125,18 @@ class Attention(nn.Module):
         With ``cache``, keys/values of earlier steps are reused (decoding)."""
         if self.is_cross and context is None:
             raise ValueError("cross-attention needs a context")
-        q = self._heads(self.q(x))  # (B, heads, N, head_dim)
         key = id(self)
         if self.is_cross:
+            q = self._heads(self.q(x))  # (B, heads, N, head_dim)
             cached = cache.get(key) if cache is not None else None
             if cached is None:
-                k, v = self._heads(self.k(context)), self._heads(self.v(context))
+                k, v = (self._heads(t) for t in _project(context, self.k, self.v))
                 if cache is not None:
                     cache.set(key, k, v)
             else:
                 k, v = cached
         else:
-            k, v = self._heads(self.k(x)), self._heads(self.v(x))
+            q, k, v = (self._heads(t) for t in _project(x, self.q, self.k, self.v))
             if cache is not None:
                 past = cache.get(key)
                 if past is not None:
@@ -154,6 +155,19 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(x.shape[0], n, -1)  # (B, N, D)
         out = self.proj_drop(self.proj(out))
         return (out, attn) if return_attention else out
+
+
+def _project(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """``layer(x)`` for each layer, computed as one matrix product over their stacked weights (the
+    weights stay separate parameters); on a CPU one wide product is much faster than three."""
+    weight = torch.cat([layer.weight for layer in layers])
+    biases = [layer.bias for layer in layers]
+    if all(b is None for b in biases):
+        bias = None
+    else:
+        bias = torch.cat([b if b is not None else layer.weight.new_zeros(layer.out_features)
+                          for b, layer in zip(biases, layers)])
+    return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
 
 
 def plain_attention(q, k, v, mask=None, dropout_p: float = 0.0, training: bool = False):

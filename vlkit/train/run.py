@@ -235,7 +235,8 @@ def prepare_model(args: RunArgs, run: Path):
 def curve_evaluator(model, tok, data: str, size: int):
     """evaluator(model) -> metrics on the first ``size`` test records (and single-object
     images), for learning curves: every task the model supports but captioning, and retrieval
-    only for dual encoders (a fusion model scores every pair with a forward pass)."""
+    only for dual encoders, by embeddings alone (a fusion model's forward pass per pair, or
+    ITM re-ranking, would cost more than the training between two points)."""
     from ..eval.run import _is_dual, default_tasks, evaluate, load_records
     from ..pipeline import Pipeline, image_transform
     if data != "synthetic" and not (Path(data) / "test.jsonl").is_file():
@@ -246,7 +247,7 @@ def curve_evaluator(model, tok, data: str, size: int):
 
     def evaluator(m) -> dict:
         return evaluate(Pipeline(m, tok, image_transform(m)), data, "test", tasks,
-                        records=(records, singles))["metrics"]
+                        records=(records, singles), rerank_k=0)["metrics"]
     return evaluator
 
 
