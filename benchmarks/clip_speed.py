@@ -10,11 +10,14 @@ separate environment, e.g. ``python -m venv /tmp/oc && /tmp/oc/bin/pip install t
 torchvision==0.29.1 open_clip_torch transformers && /tmp/oc/bin/pip install -e .`` and run this
 script with that interpreter. open_clip is never a dependency of vlkit.
 
-    python benchmarks/clip_speed.py [--batches 16 64] [--precisions fp32 bf16] [--repeats 3] [--small]
+    python benchmarks/clip_speed.py [--batches 16 64] [--precisions fp32 bf16] [--repeats 3] [--small] [--compile]
+
+``--compile`` adds vlkit under ``torch.compile`` and its ratio to the faster of the others.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -88,13 +91,18 @@ def step_fns(kind, model):
     return train, embed
 
 
-def timed(fn, *args, repeats=3):
-    fn(*args)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def timed_rounds(calls: dict, repeats: int = 3) -> dict:
+    """{name: (fn, args)} -> {name: best seconds}: one warm-up call each, then ``repeats`` rounds
+    in which every implementation runs once in turn, so a slow spell of a shared machine falls
+    on all of them alike."""
+    for fn, args in calls.values():
         fn(*args)
-        best = min(best, time.perf_counter() - t0)
+    best = {k: float("inf") for k in calls}
+    for _ in range(repeats):
+        for k, (fn, args) in calls.items():
+            t0 = time.perf_counter()
+            fn(*args)
+            best[k] = min(best[k], time.perf_counter() - t0)
     return best
 
 
@@ -104,6 +112,8 @@ def main():
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--small", action="store_true", help="the tiny preset instead of ViT-B/32 (a quick check)")
+    ap.add_argument("--compile", action="store_true",
+                    help="add a column: vlkit under torch.compile (same weights as the vlkit column)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ours = vlkit_model(args.small).to(device)
@@ -112,12 +122,20 @@ def main():
     if oc is not None:
         impls["open_clip"] = oc.to(device)
     fns = {k: step_fns(k, m) for k, m in impls.items()}
+    if args.compile:
+        import copy
+        twin = copy.deepcopy(ours)
+        twin.encode_image = torch.compile(twin.encode_image, dynamic=False)
+        twin.encode_text = torch.compile(twin.encode_text, dynamic=False)
+        impls["vlkit+compile"] = twin
+        fns["vlkit+compile"] = step_fns("vlkit", twin)
     v, t = ours.cfg.vision, ours.cfg.text
     print(f"device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}; "
           f"open_clip: {'yes' if oc is not None else 'not importable (see the docstring)'}")
-    header = f"{'row':28s}" + "".join(f"{k:>12s}" for k in impls) + f"{'vlkit/hf':>10s}" + \
-        (f"{'vlkit/oc':>10s}" if oc is not None else "")
+    header = f"{'row':28s}" + "".join(f"{k:>14s}" for k in impls) + f"{'vlkit/hf':>10s}" + \
+        (f"{'vlkit/oc':>10s}" if oc is not None else "") + \
+        (f"{'compiled/best':>14s}" if args.compile else "")
     print(header)
     for precision in args.precisions:
         ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" \
@@ -129,20 +147,18 @@ def main():
             mask = torch.ones_like(ids)
             for row, make in (("train pairs/s", lambda f: (f[0], (px, ids, mask))),
                               ("embed images/s", lambda f: (f[1], (px,)))):
-                rates = {}
-                for k, f in fns.items():  # alternating implementations within a row
-                    fn, fargs = make(f)
-                    with ctx():
-                        if row.startswith("embed"):
-                            with torch.no_grad():
-                                sec = timed(fn, *fargs, repeats=args.repeats)
-                        else:
-                            sec = timed(fn, *fargs, repeats=args.repeats)
-                    rates[k] = b / sec
-                line = f"{f'{row} {precision} b{b}':28s}" + "".join(f"{rates[k]:12.1f}" for k in impls)
+                calls = {k: make(f) for k, f in fns.items()}
+                grad = torch.no_grad() if row.startswith("embed") else contextlib.nullcontext()
+                with ctx(), grad:  # implementations alternate within a row
+                    secs = timed_rounds(calls, args.repeats)
+                rates = {k: b / sec for k, sec in secs.items()}
+                line = f"{f'{row} {precision} b{b}':28s}" + "".join(f"{rates[k]:14.1f}" for k in impls)
                 line += f"{rates['vlkit'] / rates['hf']:10.2f}"
                 if oc is not None:
                     line += f"{rates['vlkit'] / rates['open_clip']:10.2f}"
+                if args.compile:
+                    others = max(rates[k] for k in impls if k not in ("vlkit", "vlkit+compile"))
+                    line += f"{rates['vlkit+compile'] / others:14.2f}"
                 print(line, flush=True)
 
 

@@ -338,15 +338,16 @@ class ALBEF(VLModel):
             cfg.vocab_size, cfg.mlm_prob, generator=generator,
             word_ids=None if word_ids is None else all_gather_padded(word_ids, length, -1, g["sizes"]))
         masked, mlm_labels = masked[rows, :ids.shape[1]], mlm_labels[rows, :ids.shape[1]]
-        mlm_logits = self.mlm_head(self.fuse(self._text(masked, mask)[0], mask, image_tokens))
+        hit = mlm_labels != -100  # the head runs on the masked positions only
+        mlm_logits = self.mlm_head(self.fuse(self._text(masked, mask)[0], mask, image_tokens)[hit])
         mlm_logits_m = None
         if alpha > 0:
             with torch.no_grad():
                 hidden_m = self._text(masked, mask, momentum=True)[0]
                 fused_m = self.fuse(hidden_m, mask, image_tokens_m, momentum=True)
-                mlm_logits_m = self._part("mlm_head", True)(fused_m)
-        scale = global_mean_scale(int((mlm_labels != -100).sum()), mask.device)  # all masked tokens
-        out["mlm_loss"] = mlm_distill_loss(mlm_logits, mlm_labels, mlm_logits_m, alpha) * scale
+                mlm_logits_m = self._part("mlm_head", True)(fused_m[hit])
+        scale = global_mean_scale(int(hit.sum()), mask.device)  # all masked tokens
+        out["mlm_loss"] = mlm_distill_loss(mlm_logits, mlm_labels[hit], mlm_logits_m, alpha) * scale
 
         losses = [out["itc_loss"], out["itm_loss"], out["mlm_loss"]]
         if "vqa_targets" in batch:

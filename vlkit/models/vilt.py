@@ -314,10 +314,10 @@ class ViLT(VLModel):
             masked, labels = mask_tokens(ids, mask, self.cfg.special_token_ids, self.cfg.mask_token_id,
                                          self.cfg.vocab_size, self.cfg.mlm_prob, word_ids=word_ids)
             features = self(pixels, masked, mask).features
-            logits = self.mlm_head(features[:, :ids.shape[1]])
-            out["mlm_loss"] = mlm_loss(logits, labels)
-            hit = labels != -100
-            out["mlm_acc"] = (logits.detach().argmax(-1)[hit] == labels[hit]).float().mean() \
+            hit = labels != -100  # the head runs on the masked positions only
+            logits = self.mlm_head(features[:, :ids.shape[1]][hit])  # (M, vocab)
+            out["mlm_loss"] = mlm_loss(logits, labels[hit])
+            out["mlm_acc"] = (logits.detach().argmax(-1) == labels[hit]).float().mean() \
                 if bool(hit.any()) else logits.new_zeros(())
             losses.append(out["mlm_loss"])
         if "vqa_targets" in batch and "vqa" in objectives:
