@@ -101,3 +101,21 @@ def test_text_mean_pooling_option():
     assert torch.allclose(got, want, atol=1e-6)
     with pytest.raises(ValueError, match="text.pool"):
         vlkit.create_model("clip", "tiny", **{"text.pool": "max"})
+
+
+def test_clip_vision_init_takes_a_vit_runs_tower(tmp_path):
+    from vlkit.train.run import RunArgs, train
+    vit = tmp_path / "vit"
+    train(RunArgs(model="vit", out=str(vit), steps=2, batch_size=8, progress=False,
+                  overrides={"depth": 1, "dim": 48, "heads": 2, "mlp_dim": 96}))
+    run = tmp_path / "clip"
+    train(RunArgs(model="clip", out=str(run), steps=0, batch_size=8, progress=False,
+                  overrides={"text.depth": 1, "vision_init": str(vit)}))
+    source, model = vlkit.load(vit).model.vision, vlkit.load(run).model
+    assert model.cfg.vision.dim == 48 and not model.cfg.vision.pre_norm and model.cfg.vision.num_classes == 0
+    mine = model.vision.state_dict()
+    for key, value in source.state_dict().items():
+        if "running_" not in key and "num_batches" not in key:  # BatchNorm statistics are recomputed
+            assert torch.equal(mine[key], value), key
+    with pytest.raises(ValueError, match="no ViT image tower|does not fit"):
+        vlkit.create_model("clip", "tiny", vision_init=str(vit))  # the preset's tower is another shape

@@ -42,7 +42,7 @@ from ..losses.vqa import batch_vqa_loss
 from ..train.distributed import (all_gather_no_grad, all_gather_padded, all_gather_sizes,
                                  all_gather_with_grad, global_generator, global_mean_scale, is_dist,
                                  rank, world_size)
-from .base import Output, VLModel, image_spec, register
+from .base import Output, VLModel, image_spec, load_vision_tower, register
 from .clip import PRESETS as CLIP_PRESETS
 from .vilt import classifier
 from .vit import ViTConfig, VisionTransformer, _init_weights
@@ -173,14 +173,7 @@ class ALBEF(VLModel):
             from ..convert.hf_bert import load_bert_text
             load_bert_text(self, self.cfg.text_init)
         if self.cfg.vision_init:
-            from ..convert.common import load_strict
-            from ..pipeline import load
-            source = load(self.cfg.vision_init).model
-            tower = getattr(source, "vision", None)
-            if not isinstance(tower, type(self.vision)):
-                raise ValueError(f"vision_init {self.cfg.vision_init}: a {source.model_name} model has no "
-                                 "ViT image tower")
-            load_strict(self.vision, tower.state_dict(), f"vision_init {self.cfg.vision_init}")
+            load_vision_tower(self.vision, self.cfg.vision_init)
         if self.cfg.text_init or self.cfg.vision_init:
             self.momentum.reset()
 

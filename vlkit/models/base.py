@@ -130,6 +130,19 @@ def model_class(name: str) -> type[VLModel]:
     return _REGISTRY[name]
 
 
+def load_vision_tower(tower: nn.Module, path: str) -> None:
+    """Copy the ViT image tower of a run or Hugging Face folder (a ViT classifier's, a CLIP's)
+    into ``tower``; every key and shape must match (``vlkit train`` gives the model the source
+    tower's architecture first)."""
+    from ..convert.common import load_strict
+    from ..pipeline import load
+    source = load(path).model
+    src = getattr(source, "vision", None)
+    if not isinstance(src, type(tower)):
+        raise ValueError(f"vision_init {path}: a {source.model_name} model has no ViT image tower")
+    load_strict(tower, src.state_dict(), f"vision_init {path}")
+
+
 def create_model(name: str, preset: str = "tiny", **overrides) -> VLModel:
     """``create_model("clip", preset="tiny", dim=256)``: a freshly initialised model."""
     cls = model_class(name)

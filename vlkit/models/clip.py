@@ -13,7 +13,7 @@ from torch import nn
 
 from ..layers import PreNormBlock, TextEmbeddings, Transformer, padding_mask, pool_eot, pool_mean
 from ..losses.contrastive import ContrastiveLoss
-from .base import Output, VLModel, image_spec, register
+from .base import Output, VLModel, image_spec, load_vision_tower, register
 from .vit import ViTConfig, VisionTransformer, _init_weights
 
 
@@ -42,6 +42,7 @@ class CLIPConfig:
     loss: str = "infonce"              # "infonce" or "siglip"
     hard_negatives: bool = False       # dataset negatives join the image->text softmax
     loss_chunk_size: int | None = None  # stream the logit matrix in chunks of this many rows
+    vision_init: str = ""              # start the image tower from a ViT (or CLIP) run (LiT-style)
 
 
 def _vision(**kw) -> ViTConfig:
@@ -113,6 +114,12 @@ class CLIP(VLModel):
 
     def image_spec(self) -> dict:
         return image_spec(self.cfg.vision)
+
+    def init_pretrained(self) -> None:
+        """``cfg.vision_init``: the image tower from a ViT classifier's (or a CLIP's) run, trained
+        on from there with the text tower (LiT, Zhai et al. 2022, without the lock)."""
+        if self.cfg.vision_init:
+            load_vision_tower(self.vision, self.cfg.vision_init)
 
     # -- towers ---------------------------------------------------------------------------------
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
