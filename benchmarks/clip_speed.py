@@ -52,7 +52,8 @@ def open_clip_model():
         import open_clip
     except Exception:  # noqa: BLE001 - any import failure means "not available here"
         return None
-    model, _, _ = open_clip.create_model_and_transforms("ViT-B-32")
+    # OpenAI's ViT-B/32 layout, QuickGELU as vlkit's b32 preset (random weights, nothing downloaded)
+    model, _, _ = open_clip.create_model_and_transforms("ViT-B-32-quickgelu")
     return model
 
 
