@@ -143,7 +143,9 @@ def main():
             else (lambda: torch.autocast(device.type, enabled=False))
         for b in args.batches:
             px = torch.randn(b, 3, v.image_size, v.image_size, device=device)
-            ids = torch.randint(1, t.vocab_size - 1, (b, min(t.context_length, 20)), device=device)
+            # the full context (77 for b32), as open_clip always takes; every implementation alike
+            length = t.context_length if oc is not None else min(t.context_length, 20)
+            ids = torch.randint(1, t.vocab_size - 1, (b, length), device=device)
             ids[:, -1] = t.vocab_size - 1
             mask = torch.ones_like(ids)
             for row, make in (("train pairs/s", lambda f: (f[0], (px, ids, mask))),
