@@ -144,11 +144,15 @@ class Attention(nn.Module):
                     v = torch.cat([past[1], v], dim=2)
                 cache.set(key, k, v)
         n, m = q.shape[2], k.shape[2]
-        if causal and not self.is_cross:
+        fused = _FUSED and not return_attention
+        # causal alone, square: the kernel's own causal mode (no mask tensor, a faster kernel)
+        kernel_causal = causal and not self.is_cross and mask is None and n == m and fused
+        if causal and not self.is_cross and not kernel_causal:
             mask = combine_masks(mask, causal_mask(n, m, device=x.device))
         drop = self.attn_drop if self.training else 0.0
-        if _FUSED and not return_attention:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        if fused:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop,
+                                                 is_causal=kernel_causal)
             attn = None
         else:
             out, attn = plain_attention(q, k, v, mask, drop, self.training)
