@@ -132,3 +132,24 @@ def test_pooling():
     torch.testing.assert_close(pool_mean(x, mask), torch.stack([x[0, :2].mean(0), x[1].mean(0)]))
     with pytest.raises(ValueError, match="end-of-text"):
         pool_eot(x, torch.zeros(2, 4, dtype=torch.long), eot_token_id=2)
+
+
+def test_inference_reuses_stacked_projections_until_a_weight_changes():
+    from vlkit.layers import Attention
+    torch.manual_seed(0)
+    attn = Attention(16, 2).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        first = attn(x)
+        assert torch.equal(attn(x), first)  # the cached stack gives the same result
+        attn.k.weight.add_(0.5)  # an in-place update (as an optimiser step) bumps the version
+        changed = attn(x)
+    assert not torch.allclose(changed, first)
+    with torch.enable_grad():
+        assert torch.allclose(attn(x), changed, atol=1e-6)  # the autograd path agrees
+    fresh = Attention(16, 2).eval()
+    fresh.load_state_dict(attn.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), changed, atol=1e-6)
+        attn.load_state_dict(Attention(16, 2).state_dict())  # copy_ into the same storage
+        assert not torch.allclose(attn(x), changed)

@@ -112,6 +112,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
+        self._stacked: dict = {}  # inference cache of stacked projection weights (see _project)
+
+    def _project(self, x: torch.Tensor, name: str, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
+        """``layer(x)`` for each layer as one product over their stacked weights. With autograd
+        off (inference) the stacked weights are kept until a parameter changes (its version
+        counter, storage or dtype), so inference does not copy them on every call."""
+        if torch.is_grad_enabled():
+            return _project(x, _stack(layers), layers)
+        params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+        hit = self._stacked.get(name)
+        if hit is None or hit[0] != key:
+            hit = (key, _stack(layers))
+            self._stacked[name] = hit
+        return _project(x, hit[1], layers)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
@@ -130,13 +145,13 @@ class Attention(nn.Module):
             q = self._heads(self.q(x))  # (B, heads, N, head_dim)
             cached = cache.get(key) if cache is not None else None
             if cached is None:
-                k, v = (self._heads(t) for t in _project(context, self.k, self.v))
+                k, v = (self._heads(t) for t in self._project(context, "kv", self.k, self.v))
                 if cache is not None:
                     cache.set(key, k, v)
             else:
                 k, v = cached
         else:
-            q, k, v = (self._heads(t) for t in _project(x, self.q, self.k, self.v))
+            q, k, v = (self._heads(t) for t in self._project(x, "qkv", self.q, self.k, self.v))
             if cache is not None:
                 past = cache.get(key)
                 if past is not None:
@@ -161,16 +176,20 @@ class Attention(nn.Module):
         return (out, attn) if return_attention else out
 
 
-def _project(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
-    """``layer(x)`` for each layer, computed as one matrix product over their stacked weights (the
-    weights stay separate parameters); on a CPU one wide product is much faster than three."""
+def _stack(layers) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layers' weights (and biases) stacked along the output dimension."""
     weight = torch.cat([layer.weight for layer in layers])
     biases = [layer.bias for layer in layers]
     if all(b is None for b in biases):
-        bias = None
-    else:
-        bias = torch.cat([b if b is not None else layer.weight.new_zeros(layer.out_features)
-                          for b, layer in zip(biases, layers)])
+        return weight, None
+    return weight, torch.cat([b if b is not None else layer.weight.new_zeros(layer.out_features)
+                              for b, layer in zip(biases, layers)])
+
+
+def _project(x: torch.Tensor, stacked, layers) -> tuple[torch.Tensor, ...]:
+    """One matrix product over stacked weights, split back per layer (the weights stay separate
+    parameters); on a CPU one wide product is much faster than three in training."""
+    weight, bias = stacked
     return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
 
 
