@@ -27,9 +27,6 @@ TRAIN_DEFAULTS = {
     "fusion": dict(batch_size=64, lr=3e-4, weight_decay=0.01, warmup_steps=50, min_lr_ratio=0.1),
     "vilt": dict(batch_size=64, lr=1e-3, weight_decay=0.01, warmup_steps=50, min_lr_ratio=0.1),
 }
-# Image-text training on the synthetic world comes in minimal-pair groups of this size (an image
-# and edits of it in one batch: see SyntheticWorld._group_member); classification never does.
-GROUPS = {"image_text": 1, "fusion": 1}
 SYNTHETIC_SEED = 0  # the built-in world's default seed: the same world and test split everywhere
 
 
@@ -57,7 +54,7 @@ class RunArgs:
     ckpt_every: int | None = None   # optimiser steps between checkpoints (None: the default)
     grad_checkpointing: bool = False
     fsdp: bool = False
-    groups: int | None = None       # synthetic world: minimal-pair group size (None: GROUPS default)
+    groups: int | None = None       # synthetic world: minimal-pair group size (None: 1, or a resumed run's)
     eval_every: int | None = None   # steps between learning-curve points (curve.jsonl)
     eval_size: int = 300            # test records (and single-object images) per curve point
 
@@ -375,8 +372,8 @@ def train(args: RunArgs) -> dict:
     groups = args.groups
     if groups is None and not fresh:
         groups = read_run_config(run).get("groups")
-    if groups is None:
-        groups = GROUPS.get(model.task, 1)
+    if groups is None:  # off by default: groups did not speed up learning (benchmarks/sample_efficiency.py)
+        groups = 1
     groups = int(groups) if args.data == "synthetic" and model.task != "classification" else 1
     if groups < 1 or (cfg.batch_size // world) % groups:
         raise ValueError(f"--groups {groups}: each process's batch ({cfg.batch_size // world}) must "
