@@ -130,17 +130,24 @@ def model_class(name: str) -> type[VLModel]:
     return _REGISTRY[name]
 
 
+def source_vision_tower(path: str) -> nn.Module:
+    """The ViT image tower (a ``VisionTransformer``) of a run or Hugging Face folder: a ViT
+    classifier's or a CLIP's; a clear error for a model without one (``vision_init``)."""
+    from ..pipeline import load
+    from .vit import VisionTransformer
+    source = load(path).model
+    tower = getattr(source, "vision", None)
+    if not isinstance(tower, VisionTransformer):
+        raise ValueError(f"vision_init {path}: a {source.model_name} model has no ViT image tower")
+    return tower
+
+
 def load_vision_tower(tower: nn.Module, path: str) -> None:
-    """Copy the ViT image tower of a run or Hugging Face folder (a ViT classifier's, a CLIP's)
+    """Copy the ViT image tower of a run or Hugging Face folder (see ``source_vision_tower``)
     into ``tower``; every key and shape must match (``vlkit train`` gives the model the source
     tower's architecture first)."""
     from ..convert.common import load_strict
-    from ..pipeline import load
-    source = load(path).model
-    src = getattr(source, "vision", None)
-    if not isinstance(src, type(tower)):
-        raise ValueError(f"vision_init {path}: a {source.model_name} model has no ViT image tower")
-    load_strict(tower, src.state_dict(), f"vision_init {path}")
+    load_strict(tower, source_vision_tower(path).state_dict(), f"vision_init {path}")
 
 
 def create_model(name: str, preset: str = "tiny", **overrides) -> VLModel:

@@ -22,7 +22,7 @@ from ..layers import (BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormB
 from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
 from ..losses.mlm import mask_tokens, mlm_loss
 from ..losses.vqa import batch_vqa_loss
-from .base import Output, VLModel, register
+from .base import Output, VLModel, register, source_vision_tower
 from .vit import _init_weights
 
 
@@ -159,12 +159,7 @@ class ViLT(VLModel):
         if not self.cfg.vision_init:
             return
         from ..convert.common import check_fit
-        from ..pipeline import load
-        source = load(self.cfg.vision_init).model
-        tower = getattr(source, "vision", None)
-        if tower is None or not hasattr(tower, "embed"):
-            raise ValueError(f"vision_init {self.cfg.vision_init}: a {source.model_name} model has no "
-                             "ViT image tower")
+        tower = source_vision_tower(self.cfg.vision_init)
         state = {}
         for key, value in tower.state_dict().items():
             if key.startswith("norm_pre."):

@@ -251,14 +251,8 @@ def curve_evaluator(model, tok, data: str, size: int):
 def vision_tower_config(path: str):
     """The ViT config of the image tower of a run or Hugging Face folder (a ViT's own config,
     without its classifier head, or a CLIP's ``vision``), for ``vision_init``."""
-    from ..models.vit import ViTConfig
-    from ..pipeline import load
-    source = load(path).model
-    tower = getattr(source, "vision", None)
-    vcfg = getattr(tower, "cfg", None)
-    if not isinstance(vcfg, ViTConfig):
-        raise ValueError(f"vision_init {path}: a {source.model_name} model has no ViT image tower")
-    return dataclasses.replace(vcfg, num_classes=0, class_names=[])
+    from ..models.base import source_vision_tower
+    return dataclasses.replace(source_vision_tower(path).cfg, num_classes=0, class_names=[])
 
 
 def _text_overrides(cls, probe, tok) -> dict:
