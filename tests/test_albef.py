@@ -508,3 +508,35 @@ def test_eval_retrieval_reports_itc_and_itm_reranked_recall(tiny_run):
     best = i2t.masked_fill(~right, float("-inf")).amax(1)
     wrong_above = ((i2t >= best[:, None]) & ~right).sum(1)
     assert res["retrieval.i2t_r1"] == pytest.approx((wrong_above == 0).float().mean().item())
+
+
+def test_fusion_position_codes():
+    """Cross-attention alone cannot tell where an image token sits (permuting the tokens leaves
+    the fused text unchanged); with ``fusion_pos="sincos"`` it can, and the codes are the 2-D
+    sine-cosine of each token's row and column."""
+    import math
+
+    from vlkit.layers import sincos_2d
+    codes = sincos_2d((3, 5), 8)
+    assert codes.shape == (16, 8) and codes[0].abs().sum() == 0
+    k = 1 + 2 * 5 + 3  # row 2, column 3
+    assert torch.allclose(codes[k], torch.tensor([math.sin(2), math.sin(2 / 100), math.cos(2), math.cos(2 / 100),
+                                                  math.sin(3), math.sin(3 / 100), math.cos(3), math.cos(3 / 100)]))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d((2, 2), 6)
+    torch.manual_seed(0)
+    ids, mask = torch.randint(5, 60, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    perm = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(16)])
+    for pos in ("", "sincos"):
+        torch.manual_seed(0)
+        model = vlkit.create_model("albef", "tiny", **SMALL, fusion_pos=pos).eval()
+        tokens, _ = model._image(torch.randn(2, 3, 64, 64))
+        text = model.text_features(ids, mask)
+        with torch.no_grad():
+            same = torch.allclose(model.fuse(text, mask, tokens), model.fuse(text, mask, tokens[:, perm]), atol=1e-5)
+        assert same == (pos == "")
+    with pytest.raises(ValueError, match="patch_dropout"):
+        vlkit.create_model("albef", "tiny", **SMALL, fusion_pos="sincos",
+                           vision={**model.cfg.vision.__dict__, "patch_dropout": 0.5})
+    with pytest.raises(ValueError, match="fusion_pos"):
+        vlkit.create_model("albef", "tiny", **SMALL, fusion_pos="learned")

@@ -453,3 +453,54 @@ def test_group_members_are_one_edit_apart_and_captions_single_them_out(size):
         assert np.abs(corners - corners[0]).max() < 40
     assert fallbacks <= 0.05 * groups * size
     assert set(edits) == {"shape", "color", "swap", "mirror"}
+
+
+def test_collate_pairs_a_negative_with_its_source_caption(train_recs):
+    """With negatives, the caption drawn for an image is the source its first negative edits, so
+    a batch holds each minimal pair; the flip augmentation keeps the pair aligned."""
+    import random
+
+    from vlkit.data.collate import ImageTextCollate
+    from vlkit.data.transforms import ImageTransform
+
+    class Words:  # a tokenizer stand-in that keeps the text: ids index into ``texts``
+        def __init__(self):
+            self.texts = []
+
+        def __call__(self, texts, **kw):
+            ids = []
+            for t in texts:
+                self.texts.append(t)
+                ids.append([len(self.texts) - 1])
+            return {"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), 1, dtype=torch.long)}
+
+    from vlkit.data.transforms import swap_left_right
+
+    recs = [r for r in train_recs if r["negatives"]][:40]
+    by_neg = {(i, n["caption"]): r["captions"][n["source"]] for i, r in enumerate(recs) for n in r["negatives"]}
+    for train in (False, True):  # train: crops and mirror flips (left/right swapped in every text)
+        tok = Words()
+        collate = ImageTextCollate(ImageTransform(64, train=train, hflip=train), tok, negatives=2)
+        batch = collate(recs, [random.Random(i) for i in range(len(recs))])
+        caps = [tok.texts[i] for i in batch["input_ids"][:, 0].tolist()]
+        negs = [tok.texts[i] for i in batch["neg_input_ids"][:, 0].tolist()]
+        owners = batch["neg_owner"].tolist()
+        assert len(negs) == len(owners) > len(recs)
+        firsts = {}
+        for k, o in enumerate(owners):
+            firsts.setdefault(o, k)
+        assert set(firsts) == set(range(len(recs)))
+        flipped = 0
+        for o, k in firsts.items():
+            if (o, negs[k]) in by_neg and by_neg[(o, negs[k])] == caps[o]:
+                continue
+            flipped += 1
+            assert by_neg[(o, swap_left_right(negs[k]))] == swap_left_right(caps[o])
+        assert (flipped > 0) == train
+        if not train:
+            paired_caps = caps
+    unpaired = ImageTextCollate(ImageTransform(64), Words(), negatives=2, paired=False)
+    pos = [unpaired.tokenizer.texts[i] for i in
+           unpaired(recs, [random.Random(i) for i in range(len(recs))])["input_ids"][:, 0].tolist()]
+    # without pairing the caption is drawn independently of the negatives: often another one
+    assert sum(a != b for a, b in zip(pos, paired_caps)) > len(recs) // 4

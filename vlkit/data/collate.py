@@ -45,6 +45,10 @@ class ImageTextCollate:
     In training one reference caption is drawn per image (from ``captions`` when present). With
     ``negatives > 0`` up to that many of the record's ``negatives`` captions are added per image
     as ``neg_input_ids`` / ``neg_attention_mask`` with ``neg_owner`` (the image each belongs to).
+    With ``paired=True`` (the default) the reference caption drawn for an image is the ``source``
+    of its first drawn negative when the negative names one, so the batch holds the minimal pair
+    itself (caption and its one-word edit on the same image) rather than an edit of a caption
+    the model does not see next to it; without a source the caption is drawn as usual.
     A horizontal flip swaps left/right in the caption, its negatives and its question alike.
     Every text is truncated to ``max_length`` tokens (the tokenizer's own limit when None).
 
@@ -59,8 +63,9 @@ class ImageTextCollate:
 
     def __init__(self, transform, tokenizer, max_length: int | None = None, negatives: int = 0,
                  random_caption: bool = True, word_ids: bool = False,
-                 answers: Sequence[str] | None = None):
+                 answers: Sequence[str] | None = None, paired: bool = True):
         self.transform, self.tokenizer = transform, tokenizer
+        self.paired = paired
         self.max_length, self.negatives, self.random_caption = max_length, negatives, random_caption
         self.word_ids = word_ids
         self.answers = list(answers) if answers is not None else None
@@ -76,8 +81,16 @@ class ImageTextCollate:
             caption = rng.choice(options) if self.random_caption else rec["caption"]
             chosen = []
             if self.negatives:
-                pool = [n["caption"] for n in rec.get("negatives") or []]
-                chosen = rng.sample(pool, min(self.negatives, len(pool)))
+                pool = list(rec.get("negatives") or [])
+                drawn = rng.sample(pool, min(self.negatives, len(pool)))
+                chosen = [n["caption"] for n in drawn]
+                source = drawn[0].get("source") if drawn and self.paired else None
+                if isinstance(source, int) and not isinstance(source, bool):
+                    if not 0 <= source < len(options):
+                        raise ValueError(f"record {rec.get('image_path', j)!r}: negative "
+                                         f"{drawn[0]['caption']!r} names source caption {source}, "
+                                         f"but the record has {len(options)} captions")
+                    caption = options[source]
             asked = []
             if self.answers is not None:
                 question, answers = _draw_question(rec, j, rng)

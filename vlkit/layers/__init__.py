@@ -4,7 +4,7 @@ from .attention import (Attention, KVCache, causal_mask, combine_masks, fused_at
 from .blocks import PostNormBlock, PreNormBlock, Transformer
 from .drop import DropPath
 from .embeddings import (BertEmbeddings, ImageEmbeddings, PatchEmbed, TextEmbeddings,
-                         interpolate_pos_embed)
+                         interpolate_pos_embed, sincos_2d)
 from .mlp import Mlp, ModalityExperts, QuickGELU, activation
 from .momentum import FeatureQueue, MomentumCopy
 from .pooling import MLMHead, Pooler, pool_cls, pool_eot, pool_mean
@@ -13,7 +13,7 @@ __all__ = [
     "Attention", "KVCache", "causal_mask", "combine_masks", "fused_attention",
     "fused_attention_enabled", "padding_mask", "plain_attention", "set_fused_attention",
     "PostNormBlock", "PreNormBlock", "Transformer", "DropPath", "BertEmbeddings",
-    "ImageEmbeddings", "PatchEmbed", "TextEmbeddings", "interpolate_pos_embed", "Mlp",
+    "ImageEmbeddings", "PatchEmbed", "TextEmbeddings", "interpolate_pos_embed", "sincos_2d", "Mlp",
     "ModalityExperts", "QuickGELU", "activation", "MLMHead", "Pooler", "pool_cls", "pool_eot",
     "pool_mean", "FeatureQueue", "MomentumCopy",
 ]

@@ -63,6 +63,23 @@ def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid
     return torch.cat([prefix, grid], dim=1)
 
 
+def sincos_2d(grid: tuple[int, int], dim: int, num_prefix: int = 1, temperature: float = 10000.0,
+              device=None, dtype=torch.float32) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position codes (num_prefix + H*W, dim), row-major like the patch
+    tokens, zeros for the prefix ([CLS]) rows: a quarter of the channels each for sin(y), cos(y),
+    sin(x), cos(x) over geometric frequencies (the MAE / MoCo v3 layout). ``dim`` must be a
+    multiple of 4."""
+    if dim % 4:
+        raise ValueError(f"2-D sine-cosine position codes need a width divisible by 4, got {dim}")
+    h, w = grid
+    y, x = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
+                          torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, device=device, dtype=torch.float32) / (dim // 4))
+    y, x = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega
+    codes = torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)
+    return torch.cat([codes.new_zeros(num_prefix, dim), codes]).to(dtype)
+
+
 class ImageEmbeddings(nn.Module):
     """Patches + [CLS] + learned position embeddings, interpolated to other image sizes."""
 

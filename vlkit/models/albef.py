@@ -27,6 +27,7 @@ a classification head, not the paper's answer decoder.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostNormBlock, Transformer,
-                      padding_mask)
+                      padding_mask, sincos_2d)
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
 from ..losses.matching import itm_accuracy, itm_loss
 from ..losses.mlm import mask_tokens
@@ -72,6 +73,10 @@ class ALBEFConfig:
     answer_names: list[str] = field(default_factory=list)
     text_init: str = ""             # "minilm" or a Hugging Face BERT folder (see init_pretrained)
     vision_init: str = ""           # a ViT or CLIP run (or HF folder) whose image tower fits ``vision``
+    # "sincos": fixed 2-D position codes added to the image tokens the fusion layers attend to,
+    # so cross-attention can tell where an object is even when the image tower's output tokens
+    # have lost their input position embeddings (a tower trained to classify need not keep them)
+    fusion_pos: str = ""
     # training
     distill: bool = True            # momentum distillation (ITC and MLM soft targets)
     alpha: float = 0.4
@@ -135,6 +140,10 @@ class ALBEF(VLModel):
         super().__init__()
         if cfg.answer_names and len(cfg.answer_names) != cfg.num_answers:
             raise ValueError(f"{len(cfg.answer_names)} answer_names for num_answers={cfg.num_answers}")
+        if cfg.fusion_pos not in ("", "sincos"):
+            raise ValueError(f"fusion_pos must be '' or 'sincos', got {cfg.fusion_pos!r}")
+        if cfg.fusion_pos and cfg.vision.patch_dropout:
+            raise ValueError("fusion_pos needs every patch token (set vision.patch_dropout=0)")
         self.cfg = cfg
         d, e = cfg.dim, cfg.embed_dim
         self.vision = VisionTransformer(cfg.vision)
@@ -204,9 +213,23 @@ class ALBEF(VLModel):
         tokens (B, 1+N, Dv): (B, L, D) (and the per-layer maps with ``return_attention``)."""
         if attention_mask is None:
             attention_mask = torch.ones(text_hidden.shape[:2], dtype=torch.long, device=text_hidden.device)
+        if self.cfg.fusion_pos:
+            image_tokens = image_tokens + self._fusion_pos(image_tokens)
         return self._part("fusion_layers", momentum)(
             text_hidden, mask=padding_mask(attention_mask), context=image_tokens,
             return_attention=return_attention)
+
+    def _fusion_pos(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """The (1+N, Dv) position codes of a square grid of N patch tokens after [CLS]."""
+        n = image_tokens.shape[1] - 1
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"fusion_pos: {n} image tokens after [CLS] do not form a square grid")
+        key = (side, image_tokens.shape[-1], image_tokens.device, image_tokens.dtype)
+        if getattr(self, "_pos_cache", (None,))[0] != key:
+            self._pos_cache = (key, sincos_2d((side, side), image_tokens.shape[-1],
+                                              device=image_tokens.device, dtype=image_tokens.dtype))
+        return self._pos_cache[1]
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._image(pixel_values)[1]  # (B, E)
