@@ -171,6 +171,7 @@ class ALBEF(VLModel):
         self.queue = FeatureQueue(cfg.queue_size, image=e, text=e)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self._calls: dict[bool, tuple[int, int]] = {}  # mode -> (step, calls at that step)
+        self._pos_cache: tuple | None = None  # (grid side, width, device, dtype), fusion_pos codes
 
     def image_spec(self) -> dict:
         return image_spec(self.cfg.vision)
@@ -226,7 +227,7 @@ class ALBEF(VLModel):
         if side * side != n:
             raise ValueError(f"fusion_pos: {n} image tokens after [CLS] do not form a square grid")
         key = (side, image_tokens.shape[-1], image_tokens.device, image_tokens.dtype)
-        if getattr(self, "_pos_cache", (None,))[0] != key:
+        if self._pos_cache is None or self._pos_cache[0] != key:
             self._pos_cache = (key, sincos_2d((side, side), image_tokens.shape[-1],
                                               device=image_tokens.device, dtype=image_tokens.dtype))
         return self._pos_cache[1]

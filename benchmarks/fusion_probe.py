@@ -1,0 +1,236 @@
+"""What an ALBEF run's fusion layers can learn from its frozen towers, on the synthetic world.
+
+Two measurements on a trained ALBEF run (``vlkit train albef ... --out RUN``):
+
+1. Linear probes of the image tower's output tokens (1,500 training images, 80/20 split,
+   ridge regression): the row and column of every patch token (R^2), and the colour and the
+   shape of each object read from the token under the object's centre (accuracy).
+2. Fusion-only training: the image and text towers stay frozen (the run's weights), the fusion
+   layers and the ITM head start afresh (``--reinit``) or from the run, and train on ITM with
+   each training image's first reference caption paired with one of its dataset negatives
+   (``--kinds`` picks the negative kinds) plus a caption of another image. Optionally
+   ``--fusion-pos sincos`` (2-D position codes on the image tokens fusion attends to) and
+   ``--ground W``: a grounding loss (weight W) that pulls the first fusion layer's
+   cross-attention of each colour word, and of the shape word after it, onto the patches
+   covered by the object of that colour (colours are unique within an image). Every
+   ``--every`` steps it prints the attention mass on the right patches and the compositional
+   accuracy by negative kind on the test split (the true caption scored above its negative).
+   ``--train-text`` lets the text tower train as well; ``--fusion-layers N`` puts a fresh
+   fusion stack of depth N on the run's towers.
+
+    python benchmarks/fusion_probe.py RUN --steps 400 --reinit --fusion-pos sincos --ground 1
+    python benchmarks/fusion_probe.py RUN --steps 400 --reinit --kinds relation_flip
+
+It runs on one CPU thread by default (``--threads``) so it can share a machine with training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import vlkit
+from vlkit.data.synthetic import COLORS, SHAPES, SyntheticWorld
+from vlkit.models import build_model
+from vlkit.models.vit import _init_weights
+
+
+def ridge(x_train, y_train, x_test, lam=1.0):
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    a = np.c_[(x_train - mu) / sd, np.ones(len(x_train))]
+    b = np.c_[(x_test - mu) / sd, np.ones(len(x_test))]
+    coef = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ y_train)
+    return b @ coef
+
+
+def cell_of(obj, grid):
+    return min(int(obj["y"] * grid), grid - 1) * grid + min(int(obj["x"] * grid), grid - 1)
+
+
+def covered_cells(obj, grid):
+    """Row-major indices of the patches the object's bounding square touches."""
+    half = obj["extent"] / 2
+    r0, r1 = int(max(0.0, obj["y"] - half) * grid), min(grid - 1, int(min(0.999, obj["y"] + half) * grid))
+    c0, c1 = int(max(0.0, obj["x"] - half) * grid), min(grid - 1, int(min(0.999, obj["x"] + half) * grid))
+    return [r * grid + c for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
+
+
+def token_probes(pipe, model, world, n=1500):
+    recs = [world.sample(i, "train") for i in range(n)]
+    with torch.no_grad():
+        tokens = torch.cat([model._image(pipe.pixels([r["image"] for r in recs[i:i + 100]]))[0][:, 1:]
+                            for i in range(0, n, 100)]).numpy()  # (n, N, D)
+    grid = int(round(tokens.shape[1] ** 0.5))
+    split = int(0.8 * n)
+    # position of every token
+    pos = np.stack(np.divmod(np.arange(tokens.shape[1]), grid), 1).astype(float)  # (N, 2) row, col
+    x = tokens.reshape(-1, tokens.shape[-1])
+    y = np.tile(pos, (n, 1))
+    cut = split * tokens.shape[1]
+    pred = ridge(x[:cut], y[:cut], x[cut:])
+    r2 = 1 - ((pred - y[cut:]) ** 2).sum(0) / ((y[cut:] - y[cut:].mean(0)) ** 2).sum(0)
+    out = {"grid": grid, "position_r2_row": round(float(r2[0]), 3), "position_r2_col": round(float(r2[1]), 3)}
+    # colour and shape of each object from the token under its centre
+    feats, colour, shape, train = [], [], [], []
+    for i, r in enumerate(recs):
+        for o in r["objects"]:
+            feats.append(tokens[i, cell_of(o, grid)])
+            colour.append(COLORS.index(o["color"]))
+            shape.append(SHAPES.index(o["shape"]))
+            train.append(i < split)
+    feats, train = np.array(feats), np.array(train)
+    for name, labels, k in (("colour", colour, len(COLORS)), ("shape", shape, len(SHAPES))):
+        labels = np.array(labels)
+        pred = ridge(feats[train], np.eye(k)[labels[train]], feats[~train]).argmax(1)
+        out[f"{name}_probe_acc"] = round(float((pred == labels[~train]).mean()), 3)
+        out[f"{name}_chance"] = round(float(np.bincount(labels).max() / len(labels)), 3)
+    return out
+
+
+class FusionProbe:
+    def __init__(self, pipe, model, args):
+        self.pipe, self.model, self.args = pipe, model, args
+        tok = pipe.tokenizer
+        self.colour_ids = {tok.token_to_id(c): c for c in COLORS}
+        self.shape_ids = {tok.token_to_id(s) for s in SHAPES}
+        self.kinds = set(args.kinds.split(",")) if args.kinds else None
+
+    def encode(self, recs, texts):
+        t = self.pipe.tokens(texts)
+        with torch.no_grad():
+            image_tokens = self.model._image(self.pipe.pixels([r["image"] for r in recs]))[0]
+        with torch.set_grad_enabled(self.args.train_text and torch.is_grad_enabled()):
+            hidden = self.model.text_features(t["input_ids"], t["attention_mask"])
+        return image_tokens, hidden, t["attention_mask"], t["input_ids"]
+
+    def itm(self, image_tokens, hidden, mask, return_attention=False):
+        out = self.model.fuse(hidden, mask, image_tokens, return_attention=return_attention)
+        fused, maps = out if return_attention else (out, None)
+        logits = self.model.itm_head(fused[:, 0])
+        return (logits, maps) if return_attention else logits
+
+    def targets(self, recs, ids, grid):
+        """(B, L, N) patch masks for colour words and the shape word after each."""
+        t = torch.zeros(ids.shape[0], ids.shape[1], grid * grid)
+        for b, r in enumerate(recs):
+            objs = {o["color"]: o for o in r["objects"]}
+            row = ids[b].tolist()
+            for k, token in enumerate(row):
+                colour = self.colour_ids.get(token)
+                if colour in objs:
+                    cells = covered_cells(objs[colour], grid)
+                    t[b, k, cells] = 1
+                    if k + 1 < len(row) and row[k + 1] in self.shape_ids:
+                        t[b, k + 1, cells] = 1
+        return t
+
+    @torch.no_grad()
+    def evaluate(self, test):
+        self.model.eval()
+        right = {}
+        for i in range(0, len(test), 40):
+            recs = test[i:i + 40]
+            pairs = [(r, n) for r in recs for n in r["negatives"]]
+            imgs = [r for r, _ in pairs]
+            pos = self.encode(imgs, [r["captions"][n["source"]] for r, n in pairs])
+            neg = self.encode(imgs, [n["caption"] for _, n in pairs])
+            sp = self.itm(pos[0], pos[1], pos[2]).log_softmax(-1)[:, 1]
+            sn = self.itm(neg[0], neg[1], neg[2]).log_softmax(-1)[:, 1]
+            for (_, n), a, b in zip(pairs, sp.tolist(), sn.tolist()):
+                right.setdefault(n["kind"], []).append(a > b)
+        return {k: round(sum(v) / len(v), 3) for k, v in sorted(right.items())}
+
+    def train(self, world, test):
+        args, model = self.args, self.model
+        params = list(model.fusion_layers.parameters()) + list(model.itm_head.parameters())
+        if args.train_text:
+            params += list(model.text_embed.parameters()) + list(model.text_layers.parameters())
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+        rng, index, start = random.Random(args.seed), 0, time.time()
+        print(json.dumps({"step": 0, **self.evaluate(test)}), flush=True)
+        for step in range(1, args.steps + 1):
+            model.train()
+            recs = []
+            while len(recs) < args.batch_size:
+                r = world.sample(index, "train")
+                index += 1
+                pool = [n for n in r["negatives"] if self.kinds is None or n["kind"] in self.kinds]
+                if pool:
+                    recs.append((r, rng.choice(pool)))
+            imgs = [r for r, _ in recs]
+            pos = self.encode(imgs, [r["captions"][n["source"]] for r, n in recs])
+            neg = self.encode(imgs, [n["caption"] for _, n in recs])
+            other = torch.roll(torch.arange(len(recs)), 1)  # another image's caption
+            logits_pos, maps = self.itm(pos[0], pos[1], pos[2], return_attention=True)
+            logits = torch.cat([logits_pos, self.itm(neg[0], neg[1], neg[2]),
+                                self.itm(pos[0][other], pos[1], pos[2])])
+            labels = torch.cat([torch.ones(len(recs)), torch.zeros(2 * len(recs))]).long()
+            loss = F.cross_entropy(logits, labels)
+            attn = maps[0]["cross"].float().mean(1)[..., 1:]  # (B, L, N), first fusion layer
+            attn = attn / attn.sum(-1, keepdim=True)
+            grid = int(round(attn.shape[-1] ** 0.5))
+            target = self.targets(imgs, pos[3], grid)
+            has = target.sum(-1) > 0
+            mass = (attn[has] * target[has]).sum(-1)
+            if args.ground:
+                loss = loss + args.ground * -mass.clamp_min(1e-6).log().mean()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if step % args.every == 0 or step == args.steps:
+                print(json.dumps({"step": step, "seconds": round(time.time() - start), "loss": round(loss.item(), 3),
+                                  "attention_on_object": round(mass.mean().item(), 3), **self.evaluate(test)}),
+                      flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--every", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--kinds", default="", help="comma-separated negative kinds to train on (default all)")
+    p.add_argument("--fusion-pos", default=None, choices=["", "sincos"])
+    p.add_argument("--ground", type=float, default=0.0)
+    p.add_argument("--reinit", action="store_true", help="fusion layers and ITM head start afresh")
+    p.add_argument("--fusion-layers", type=int, default=0,
+                   help="a fresh fusion stack of this depth (implies --reinit)")
+    p.add_argument("--train-text", action="store_true", help="the text tower trains too")
+    p.add_argument("--test", type=int, default=300)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-token-probes", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    pipe = vlkit.load(args.run)
+    model = pipe.model.eval()
+    if args.fusion_pos is not None:
+        model.cfg.fusion_pos = args.fusion_pos
+    if args.fusion_layers:  # the run's towers under a fresh fusion stack of another depth
+        config = {**model.config_dict(), "fusion_layers": args.fusion_layers, "vision_init": "", "text_init": ""}
+        deeper = build_model("albef", config)
+        towers = {k: v for k, v in model.state_dict().items()
+                  if not k.startswith(("fusion_layers.", "itm_head.", "momentum."))}
+        missing = deeper.load_state_dict(towers, strict=False).missing_keys
+        assert all(k.startswith(("fusion_layers.", "itm_head.", "momentum.")) for k in missing), missing
+        pipe.model = model = deeper.eval()
+    elif args.reinit:  # in place: the momentum copy and fuse() hold these very modules
+        model.fusion_layers.apply(_init_weights)
+        model.itm_head.apply(_init_weights)
+    world = SyntheticWorld()
+    if not args.no_token_probes:
+        print(json.dumps({"token_probes": token_probes(pipe, model, world)}), flush=True)
+    test = [r for r in world.records("test", args.test) if r["negatives"]]
+    FusionProbe(pipe, model, args).train(world, test)
+
+
+if __name__ == "__main__":
+    main()
