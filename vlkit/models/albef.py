@@ -171,7 +171,7 @@ class ALBEF(VLModel):
         self.queue = FeatureQueue(cfg.queue_size, image=e, text=e)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self._calls: dict[bool, tuple[int, int]] = {}  # mode -> (step, calls at that step)
-        self._pos_cache: tuple | None = None  # (grid side, width, device, dtype), fusion_pos codes
+        self._pos_cache: tuple | None = None  # ((grid side, width, device, dtype), fusion_pos codes)
 
     def image_spec(self) -> dict:
         return image_spec(self.cfg.vision)
