@@ -82,8 +82,9 @@ class TextTransformer(nn.Module):
 
     def forward_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         x = self.embed(input_ids)  # (B, L, D)
-        # no padding in the batch: no mask, so causal attention takes the kernel's causal mode
-        pad = attention_mask is not None and not bool(attention_mask.all())
+        # no padding in the batch: no mask, so causal attention takes the kernel's causal mode.
+        # Under torch.compile the mask is always used: the check would break the graph
+        pad = attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all()))
         mask = padding_mask(attention_mask) if pad else None
         return self.norm(self.encoder(x, mask=mask, causal=self.cfg.causal))  # (B, L, D)
 
