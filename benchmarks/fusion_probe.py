@@ -7,7 +7,7 @@ Two measurements on a trained ALBEF run (``vlkit train albef ... --out RUN``):
    shape of each object read from the token under the object's centre (accuracy).
 2. Fusion-only training: the image and text towers stay frozen (the run's weights), the fusion
    layers and the ITM head start afresh (``--reinit``) or from the run, and train on ITM with
-   each training image's first reference caption paired with one of its dataset negatives
+   one of each training image's dataset negatives paired with the caption it edits
    (``--kinds`` picks the negative kinds) plus a caption of another image. Optionally
    ``--fusion-pos sincos`` (2-D position codes on the image tokens fusion attends to) and
    ``--ground W``: a grounding loss (weight W) that pulls the first fusion layer's
@@ -100,19 +100,16 @@ class FusionProbe:
         self.shape_ids = {tok.token_to_id(s) for s in SHAPES}
         self.kinds = set(args.kinds.split(",")) if args.kinds else None
 
-    def encode(self, recs, texts):
-        t = self.pipe.tokens(texts)
+    def images(self, recs):
         with torch.no_grad():
-            image_tokens = self.model._image(self.pipe.pixels([r["image"] for r in recs]))[0]
+            return self.model._image(self.pipe.pixels([r["image"] for r in recs]))[0]
+
+    def texts(self, texts):
+        """(hidden states, attention mask, input ids) of the frozen (or ``--train-text``) tower."""
+        t = self.pipe.tokens(texts)
         with torch.set_grad_enabled(self.args.train_text and torch.is_grad_enabled()):
             hidden = self.model.text_features(t["input_ids"], t["attention_mask"])
-        return image_tokens, hidden, t["attention_mask"], t["input_ids"]
-
-    def itm(self, image_tokens, hidden, mask, return_attention=False):
-        out = self.model.fuse(hidden, mask, image_tokens, return_attention=return_attention)
-        fused, maps = out if return_attention else (out, None)
-        logits = self.model.itm_head(fused[:, 0])
-        return (logits, maps) if return_attention else logits
+        return hidden, t["attention_mask"], t["input_ids"]
 
     def targets(self, recs, ids, grid):
         """(B, L, N) patch masks for colour words and the shape word after each."""
@@ -136,11 +133,11 @@ class FusionProbe:
         for i in range(0, len(test), 40):
             recs = test[i:i + 40]
             pairs = [(r, n) for r in recs for n in r["negatives"]]
-            imgs = [r for r, _ in pairs]
-            pos = self.encode(imgs, [r["captions"][n["source"]] for r, n in pairs])
-            neg = self.encode(imgs, [n["caption"] for _, n in pairs])
-            sp = self.itm(pos[0], pos[1], pos[2]).log_softmax(-1)[:, 1]
-            sn = self.itm(neg[0], neg[1], neg[2]).log_softmax(-1)[:, 1]
+            image_tokens = self.images([r for r, _ in pairs])
+            pos = self.texts([r["captions"][n["source"]] for r, n in pairs])
+            neg = self.texts([n["caption"] for _, n in pairs])
+            sp = self.model.match_tokens(image_tokens, pos[0], pos[1]).log_softmax(-1)[:, 1]
+            sn = self.model.match_tokens(image_tokens, neg[0], neg[1]).log_softmax(-1)[:, 1]
             for (_, n), a, b in zip(pairs, sp.tolist(), sn.tolist()):
                 right.setdefault(n["kind"], []).append(a > b)
         return {k: round(sum(v) / len(v), 3) for k, v in sorted(right.items())}
@@ -163,18 +160,19 @@ class FusionProbe:
                 if pool:
                     recs.append((r, rng.choice(pool)))
             imgs = [r for r, _ in recs]
-            pos = self.encode(imgs, [r["captions"][n["source"]] for r, n in recs])
-            neg = self.encode(imgs, [n["caption"] for _, n in recs])
+            image_tokens = self.images(imgs)
+            pos = self.texts([r["captions"][n["source"]] for r, n in recs])
+            neg = self.texts([n["caption"] for _, n in recs])
             other = torch.roll(torch.arange(len(recs)), 1)  # another image's caption
-            logits_pos, maps = self.itm(pos[0], pos[1], pos[2], return_attention=True)
-            logits = torch.cat([logits_pos, self.itm(neg[0], neg[1], neg[2]),
-                                self.itm(pos[0][other], pos[1], pos[2])])
+            fused, maps = model.fuse(pos[0], pos[1], image_tokens, return_attention=True)
+            logits = torch.cat([model.itm_head(fused[:, 0]), model.match_tokens(image_tokens, neg[0], neg[1]),
+                                model.match_tokens(image_tokens[other], pos[0], pos[1])])
             labels = torch.cat([torch.ones(len(recs)), torch.zeros(2 * len(recs))]).long()
             loss = F.cross_entropy(logits, labels)
             attn = maps[0]["cross"].float().mean(1)[..., 1:]  # (B, L, N), first fusion layer
             attn = attn / attn.sum(-1, keepdim=True)
             grid = int(round(attn.shape[-1] ** 0.5))
-            target = self.targets(imgs, pos[3], grid)
+            target = self.targets(imgs, pos[2], grid)
             has = target.sum(-1) > 0
             mass = (attn[has] * target[has]).sum(-1)
             if args.ground:
