@@ -12,7 +12,10 @@ script with that interpreter. open_clip is never a dependency of vlkit.
 
     python benchmarks/clip_speed.py [--batches 16 64] [--precisions fp32 bf16] [--repeats 3] [--small] [--compile]
 
-``--compile`` adds vlkit under ``torch.compile`` and its ratio to the faster of the others.
+``--compile`` adds vlkit under ``torch.compile`` (mode ``--compile-mode``, e.g. ``reduce-overhead``
+for CUDA graphs) with the optimizer ``vlkit train`` builds (fused AdamW on CUDA), and its ratio to
+the faster of the others. Every other column, the plain vlkit one included, steps the same
+unfused ``torch.optim.AdamW``.
 """
 from __future__ import annotations
 
@@ -64,9 +67,9 @@ def contrastive(img, txt, scale):
             + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
 
 
-def step_fns(kind, model):
+def step_fns(kind, model, opt=None):
     """(train step, image embedding) callables for one implementation."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = opt or torch.optim.AdamW(model.parameters(), lr=1e-5)
     if kind == "vlkit":
         def train(px, ids, mask):
             loss = contrastive(model.encode_image(px), model.encode_text(ids, mask), model.logit_scale)
@@ -96,13 +99,17 @@ def timed_rounds(calls: dict, repeats: int = 3) -> dict:
     """{name: (fn, args)} -> {name: best seconds}: one warm-up call each, then ``repeats`` rounds
     in which every implementation runs once in turn, so a slow spell of a shared machine falls
     on all of them alike."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for fn, args in calls.values():
         fn(*args)
+        fn(*args)  # a second warm-up: CUDA graphs are recorded on the second call
     best = {k: float("inf") for k in calls}
     for _ in range(repeats):
         for k, (fn, args) in calls.items():
+            sync()
             t0 = time.perf_counter()
             fn(*args)
+            sync()
             best[k] = min(best[k], time.perf_counter() - t0)
     return best
 
@@ -115,6 +122,8 @@ def main():
     ap.add_argument("--small", action="store_true", help="the tiny preset instead of ViT-B/32 (a quick check)")
     ap.add_argument("--compile", action="store_true",
                     help="add a column: vlkit under torch.compile (same weights as the vlkit column)")
+    ap.add_argument("--compile-mode", default="default",
+                    help="torch.compile mode of that column (default, reduce-overhead, max-autotune)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ours = vlkit_model(args.small).to(device)
@@ -126,14 +135,18 @@ def main():
     if args.compile:
         import copy
         twin = copy.deepcopy(ours)
-        twin.encode_image = torch.compile(twin.encode_image, dynamic=False)
-        twin.encode_text = torch.compile(twin.encode_text, dynamic=False)
+        from vlkit.train.optim import make_optimizer
+        # one graph per (precision, batch, grad mode): eight per function here
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        twin.encode_image = torch.compile(twin.encode_image, dynamic=False, mode=args.compile_mode)
+        twin.encode_text = torch.compile(twin.encode_text, dynamic=False, mode=args.compile_mode)
         impls["vlkit+compile"] = twin
-        fns["vlkit+compile"] = step_fns("vlkit", twin)
+        fns["vlkit+compile"] = step_fns("vlkit", twin, make_optimizer(twin, 1e-5))
     v, t = ours.cfg.vision, ours.cfg.text
     print(f"device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}; "
-          f"open_clip: {'yes' if oc is not None else 'not importable (see the docstring)'}")
+          f"open_clip: {'yes' if oc is not None else 'not importable (see the docstring)'}"
+          + (f"; compile mode {args.compile_mode}" if args.compile else ""))
     header = f"{'row':28s}" + "".join(f"{k:>14s}" for k in impls) + f"{'vlkit/hf':>10s}" + \
         (f"{'vlkit/oc':>10s}" if oc is not None else "") + \
         (f"{'compiled/best':>14s}" if args.compile else "")

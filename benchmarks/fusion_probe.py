@@ -99,10 +99,41 @@ class FusionProbe:
         self.colour_ids = {tok.token_to_id(c): c for c in COLORS}
         self.shape_ids = {tok.token_to_id(s) for s in SHAPES}
         self.kinds = set(args.kinds.split(",")) if args.kinds else None
+        words = {"relation": ("left", "right", "above", "below"), "color": COLORS, "shape": SHAPES}
+        self.focus = {tok.token_to_id(w) for part in args.mlm_words.split(",") if part
+                      for w in words[part]}
+        self.relation_ids = {tok.token_to_id(w) for w in words["relation"]}
+        self.mask_id = tok.token_to_id("[MASK]")
+
+    def masked(self, ids):
+        """(masked ids, labels): each focus word of a caption is masked with probability 0.5
+        (at least one per caption that has any); labels -100 elsewhere."""
+        focus = torch.isin(ids, torch.tensor(sorted(self.focus)))
+        chosen = focus & (torch.rand(ids.shape) < 0.5)
+        first = focus & (focus.cumsum(1) == 1)
+        chosen |= first & ~chosen.any(1, keepdim=True)
+        return ids.masked_fill(chosen, self.mask_id), torch.where(chosen, ids, torch.full_like(ids, -100))
 
     def images(self, recs):
+        if self.args.oracle_tokens:
+            return self.oracle(recs)
         with torch.no_grad():
             return self.model._image(self.pipe.pixels([r["image"] for r in recs]))[0]
+
+    def oracle(self, recs):
+        """Ideal image tokens: each patch holds fixed random codes of the colour and shape of
+        the object covering it (zero elsewhere and at [CLS]), so the tower is taken out."""
+        if not hasattr(self, "_codes"):
+            g = torch.Generator().manual_seed(1)
+            dim = self.model.cfg.vision.dim
+            self._codes = {name: torch.randn(dim, generator=g) for name in COLORS + SHAPES}
+        grid = self.model.cfg.vision.image_size // self.model.cfg.vision.patch_size
+        out = torch.zeros(len(recs), 1 + grid * grid, self.model.cfg.vision.dim)
+        for b, r in enumerate(recs):
+            for o in r["objects"]:
+                cells = torch.tensor(covered_cells(o, grid)) + 1
+                out[b, cells] += self._codes[o["color"]] + self._codes[o["shape"]]
+        return out
 
     def texts(self, texts):
         """(hidden states, attention mask, input ids) of the frozen (or ``--train-text``) tower."""
@@ -110,6 +141,10 @@ class FusionProbe:
         with torch.set_grad_enabled(self.args.train_text and torch.is_grad_enabled()):
             hidden = self.model.text_features(t["input_ids"], t["attention_mask"])
         return hidden, t["attention_mask"], t["input_ids"]
+
+    def texts_from_ids(self, ids, mask):
+        with torch.set_grad_enabled(self.args.train_text and torch.is_grad_enabled()):
+            return self.model.text_features(ids, mask)
 
     def targets(self, recs, ids, grid):
         """(B, L, N) patch masks for colour words and the shape word after each."""
@@ -145,6 +180,8 @@ class FusionProbe:
     def train(self, world, test):
         args, model = self.args, self.model
         params = list(model.fusion_layers.parameters()) + list(model.itm_head.parameters())
+        if args.mlm:
+            params += list(model.mlm_head.parameters())
         if args.train_text:
             params += list(model.text_embed.parameters()) + list(model.text_layers.parameters())
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
@@ -169,6 +206,15 @@ class FusionProbe:
                                 model.match_tokens(image_tokens[other], pos[0], pos[1])])
             labels = torch.cat([torch.ones(len(recs)), torch.zeros(2 * len(recs))]).long()
             loss = F.cross_entropy(logits, labels)
+            mlm_acc = None
+            if args.mlm:
+                masked, mlm_labels = self.masked(pos[2])
+                hidden = self.texts_from_ids(masked, pos[1])
+                hit = mlm_labels != -100
+                mlm_logits = model.mlm_head(model.fuse(hidden, pos[1], image_tokens)[hit])
+                loss = loss + args.mlm * F.cross_entropy(mlm_logits, mlm_labels[hit])
+                rel = torch.isin(mlm_labels[hit], torch.tensor(sorted(self.relation_ids)))
+                mlm_acc = (mlm_logits.argmax(-1) == mlm_labels[hit])[rel].float().mean().item()
             attn = maps[0]["cross"].float().mean(1)[..., 1:]  # (B, L, N), first fusion layer
             attn = attn / attn.sum(-1, keepdim=True)
             grid = int(round(attn.shape[-1] ** 0.5))
@@ -183,7 +229,8 @@ class FusionProbe:
             opt.step()
             if step % args.every == 0 or step == args.steps:
                 print(json.dumps({"step": step, "seconds": round(time.time() - start), "loss": round(loss.item(), 3),
-                                  "attention_on_object": round(mass.mean().item(), 3), **self.evaluate(test)}),
+                                  "attention_on_object": round(mass.mean().item(), 3),
+                                  "mlm_relation_acc": mlm_acc and round(mlm_acc, 3), **self.evaluate(test)}),
                       flush=True)
 
 
@@ -197,6 +244,11 @@ def main():
     p.add_argument("--kinds", default="", help="comma-separated negative kinds to train on (default all)")
     p.add_argument("--fusion-pos", default=None, choices=["", "sincos"])
     p.add_argument("--ground", type=float, default=0.0)
+    p.add_argument("--mlm", type=float, default=0.0,
+                   help="weight of an image-conditioned MLM loss on the --mlm-words of the true caption")
+    p.add_argument("--mlm-words", default="relation", help="comma-separated: relation, color, shape")
+    p.add_argument("--oracle-tokens", action="store_true",
+                   help="replace the image tower's tokens by ideal ones (colour and shape codes per patch)")
     p.add_argument("--reinit", action="store_true", help="fusion layers and ITM head start afresh")
     p.add_argument("--fusion-layers", type=int, default=0,
                    help="a fresh fusion stack of this depth (implies --reinit)")
@@ -223,6 +275,7 @@ def main():
     elif args.reinit:  # in place: the momentum copy and fuse() hold these very modules
         model.fusion_layers.apply(_init_weights)
         model.itm_head.apply(_init_weights)
+        model.mlm_head.apply(_init_weights)
     world = SyntheticWorld()
     if not args.no_token_probes:
         print(json.dumps({"token_probes": token_probes(pipe, model, world)}), flush=True)

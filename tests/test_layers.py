@@ -153,3 +153,20 @@ def test_inference_reuses_stacked_projections_until_a_weight_changes():
         assert torch.allclose(fresh(x), changed, atol=1e-6)
         attn.load_state_dict(Attention(16, 2).state_dict())  # copy_ into the same storage
         assert not torch.allclose(attn(x), changed)
+
+
+def test_attention_inference_traces_as_one_graph():
+    """Under torch.compile the stacked q/k/v weights are built in the graph, not taken from the
+    inference cache (whose pointer checks would break the graph, and whose tensor could be a
+    CUDA-graph output a later replay overwrites): fullgraph tracing succeeds, matches eager and
+    leaves the cache empty."""
+    torch.manual_seed(0)
+    attn = Attention(32, 4).eval()
+    x = torch.randn(2, 5, 32)
+    traced = torch.compile(attn, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        got = traced(x)
+        assert attn._stacked == {}
+        want = attn(x)  # eager inference fills the cache
+    assert attn._stacked
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

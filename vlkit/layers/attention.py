@@ -117,8 +117,10 @@ class Attention(nn.Module):
     def _project(self, x: torch.Tensor, name: str, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
         """``layer(x)`` for each layer as one product over their stacked weights. With autograd
         off (inference) the stacked weights are kept until a parameter changes (its version
-        counter, storage or dtype), so inference does not copy them on every call."""
-        if torch.is_grad_enabled():
+        counter, storage or dtype), so inference does not copy them on every call. Under
+        ``torch.compile`` the weights are stacked in the graph: the cache's pointer checks would
+        break it, and a cached tensor could be a CUDA-graph output that a later replay overwrites."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return _project(x, _stack(layers), layers)
         params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
         key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)

@@ -31,7 +31,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
                    betas=(0.9, 0.98), eps: float = 1e-6) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+    """AdamW over ``param_groups``; the fused kernel when every parameter is a plain CUDA tensor
+    (one launch per step instead of one per parameter group and operation)."""
+    params = list(model.parameters())
+    fused = bool(params) and all(p.is_cuda and type(p) is nn.Parameter for p in params)
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
+                             fused=True if fused else None)
 
 
 def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
