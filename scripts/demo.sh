@@ -11,7 +11,8 @@ if [ -n "${FROM_SCRATCH:-}" ]; then
   .venv/bin/vlkit train clip --data synthetic --preset tiny --minutes 10 --out "$OUT/clip"
 else
   .venv/bin/vlkit train vit --data synthetic --preset tiny --minutes 3 --out "$OUT/vit"
-  .venv/bin/vlkit train clip --data synthetic --preset tiny --minutes 7 --set vision_init="$OUT/vit" \
+  .venv/bin/vlkit train clip --data synthetic --preset tiny --minutes 7 --batch-size 256 --lr 1.4e-3 \
+    --set vision_init="$OUT/vit" \
     --out "$OUT/clip"
 fi
 # the 1,000-pair protocol as well: the first 1,000 test images, each with its first caption
