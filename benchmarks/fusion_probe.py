@@ -16,7 +16,11 @@ Two measurements on a trained ALBEF run (``vlkit train albef ... --out RUN``):
    ``--every`` steps it prints the attention mass on the right patches and the compositional
    accuracy by negative kind on the test split (the true caption scored above its negative).
    ``--train-text`` lets the text tower train as well; ``--fusion-layers N`` puts a fresh
-   fusion stack of depth N on the run's towers.
+   fusion stack of depth N on the run's towers. ``--mlm W`` adds an image-conditioned MLM loss
+   on chosen words of the true caption (``--mlm-words relation,color,shape``; half of them
+   masked, at least one) and prints the accuracy on relation words; ``--oracle-tokens``
+   replaces the tower's tokens by ideal ones (fixed colour and shape codes on each object's
+   patches), to tell the tower's part from the fusion layers'.
 
     python benchmarks/fusion_probe.py RUN --steps 400 --reinit --fusion-pos sincos --ground 1
     python benchmarks/fusion_probe.py RUN --steps 400 --reinit --kinds relation_flip

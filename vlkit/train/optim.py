@@ -34,7 +34,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
     """AdamW over ``param_groups``; the fused kernel when every parameter is a plain CUDA tensor
     (one launch per step instead of one per parameter group and operation)."""
     params = list(model.parameters())
-    fused = bool(params) and all(p.is_cuda and type(p) is nn.Parameter for p in params)
+    fused = bool(params) and all(p.is_cuda and type(p.data) is torch.Tensor for p in params)  # not DTensor
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
                              fused=True if fused else None)
 
