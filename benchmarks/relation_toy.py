@@ -50,8 +50,14 @@ curriculum, seed 1 / seed 2:
 ITM stays at chance even so, after the same curriculum, ``--ground 1 --directional``, 32k
 relation samples: from [CLS] 0.50 (``--task itm``, seed 0); with the MLM loss trained alongside
 (``--task itm+mlm``) 0.47 (seed 0) and 0.53 (seed 2); with ``--itm-pool max``, a head that lets
-every token vote on a mismatch, 0.48 alone and 0.47 with MLM alongside (seed 0). Predicting the relation is learnable with grounding, directional heads and a
-curriculum; checking a stated relation against the image is not, at this sample count.
+every token vote on a mismatch, 0.48 alone and 0.47 with MLM alongside (seed 0). Predicting the relation is learnable with grounding, directional heads and a curriculum;
+checking a stated relation from [CLS] or by a token vote is not, at this sample count.
+
+What does check it: ``--task mlm-flip``. The relation word shows [MASK] half of the time and the
+flipped word otherwise, and the true word is always the target, so the comparison is trained at
+visible words too. ITM is then read off the MLM head: the pair is true when the head predicts
+the word that is shown. After the same curriculum, with ``--ground 1 --directional``, 32k
+relation samples: masked-or-flipped word 0.87 / 0.99 and **ITM 0.73 / 0.98** (seeds 1 / 2).
 
     python benchmarks/relation_toy.py --ground 1 --directional
 """
@@ -134,6 +140,9 @@ class Toy:
             if task == "mlm":
                 t[k] = WORDS["[MASK]"]
                 labels.append(rel)
+            elif task == "mlm-flip":  # the true word is the target; half the time the flipped one shows
+                t[k] = WORDS["[MASK]"] if self.rng.random() < 0.5 else OPPOSITE[rel]
+                labels.append(rel)
             elif task == "side":
                 t[k] = WORDS["[MASK]"]
                 labels.append(WORDS["left"] if pts[0][0] < 0.5 else WORDS["right"])
@@ -166,8 +175,10 @@ class Toy:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--task", default="mlm", choices=["mlm", "itm", "side", "itm+mlm"],
-                   help="itm+mlm: both losses, ITM accuracy reported")
+    p.add_argument("--task", default="mlm", choices=["mlm", "mlm-flip", "itm", "side", "itm+mlm"],
+                   help="itm+mlm: both losses, ITM accuracy reported; mlm-flip: the relation word is "
+                        "[MASK] or the flipped word, the true one is the target, and ITM read off the "
+                        "MLM head is reported as well")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -181,7 +192,7 @@ def main():
     p.add_argument("--directional", action="store_true")
     p.add_argument("--side-first", type=int, default=0,
                    help="a curriculum: this many steps of --task side before the chosen task")
-    p.add_argument("--itm-pool", default="cls", choices=["cls", "max"])
+    p.add_argument("--itm-pool", default="cls", choices=["cls", "max"])  # "mlm": set by mlm-flip
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -204,8 +215,13 @@ def main():
     def run(n):
         image, ids, mask, labels, target = toy.batch(n)
         hidden, maps = layers(embed(ids), mask=toy.self_mask(mask), context=image, return_attention=True)
-        if args.task != "itm":
-            out = head(hidden[ids == WORDS["[MASK]"]])
+        if args.task == "itm" and args.itm_pool == "mlm":  # is the shown word the one predicted?
+            at = torch.isin(ids, torch.tensor(list(OPPOSITE)))
+            guess = head(hidden[at])[:, list(OPPOSITE)].argmax(-1)
+            agree = (torch.tensor(list(OPPOSITE))[guess] == ids[at]).float()
+            out = torch.stack([1 - agree, agree], dim=1)
+        elif args.task != "itm":
+            out = head(hidden[(ids == WORDS["[MASK]"]) | torch.isin(ids, torch.tensor(list(OPPOSITE)))])
         elif args.itm_pool == "max":
             score = token_score(hidden)[..., 0].masked_fill(mask == 0, float("-inf")).amax(1)
             out = torch.stack([score, torch.zeros_like(score)], dim=1)  # (no, yes)
@@ -232,9 +248,15 @@ def main():
         if step % args.every == 0:
             with torch.no_grad():
                 out, labels, mass = run(500)
+                extra = {}
+                if task == "mlm-flip":  # and ITM read off the MLM head, on true/flipped captions
+                    args.task, pool, args.itm_pool = "itm", args.itm_pool, "mlm"
+                    o, lab, _ = run(500)
+                    extra["itm_by_mlm"] = round((o.argmax(-1) == lab).float().mean().item(), 3)
+                    args.task, args.itm_pool = task, pool
             print(json.dumps({"step": step, "samples": step * args.batch_size, "loss": round(loss.item(), 3),
                               "accuracy": round((out.argmax(-1) == labels).float().mean().item(), 3),
-                              "attention_on_object": round(mass.mean().item(), 3),
+                              "attention_on_object": round(mass.mean().item(), 3), **extra,
                               "seconds": round(time.time() - start)}), flush=True)
 
 
