@@ -58,6 +58,8 @@ flipped word otherwise, and the true word is always the target, so the compariso
 visible words too. ITM is then read off the MLM head: the pair is true when the head predicts
 the word that is shown. After the same curriculum, with ``--ground 1 --directional``, 32k
 relation samples: masked-or-flipped word 0.87 / 0.99 and **ITM 0.73 / 0.98** (seeds 1 / 2).
+Each part counts (seed 2): without ``--directional``, word 0.86 and ITM 0.72; without the
+curriculum, word 0.73 and ITM 0.47 after 48k samples.
 
     python benchmarks/relation_toy.py --ground 1 --directional
 """
