@@ -142,9 +142,7 @@ class FusionProbe:
     def texts(self, texts):
         """(hidden states, attention mask, input ids) of the frozen (or ``--train-text``) tower."""
         t = self.pipe.tokens(texts)
-        with torch.set_grad_enabled(self.args.train_text and torch.is_grad_enabled()):
-            hidden = self.model.text_features(t["input_ids"], t["attention_mask"])
-        return hidden, t["attention_mask"], t["input_ids"]
+        return self.texts_from_ids(t["input_ids"], t["attention_mask"]), t["attention_mask"], t["input_ids"]
 
     def texts_from_ids(self, ids, mask):
         with torch.set_grad_enabled(self.args.train_text and torch.is_grad_enabled()):

@@ -83,6 +83,8 @@ WORDS = {"[CLS]": 1, "[MASK]": 4, "left": 5, "right": 6, "above": 7, "below": 8,
          "to": 11, "the": 12, "small": 13, "large": 14, "a": 15}
 COLOURS, SHAPES = list(range(20, 28)), list(range(30, 36))
 OPPOSITE = {5: 6, 6: 5, 7: 8, 8: 7}
+RELATIONS = torch.tensor(list(OPPOSITE))  # left, right, above, below
+HORIZONTAL = (WORDS["left"], WORDS["right"])  # followed by "of"
 VOCAB, DIM, IMAGE_DIM = 64, 192, 128
 
 
@@ -120,15 +122,15 @@ class Toy:
         def np_(i):
             size = [rng.choice((WORDS["small"], WORDS["large"]))] if filler and rng.random() < 0.5 else []
             return [WORDS["a"]] + size + [colours[i], shapes[i]]
-        rel_words = [rel] + ([WORDS["of"]] if rel in (5, 6) else [])
-        if filler and rel in (5, 6) and rng.random() < 0.5:
+        rel_words = [rel] + ([WORDS["of"]] if rel in HORIZONTAL else [])
+        if filler and rel in HORIZONTAL and rng.random() < 0.5:
             rel_words = [WORDS["to"], WORDS["the"]] + rel_words
         verb = [WORDS["is"]] if not filler or rng.random() < 0.5 else []
         return [WORDS["[CLS]"]] + np_(0) + verb + rel_words + np_(1)
 
-    def batch(self, n):
+    def batch(self, n, task):
         """(image tokens (n, 1+G*G, Dv), ids (n, L), attention mask, labels, grounding targets)."""
-        g, task = self.args.grid, self.args.task
+        g = self.args.grid
         image = torch.zeros(n, 1 + g * g, IMAGE_DIM)
         ids, labels, cells = [], [], []
         for b in range(n):
@@ -214,17 +216,16 @@ def main():
     modules.apply(_init_weights)
     opt = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=0.01)
 
-    def run(n):
-        image, ids, mask, labels, target = toy.batch(n)
+    def run(n, task, pool=args.itm_pool):
+        image, ids, mask, labels, target = toy.batch(n, task)
         hidden, maps = layers(embed(ids), mask=toy.self_mask(mask), context=image, return_attention=True)
-        if args.task == "itm" and args.itm_pool == "mlm":  # is the shown word the one predicted?
-            at = torch.isin(ids, torch.tensor(list(OPPOSITE)))
-            guess = head(hidden[at])[:, list(OPPOSITE)].argmax(-1)
-            agree = (torch.tensor(list(OPPOSITE))[guess] == ids[at]).float()
+        if task == "itm" and pool == "mlm":  # is the shown word the one predicted?
+            at = torch.isin(ids, RELATIONS)
+            agree = (RELATIONS[head(hidden[at])[:, RELATIONS].argmax(-1)] == ids[at]).float()
             out = torch.stack([1 - agree, agree], dim=1)
-        elif args.task != "itm":
-            out = head(hidden[(ids == WORDS["[MASK]"]) | torch.isin(ids, torch.tensor(list(OPPOSITE)))])
-        elif args.itm_pool == "max":
+        elif task != "itm":
+            out = head(hidden[(ids == WORDS["[MASK]"]) | torch.isin(ids, RELATIONS)])
+        elif pool == "max":
             score = token_score(hidden)[..., 0].masked_fill(mask == 0, float("-inf")).amax(1)
             out = torch.stack([score, torch.zeros_like(score)], dim=1)  # (no, yes)
         else:
@@ -234,12 +235,14 @@ def main():
         return out, labels, (attn[has] * target[has]).sum(-1)
 
     start = time.time()
-    task = args.task
     for step in range(1, args.side_first + args.steps + 1):
-        phase = ["side"] if step <= args.side_first else ["mlm", "itm"] if task == "itm+mlm" else [task]
+        if step <= args.side_first:
+            phase = ["side"]
+        else:
+            phase = ["mlm", "itm"] if args.task == "itm+mlm" else [args.task]
         loss = 0.0
-        for args.task in phase:  # itm+mlm: the sum of both losses, each on its own batch
-            out, labels, mass = run(args.batch_size)
+        for task in phase:  # itm+mlm: the sum of both losses, each on its own batch
+            out, labels, mass = run(args.batch_size, task)
             loss = loss + F.cross_entropy(out, labels)
         if args.ground:
             loss = loss + args.ground * -mass.clamp_min(1e-6).log().mean()
@@ -249,13 +252,11 @@ def main():
         opt.step()
         if step % args.every == 0:
             with torch.no_grad():
-                out, labels, mass = run(500)
+                out, labels, mass = run(500, task)
                 extra = {}
-                if task == "mlm-flip":  # and ITM read off the MLM head, on true/flipped captions
-                    args.task, pool, args.itm_pool = "itm", args.itm_pool, "mlm"
-                    o, lab, _ = run(500)
+                if args.task == "mlm-flip":  # and ITM read off the MLM head, on true/flipped captions
+                    o, lab, _ = run(500, "itm", pool="mlm")
                     extra["itm_by_mlm"] = round((o.argmax(-1) == lab).float().mean().item(), 3)
-                    args.task, args.itm_pool = task, pool
             print(json.dumps({"step": step, "samples": step * args.batch_size, "loss": round(loss.item(), 3),
                               "accuracy": round((out.argmax(-1) == labels).float().mean().item(), 3),
                               "attention_on_object": round(mass.mean().item(), 3), **extra,
