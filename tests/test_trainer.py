@@ -137,3 +137,38 @@ def test_batchnorm_statistics_are_recomputed_for_the_exported_weights(tmp_path):
         feats.append(model.vision.embed.patch_embed.proj[0](x).mean(dim=(0, 2, 3)))
     torch.testing.assert_close(stem.running_mean, torch.stack(feats).mean(0), atol=1e-5, rtol=1e-4)
     assert stem.momentum == 0.1
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_to_the_process_group_ends_with_a_checkpoint(tmp_path, sig):
+    """A scheduler's SIGTERM (or Ctrl-C) reaches the data workers too; the run must still end
+    with a checkpoint of its last step and exported weights, not with a worker-death error."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vlkit", "train", "vit", "--steps", "100000", "--batch-size", "8",
+           "--workers", "2", "--ckpt-every", "100000", "--out", str(run), "--no-eval", "--no-progress",
+           "--set", "depth=1", "--set", "dim=32", "--set", "mlp_dim=64"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            metrics = run / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1]
+        os.killpg(proc.pid, getattr(signal, sig))
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert "writing a checkpoint" in err
+    newest = latest_checkpoint(run)
+    assert newest is not None and int(newest.name.split("-")[1]) > 0
+    assert (run / "model.safetensors").exists()

@@ -9,6 +9,7 @@ the sample position).
 from __future__ import annotations
 
 import random
+import signal
 from typing import Callable
 
 import torch
@@ -103,6 +104,16 @@ class BatchStream(IterableDataset):
             b += workers
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """Workers ignore SIGTERM and SIGINT. A scheduler (or ``kill -- -PGID``, or Ctrl-C in a
+    terminal) signals the whole process group; a worker that died of it would make the main
+    process raise in the middle of a step, before the trainer could write the checkpoint it was
+    asked for. The main process stops its workers itself when it closes the loader, and a worker
+    whose parent died exits on its own."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def batch_loader(source, collate, batch_size: int, start: int = 0, seed: int = 0,
                  num_workers: int = 1, limit: int | None = None, rank: int = 0,
                  world: int = 1) -> DataLoader:
@@ -113,5 +124,6 @@ def batch_loader(source, collate, batch_size: int, start: int = 0, seed: int = 0
     # the global RNG untouched, so a resumed run's RNG stream matches an uninterrupted one's
     return DataLoader(stream, batch_size=None, num_workers=num_workers,
                       generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=_leave_stop_signals_to_the_trainer if num_workers else None,
                       prefetch_factor=4 if num_workers else None,
                       persistent_workers=False)

@@ -278,7 +278,8 @@ class Trainer:
         if resume and self.resume() and self.rank == 0:
             print(f"resumed from step {self.step} ({self.samples} samples)", file=sys.stderr)
         self.model.train()
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        previous = ({sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+                    if _main_thread() else {})
         metrics_file = open(self.run / "metrics.jsonl", "a") if self.rank == 0 else None
         bar = _progress(cfg, self.step) if self.rank == 0 else None
         try:
@@ -288,8 +289,8 @@ class Trainer:
                 metrics_file.close()
             if bar is not None:
                 bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         self.checkpoint()
         self.recalibrate_batchnorm()
         weights = self._full_model_state()
@@ -480,8 +481,13 @@ class Trainer:
             m.load_state_dict(state)
         vdist.barrier()
 
-    def _on_sigterm(self, signum, frame):
-        print("SIGTERM: writing a checkpoint at the end of this step", file=sys.stderr)
+    def _on_stop_signal(self, signum, frame):
+        """SIGTERM or a first Ctrl-C: finish the step, write a checkpoint, export, return. A
+        second Ctrl-C interrupts at once (the newest periodic checkpoint stays)."""
+        if signum == signal.SIGINT and self._stop_requested:
+            raise KeyboardInterrupt
+        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (again to abort)"
+        print(f"{name}: writing a checkpoint at the end of this step", file=sys.stderr)
         self._stop_requested = True
 
 
