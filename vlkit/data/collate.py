@@ -21,22 +21,48 @@ def max_text_length(cfg) -> int | None:
 
 
 class ClassificationCollate:
-    """{"image", "label"} records -> {"pixel_values": (B,3,H,W), "labels": (B,)}."""
+    """{"image", "label"} records -> {"pixel_values": (B,3,H,W), "labels": (B,)}.
 
-    def __init__(self, transform, classes: list[str]):
+    With ``patch_grid`` (the synthetic world's records, which list their ``objects``) also
+    ``patch_labels`` (B, grid*grid): the class of the object under each patch, or the
+    background class ``len(classes)``. Records without a label (images of several objects)
+    are then allowed and get label -100 (no image-level loss)."""
+
+    def __init__(self, transform, classes: list[str], patch_grid: int = 0):
         self.transform = transform
         self.index = {name: i for i, name in enumerate(classes)}
+        self.patch_grid = int(patch_grid)
+        if self.patch_grid and tuple(getattr(transform, "scale", (1.0, 1.0))) != (1.0, 1.0) \
+                and getattr(transform, "train", False):
+            raise ValueError("patch labels need the whole image: a transform without random crops "
+                             "(scale=(1, 1))")
 
     def __call__(self, records: list[dict], rngs: list[random.Random] | None = None) -> dict:
-        pixels, labels = [], []
+        from .synthetic import patch_labels
+        pixels, labels, dense = [], [], []
         for j, rec in enumerate(records):
             label = rec.get("label")
-            if label not in self.index:
+            if self.patch_grid and label is None:
+                labels.append(-100)
+            elif label not in self.index:
                 raise ValueError(f"record {rec.get('image', j)!r}: label {label!r} is not one of "
                                  f"the {len(self.index)} classes")
-            pixels.append(self.transform(rec["image"], None, rngs[j] if rngs else None)[0])
-            labels.append(self.index[label])
-        return {"pixel_values": torch.stack(pixels), "labels": torch.tensor(labels)}
+            else:
+                labels.append(self.index[label])
+            rng = rngs[j] if rngs else None
+            if not self.patch_grid:
+                pixels.append(self.transform(rec["image"], None, rng)[0])
+            else:
+                image, _, flipped = self.transform(rec["image"], None, rng, return_flip=True)
+                pixels.append(image)
+                if "objects" not in rec:
+                    raise ValueError(f"record {rec.get('image', j)!r}: patch labels need its 'objects'")
+                dense.append(patch_labels(rec["objects"], self.patch_grid, self.index, len(self.index),
+                                          flipped))
+        out = {"pixel_values": torch.stack(pixels), "labels": torch.tensor(labels)}
+        if self.patch_grid:
+            out["patch_labels"] = torch.tensor(dense)
+        return out
 
 
 class ImageTextCollate:

@@ -17,14 +17,21 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 
 class SyntheticSource:
-    """Sample ``i`` of the synthetic world's stream for a split."""
+    """Sample ``i`` of the synthetic world's stream for a split. ``single_object``: True or
+    False, or a share in (0, 1): each sample is then a single-object one with that probability
+    (drawn from its position, so the stream stays fixed)."""
 
-    def __init__(self, world, split: str = "train", single_object: bool = False, offset: int = 0):
+    def __init__(self, world, split: str = "train", single_object: bool | float = False, offset: int = 0):
+        if not isinstance(single_object, bool) and not 0 < single_object < 1:
+            raise ValueError(f"single_object: True, False or a share in (0, 1), got {single_object}")
         self.world, self.split, self.single_object = world, split, single_object
         self.offset = offset  # a different training seed reads another stretch of the stream
 
     def __call__(self, i: int) -> dict:
-        return self.world.sample(self.offset + i, split=self.split, single_object=self.single_object)
+        single = self.single_object
+        if not isinstance(single, bool):
+            single = random.Random(f"single-object {self.offset + i}").random() < single
+        return self.world.sample(self.offset + i, split=self.split, single_object=single)
 
 
 class EpochSource:

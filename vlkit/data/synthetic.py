@@ -87,6 +87,36 @@ def is_heldout(color: str, shape: str) -> bool:
     return (color, shape) in _HELDOUT
 
 
+def patch_labels(objects: Sequence[dict], grid: int, classes: dict[str, int], background: int,
+                 flipped: bool = False) -> list[int]:
+    """The object class under each patch of a ``grid`` x ``grid`` tiling, row-major: for every
+    patch, the object whose bounding square covers the largest part of it, if that part is at
+    least a quarter of the patch or of the object's square; else ``background``. ``objects`` as
+    in a record (centres and extents as fractions of the side); ``flipped`` for an image that
+    was mirrored left-right. Objects never overlap, so the choice is rarely contested."""
+    labels = [background] * (grid * grid)
+    best = [0.0] * (grid * grid)
+    cell = 1.0 / grid
+    for o in objects:
+        name = f"{o['color']} {o['shape']}"
+        if name not in classes:
+            raise ValueError(f"object {name!r} is not one of the {len(classes)} classes")
+        x = 1.0 - o["x"] if flipped else o["x"]
+        half = o["extent"] / 2
+        need = 0.25 * min(cell * cell, o["extent"] ** 2)
+        for r in range(grid):
+            oy = min((r + 1) * cell, o["y"] + half) - max(r * cell, o["y"] - half)
+            if oy <= 0:
+                continue
+            for c in range(grid):
+                ox = min((c + 1) * cell, x + half) - max(c * cell, x - half)
+                area = ox * oy if ox > 0 else 0.0
+                k = r * grid + c
+                if area >= need and area > best[k]:
+                    labels[k], best[k] = classes[name], area
+    return labels
+
+
 class _Obj:
     __slots__ = ("shape", "color", "size", "x", "y", "extent")
 

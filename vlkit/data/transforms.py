@@ -280,20 +280,24 @@ class ImageTransform:
         self._a = (1.0 / (255.0 * std_t))
         self._b = -torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1) / std_t
 
-    def __call__(self, img: ImageInput, caption=None, rng: random.Random | None = None):
+    def __call__(self, img: ImageInput, caption=None, rng: random.Random | None = None,
+                 return_flip: bool = False):
+        """(tensor, caption), or (tensor, caption, flipped) with ``return_flip``."""
         img = as_pil(img)
+        flipped = False
         if self.train:
             rng = random if rng is None else rng
             img = random_resized_crop(img, self.size, self.scale, self.ratio, rng, self.interpolation)
             if self.hflip and rng.random() < 0.5:
-                img = hflip(img)
+                img, flipped = hflip(img), True
                 if caption is not None:
                     caption = swap_left_right(caption)
         else:
             img = center_crop(resize(img, self.size, self.interpolation), self.size)
         a = np.asarray(img, dtype=np.uint8)
         t = torch.from_numpy(np.array(a.transpose(2, 0, 1), order="C")).to(torch.float32)
-        return torch.addcmul(self._b, t, self._a), caption
+        t = torch.addcmul(self._b, t, self._a)
+        return (t, caption, flipped) if return_flip else (t, caption)
 
     def __repr__(self) -> str:
         return (f"ImageTransform(size={self.size}, mean={self.mean}, std={self.std}, "

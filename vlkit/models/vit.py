@@ -33,6 +33,12 @@ class ViTConfig:
     patch_dropout: float = 0.0   # training only: drop this fraction of patch tokens (FLIP), CLS kept
     num_classes: int = 0         # >0 adds a linear classification head on the pooled feature
     class_names: list[str] = field(default_factory=list)
+    # >0: a per-patch head names the object under every patch token (one of the classes, or
+    # background), trained with this weight beside the image-level loss, on the synthetic
+    # world's images of one to three objects. It makes the patch tokens (what fusion models
+    # attend to) carry each object's colour and shape, as region features from an object
+    # detector did for the first vision-language models.
+    dense_weight: float = 0.0
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
@@ -109,6 +115,13 @@ class ViT(VLModel):
         self.cfg = cfg
         self.vision = VisionTransformer(cfg)
         self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else None
+        if cfg.dense_weight < 0:
+            raise ValueError(f"dense_weight must be >= 0, got {cfg.dense_weight}")
+        if cfg.dense_weight > 0 and (not cfg.num_classes or cfg.patch_dropout > 0):
+            raise ValueError("dense_weight needs num_classes > 0 and no patch_dropout (each patch "
+                             "token is labelled in place)")
+        # the classes, then background
+        self.patch_head = nn.Linear(cfg.dim, cfg.num_classes + 1) if cfg.dense_weight > 0 else None
         self.apply(_init_weights)
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -120,13 +133,42 @@ class ViT(VLModel):
         logits = self.head(pooled) if self.head is not None else None
         return Output(features=features, pooled=pooled, logits=logits)
 
+    @property
+    def patch_grid(self) -> int:
+        """Patches per side (0 without a per-patch head): the grid of ``patch_labels``."""
+        return self.vision.embed.grid[0] if self.patch_head is not None else 0
+
     def training_losses(self, batch: dict) -> dict:
+        """Cross-entropy of the image-level class (label -100: none); with ``dense_weight``
+        also of the object class under each patch (``patch_labels`` (B, N))."""
         if self.head is None:
             raise ValueError("this ViT has no classification head (num_classes=0)")
-        logits = self(batch["pixel_values"]).logits
-        loss = F.cross_entropy(logits, batch["labels"])
-        acc = (logits.argmax(-1) == batch["labels"]).float().mean()
-        return {"loss": loss, "acc": acc.detach()}
+        out = self(batch["pixel_values"])
+        labels = batch["labels"]
+        known = labels != -100
+        n = known.sum().clamp(min=1)
+        # a mean over the labelled images; a batch without any contributes zero, not NaN
+        loss = F.cross_entropy(out.logits, labels.clamp(min=0), reduction="none").mul(known).sum() / n
+        acc = ((out.logits.argmax(-1) == labels) & known).sum() / n
+        result = {"class_loss": loss.detach(), "acc": acc.detach()}
+        if self.patch_head is not None:
+            target = batch.get("patch_labels")
+            if target is None:
+                raise ValueError("dense_weight > 0 needs batch['patch_labels'] (the synthetic world's "
+                                 "images, which list their objects)")
+            patches = out.features[:, 1:]
+            if target.shape != patches.shape[:2]:
+                raise ValueError(f"patch_labels of shape {tuple(target.shape)} for "
+                                 f"{tuple(patches.shape[:2])} patch tokens")
+            dense_logits = self.patch_head(patches)
+            dense = F.cross_entropy(dense_logits.flatten(0, 1), target.flatten())
+            objects = target != self.cfg.num_classes
+            hit = (dense_logits.argmax(-1) == target) & objects
+            result["patch_loss"] = dense.detach()
+            result["patch_object_acc"] = (hit.sum() / objects.sum().clamp(min=1)).detach()
+            loss = loss + self.cfg.dense_weight * dense
+        result["loss"] = loss
+        return result
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -112,12 +112,15 @@ def answer_vocabulary(records: list[dict]) -> list[str]:
 
 
 def training_source(task: str, data: str, image_size: int, seed: int, on_bad_sample: str,
-                    max_skip_rate: float | None = None, groups: int = 1):
+                    max_skip_rate: float | None = None, groups: int = 1,
+                    single_object: bool | float | None = None):
+    """``single_object`` (synthetic world): True for labelled single-object images, a share in
+    (0, 1) for a mix with images of several objects; default: True for classification."""
     from ..data.loader import EpochSource, SyntheticSource
     if data == "synthetic":
         world = synthetic_world(image_size, groups if task != "classification" else 1)
-        return SyntheticSource(world, "train",
-                                     single_object=(task == "classification"), offset=seed * 10_000_000)
+        single = (task == "classification") if single_object is None else single_object
+        return SyntheticSource(world, "train", single_object=single, offset=seed * 10_000_000)
     dataset = open_dataset(data, "train", on_bad_sample, max_skip_rate)
     if hasattr(dataset, "shard_ranges"):  # shards: shuffled shard order, then within each shard
         from ..data.shards import ShardSource
@@ -146,7 +149,8 @@ def make_collate(model, task: str, tokenizer, negatives: int, train: bool = True
     transform = ImageTransform(spec["size"], spec["mean"], spec["std"], train=train,
                                scale=scale, hflip=True)
     if task == "classification":
-        return ClassificationCollate(transform, model.cfg.class_names)
+        return ClassificationCollate(transform, model.cfg.class_names,
+                                     patch_grid=getattr(model, "patch_grid", 0) if train else 0)
     cfg = model.cfg
     return ImageTextCollate(transform, tokenizer, max_length=max_text_length(cfg), negatives=negatives,
                             word_ids=bool(getattr(cfg, "whole_word_mask", False)),
@@ -380,8 +384,10 @@ def train(args: RunArgs) -> dict:
             tok.save(run / "tokenizer")
     task = model.task
     negatives = 2 if getattr(model.cfg, "hard_negatives", False) else 0
+    # a ViT with a per-patch head also sees images of several objects (half of its images)
+    single = 0.5 if getattr(model, "patch_grid", 0) else None
     source = training_source(task, args.data, model.image_spec()["size"], args.seed, args.on_bad_sample,
-                             args.max_skip_rate, groups)
+                             args.max_skip_rate, groups, single_object=single)
     collate = make_collate(model, task, tok, negatives, data=args.data)
     from ..data.loader import batch_loader
     # augmentation draws from an RNG seeded by (seed, global sample position), so every sample
