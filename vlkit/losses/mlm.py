@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mask_tokens", "mlm_loss", "IGNORE_INDEX"]
+__all__ = ["mask_tokens", "mlm_loss", "minimal_pairs", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -57,3 +57,36 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return logits.sum() * 0.0
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX)
+
+
+def minimal_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, neg_input_ids: torch.Tensor,
+                  neg_attention_mask: torch.Tensor, neg_owner: torch.Tensor, max_edits: int = 3):
+    """Captions and the negative that edits them word for word.
+
+    A batch's first negative of each caption (``neg_owner[k]`` names the caption negative ``k``
+    belongs to; the collate draws the caption as that negative's source) is a *minimal pair*
+    with it when both have the same length and differ in 1 to ``max_edits`` tokens (colour,
+    shape or relation words replaced; added or removed words do not qualify). Returns
+    ``(rows (P,), neg_rows (P,), edited (P, L) bool, length L)``: the caption rows, their
+    negatives' rows, the differing positions, with both texts read at length L (the longer
+    padded length of the two batches)."""
+    device = input_ids.device
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    if neg_input_ids.shape[0] == 0:
+        return empty, empty, torch.zeros(0, input_ids.shape[1], dtype=torch.bool, device=device), \
+            input_ids.shape[1]
+    owner = neg_owner.to(device)
+    first = torch.ones_like(owner, dtype=torch.bool)
+    first[1:] = owner[1:] != owner[:-1]  # a caption's negatives are consecutive
+    neg_rows = first.nonzero().squeeze(1)
+    rows = owner[neg_rows]
+    length = max(input_ids.shape[1], neg_input_ids.shape[1])
+    a = F.pad(input_ids, (0, length - input_ids.shape[1]))[rows]
+    am = F.pad(attention_mask, (0, length - attention_mask.shape[1]))[rows]
+    b = F.pad(neg_input_ids.to(device), (0, length - neg_input_ids.shape[1]))[neg_rows]
+    bm = F.pad(neg_attention_mask.to(device), (0, length - neg_attention_mask.shape[1]))[neg_rows]
+    same_length = (am == bm).all(1)
+    edited = (a != b) & am.bool()
+    n = edited.sum(1)
+    keep = same_length & (n >= 1) & (n <= max_edits)
+    return rows[keep], neg_rows[keep], edited[keep], length

@@ -38,7 +38,7 @@ from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostN
                       padding_mask, sincos_2d)
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
 from ..losses.matching import itm_accuracy, itm_loss
-from ..losses.mlm import mask_tokens
+from ..losses.mlm import mask_tokens, minimal_pairs
 from ..losses.vqa import batch_vqa_loss
 from ..train.distributed import (all_gather_no_grad, all_gather_padded, all_gather_sizes,
                                  all_gather_with_grad, global_generator, global_mean_scale, is_dist,
@@ -84,6 +84,12 @@ class ALBEFConfig:
     itm_hard_negatives: bool = True  # similarity-sampled in-batch negatives (else uniform)
     hard_negatives: bool = False    # the dataset's negative captions join ITM
     mlm_prob: float = 0.15
+    # >0 (with hard_negatives): replaced-word correction. For a caption and the dataset negative
+    # that edits it word for word (a swapped colour, a flipped relation), the fusion layers read
+    # the image with either text -- the false one half of the time -- and the MLM head predicts
+    # the true words at the edited positions: the words a caption states are checked against
+    # the image where they stand, which [CLS]-pooled ITM does not learn for swaps and flips.
+    edit_weight: float = 0.0
     whole_word_mask: bool = False   # needs batch["word_ids"]
     mask_token_id: int = 4          # vlkit's WordPiece ids ([PAD]=0 ... [MASK]=4)
     pad_token_id: int = 0
@@ -367,6 +373,9 @@ class ALBEF(VLModel):
         out["mlm_loss"] = mlm_distill_loss(mlm_logits, mlm_labels[hit], mlm_logits_m, alpha) * scale
 
         losses = [out["itc_loss"], out["itm_loss"], out["mlm_loss"]]
+        if cfg.edit_weight > 0:
+            out.update(self._edit_loss(batch, image_tokens, generator, g))
+            losses.append(cfg.edit_weight * out["edit_loss"])
         if "vqa_targets" in batch:
             out["vqa_loss"] = batch_vqa_loss(self, batch, pixels, ids, mask)
             losses.append(out["vqa_loss"])
@@ -400,6 +409,42 @@ class ALBEF(VLModel):
             images = torch.cat([images, image_tokens[owner]])
             labels = torch.cat([labels, torch.zeros_like(owner)])
         return self.itm_head(self.fuse(texts, masks, images)[:, 0]), labels
+
+    def _edit_loss(self, batch, image_tokens, generator, g) -> dict:
+        """Replaced-word correction (``edit_weight``): for each minimal pair of the batch (a
+        caption and its first negative, differing in 1-3 tokens), the fusion layers read the
+        image with the negative (the edited words visible, no [MASK]) or, with probability 1/2,
+        with the caption itself; the MLM head predicts the caption's tokens at the edited
+        positions. Reported: the loss, and the accuracy of correcting a false word and of
+        keeping a true one (NaN in a batch without such words)."""
+        if not self.cfg.hard_negatives:
+            raise ValueError("edit_weight needs hard_negatives (the dataset's negative captions)")
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        neg_ids = batch.get("neg_input_ids")
+        zero = image_tokens.new_zeros(())
+        if neg_ids is None or neg_ids.shape[0] == 0:
+            return {"edit_loss": zero, "edit_fix_acc": zero, "edit_keep_acc": zero}
+        rows, neg_rows, edited, length = minimal_pairs(ids, mask, neg_ids, batch["neg_attention_mask"],
+                                                       batch["neg_owner"])
+        # one draw per row of the global batch, so the choice does not depend on the process count
+        show_false = torch.rand(sum(g["sizes"]), generator=generator, device=ids.device)
+        show_false = (show_false[g["row_start"]:g["row_start"] + ids.shape[0]] < 0.5)[rows]
+        if rows.numel() == 0:
+            return {"edit_loss": zero, "edit_fix_acc": zero, "edit_keep_acc": zero}
+        true_ids = F.pad(ids, (0, length - ids.shape[1]))[rows]
+        text_mask = F.pad(mask, (0, length - mask.shape[1]))[rows]
+        false_ids = F.pad(neg_ids.to(ids.device), (0, length - neg_ids.shape[1]))[neg_rows]
+        shown = torch.where(show_false[:, None], false_ids, true_ids)
+        fused = self.fuse(self._text(shown, text_mask)[0], text_mask, image_tokens[rows])
+        logits = self.mlm_head(fused[edited])  # (M, vocab)
+        target = true_ids[edited]
+        hit = (logits.detach().argmax(-1) == target).float()
+        false_pos = show_false[:, None].expand_as(edited)[edited]
+
+        def share(sel):  # NaN when the batch shows no text of that kind
+            return hit[sel].mean() if bool(sel.any()) else torch.full_like(zero, float("nan"))
+        return {"edit_loss": F.cross_entropy(logits.float(), target),
+                "edit_fix_acc": share(false_pos), "edit_keep_acc": share(~false_pos)}
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
