@@ -590,3 +590,24 @@ def test_edit_loss_corrects_the_edited_words():
     assert fixed and kept and min(fixed) == 1.0 and min(kept) == 1.0
     with pytest.raises(ValueError, match="hard_negatives"):
         vlkit.create_model("albef", "tiny", **SMALL, edit_weight=1.0).training_losses(batch)
+
+
+def test_itm_plus_edit_score_is_the_product_of_the_two_heads():
+    torch.manual_seed(0)
+    model = _perturbed(vlkit.create_model("albef", "tiny", **SMALL, match_score="itm+edit")).eval()
+    batch = _batch(b=3)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        score = model.score(batch["pixel_values"], ids, mask)
+        out = model(batch["pixel_values"], ids, mask)
+        logp = model.mlm_head(out.features).log_softmax(-1)
+    for i in range(3):
+        words = [t for t in range(ids.shape[1]) if mask[i, t] and ids[i, t] >= 5]
+        lowest = min(logp[i, t, ids[i, t]].item() for t in words)
+        want = out.logits[i].softmax(-1)[1].item() * torch.tensor(lowest).exp().item()
+        assert score[i].item() == pytest.approx(want, rel=1e-5)
+    model.cfg.match_score = "itm"
+    with torch.no_grad():
+        assert torch.allclose(model.score(batch["pixel_values"], ids, mask), out.logits.softmax(-1)[:, 1])
+    with pytest.raises(ValueError, match="match_score"):
+        vlkit.create_model("albef", "tiny", **SMALL, match_score="mlm")

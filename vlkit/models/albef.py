@@ -90,6 +90,10 @@ class ALBEFConfig:
     # the true words at the edited positions: the words a caption states are checked against
     # the image where they stand, which [CLS]-pooled ITM does not learn for swaps and flips.
     edit_weight: float = 0.0
+    # how ``score`` rates a pair: "itm" (the ITM head's match probability) or "itm+edit" (that,
+    # times the MLM head's probability of the least likely word of the caption as it stands,
+    # read from the same fused forward pass: a word the image contradicts lowers the score)
+    match_score: str = "itm"
     whole_word_mask: bool = False   # needs batch["word_ids"]
     mask_token_id: int = 4          # vlkit's WordPiece ids ([PAD]=0 ... [MASK]=4)
     pad_token_id: int = 0
@@ -148,6 +152,8 @@ class ALBEF(VLModel):
             raise ValueError(f"{len(cfg.answer_names)} answer_names for num_answers={cfg.num_answers}")
         if cfg.fusion_pos not in ("", "sincos"):
             raise ValueError(f"fusion_pos must be '' or 'sincos', got {cfg.fusion_pos!r}")
+        if cfg.match_score not in ("itm", "itm+edit"):
+            raise ValueError(f"match_score must be 'itm' or 'itm+edit', got {cfg.match_score!r}")
         if cfg.fusion_pos and cfg.vision.patch_dropout:
             raise ValueError("fusion_pos needs every patch token (set vision.patch_dropout=0)")
         self.cfg = cfg
@@ -264,8 +270,23 @@ class ALBEF(VLModel):
         return self(pixel_values, input_ids, attention_mask).logits
 
     def score(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
-        """(B,) ITM probability that each zipped pair matches."""
-        return self.match(pixel_values, input_ids, attention_mask).float().softmax(-1)[:, 1]
+        """(B,) probability that each zipped pair matches: the ITM head's, times the least
+        likely word's MLM probability with ``match_score="itm+edit"``."""
+        out = self(pixel_values, input_ids, attention_mask)
+        p = out.logits.float().softmax(-1)[:, 1]
+        if self.cfg.match_score == "itm+edit":
+            p = p * self.word_check(out.features, input_ids, attention_mask).exp()
+        return p
+
+    def word_check(self, fused, input_ids, attention_mask=None) -> torch.Tensor:
+        """(B,) the lowest log-probability the MLM head gives a word of the text where it
+        stands (no [MASK]), over the non-special tokens, from fused text states (B, L, D)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        special = torch.tensor(sorted(self.cfg.special_token_ids), device=input_ids.device)
+        words = attention_mask.bool() & ~torch.isin(input_ids, special)
+        logp = self.mlm_head(fused).float().log_softmax(-1).gather(-1, input_ids[..., None])[..., 0]
+        return logp.masked_fill(~words, 0.0).min(dim=1).values
 
     def mlm_logits(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
         """(B, L, vocab) predictions for every text position, conditioned on the image."""
