@@ -116,6 +116,26 @@ def test_schedule_and_weight_decay_groups():
     assert "vision.encoder.blocks.0.attn.q.weight" in d
 
 
+def test_cpu_optimizer_is_fused_and_steps_like_the_default():
+    from vlkit.train.optim import make_optimizer
+    torch.manual_seed(0)
+    model = _model()
+    twin = _model()
+    twin.load_state_dict(model.state_dict())
+    opt = make_optimizer(model, 1e-2)
+    assert all(g["fused"] for g in opt.param_groups)
+    ref = torch.optim.AdamW(param_groups(twin, 0.05), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, foreach=True)
+    x = torch.randn(4, 3, 16, 16)
+    for _ in range(3):
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            m.train(False)
+            m(x).logits.square().mean().backward()
+            o.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_batchnorm_statistics_are_recomputed_for_the_exported_weights(tmp_path):
     torch.manual_seed(0)
     model = vlkit.create_model("vit", "tiny", image_size=16, patch_size=4, dim=16, heads=2, mlp_dim=32,
@@ -150,7 +170,7 @@ def test_a_stop_signal_to_the_process_group_ends_with_a_checkpoint(tmp_path, sig
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "vlkit", "train", "vit", "--steps", "100000", "--batch-size", "8",
-           "--workers", "2", "--ckpt-every", "100000", "--out", str(run), "--no-eval", "--no-progress",
+           "--workers", "2", "--ckpt-every", "100000", "--out", str(run), "--no-progress",
            "--set", "depth=1", "--set", "dim=32", "--set", "mlp_dim=64"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -163,12 +183,13 @@ def test_a_stop_signal_to_the_process_group_ends_with_a_checkpoint(tmp_path, sig
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()[1]
         os.killpg(proc.pid, getattr(signal, sig))
-        _, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err
     assert "writing a checkpoint" in err
+    assert "evaluation skipped" in out and not (run / "eval.json").exists()
     newest = latest_checkpoint(run)
     assert newest is not None and int(newest.name.split("-")[1]) > 0
     assert (run / "model.safetensors").exists()

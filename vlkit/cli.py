@@ -84,7 +84,9 @@ def cmd_train(args) -> int:
         return 0
     print(f"trained {result['step']} steps ({result['samples']} samples) in {result['elapsed']:.0f} s; "
           f"final loss {result.get('loss', float('nan')):.4f}")
-    if not args.no_eval and args.data != "synthetic" and not (Path(args.data) / "test.jsonl").is_file():
+    if result.get("stopped") and not args.no_eval:
+        print(f"stopped by a signal: evaluation skipped (vlkit eval {args.out}, or continue with --resume)")
+    elif not args.no_eval and args.data != "synthetic" and not (Path(args.data) / "test.jsonl").is_file():
         print(f"no {Path(args.data) / 'test.jsonl'}: evaluation skipped (vlkit eval {args.out} --data "
               "a dataset folder with a test split)")
     elif not args.no_eval:

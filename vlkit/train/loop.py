@@ -297,7 +297,8 @@ class Trainer:
         if self.rank == 0:
             atomic_save_tensors(self.run / WEIGHTS, weights)
         vdist.barrier()
-        return {"step": self.step, "samples": self.samples, "elapsed": self.elapsed, **last}
+        return {"step": self.step, "samples": self.samples, "elapsed": self.elapsed,
+                "stopped": self._stop_agreed, **last}
 
     @torch.no_grad()
     def recalibrate_batchnorm(self, batches: int = 8) -> None:
