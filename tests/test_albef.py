@@ -589,7 +589,7 @@ def test_edit_loss_corrects_the_edited_words():
     fixed, kept = [v for v in fixed[-20:] if v == v], [v for v in kept[-20:] if v == v]  # NaN: none shown
     assert fixed and kept and min(fixed) == 1.0 and min(kept) == 1.0
     with pytest.raises(ValueError, match="hard_negatives"):
-        vlkit.create_model("albef", "tiny", **SMALL, edit_weight=1.0).training_losses(batch)
+        vlkit.create_model("albef", "tiny", **SMALL, edit_weight=1.0)
 
 
 def test_itm_plus_edit_score_is_the_product_of_the_two_heads():

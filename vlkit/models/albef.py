@@ -152,6 +152,9 @@ class ALBEF(VLModel):
             raise ValueError(f"{len(cfg.answer_names)} answer_names for num_answers={cfg.num_answers}")
         if cfg.fusion_pos not in ("", "sincos"):
             raise ValueError(f"fusion_pos must be '' or 'sincos', got {cfg.fusion_pos!r}")
+        if cfg.edit_weight < 0 or (cfg.edit_weight > 0 and not cfg.hard_negatives):
+            raise ValueError(f"edit_weight={cfg.edit_weight}: needs to be >= 0, and > 0 needs "
+                             "hard_negatives (--hard-negatives: the dataset's negative captions)")
         if cfg.match_score not in ("itm", "itm+edit"):
             raise ValueError(f"match_score must be 'itm' or 'itm+edit', got {cfg.match_score!r}")
         if cfg.fusion_pos and cfg.vision.patch_dropout:
@@ -438,8 +441,6 @@ class ALBEF(VLModel):
         with the caption itself; the MLM head predicts the caption's tokens at the edited
         positions. Reported: the loss, and the accuracy of correcting a false word and of
         keeping a true one (NaN in a batch without such words)."""
-        if not self.cfg.hard_negatives:
-            raise ValueError("edit_weight needs hard_negatives (the dataset's negative captions)")
         ids, mask = batch["input_ids"], batch["attention_mask"]
         neg_ids = batch.get("neg_input_ids")
         zero = image_tokens.new_zeros(())
