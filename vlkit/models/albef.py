@@ -444,15 +444,17 @@ class ALBEF(VLModel):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         neg_ids = batch.get("neg_input_ids")
         zero = image_tokens.new_zeros(())
+        nan = torch.full_like(zero, float("nan"))
+        none = {"edit_loss": zero, "edit_fix_acc": nan, "edit_keep_acc": nan}
         if neg_ids is None or neg_ids.shape[0] == 0:
-            return {"edit_loss": zero, "edit_fix_acc": zero, "edit_keep_acc": zero}
+            return none
         rows, neg_rows, edited, length = minimal_pairs(ids, mask, neg_ids, batch["neg_attention_mask"],
                                                        batch["neg_owner"])
         # one draw per row of the global batch, so the choice does not depend on the process count
         show_false = torch.rand(sum(g["sizes"]), generator=generator, device=ids.device)
         show_false = (show_false[g["row_start"]:g["row_start"] + ids.shape[0]] < 0.5)[rows]
         if rows.numel() == 0:
-            return {"edit_loss": zero, "edit_fix_acc": zero, "edit_keep_acc": zero}
+            return none
         true_ids = F.pad(ids, (0, length - ids.shape[1]))[rows]
         text_mask = F.pad(mask, (0, length - mask.shape[1]))[rows]
         false_ids = F.pad(neg_ids.to(ids.device), (0, length - neg_ids.shape[1]))[neg_rows]
@@ -464,7 +466,7 @@ class ALBEF(VLModel):
         false_pos = show_false[:, None].expand_as(edited)[edited]
 
         def share(sel):  # NaN when the batch shows no text of that kind
-            return hit[sel].mean() if bool(sel.any()) else torch.full_like(zero, float("nan"))
+            return hit[sel].mean() if bool(sel.any()) else nan
         return {"edit_loss": F.cross_entropy(logits.float(), target),
                 "edit_fix_acc": share(false_pos), "edit_keep_acc": share(~false_pos)}
 

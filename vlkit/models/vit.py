@@ -35,9 +35,10 @@ class ViTConfig:
     class_names: list[str] = field(default_factory=list)
     # >0: a per-patch head names the object under every patch token (one of the classes, or
     # background), trained with this weight beside the image-level loss, on the synthetic
-    # world's images of one to three objects. It makes the patch tokens (what fusion models
-    # attend to) carry each object's colour and shape, as region features from an object
-    # detector did for the first vision-language models.
+    # world's images of one to three objects: the patch tokens (what fusion models attend to)
+    # are trained to carry each object's colour and shape, as region features from an object
+    # detector did for the first vision-language models. (The tiny preset after 3 CPU minutes:
+    # colour 0.89, shape 0.54 per patch; see the README.)
     dense_weight: float = 0.0
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
