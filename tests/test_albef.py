@@ -552,9 +552,11 @@ def test_minimal_pairs_keep_word_for_word_edits_only():
                         [2, 39, 38, 37, 36, 3][:5]])  # caption 2: cut short -> not a pair
     neg_mask = (neg != 0).long()
     owner = torch.tensor([0, 0, 1, 2])
-    rows, neg_rows, edited, length = minimal_pairs(ids, mask, neg, neg_mask, owner)
-    assert rows.tolist() == [0] and neg_rows.tolist() == [0] and length == 6
-    assert edited.tolist() == [[False, False, True, False, False, False]]
+    pairs = minimal_pairs(ids, mask, neg, neg_mask, owner)
+    assert pairs.rows.tolist() == [0] and pairs.neg_rows.tolist() == [0] and pairs.edited.shape[1] == 6
+    assert pairs.edited.tolist() == [[False, False, True, False, False, False]]
+    assert pairs.ids.tolist() == [[2, 10, 11, 12, 3, 0]] and pairs.neg_ids.tolist() == [[2, 10, 19, 12, 3, 0]]
+    assert pairs.mask.tolist() == [[1, 1, 1, 1, 1, 0]]
     many = torch.tensor([[2, 40, 41, 42, 43, 3]])  # four words replaced: over max_edits
     assert minimal_pairs(ids[2:], mask[2:], many, torch.ones_like(many), torch.tensor([0]))[0].numel() == 0
 

@@ -8,11 +8,12 @@ Labels hold the original id at chosen positions and -100 elsewhere (ignored by t
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mask_tokens", "mlm_loss", "minimal_pairs", "IGNORE_INDEX"]
+__all__ = ["mask_tokens", "mlm_loss", "minimal_pairs", "MinimalPairs", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -59,22 +60,27 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX)
 
 
+class MinimalPairs(NamedTuple):
+    """Minimal pairs of a batch (see ``minimal_pairs``), P of them, texts at a common length L."""
+    rows: torch.Tensor      # (P,) the caption rows
+    neg_rows: torch.Tensor  # (P,) their negatives' rows
+    edited: torch.Tensor    # (P, L) bool: the positions where the two differ
+    ids: torch.Tensor       # (P, L) the captions
+    mask: torch.Tensor      # (P, L) their attention mask (the negatives' is the same)
+    neg_ids: torch.Tensor   # (P, L) the negatives
+
+
 def minimal_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, neg_input_ids: torch.Tensor,
-                  neg_attention_mask: torch.Tensor, neg_owner: torch.Tensor, max_edits: int = 3):
+                  neg_attention_mask: torch.Tensor, neg_owner: torch.Tensor,
+                  max_edits: int = 3) -> MinimalPairs:
     """Captions and the negative that edits them word for word.
 
     A batch's first negative of each caption (``neg_owner[k]`` names the caption negative ``k``
     belongs to; the collate draws the caption as that negative's source) is a *minimal pair*
     with it when both have the same length and differ in 1 to ``max_edits`` tokens (colour,
-    shape or relation words replaced; added or removed words do not qualify). Returns
-    ``(rows (P,), neg_rows (P,), edited (P, L) bool, length L)``: the caption rows, their
-    negatives' rows, the differing positions, with both texts read at length L (the longer
-    padded length of the two batches)."""
+    shape or relation words replaced; added or removed words do not qualify). Both texts are
+    read at the longer padded length of the two batches."""
     device = input_ids.device
-    empty = torch.zeros(0, dtype=torch.long, device=device)
-    if neg_input_ids.shape[0] == 0:
-        return empty, empty, torch.zeros(0, input_ids.shape[1], dtype=torch.bool, device=device), \
-            input_ids.shape[1]
     owner = neg_owner.to(device)
     first = torch.ones_like(owner, dtype=torch.bool)
     first[1:] = owner[1:] != owner[:-1]  # a caption's negatives are consecutive
@@ -89,4 +95,4 @@ def minimal_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, neg_inp
     edited = (a != b) & am.bool()
     n = edited.sum(1)
     keep = same_length & (n >= 1) & (n <= max_edits)
-    return rows[keep], neg_rows[keep], edited[keep], length
+    return MinimalPairs(rows[keep], neg_rows[keep], edited[keep], a[keep], am[keep], b[keep])

@@ -448,20 +448,17 @@ class ALBEF(VLModel):
         none = {"edit_loss": zero, "edit_fix_acc": nan, "edit_keep_acc": nan}
         if neg_ids is None or neg_ids.shape[0] == 0:
             return none
-        rows, neg_rows, edited, length = minimal_pairs(ids, mask, neg_ids, batch["neg_attention_mask"],
-                                                       batch["neg_owner"])
+        pairs = minimal_pairs(ids, mask, neg_ids, batch["neg_attention_mask"], batch["neg_owner"])
+        edited = pairs.edited
         # one draw per row of the global batch, so the choice does not depend on the process count
         show_false = torch.rand(sum(g["sizes"]), generator=generator, device=ids.device)
-        show_false = (show_false[g["row_start"]:g["row_start"] + ids.shape[0]] < 0.5)[rows]
-        if rows.numel() == 0:
+        show_false = (show_false[g["row_start"]:g["row_start"] + ids.shape[0]] < 0.5)[pairs.rows]
+        if pairs.rows.numel() == 0:
             return none
-        true_ids = F.pad(ids, (0, length - ids.shape[1]))[rows]
-        text_mask = F.pad(mask, (0, length - mask.shape[1]))[rows]
-        false_ids = F.pad(neg_ids.to(ids.device), (0, length - neg_ids.shape[1]))[neg_rows]
-        shown = torch.where(show_false[:, None], false_ids, true_ids)
-        fused = self.fuse(self._text(shown, text_mask)[0], text_mask, image_tokens[rows])
+        shown = torch.where(show_false[:, None], pairs.neg_ids, pairs.ids)
+        fused = self.fuse(self._text(shown, pairs.mask)[0], pairs.mask, image_tokens[pairs.rows])
         logits = self.mlm_head(fused[edited])  # (M, vocab)
-        target = true_ids[edited]
+        target = pairs.ids[edited]
         hit = (logits.detach().argmax(-1) == target).float()
         false_pos = show_false[:, None].expand_as(edited)[edited]
 
