@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ..losses.vqa import vqa_soft_scores
+from .transforms import as_pil
 
 
 def max_text_length(cfg) -> int | None:
@@ -85,12 +86,23 @@ class ImageTextCollate:
     and batched as ``question_input_ids`` / ``question_attention_mask`` with ``vqa_targets``
     (B, len(answers)), the soft scores min(1, k/3) of the entry's annotator ``answers`` list, or
     1 at its single ``answer``; an answer outside the vocabulary scores nothing.
+
+    ``grounding_grid`` (rows, columns of the model's patch grid) adds phrase-grounding targets
+    (``vlkit.data.grounding``): ``grounding`` (B, L, rows * columns) for the captions, from the
+    records' ``captions_grounding``, and ``question_grounding`` for the questions, from each
+    ``qa`` entry's ``grounding``; a text without grounding gets zero rows (no supervision).
     """
 
     def __init__(self, transform, tokenizer, max_length: int | None = None, negatives: int = 0,
                  random_caption: bool = True, word_ids: bool = False,
-                 answers: Sequence[str] | None = None, paired: bool = True):
+                 answers: Sequence[str] | None = None, paired: bool = True,
+                 grounding_grid: tuple[int, int] | None = None):
         self.transform, self.tokenizer = transform, tokenizer
+        self.grounding_grid = tuple(grounding_grid) if grounding_grid else None
+        if self.grounding_grid and getattr(transform, "train", False) and \
+                tuple(getattr(transform, "scale", (1.0, 1.0))) != (1.0, 1.0):
+            raise ValueError("grounding: the boxes are fractions of the whole image, so training "
+                             "images must not be cropped (an ImageTransform with scale=(1.0, 1.0))")
         self.paired = paired
         self.max_length, self.negatives, self.random_caption = max_length, negatives, random_caption
         self.word_ids = word_ids
@@ -101,6 +113,7 @@ class ImageTextCollate:
 
     def __call__(self, records: list[dict], rngs: list[random.Random] | None = None) -> dict:
         pixels, captions, negs, owners, questions, annotated = [], [], [], [], [], []
+        grounded = []  # (record, caption as written, question as written or None, flipped)
         for j, rec in enumerate(records):
             rng = rngs[j] if rngs else random.Random(0)
             options = rec.get("captions") or [rec["caption"]]
@@ -122,7 +135,15 @@ class ImageTextCollate:
                 question, answers = _draw_question(rec, j, rng)
                 asked = [question]
                 annotated.append(answers)
-            pixel, texts = self.transform(rec["image"], [caption] + chosen + asked, rng)
+            image = rec["image"]
+            if self.grounding_grid is not None:
+                image = as_pil(image)
+                if image.width != image.height:
+                    raise ValueError(f"record {rec.get('image_path', j)!r}: grounding needs square "
+                                     f"images (boxes are fractions of the side), got {image.size}")
+            pixel, texts, flipped = self.transform(image, [caption] + chosen + asked, rng,
+                                                   return_flip=True)
+            grounded.append((rec, caption, asked[0] if asked else None, flipped))
             pixels.append(pixel)
             captions.append(texts[0])
             negs.extend(texts[1:1 + len(chosen)])
@@ -143,13 +164,50 @@ class ImageTextCollate:
             batch["question_input_ids"] = t["input_ids"]
             batch["question_attention_mask"] = t["attention_mask"]
             batch["vqa_targets"] = vqa_soft_scores(annotated, self.answer_index)
+        if self.grounding_grid is not None:
+            batch["grounding"] = self._grounding(grounded, captions, batch["input_ids"].shape[1], False)
+            if self.answers is not None:
+                batch["question_grounding"] = self._grounding(
+                    grounded, questions, batch["question_input_ids"].shape[1], True)
         return batch
+
+    def _grounding(self, grounded, read: list[str], length: int, question: bool) -> torch.Tensor:
+        """(B, length, cells) targets of the batch's captions (or questions) as the model reads them."""
+        from .grounding import grounding_targets
+        rows = []
+        for j, ((rec, caption, asked, flipped), text) in enumerate(zip(grounded, read)):
+            where = f"record {rec.get('image_path', j)!r}" if isinstance(rec.get("image_path"), str) \
+                else f"record {j} of the batch"
+            written = asked if question else caption
+            spans = _spans_of(rec, written, question, where)
+            rows.append(grounding_targets(self.tokenizer, written, text, spans, rec.get("objects") or [],
+                                          self.grounding_grid, length, flipped,
+                                          max_length=self.max_length or self.tokenizer.max_length,
+                                          where=f"{where}, text {written!r}"))
+        return torch.stack(rows)
 
     def _tokens(self, texts: list[str], word_ids: bool = False) -> dict:
         out = self.tokenizer(texts, max_length=self.max_length, padding="longest", truncation=True,
                              return_word_ids=word_ids)
         keys = ("input_ids", "attention_mask", "word_ids") if word_ids else ("input_ids", "attention_mask")
         return {k: out[k] for k in keys}
+
+
+def _spans_of(rec: dict, text: str, question: bool, where: str) -> list:
+    """The grounding spans a record gives for one of its captions or questions ([] if none)."""
+    if question:
+        for entry in rec.get("qa") or []:
+            if isinstance(entry, dict) and entry.get("question") == text:
+                return entry.get("grounding") or []
+        return []
+    options = rec.get("captions") or [rec.get("caption")]
+    table = rec.get("captions_grounding")
+    if table is None or text not in options:
+        return []
+    if not isinstance(table, list) or len(table) != len(options):
+        raise ValueError(f"{where}: 'captions_grounding' must be a list parallel to 'captions' "
+                         f"({len(options)} captions)")
+    return table[options.index(text)] or []
 
 
 def _draw_question(rec: dict, j: int, rng: random.Random) -> tuple[str, list[str]]:

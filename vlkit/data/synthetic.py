@@ -17,7 +17,9 @@ tinted background with a mild gradient and noise. Colours are distinct within an
   on captions vs negatives scored 49-52% per kind on source/negative pairs);
 * ``qa``: questions of types color / shape / count / exists (one yes and one no per image) /
   relation (yes or no with equal probability);
-* ``label`` ("red circle") for single-object images; ``objects`` with centres in [0, 1].
+* ``label`` ("red circle") for single-object images; ``objects`` with centres in [0, 1];
+* phrase grounding (``vlkit.data.grounding``): ``captions_grounding[i]`` for ``captions[i]`` and
+  ``grounding`` in each ``qa`` entry, spans of the text that name objects.
 
 Captions and negatives come from one small grammar (see ``_render``); every caption is checked
 true and every negative false against the objects before it is emitted.
@@ -208,6 +210,49 @@ def _clause_text(cl) -> str:
 
 def _render(caption) -> str:
     return "; ".join(_clause_text(cl) for cl in caption)
+
+
+def _grounding(caption, objs) -> list[list]:
+    """The phrase grounding of a caption structure's text (see ``vlkit.data.grounding``):
+    ``[start, end, [object indices]]`` for each noun phrase without its determiner ("small red
+    circle"), each "it" (the phrase it stands for) and each shape of a "shapes" clause ("circles":
+    every object of that shape). Spans index ``_render(caption)``."""
+    spans, pos, prev = [], 0, None
+
+    def np_span(np_, at):
+        det = _np_text(np_).split(" ", 1)[0]
+        return [at + len(det) + 1, at + len(_np_text(np_)), [np_[0]]]
+
+    for k, cl in enumerate(caption):
+        if k:
+            pos += 2  # "; "
+        text, kind = _clause_text(cl), cl[0]
+        if kind in ("list", "count"):
+            at = pos + (text.index(": ") + 2 if kind == "count" else 0)
+            for i, np_ in enumerate(cl[1] if kind == "list" else cl[2]):
+                spans.append(np_span(np_, at))
+                at += len(_np_text(np_)) + (2 if i < len(cl[-1]) - 2 else 5)  # ", " / " and "
+        elif kind == "there":
+            spans.append(np_span(cl[1], pos + len("there is ")))
+        elif kind == "rel":
+            _, a, rel, b, _, _ = cl
+            spans.append(np_span(a, pos))
+            tail = pos + len(text)
+            if b is not None:
+                spans.append(np_span(b, tail - len(_np_text(b))))
+            elif prev is not None:
+                spans.append([tail - 2, tail, [prev[0]]])
+        elif kind == "shapes":
+            at = pos
+            for i, (count, shape) in enumerate(cl[1]):
+                word = shape if count == 1 else _plural(shape)
+                at += len(NUMBER_WORDS[count]) + 1
+                spans.append([at, at + len(word), [j for j, o in enumerate(objs) if o.shape == shape]])
+                at += len(word) + (2 if i < len(cl[1]) - 2 else 5)
+        cur = _last_np(cl)
+        prev = cur if cur is not None else prev
+        pos += len(text)
+    return spans
 
 
 def _find(objs, np_):
@@ -461,6 +506,7 @@ class SyntheticWorld:
             "image": image,
             "caption": cap_texts[0],
             "captions": cap_texts,
+            "captions_grounding": [_grounding(c, objs) for c in captions],
             "negatives": negatives,
             "qa": self._qa(rng, objs, train),
             "heldout": any((o.color, o.shape) in _HELDOUT for o in objs),
@@ -734,15 +780,22 @@ class SyntheticWorld:
         unique = [o for o in objs if shape_count[o.shape] == 1]
         if unique:
             o = rng.choice(unique)
-            qa.append({"question": f"what color is the {o.shape}?", "answer": o.color, "type": "color"})
+            q = f"what color is the {o.shape}?"
+            qa.append({"question": q, "answer": o.color, "type": "color",
+                       "grounding": [[len(q) - 1 - len(o.shape), len(q) - 1, [objs.index(o)]]]})
         o = rng.choice(objs)
-        qa.append({"question": f"what shape is the {o.color} object?", "answer": o.shape, "type": "shape"})
-        qa.append({"question": "how many objects are there?", "answer": NUMBER_WORDS[n], "type": "count"})
+        q = f"what shape is the {o.color} object?"
+        qa.append({"question": q, "answer": o.shape, "type": "shape",
+                   "grounding": [[len("what shape is the "), len(q) - 1, [objs.index(o)]]]})
+        qa.append({"question": "how many objects are there?", "answer": NUMBER_WORDS[n], "type": "count",
+                   "grounding": []})
         # exists: one yes and one no per image; the "no" is a near miss (a present colour with
         # another shape, or a present shape with an absent colour)
         o = rng.choice(objs)
-        yes = {"question": f"is there {_np_text((0, 'a', None, o.color, o.shape))}?", "answer": "yes",
-               "type": "exists"}
+        np_ = (objs.index(o), "a", None, o.color, o.shape)
+        q = f"is there {_np_text(np_)}?"
+        yes = {"question": q, "answer": "yes", "type": "exists",
+               "grounding": [[len(q) - 1 - len(o.color) - 1 - len(o.shape), len(q) - 1, [np_[0]]]]}
         present = {(p.color, p.shape) for p in objs}
         colors = {p.color for p in objs}
         shapes = {p.shape for p in objs}
@@ -750,17 +803,20 @@ class SyntheticWorld:
                   if (c, s) not in present and (c in colors or s in shapes)
                   and not (train and (c, s) in _HELDOUT)]
         c, s = rng.choice(misses)
-        no = {"question": f"is there {_np_text((0, 'a', None, c, s))}?", "answer": "no", "type": "exists"}
+        no = {"question": f"is there {_np_text((0, 'a', None, c, s))}?", "answer": "no", "type": "exists",
+              "grounding": []}  # names no object
         qa.extend([yes, no] if rng.random() < 0.5 else [no, yes])
         if n >= 2:
             i, j = rng.sample(range(n), 2)
             rel = relation_of(objs[i], objs[j])
             ans = rng.random() < 0.5
             asked = rel if ans else OPPOSITE[rel]
-            qa.append({"question": f"is the {objs[i].color} {objs[i].shape} "
-                                   f"{_rel_text(asked, rng.random() < 0.5)} the {objs[j].color} "
-                                   f"{objs[j].shape}?", "answer": "yes" if ans else "no",
-                       "type": "relation"})
+            first = f"{objs[i].color} {objs[i].shape}"
+            second = f"{objs[j].color} {objs[j].shape}"
+            q = f"is the {first} {_rel_text(asked, rng.random() < 0.5)} the {second}?"
+            qa.append({"question": q, "answer": "yes" if ans else "no", "type": "relation",
+                       "grounding": [[7, 7 + len(first), [i]],
+                                     [len(q) - 1 - len(second), len(q) - 1, [j]]]})
         return qa
 
 

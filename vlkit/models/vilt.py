@@ -21,7 +21,8 @@ from ..layers import (BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormB
                       padding_mask)
 from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
 from ..losses.mlm import mask_tokens, mlm_loss
-from ..losses.vqa import batch_vqa_loss
+from ..losses.grounding import grounding_loss
+from ..losses.vqa import batch_vqa_loss, vqa_loss
 from .base import Output, VLModel, register, source_vision_tower
 from .vit import _init_weights
 
@@ -65,6 +66,10 @@ class ViLTConfig:
     pad_token_id: int = 0
     special_token_ids: tuple[int, ...] = (0, 1, 2, 3, 4)
     vision_init: str = ""           # a ViT run (or HF folder): patch embeddings and first blocks
+    # phrase grounding (vlkit.losses.grounding): words that name an object attend to its patches
+    grounding_weight: float = 0.0   # >0: needs batches with grounding targets (boxes in the data)
+    grounding_layer: int = 0        # the block whose self-attention is supervised
+    grounding_heads: int = 1        # its first heads are supervised, the others stay free
 
 
 OBJECTIVES = ("itm", "mlm", "vqa")
@@ -113,6 +118,15 @@ class ViLT(VLModel):
             raise ValueError("pair classification needs modality_types=3 (text, image 1, image 2)")
         if cfg.answer_names and len(cfg.answer_names) != cfg.num_answers:
             raise ValueError(f"{len(cfg.answer_names)} answer_names for num_answers={cfg.num_answers}")
+        if cfg.grounding_weight < 0:
+            raise ValueError(f"grounding_weight must be >= 0, got {cfg.grounding_weight}")
+        if cfg.grounding_weight > 0:
+            if not 0 <= cfg.grounding_layer < cfg.depth:
+                raise ValueError(f"grounding_layer {cfg.grounding_layer}: the backbone has {cfg.depth} blocks")
+            if not 1 <= cfg.grounding_heads <= cfg.heads:
+                raise ValueError(f"grounding_heads {cfg.grounding_heads}: choose 1 to {cfg.heads}")
+            if cfg.max_image_tokens > 0:
+                raise ValueError("grounding needs every image patch in place (max_image_tokens=0)")
         unknown = [o for o in cfg.objectives if o not in OBJECTIVES]
         if unknown or not cfg.objectives:
             raise ValueError(f"objectives {list(cfg.objectives)}: choose from {', '.join(OBJECTIVES)}")
@@ -238,6 +252,34 @@ class ViLT(VLModel):
         x = self.norm(self.encoder(x, mask=padding_mask(mask)))
         return Output(features=x, pooled=self.pooler(x))
 
+    @property
+    def grounding_grid(self) -> tuple[int, int] | None:
+        """The patch grid grounding targets are made for, when this model trains grounding."""
+        return tuple(self.image_embed.grid) if self.cfg.grounding_weight > 0 else None
+
+    def _grounded(self, pixel_values, input_ids, attention_mask, targets):
+        """(features after the final norm, grounding loss, attention mass): one pass in which
+        ``cfg.grounding_layer`` also returns its attention, read from the text rows over the
+        image patches (after the image [CLS])."""
+        if targets.shape[:2] != input_ids.shape:
+            raise ValueError(f"grounding targets {tuple(targets.shape)} do not fit the text "
+                             f"{tuple(input_ids.shape)}")
+        x, mask = self.embed(pixel_values, input_ids, attention_mask)
+        keep, maps = padding_mask(mask), None
+        for i, block in enumerate(self.encoder.blocks):
+            if i == self.cfg.grounding_layer:
+                x, m = block(x, mask=keep, return_attention=True)
+                maps = m["self"]
+            else:
+                x = block(x, mask=keep)
+        n = input_ids.shape[1]
+        cells = targets.shape[2]
+        if x.shape[1] - n - 1 != cells:
+            raise ValueError(f"grounding targets cover {cells} patches, the image has {x.shape[1] - n - 1}")
+        attention = maps[:, :self.cfg.grounding_heads, :n, n + 1:]
+        loss, mass = grounding_loss(attention, targets.to(x.device))
+        return self.norm(x), loss, mass
+
     @_with_head("itm_head", "rank_head")
     def match(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> torch.Tensor:
         """(B, 2) ITM logits of zipped pairs (column 1 = match). A model with only the 1-way
@@ -287,6 +329,12 @@ class ViLT(VLModel):
         pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
         out, losses = {}, []
         objectives = self.cfg.objectives
+        grounding = self.cfg.grounding_weight > 0
+        if grounding and "grounding" not in batch:
+            raise ValueError("grounding_weight > 0 needs batches with 'grounding' targets "
+                             "(ImageTextCollate(grounding_grid=model.grounding_grid) on data with "
+                             "captions_grounding / qa grounding)")
+        grounded = []  # (loss, mass) of each grounded pass
         if self.itm_head is not None and "itm" in objectives:
             index, labels = itm_batch_from_swaps(ids.shape[0], self.cfg.itm_swap_prob, device=ids.device)
             itm_pixels, itm_ids, itm_mask = pixels[index], ids, mask
@@ -297,7 +345,17 @@ class ViLT(VLModel):
                 itm_ids, itm_mask = _pad_cat(ids, mask, neg_ids, batch["neg_attention_mask"],
                                              self.cfg.pad_token_id)
                 labels = torch.cat([labels, torch.zeros_like(owner)])
-            logits = self.itm_head(self(itm_pixels, itm_ids, itm_mask).pooled)
+            if grounding and not (self.mlm_head is not None and "mlm" in objectives):
+                # the true pairs (their own image, first in the ITM batch) carry the grounding
+                n, own = ids.shape[0], index == torch.arange(ids.shape[0], device=index.device)
+                targets = F.pad(batch["grounding"], (0, 0, 0, itm_ids.shape[1] - ids.shape[1]))
+                targets = torch.cat([targets * own[:, None, None].to(targets.dtype),
+                                     targets.new_zeros(itm_ids.shape[0] - n, *targets.shape[1:])])
+                features, g_loss, g_mass = self._grounded(itm_pixels, itm_ids, itm_mask, targets)
+                grounded.append((g_loss, g_mass))
+                logits = self.itm_head(self.pooler(features))
+            else:
+                logits = self.itm_head(self(itm_pixels, itm_ids, itm_mask).pooled)
             out["itm_loss"] = itm_loss(logits, labels)
             out["itm_acc"] = itm_accuracy(logits.detach(), labels)
             losses.append(out["itm_loss"])
@@ -308,7 +366,11 @@ class ViLT(VLModel):
                                  "(tokenize with return_word_ids=True)")
             masked, labels = mask_tokens(ids, mask, self.cfg.special_token_ids, self.cfg.mask_token_id,
                                          self.cfg.vocab_size, self.cfg.mlm_prob, word_ids=word_ids)
-            features = self(pixels, masked, mask).features
+            if grounding:
+                features, g_loss, g_mass = self._grounded(pixels, masked, mask, batch["grounding"])
+                grounded.append((g_loss, g_mass))
+            else:
+                features = self(pixels, masked, mask).features
             hit = labels != -100  # the head runs on the masked positions only
             logits = self.mlm_head(features[:, :ids.shape[1]][hit])  # (M, vocab)
             out["mlm_loss"] = mlm_loss(logits, labels[hit])
@@ -316,8 +378,20 @@ class ViLT(VLModel):
                 if bool(hit.any()) else logits.new_zeros(())
             losses.append(out["mlm_loss"])
         if "vqa_targets" in batch and "vqa" in objectives:
-            out["vqa_loss"] = batch_vqa_loss(self, batch, pixels, ids, mask)
+            if grounding and "question_grounding" in batch and self.vqa_head is not None:
+                q_ids, q_mask = batch["question_input_ids"], batch["question_attention_mask"]
+                features, g_loss, g_mass = self._grounded(pixels, q_ids, q_mask, batch["question_grounding"])
+                grounded.append((g_loss, g_mass))
+                out["vqa_loss"] = vqa_loss(self.vqa_head(self.pooler(features)), batch["vqa_targets"])
+            else:
+                out["vqa_loss"] = batch_vqa_loss(self, batch, pixels, ids, mask)
             losses.append(out["vqa_loss"])
+        if grounded:
+            out["grounding_loss"] = torch.stack([g for g, _ in grounded]).mean()
+            masses = torch.stack([m for _, m in grounded])
+            masses = masses[~masses.isnan()]
+            out["grounding_mass"] = masses.mean() if masses.numel() else masses.new_tensor(float("nan"))
+            losses.append(self.cfg.grounding_weight * out["grounding_loss"])
         if not losses:
             raise ValueError(f"nothing to train: objectives {list(objectives)} need their heads "
                              "(and VQA needs vqa_targets in the batch)")

@@ -145,7 +145,9 @@ def make_collate(model, task: str, tokenizer, negatives: int, train: bool = True
     spec = model.image_spec()
     # The synthetic world never repeats a sample, so it needs no crops (a crop can cut an object
     # out of the picture and falsify its caption); a user's dataset gets random resized crops.
-    scale = (1.0, 1.0) if data == "synthetic" else (0.7, 1.0)
+    grounding_grid = getattr(model, "grounding_grid", None) if task != "classification" else None
+    # Grounding boxes are fractions of the whole image: no crops for them either.
+    scale = (1.0, 1.0) if data == "synthetic" or grounding_grid else (0.7, 1.0)
     transform = ImageTransform(spec["size"], spec["mean"], spec["std"], train=train,
                                scale=scale, hflip=True)
     if task == "classification":
@@ -154,7 +156,7 @@ def make_collate(model, task: str, tokenizer, negatives: int, train: bool = True
     cfg = model.cfg
     return ImageTextCollate(transform, tokenizer, max_length=max_text_length(cfg), negatives=negatives,
                             word_ids=bool(getattr(cfg, "whole_word_mask", False)),
-                            answers=vqa_answers(cfg))
+                            answers=vqa_answers(cfg), grounding_grid=grounding_grid if train else None)
 
 
 def vqa_answers(cfg) -> list[str] | None:

@@ -1,0 +1,212 @@
+"""Phrase grounding: the synthetic world's spans, the token x patch targets (flips, truncation,
+bad input), the loss against a direct computation, and ViLT learning to look where a word points."""
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from vlkit.data import synthetic
+from vlkit.data.collate import ImageTextCollate
+from vlkit.data.grounding import check_grounding, grounding_targets, object_cells
+from vlkit.data.transforms import ImageTransform
+from vlkit.losses.grounding import grounding_loss
+from vlkit.models.vilt import ViLT, ViLTConfig
+from vlkit.tokenizers import build_wordpiece_vocab
+
+
+def test_world_spans_name_their_objects():
+    """Every span of every true caption and question ends in its object's shape (or "it", or the
+    plural) and, when it has more words, holds the object's colour; "it" is the object of the
+    phrase before it."""
+    world = synthetic.SyntheticWorld(seed=3, image_size=64, group_size=4)
+    seen = {"it": 0, "plural": 0, "question": 0}
+    for split in ("train", "test"):
+        for i in range(60):
+            rec = world.sample(i, split, single_object=i % 4 == 0)
+            objs = rec["objects"]
+            assert len(rec["captions_grounding"]) == len(rec["captions"])
+            texts = list(zip(rec["captions"], rec["captions_grounding"]))
+            texts += [(q["question"], q["grounding"]) for q in rec["qa"]]
+            for text, spans in texts:
+                check_grounding(spans, text, len(objs), "test")
+                for start, end, which in spans:
+                    words = text[start:end].split()
+                    assert which, text
+                    for o in which:
+                        last = words[-1]
+                        if last == "it":
+                            seen["it"] += 1
+                        elif last == synthetic._plural(objs[o]["shape"]):
+                            seen["plural"] += 1
+                        elif last == "object":  # "what shape is the red object?"
+                            assert words == [objs[o]["color"], "object"]
+                            seen["question"] += 1
+                            continue
+                        else:
+                            assert last == objs[o]["shape"], (text, words, objs[o])
+                        if len(words) > 1:
+                            assert objs[o]["color"] in words, (text, words, objs[o])
+    assert min(seen.values()) > 0, seen
+
+
+def test_plural_span_covers_every_object_of_the_shape():
+    objs = [synthetic._Obj("circle", "red", "small", 0.2, 0.2, 0.25),
+            synthetic._Obj("circle", "blue", "small", 0.8, 0.8, 0.25),
+            synthetic._Obj("star", "green", "small", 0.2, 0.8, 0.25)]
+    caption = [("shapes", [(2, "circle"), (1, "star")])]
+    text = synthetic._render(caption)
+    assert text == "two circles and one star"
+    assert [(text[a:b], o) for a, b, o in synthetic._grounding(caption, objs)] == \
+        [("circles", [0, 1]), ("star", [2])]
+
+
+def test_object_cells_follow_the_box_and_the_flip():
+    box = (0.0, 0.0, 0.5, 0.25)  # top-left: two columns of the first row of a 4 x 4 grid
+    assert object_cells(box, (4, 4)) == [0, 1]
+    assert object_cells(box, (4, 4), flipped=True) == [2, 3]
+    # a small box owns the patch it mostly sits in, even though it covers little of it
+    assert object_cells((0.30, 0.30, 0.40, 0.40), (4, 4)) == [5]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_wordpiece_vocab(["the red circle is left of the blue square",
+                                  "the blue square is right of the red circle",
+                                  "what color is the circle ?"] * 4, vocab_size=60)
+
+
+OBJECTS = [{"x": 0.125, "y": 0.125, "extent": 0.25},   # cell 0 of a 4 x 4 grid
+           {"x": 0.875, "y": 0.875, "extent": 0.25}]   # cell 15
+
+
+def test_targets_map_spans_to_tokens_through_a_flip(tok):
+    written = "the red circle is left of the blue square"
+    spans = [[4, 14, [0]], [30, 41, [1]]]  # "red circle", "blue square"
+    plain = grounding_targets(tok, written, written, spans, OBJECTS, (4, 4), length=12)
+    ids = tok.encode(written)
+    marked = {tok.id_to_token(ids[k]): plain[k].nonzero().flatten().tolist()
+              for k in range(len(ids)) if plain[k].any()}
+    assert marked == {"red": [0], "circle": [0], "blue": [15], "square": [15]}
+    # mirrored: the text says "right" (one letter longer) and the boxes move to the other side
+    read = "the red circle is right of the blue square"
+    flipped = grounding_targets(tok, written, read, spans, OBJECTS, (4, 4), length=12, flipped=True)
+    ids = tok.encode(read)
+    marked = {tok.id_to_token(ids[k]): flipped[k].nonzero().flatten().tolist()
+              for k in range(len(ids)) if flipped[k].any()}
+    assert marked == {"red": [3], "circle": [3], "blue": [12], "square": [12]}
+    # truncated to 6 tokens (begin, 4 words, end): "blue square" is cut off
+    short = grounding_targets(tok, written, written, spans, OBJECTS, (4, 4), length=6, max_length=6)
+    assert short[2].any() and short[3].any() and not short[4:].any()
+
+
+def test_bad_grounding_is_named(tok):
+    text = "the red circle"
+    with pytest.raises(ValueError, match="outside the text"):
+        grounding_targets(tok, text, text, [[4, 40, [0]]], OBJECTS, (4, 4), length=8, where="rec 7")
+    with pytest.raises(ValueError, match="names objects \\[5\\]"):
+        grounding_targets(tok, text, text, [[4, 14, [5]]], OBJECTS, (4, 4), length=8)
+    with pytest.raises(ValueError, match="not \\[start, end, \\[objects\\]\\]"):
+        grounding_targets(tok, text, text, [[4, 14]], OBJECTS, (4, 4), length=8)
+    with pytest.raises(ValueError, match="'box'"):
+        grounding_targets(tok, text, text, [[4, 14, [0]]], [{"x": 0.5}], (4, 4), length=8)
+
+
+def _record(size=(32, 32)):
+    return {"image": Image.new("RGB", size, (90, 90, 90)),
+            "captions": ["the red circle is left of the blue square", "the blue square"],
+            "captions_grounding": [[[4, 14, [0]], [30, 41, [1]]], [[4, 15, [1]]]],
+            "objects": [dict(o) for o in OBJECTS]}
+
+
+def test_collate_targets_and_errors(tok):
+    train = ImageTransform(32, train=True, scale=(1.0, 1.0), hflip=True)
+    collate = ImageTextCollate(train, tok, max_length=16, grounding_grid=(4, 4))
+    batch = collate([_record(), _record()], [random.Random(1), random.Random(2)])
+    g = batch["grounding"]
+    assert g.shape == (2, batch["input_ids"].shape[1], 16)
+    assert all(g[j].sum() > 0 for j in range(2))
+    with pytest.raises(ValueError, match="must not be cropped"):
+        ImageTextCollate(ImageTransform(32, train=True, scale=(0.5, 1.0)), tok, grounding_grid=(4, 4))
+    with pytest.raises(ValueError, match="square"):
+        collate([_record(size=(40, 32))])
+    bad = _record()
+    bad["captions_grounding"] = bad["captions_grounding"][:1]
+    with pytest.raises(ValueError, match="parallel to 'captions'"):
+        collate([bad], [random.Random(0)])
+
+
+def test_loss_against_a_direct_computation():
+    torch.manual_seed(0)
+    attention = torch.rand(2, 3, 4, 5)  # (B, heads, L, P): only a slice of the rows
+    targets = torch.zeros(2, 4, 5)
+    targets[0, 1, [0, 2]] = 1
+    targets[1, 3, 4] = 1
+    loss, mass = grounding_loss(attention, targets)
+    masses = torch.cat([attention[0, :, 1, [0, 2]].sum(-1), attention[1, :, 3, 4]])
+    assert torch.allclose(loss, -masses.log().mean())
+    assert torch.allclose(mass, masses.mean())
+    loss, mass = grounding_loss(attention, torch.zeros(2, 4, 5))
+    assert loss.item() == 0.0 and torch.isnan(mass)
+    with pytest.raises(ValueError, match="does not fit"):
+        grounding_loss(attention, torch.zeros(2, 3, 5))
+
+
+def _vilt(**kw):
+    cfg = dict(image_size=32, patch_size=8, dim=32, depth=2, heads=2, mlp_dim=64, vocab_size=60,
+               max_text_len=16, dropout=0.0, eps=1e-6, objectives=("mlm",), itm_head=False,
+               grounding_weight=1.0)
+    cfg.update(kw)
+    return ViLT(ViLTConfig(**cfg))
+
+
+def test_vilt_checks_its_grounding_settings():
+    with pytest.raises(ValueError, match="max_image_tokens"):
+        _vilt(max_image_tokens=8)
+    with pytest.raises(ValueError, match="grounding_layer"):
+        _vilt(grounding_layer=2)
+    with pytest.raises(ValueError, match="grounding_heads"):
+        _vilt(grounding_heads=3)
+    with pytest.raises(ValueError, match="'grounding' targets"):
+        _vilt().training_losses({"pixel_values": torch.zeros(1, 3, 32, 32),
+                                 "input_ids": torch.tensor([[2, 7, 3]]),
+                                 "attention_mask": torch.ones(1, 3, dtype=torch.long)})
+
+
+def test_vilt_learns_to_look_where_the_word_points():
+    """Two words, each naming the patch of a bright square somewhere in a dark image: trained on
+    the grounding loss (with MLM beside it), the supervised head's attention mass on the right
+    patch rises from chance (1/16) to most of it, and an unsupervised image shows it."""
+    torch.manual_seed(0)
+    model = _vilt(mlm_prob=0.15)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def batch(n, gen):
+        cells = torch.randint(0, 16, (n, 2), generator=gen)
+        pixels = torch.full((n, 3, 32, 32), -1.0)
+        ids = torch.tensor([[2, 10, 11, 3]] * n)
+        targets = torch.zeros(n, 4, 16)
+        for j in range(n):
+            for w in range(2):
+                c = int(cells[j, w])
+                r, col = divmod(c, 4)
+                pixels[j, w, r * 8:(r + 1) * 8, col * 8:(col + 1) * 8] = 1.0  # channel = word
+                targets[j, 1 + w, c] = 1.0
+        return {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "grounding": targets}
+
+    gen = torch.Generator().manual_seed(1)
+    test = batch(32, torch.Generator().manual_seed(99))
+    model.eval()
+    with torch.no_grad():
+        before = model.training_losses(test)["grounding_mass"].item()
+    model.train()
+    for _ in range(60):
+        out = model.training_losses(batch(16, gen))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = model.training_losses(test)["grounding_mass"].item()
+    assert before < 0.15 and after > 0.6, (before, after)

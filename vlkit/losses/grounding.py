@@ -1,0 +1,37 @@
+"""Phrase grounding: pull the attention of the words that name an object onto its patches.
+
+A fusion model finds, for a word like "circle", the image tokens of the circle only by search:
+until its attention lands there, nothing it reads depends on which object the word names, so
+questions such as "what color is the circle?" sit at their answer prior. With the objects' boxes
+known (``vlkit.data.grounding``), the search can be skipped: the loss is the negative log of the
+attention mass that each grounded text token puts on the patches of the objects it names, for
+the supervised heads of one layer (MDETR and GLIP align words and regions with box annotations
+in the same spirit).
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["grounding_loss"]
+
+
+def grounding_loss(attention: torch.Tensor, targets: torch.Tensor,
+                   eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, mean attention mass on the target patches).
+
+    attention: (B, heads, L, P) attention probabilities of L text tokens over P image patches
+    (a slice of the full rows, which may also cover text or other tokens); targets: (B, L, P)
+    0/1, all-zero rows for tokens without grounding. The loss averages -log(mass) over the
+    grounded tokens and the given heads; with no grounded token it is 0 (still part of the
+    graph) and the mass is NaN."""
+    if attention.dim() != 4 or targets.dim() != 3 or attention.shape[0] != targets.shape[0] \
+            or attention.shape[2:] != targets.shape[1:]:
+        raise ValueError(f"grounding: attention {tuple(attention.shape)} (B, heads, L, P) does not "
+                         f"fit targets {tuple(targets.shape)} (B, L, P)")
+    targets = targets.to(attention.dtype)
+    mass = (attention * targets[:, None]).sum(-1)  # (B, heads, L)
+    rows = (targets.sum(-1) > 0)[:, None].expand_as(mass)
+    if not bool(rows.any()):
+        return attention.sum() * 0.0, attention.new_tensor(float("nan"))
+    picked = mass[rows]
+    return -picked.clamp_min(eps).log().mean(), picked.detach().mean()
