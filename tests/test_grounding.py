@@ -210,3 +210,71 @@ def test_vilt_learns_to_look_where_the_word_points():
     with torch.no_grad():
         after = model.training_losses(test)["grounding_mass"].item()
     assert before < 0.15 and after > 0.6, (before, after)
+
+
+def test_transformer_maps_of_one_block_match_the_full_pass():
+    from vlkit.layers import PreNormBlock, Transformer
+    torch.manual_seed(0)
+    stack = Transformer([PreNormBlock(16, 2, 32) for _ in range(3)]).eval()
+    x = torch.randn(2, 5, 16)
+    keep = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    keep[1, ..., 3:] = False
+    full, maps = stack(x, return_attention=True, mask=keep)
+    out, one = stack.forward_with_maps_of(x, 1, mask=keep)
+    assert torch.allclose(out, full, atol=1e-6)
+    assert torch.allclose(one["self"], maps[1]["self"])
+    with pytest.raises(ValueError, match="3 blocks"):
+        stack.forward_with_maps_of(x, 3)
+
+
+def _albef(**kw):
+    from vlkit.models.albef import ALBEF
+    cfg = ALBEF.make_config("tiny", dim=32, heads=2, mlp_dim=64, text_layers=1, fusion_layers=2,
+                            vocab_size=60, embed_dim=16, queue_size=32, grounding_weight=1.0,
+                            fusion_pos="sincos", **{"vision.dim": 32, "vision.depth": 1,
+                                                    "vision.heads": 2, "vision.mlp_dim": 64}, **kw)
+    return ALBEF(cfg)
+
+
+def test_albef_grounding_reads_the_chosen_cross_attention():
+    """The grounded fusion pass gives the plain pass's output, and its loss is the loss of that
+    layer's cross-attention (first heads, patches after the image [CLS]) against the targets."""
+    torch.manual_seed(0)
+    model = _albef(grounding_layer=1, grounding_heads=1).eval()
+    assert model.grounding_grid == (4, 4)
+    pixels, ids = torch.randn(2, 3, 64, 64), torch.randint(5, 60, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    targets = torch.zeros(2, 6, 16)
+    targets[0, 2, [1, 5]] = 1
+    targets[1, 1, 15] = 1
+    tokens = model.forward_features(pixels)
+    hidden = model.text_features(ids, mask)
+    fused, loss, mass = model._fuse_grounded(hidden, mask, tokens, targets)
+    plain, maps = model.fuse(hidden, mask, tokens, return_attention=True)
+    assert torch.allclose(fused, plain, atol=1e-6)
+    want, want_mass = grounding_loss(maps[1]["cross"][:, :1, :, 1:], targets)
+    assert torch.allclose(loss, want) and torch.allclose(mass, want_mass)
+    with pytest.raises(ValueError, match="covers? 9 patches|cover 9 patches"):
+        model._fuse_grounded(hidden, mask, tokens, torch.zeros(2, 6, 9))
+
+
+def test_albef_trains_with_grounding_and_checks_its_settings():
+    torch.manual_seed(0)
+    model = _albef()
+    ids = torch.randint(5, 60, (3, 6))
+    ids[:, 0], ids[:, -1] = 2, 3
+    batch = {"pixel_values": torch.randn(3, 3, 64, 64), "input_ids": ids,
+             "attention_mask": torch.ones_like(ids)}
+    with pytest.raises(ValueError, match="'grounding' targets"):
+        model.training_losses(batch)
+    batch["grounding"] = torch.zeros(3, 6, 16)
+    batch["grounding"][:, 1, 0] = 1
+    out = model.training_losses(batch)
+    assert out["grounding_loss"] > 0 and 0 < out["grounding_mass"] < 1
+    out["loss"].backward()
+    assert model.fusion_layers.blocks[0].cross_attn.q.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="grounding_layer"):
+        _albef(grounding_layer=2)
+    with pytest.raises(ValueError, match="patch_dropout"):
+        _albef(**{"vision.patch_dropout": 0.5})

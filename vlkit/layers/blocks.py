@@ -93,14 +93,28 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, return_attention: bool = False, **kwargs):
+        if not return_attention:
+            return self._run(self.blocks, x, **kwargs)
         maps = []
         for block in self.blocks:
-            if return_attention:
-                x, m = block(x, return_attention=True, **kwargs)
-                maps.append(m)
-            elif self.grad_checkpointing and self.training and kwargs.get("cache") is None:
+            x, m = block(x, return_attention=True, **kwargs)
+            maps.append(m)
+        return x, maps
+
+    def _run(self, blocks, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        for block in blocks:
+            if self.grad_checkpointing and self.training and kwargs.get("cache") is None:
                 x = torch.utils.checkpoint.checkpoint(
                     lambda t, b=block: b(t, **kwargs), x, use_reentrant=False)
             else:
                 x = block(x, **kwargs)
-        return (x, maps) if return_attention else x
+        return x
+
+    def forward_with_maps_of(self, x: torch.Tensor, layer: int, **kwargs):
+        """(output, the attention maps of block ``layer``): the other blocks run as in
+        ``forward`` (fused kernels, checkpointing); only that block computes its maps."""
+        if not 0 <= layer < len(self.blocks):
+            raise ValueError(f"layer {layer}: this stack has {len(self.blocks)} blocks")
+        x = self._run(self.blocks[:layer], x, **kwargs)
+        x, maps = self.blocks[layer](x, return_attention=True, **kwargs)
+        return self._run(self.blocks[layer + 1:], x, **kwargs), maps

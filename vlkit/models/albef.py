@@ -39,7 +39,8 @@ from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostN
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
 from ..losses.matching import itm_accuracy, itm_loss
 from ..losses.mlm import mask_tokens, minimal_pairs
-from ..losses.vqa import batch_vqa_loss
+from ..losses.grounding import grounding_loss
+from ..losses.vqa import batch_vqa_loss, vqa_loss
 from ..train.distributed import (all_gather_no_grad, all_gather_padded, all_gather_sizes,
                                  all_gather_with_grad, global_generator, global_mean_scale, is_dist,
                                  rank, world_size)
@@ -94,6 +95,11 @@ class ALBEFConfig:
     # times the MLM head's probability of the least likely word of the caption as it stands,
     # read from the same fused forward pass: a word the image contradicts lowers the score)
     match_score: str = "itm"
+    # phrase grounding (vlkit.losses.grounding): the cross-attention of words that name an object
+    # (boxes in the data) is pulled onto its patches, in the MLM pass and the VQA questions
+    grounding_weight: float = 0.0
+    grounding_layer: int = 0        # the fusion layer whose cross-attention is supervised
+    grounding_heads: int = 1        # its first heads are supervised, the others stay free
     whole_word_mask: bool = False   # needs batch["word_ids"]
     mask_token_id: int = 4          # vlkit's WordPiece ids ([PAD]=0 ... [MASK]=4)
     pad_token_id: int = 0
@@ -157,6 +163,16 @@ class ALBEF(VLModel):
                              "hard_negatives (--hard-negatives: the dataset's negative captions)")
         if cfg.match_score not in ("itm", "itm+edit"):
             raise ValueError(f"match_score must be 'itm' or 'itm+edit', got {cfg.match_score!r}")
+        if cfg.grounding_weight < 0:
+            raise ValueError(f"grounding_weight must be >= 0, got {cfg.grounding_weight}")
+        if cfg.grounding_weight > 0:
+            if not 0 <= cfg.grounding_layer < cfg.fusion_layers:
+                raise ValueError(f"grounding_layer {cfg.grounding_layer}: there are "
+                                 f"{cfg.fusion_layers} fusion layers")
+            if not 1 <= cfg.grounding_heads <= cfg.heads:
+                raise ValueError(f"grounding_heads {cfg.grounding_heads}: choose 1 to {cfg.heads}")
+            if cfg.vision.patch_dropout:
+                raise ValueError("grounding needs every patch token (set vision.patch_dropout=0)")
         if cfg.fusion_pos and cfg.vision.patch_dropout:
             raise ValueError("fusion_pos needs every patch token (set vision.patch_dropout=0)")
         self.cfg = cfg
@@ -234,6 +250,29 @@ class ALBEF(VLModel):
         return self._part("fusion_layers", momentum)(
             text_hidden, mask=padding_mask(attention_mask), context=image_tokens,
             return_attention=return_attention)
+
+    @property
+    def grounding_grid(self) -> tuple[int, int] | None:
+        """The patch grid grounding targets are made for, when this model trains grounding."""
+        return tuple(self.vision.embed.grid) if self.cfg.grounding_weight > 0 else None
+
+    def _fuse_grounded(self, text_hidden, attention_mask, image_tokens, targets):
+        """(fused (B, L, D), grounding loss, attention mass): the fusion layers, with the
+        cross-attention of ``cfg.grounding_layer`` over the patches (after the image [CLS])
+        held against ``targets`` (B, L, patches)."""
+        if targets.shape[:2] != attention_mask.shape:
+            raise ValueError(f"grounding targets {tuple(targets.shape)} do not fit the text "
+                             f"{tuple(attention_mask.shape)}")
+        if targets.shape[2] != image_tokens.shape[1] - 1:
+            raise ValueError(f"grounding targets cover {targets.shape[2]} patches, the image has "
+                             f"{image_tokens.shape[1] - 1}")
+        if self.cfg.fusion_pos:
+            image_tokens = image_tokens + self._fusion_pos(image_tokens)
+        fused, maps = self.fusion_layers.forward_with_maps_of(
+            text_hidden, self.cfg.grounding_layer, mask=padding_mask(attention_mask), context=image_tokens)
+        attention = maps["cross"][:, :self.cfg.grounding_heads, :, 1:]
+        loss, mass = grounding_loss(attention, targets.to(fused.device))
+        return fused, loss, mass
 
     def _fusion_pos(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """The (1+N, Dv) position codes of a square grid of N patch tokens after [CLS]."""
@@ -386,7 +425,18 @@ class ALBEF(VLModel):
             word_ids=None if word_ids is None else all_gather_padded(word_ids, length, -1, g["sizes"]))
         masked, mlm_labels = masked[rows, :ids.shape[1]], mlm_labels[rows, :ids.shape[1]]
         hit = mlm_labels != -100  # the head runs on the masked positions only
-        mlm_logits = self.mlm_head(self.fuse(self._text(masked, mask)[0], mask, image_tokens)[hit])
+        grounded = []  # (loss, mass) of each grounded pass
+        if cfg.grounding_weight > 0:
+            if "grounding" not in batch:
+                raise ValueError("grounding_weight > 0 needs batches with 'grounding' targets "
+                                 "(ImageTextCollate(grounding_grid=model.grounding_grid) on data "
+                                 "with captions_grounding / qa grounding)")
+            fused, g_loss, g_mass = self._fuse_grounded(self._text(masked, mask)[0], mask, image_tokens,
+                                                        batch["grounding"])
+            grounded.append((g_loss, g_mass))
+        else:
+            fused = self.fuse(self._text(masked, mask)[0], mask, image_tokens)
+        mlm_logits = self.mlm_head(fused[hit])
         mlm_logits_m = None
         if alpha > 0:
             with torch.no_grad():
@@ -401,8 +451,21 @@ class ALBEF(VLModel):
             out.update(self._edit_loss(batch, image_tokens, generator, g))
             losses.append(cfg.edit_weight * out["edit_loss"])
         if "vqa_targets" in batch:
-            out["vqa_loss"] = batch_vqa_loss(self, batch, pixels, ids, mask)
+            if grounded and "question_grounding" in batch and self.vqa_head is not None:
+                q_ids, q_mask = batch["question_input_ids"], batch["question_attention_mask"]
+                fused, g_loss, g_mass = self._fuse_grounded(self._text(q_ids, q_mask)[0], q_mask,
+                                                            image_tokens, batch["question_grounding"])
+                grounded.append((g_loss, g_mass))
+                out["vqa_loss"] = vqa_loss(self.vqa_head(fused[:, 0]), batch["vqa_targets"])
+            else:
+                out["vqa_loss"] = batch_vqa_loss(self, batch, pixels, ids, mask)
             losses.append(out["vqa_loss"])
+        if grounded:
+            out["grounding_loss"] = torch.stack([l for l, _ in grounded]).mean()
+            masses = torch.stack([m for _, m in grounded])
+            masses = masses[~masses.isnan()]
+            out["grounding_mass"] = masses.mean() if masses.numel() else masses.new_tensor(float("nan"))
+            losses.append(cfg.grounding_weight * out["grounding_loss"])
         if self.training:
             self.queue.enqueue(ids=image_ids, image=image_feat_m, text=text_feat_m)
         out["loss"] = torch.stack([l.float() for l in losses]).sum()

@@ -265,13 +265,8 @@ class ViLT(VLModel):
             raise ValueError(f"grounding targets {tuple(targets.shape)} do not fit the text "
                              f"{tuple(input_ids.shape)}")
         x, mask = self.embed(pixel_values, input_ids, attention_mask)
-        keep, maps = padding_mask(mask), None
-        for i, block in enumerate(self.encoder.blocks):
-            if i == self.cfg.grounding_layer:
-                x, m = block(x, mask=keep, return_attention=True)
-                maps = m["self"]
-            else:
-                x = block(x, mask=keep)
+        x, maps = self.encoder.forward_with_maps_of(x, self.cfg.grounding_layer, mask=padding_mask(mask))
+        maps = maps["self"]
         n = input_ids.shape[1]
         cells = targets.shape[2]
         if x.shape[1] - n - 1 != cells:
