@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["grounding_loss"]
+__all__ = ["grounding_loss", "mean_grounding"]
 
 
 def grounding_loss(attention: torch.Tensor, targets: torch.Tensor,
@@ -35,3 +35,12 @@ def grounding_loss(attention: torch.Tensor, targets: torch.Tensor,
         return attention.sum() * 0.0, attention.new_tensor(float("nan"))
     picked = mass[rows]
     return -picked.clamp_min(eps).log().mean(), picked.detach().mean()
+
+
+def mean_grounding(parts) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, mean attention mass) over the (loss, mass) of several grounded passes; the
+    mass over the passes that had grounded tokens (NaN if none had)."""
+    loss = torch.stack([l for l, _ in parts]).mean()
+    masses = torch.stack([m for _, m in parts])
+    masses = masses[~masses.isnan()]
+    return loss, masses.mean() if masses.numel() else masses.new_tensor(float("nan"))

@@ -39,7 +39,7 @@ from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostN
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
 from ..losses.matching import itm_accuracy, itm_loss
 from ..losses.mlm import mask_tokens, minimal_pairs
-from ..losses.grounding import grounding_loss
+from ..losses.grounding import grounding_loss, mean_grounding
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from ..train.distributed import (all_gather_no_grad, all_gather_padded, all_gather_sizes,
                                  all_gather_with_grad, global_generator, global_mean_scale, is_dist,
@@ -461,10 +461,7 @@ class ALBEF(VLModel):
                 out["vqa_loss"] = batch_vqa_loss(self, batch, pixels, ids, mask)
             losses.append(out["vqa_loss"])
         if grounded:
-            out["grounding_loss"] = torch.stack([l for l, _ in grounded]).mean()
-            masses = torch.stack([m for _, m in grounded])
-            masses = masses[~masses.isnan()]
-            out["grounding_mass"] = masses.mean() if masses.numel() else masses.new_tensor(float("nan"))
+            out["grounding_loss"], out["grounding_mass"] = mean_grounding(grounded)
             losses.append(cfg.grounding_weight * out["grounding_loss"])
         if self.training:
             self.queue.enqueue(ids=image_ids, image=image_feat_m, text=text_feat_m)

@@ -21,7 +21,7 @@ from ..layers import (BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormB
                       padding_mask)
 from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
 from ..losses.mlm import mask_tokens, mlm_loss
-from ..losses.grounding import grounding_loss
+from ..losses.grounding import grounding_loss, mean_grounding
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from .base import Output, VLModel, register, source_vision_tower
 from .vit import _init_weights
@@ -382,10 +382,7 @@ class ViLT(VLModel):
                 out["vqa_loss"] = batch_vqa_loss(self, batch, pixels, ids, mask)
             losses.append(out["vqa_loss"])
         if grounded:
-            out["grounding_loss"] = torch.stack([g for g, _ in grounded]).mean()
-            masses = torch.stack([m for _, m in grounded])
-            masses = masses[~masses.isnan()]
-            out["grounding_mass"] = masses.mean() if masses.numel() else masses.new_tensor(float("nan"))
+            out["grounding_loss"], out["grounding_mass"] = mean_grounding(grounded)
             losses.append(self.cfg.grounding_weight * out["grounding_loss"])
         if not losses:
             raise ValueError(f"nothing to train: objectives {list(objectives)} need their heads "
