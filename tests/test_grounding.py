@@ -297,3 +297,26 @@ def test_cli_trains_grounding_on_the_synthetic_world(tmp_path, model_name):
                  "--no-progress", "--out", str(out), "--set", "grounding_weight=1", *tiny]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(r["grounding_loss"] > 0 and 0 < r["grounding_mass"] < 1 for r in rows)
+
+
+def test_vilt_grounds_the_true_pairs_of_itm_when_it_trains_no_mlm():
+    """With ITM alone the grounded pass is the ITM one: only the rows that keep their own image
+    carry targets, so the loss equals the loss over those rows alone."""
+    torch.manual_seed(0)
+    model = _vilt(objectives=("itm",), itm_head=True, mlm_head=False).eval()
+    ids = torch.tensor([[2, 10, 11, 3]] * 4)
+    targets = torch.zeros(4, 4, 16)
+    targets[:, 1, 5] = 1
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32), "input_ids": ids,
+             "attention_mask": torch.ones_like(ids), "grounding": targets}
+    torch.manual_seed(1)
+    out = model.training_losses(batch)
+    torch.manual_seed(1)  # the same image swaps: which rows keep their own image
+    from vlkit.losses.matching import itm_batch_from_swaps
+    index, _ = itm_batch_from_swaps(4, model.cfg.itm_swap_prob, device=ids.device)
+    own = index == torch.arange(4)
+    assert 0 < int(own.sum()) < 4  # this seed swaps some images, not all
+    _, loss, _ = model._grounded(batch["pixel_values"][index], ids, batch["attention_mask"],
+                                 targets * own[:, None, None])
+    assert torch.allclose(out["grounding_loss"], loss)
+    out["loss"].backward()
