@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["grounding_loss", "mean_grounding"]
+__all__ = ["grounding_loss", "mean_grounding", "check_grounding_settings", "require_grounding"]
 
 
 def grounding_loss(attention: torch.Tensor, targets: torch.Tensor,
@@ -44,3 +44,25 @@ def mean_grounding(parts) -> tuple[torch.Tensor, torch.Tensor]:
     masses = torch.stack([m for _, m in parts])
     masses = masses[~masses.isnan()]
     return loss, masses.mean() if masses.numel() else masses.new_tensor(float("nan"))
+
+
+def check_grounding_settings(weight: float, layer: int, layers: int, heads: int, max_heads: int,
+                             stack: str) -> None:
+    """Clear errors for a model's grounding fields: ``weight`` >= 0 and, when it is on, a
+    ``layer`` among the ``layers`` of the supervised ``stack`` and 1..``max_heads`` heads."""
+    if weight < 0:
+        raise ValueError(f"grounding_weight must be >= 0, got {weight}")
+    if weight > 0:
+        if not 0 <= layer < layers:
+            raise ValueError(f"grounding_layer {layer}: the {stack} has {layers} layers")
+        if not 1 <= heads <= max_heads:
+            raise ValueError(f"grounding_heads {heads}: choose 1 to {max_heads}")
+
+
+def require_grounding(batch: dict) -> torch.Tensor:
+    """The batch's caption grounding targets, or a clear error saying where they come from."""
+    if "grounding" not in batch:
+        raise ValueError("grounding_weight > 0 needs batches with 'grounding' targets "
+                         "(ImageTextCollate(grounding_grid=model.grounding_grid) on data with "
+                         "captions_grounding / qa grounding)")
+    return batch["grounding"]

@@ -39,7 +39,8 @@ from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostN
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
 from ..losses.matching import itm_accuracy, itm_loss
 from ..losses.mlm import mask_tokens, minimal_pairs
-from ..losses.grounding import grounding_loss, mean_grounding
+from ..losses.grounding import (check_grounding_settings, grounding_loss, mean_grounding,
+                               require_grounding)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from ..train.distributed import (all_gather_no_grad, all_gather_padded, all_gather_sizes,
                                  all_gather_with_grad, global_generator, global_mean_scale, is_dist,
@@ -163,16 +164,10 @@ class ALBEF(VLModel):
                              "hard_negatives (--hard-negatives: the dataset's negative captions)")
         if cfg.match_score not in ("itm", "itm+edit"):
             raise ValueError(f"match_score must be 'itm' or 'itm+edit', got {cfg.match_score!r}")
-        if cfg.grounding_weight < 0:
-            raise ValueError(f"grounding_weight must be >= 0, got {cfg.grounding_weight}")
-        if cfg.grounding_weight > 0:
-            if not 0 <= cfg.grounding_layer < cfg.fusion_layers:
-                raise ValueError(f"grounding_layer {cfg.grounding_layer}: there are "
-                                 f"{cfg.fusion_layers} fusion layers")
-            if not 1 <= cfg.grounding_heads <= cfg.heads:
-                raise ValueError(f"grounding_heads {cfg.grounding_heads}: choose 1 to {cfg.heads}")
-            if cfg.vision.patch_dropout:
-                raise ValueError("grounding needs every patch token (set vision.patch_dropout=0)")
+        check_grounding_settings(cfg.grounding_weight, cfg.grounding_layer, cfg.fusion_layers,
+                                 cfg.grounding_heads, cfg.heads, "fusion stack")
+        if cfg.grounding_weight > 0 and cfg.vision.patch_dropout:
+            raise ValueError("grounding needs every patch token (set vision.patch_dropout=0)")
         if cfg.fusion_pos and cfg.vision.patch_dropout:
             raise ValueError("fusion_pos needs every patch token (set vision.patch_dropout=0)")
         self.cfg = cfg
@@ -427,12 +422,8 @@ class ALBEF(VLModel):
         hit = mlm_labels != -100  # the head runs on the masked positions only
         grounded = []  # (loss, mass) of each grounded pass
         if cfg.grounding_weight > 0:
-            if "grounding" not in batch:
-                raise ValueError("grounding_weight > 0 needs batches with 'grounding' targets "
-                                 "(ImageTextCollate(grounding_grid=model.grounding_grid) on data "
-                                 "with captions_grounding / qa grounding)")
             fused, g_loss, g_mass = self._fuse_grounded(self._text(masked, mask)[0], mask, image_tokens,
-                                                        batch["grounding"])
+                                                        require_grounding(batch))
             grounded.append((g_loss, g_mass))
         else:
             fused = self.fuse(self._text(masked, mask)[0], mask, image_tokens)

@@ -21,7 +21,8 @@ from ..layers import (BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormB
                       padding_mask)
 from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
 from ..losses.mlm import mask_tokens, mlm_loss
-from ..losses.grounding import grounding_loss, mean_grounding
+from ..losses.grounding import (check_grounding_settings, grounding_loss, mean_grounding,
+                               require_grounding)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from .base import Output, VLModel, register, source_vision_tower
 from .vit import _init_weights
@@ -118,15 +119,10 @@ class ViLT(VLModel):
             raise ValueError("pair classification needs modality_types=3 (text, image 1, image 2)")
         if cfg.answer_names and len(cfg.answer_names) != cfg.num_answers:
             raise ValueError(f"{len(cfg.answer_names)} answer_names for num_answers={cfg.num_answers}")
-        if cfg.grounding_weight < 0:
-            raise ValueError(f"grounding_weight must be >= 0, got {cfg.grounding_weight}")
-        if cfg.grounding_weight > 0:
-            if not 0 <= cfg.grounding_layer < cfg.depth:
-                raise ValueError(f"grounding_layer {cfg.grounding_layer}: the backbone has {cfg.depth} blocks")
-            if not 1 <= cfg.grounding_heads <= cfg.heads:
-                raise ValueError(f"grounding_heads {cfg.grounding_heads}: choose 1 to {cfg.heads}")
-            if cfg.max_image_tokens > 0:
-                raise ValueError("grounding needs every image patch in place (max_image_tokens=0)")
+        check_grounding_settings(cfg.grounding_weight, cfg.grounding_layer, cfg.depth,
+                                 cfg.grounding_heads, cfg.heads, "backbone")
+        if cfg.grounding_weight > 0 and cfg.max_image_tokens > 0:
+            raise ValueError("grounding needs every image patch in place (max_image_tokens=0)")
         unknown = [o for o in cfg.objectives if o not in OBJECTIVES]
         if unknown or not cfg.objectives:
             raise ValueError(f"objectives {list(cfg.objectives)}: choose from {', '.join(OBJECTIVES)}")
@@ -325,10 +321,8 @@ class ViLT(VLModel):
         out, losses = {}, []
         objectives = self.cfg.objectives
         grounding = self.cfg.grounding_weight > 0
-        if grounding and "grounding" not in batch:
-            raise ValueError("grounding_weight > 0 needs batches with 'grounding' targets "
-                             "(ImageTextCollate(grounding_grid=model.grounding_grid) on data with "
-                             "captions_grounding / qa grounding)")
+        if grounding:
+            require_grounding(batch)
         grounded = []  # (loss, mass) of each grounded pass
         if self.itm_head is not None and "itm" in objectives:
             index, labels = itm_batch_from_swaps(ids.shape[0], self.cfg.itm_swap_prob, device=ids.device)
