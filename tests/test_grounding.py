@@ -18,9 +18,10 @@ from vlkit.tokenizers import build_wordpiece_vocab
 def test_world_spans_name_their_objects():
     """Every span of every true caption and question ends in its object's shape (or "it", or the
     plural) and, when it has more words, holds the object's colour; "it" is the object of the
-    phrase before it."""
+    phrase before it. Relation words come with a subject and an object entry over the same span,
+    and in a true caption the words are the relation of the subject to the object."""
     world = synthetic.SyntheticWorld(seed=3, image_size=64, group_size=4)
-    seen = {"it": 0, "plural": 0, "question": 0}
+    seen = {"it": 0, "plural": 0, "question": 0, "relation": 0, "asked": 0}
     for split in ("train", "test"):
         for i in range(60):
             rec = world.sample(i, split, single_object=i % 4 == 0)
@@ -30,7 +31,20 @@ def test_world_spans_name_their_objects():
             texts += [(q["question"], q["grounding"]) for q in rec["qa"]]
             for text, spans in texts:
                 check_grounding(spans, text, len(objs), "test")
-                for start, end, which in spans:
+                subjects = [e for e in spans if e[3:] == ["subject"]]
+                objects = [e for e in spans if e[3:] == ["object"]]
+                assert [e[:2] for e in subjects] == [e[:2] for e in objects], text
+                for (start, end, (a,), _), (_, _, (b,), _) in zip(subjects, objects):
+                    words = text[start:end]
+                    if text.endswith("?"):  # a question may ask about the false relation
+                        assert words in [synthetic._rel_text(r, f) for r in synthetic.RELATIONS
+                                         for f in (False, True)], (text, words)
+                        seen["asked"] += 1
+                        continue
+                    found = synthetic.relation_of(*(synthetic._Obj(**objs[k]) for k in (a, b)))
+                    assert words in (found, "to the " + found), (text, words, found)
+                    seen["relation"] += 1
+                for start, end, which in (e[:3] for e in spans if len(e) == 3):
                     words = text[start:end].split()
                     assert which, text
                     for o in which:
@@ -229,10 +243,10 @@ def test_transformer_maps_of_one_block_match_the_full_pass():
 
 def _albef(**kw):
     from vlkit.models.albef import ALBEF
-    cfg = ALBEF.make_config("tiny", dim=32, heads=2, mlp_dim=64, text_layers=1, fusion_layers=2,
-                            vocab_size=60, embed_dim=16, queue_size=32, grounding_weight=1.0,
-                            fusion_pos="sincos", **{"vision.dim": 32, "vision.depth": 1,
-                                                    "vision.heads": 2, "vision.mlp_dim": 64}, **kw)
+    args = dict(dim=32, heads=2, mlp_dim=64, text_layers=1, fusion_layers=2, vocab_size=60,
+                embed_dim=16, queue_size=32, grounding_weight=1.0, fusion_pos="sincos",
+                **{"vision.dim": 32, "vision.depth": 1, "vision.heads": 2, "vision.mlp_dim": 64})
+    cfg = ALBEF.make_config("tiny", **{**args, **kw})
     return ALBEF(cfg)
 
 
@@ -250,7 +264,8 @@ def test_albef_grounding_reads_the_chosen_cross_attention():
     targets[1, 1, 15] = 1
     tokens = model.forward_features(pixels)
     hidden = model.text_features(ids, mask)
-    fused, loss, mass = model._fuse_grounded(hidden, mask, tokens, targets)
+    fused, (loss, mass), related = model._fuse_grounded(hidden, mask, tokens, targets)
+    assert related is None
     plain, maps = model.fuse(hidden, mask, tokens, return_attention=True)
     assert torch.allclose(fused, plain, atol=1e-6)
     want, want_mass = grounding_loss(maps[1]["cross"][:, :1, :, 1:], targets)
@@ -282,21 +297,31 @@ def test_albef_trains_with_grounding_and_checks_its_settings():
 
 @pytest.mark.parametrize("model_name", ["vilt", "albef"])
 def test_cli_trains_grounding_on_the_synthetic_world(tmp_path, model_name):
-    """`vlkit train MODEL --set grounding_weight=1`: the collate brings the world's grounding
-    for the model's patch grid, and the logged metrics carry the grounding loss."""
+    """`vlkit train MODEL --set grounding_weight=1 --set relation_weight=1`: the collate brings
+    the world's grounding for the model's patch grid (relation phrases included), in the VQA
+    questions and in the captions, and the logged metrics carry both losses."""
     import json
 
     from vlkit.cli import main
-    tiny = {"vilt": ["--set", "dim=32", "--set", "depth=2", "--set", "heads=2", "--set", "mlp_dim=64"],
-            "albef": ["--set", "dim=32", "--set", "heads=2", "--set", "mlp_dim=64",
+    tiny = {"vilt": ["--set", "dim=32", "--set", "depth=2", "--set", "heads=4", "--set", "mlp_dim=64"],
+            "albef": ["--set", "dim=32", "--set", "heads=4", "--set", "mlp_dim=64",
                       "--set", "text_layers=1", "--set", "fusion_layers=1", "--set", "queue_size=64",
                       "--set", "vision.dim=32", "--set", "vision.depth=1", "--set", "vision.heads=2",
                       "--set", "vision.mlp_dim=64"]}[model_name]
     out = tmp_path / "run"
     assert main(["train", model_name, "--vqa", "--steps", "2", "--batch-size", "8", "--no-eval",
-                 "--no-progress", "--out", str(out), "--set", "grounding_weight=1", *tiny]) == 0
+                 "--no-progress", "--out", str(out), "--set", "grounding_weight=1",
+                 "--set", "relation_weight=1", *tiny]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(r["grounding_loss"] > 0 and 0 < r["grounding_mass"] < 1 for r in rows)
+    assert all("relation_loss" in r for r in rows)  # a batch may hold no relation question
+    # the captions: about half of them state a relation
+    out = tmp_path / "captions"
+    assert main(["train", model_name, "--steps", "2", "--batch-size", "8", "--no-eval",
+                 "--no-progress", "--out", str(out), "--set", "grounding_weight=1",
+                 "--set", "relation_weight=1", *tiny]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r["relation_loss"] > 0 and 0 < r["relation_mass"] < 1 for r in rows)
 
 
 def test_vilt_grounds_the_true_pairs_of_itm_when_it_trains_no_mlm():
@@ -316,7 +341,126 @@ def test_vilt_grounds_the_true_pairs_of_itm_when_it_trains_no_mlm():
     index, _ = itm_batch_from_swaps(4, model.cfg.itm_swap_prob, device=ids.device)
     own = index == torch.arange(4)
     assert 0 < int(own.sum()) < 4  # this seed swaps some images, not all
-    _, loss, _ = model._grounded(batch["pixel_values"][index], ids, batch["attention_mask"],
-                                 targets * own[:, None, None])
+    _, (loss, _), _ = model._grounded(batch["pixel_values"][index], ids, batch["attention_mask"],
+                                      targets * own[:, None, None])
     assert torch.allclose(out["grounding_loss"], loss)
+    out["loss"].backward()
+
+
+# ----------------------------------------------------------------------------- relation phrases
+REL_TEXT = "the red circle is left of the blue square"
+REL_SPANS = [[4, 14, [0]], [30, 41, [1]], [18, 25, [0], "subject"], [18, 25, [1], "object"]]
+
+
+def test_relation_roles_become_their_own_targets(tok):
+    """Entries with a role mark the relation words: the subject's patches in the second
+    channel, the object's in the third; without ``roles`` they are left out and the names are
+    what they were."""
+    t = grounding_targets(tok, REL_TEXT, REL_TEXT, REL_SPANS, OBJECTS, (4, 4), length=12, roles=True)
+    assert t.shape == (3, 12, 16)
+    ids = tok.encode(REL_TEXT)
+
+    def marked(channel):
+        return {tok.id_to_token(ids[k]): channel[k].nonzero().flatten().tolist()
+                for k in range(len(ids)) if channel[k].any()}
+
+    assert marked(t[0]) == {"red": [0], "circle": [0], "blue": [15], "square": [15]}
+    words = {tok.id_to_token(i) for i in tok.encode("left of")[1:-1]}
+    assert marked(t[1]) == {w: [0] for w in words}
+    assert marked(t[2]) == {w: [15] for w in words}
+    names = grounding_targets(tok, REL_TEXT, REL_TEXT, REL_SPANS, OBJECTS, (4, 4), length=12)
+    assert torch.equal(names, t[0])
+    with pytest.raises(ValueError, match="role must be one of"):
+        grounding_targets(tok, REL_TEXT, REL_TEXT, [[18, 25, [0], "verb"]], OBJECTS, (4, 4), length=12)
+    # the collate hands them over as (B, 2, L, P), mirrored with the image
+    rec = {"image": Image.new("RGB", (32, 32)), "captions": [REL_TEXT], "captions_grounding": [REL_SPANS],
+           "objects": [dict(o) for o in OBJECTS]}
+    collate = ImageTextCollate(ImageTransform(32, train=True, scale=(1.0, 1.0), hflip=True), tok,
+                               max_length=16, grounding_grid=(4, 4))
+    for seed in range(4):
+        batch = collate([rec], [random.Random(seed)])
+        roles = batch["grounding_roles"]
+        assert roles.shape == (1, 2, batch["input_ids"].shape[1], 16)
+        read = tok.decode(batch["input_ids"][0].tolist())
+        flipped = "right" in read
+        subject_cell, object_cell = (3, 12) if flipped else (0, 15)
+        rows = roles[0, 0].any(-1).nonzero().flatten().tolist()
+        assert len(rows) >= 2  # "left|right" (maybe in pieces), "of"
+        assert roles[0, 0, rows].nonzero()[:, 1].unique().tolist() == [subject_cell]
+        assert roles[0, 1, rows].nonzero()[:, 1].unique().tolist() == [object_cell]
+
+
+def test_per_head_targets_in_the_loss():
+    torch.manual_seed(0)
+    attention = torch.rand(2, 2, 4, 5)
+    targets = torch.zeros(2, 2, 4, 5)
+    targets[0, 0, 1, 0] = 1  # head 0 looks at patch 0, head 1 at patch 3, from token 1
+    targets[0, 1, 1, 3] = 1
+    loss, mass = grounding_loss(attention, targets)
+    masses = torch.stack([attention[0, 0, 1, 0], attention[0, 1, 1, 3]])
+    assert torch.allclose(loss, -masses.log().mean()) and torch.allclose(mass, masses.mean())
+    with pytest.raises(ValueError, match="does not fit"):
+        grounding_loss(attention, torch.zeros(2, 3, 4, 5))
+
+
+def _roles_batch(n=2, length=6):
+    roles = torch.zeros(n, 2, length, 16)
+    roles[:, 0, 2, 1] = 1
+    roles[:, 1, 2, 14] = 1
+    targets = torch.zeros(n, length, 16)
+    targets[:, 1, 5] = 1
+    return targets, roles
+
+
+def test_vilt_relation_heads_and_settings():
+    from vlkit.layers.attention import padding_mask
+    """The relation loss is that of heads grounding_heads and the next, in relation_layer,
+    against the subject and object targets; the settings are checked."""
+    torch.manual_seed(0)
+    model = _vilt(heads=4, relation_weight=1.0, relation_layer=1).eval()
+    pixels, ids = torch.randn(2, 3, 32, 32), torch.randint(5, 60, (2, 6))
+    mask = torch.ones_like(ids)
+    targets, roles = _roles_batch()
+    features, named, related = model._grounded(pixels, ids, mask, targets, roles)
+    x, joint = model.embed(pixels, ids, mask)
+    plain, maps = model.encoder(x, return_attention=True, mask=padding_mask(joint))
+    assert torch.allclose(features, model.norm(plain), atol=1e-5)
+    want = grounding_loss(maps[1]["self"][:, 1:3, :6, 7:], roles)
+    assert torch.allclose(related[0], want[0]) and torch.allclose(related[1], want[1])
+    want = grounding_loss(maps[0]["self"][:, :1, :6, 7:], targets)
+    assert torch.allclose(named[0], want[0])
+    with pytest.raises(ValueError, match="needs grounding_weight"):
+        _vilt(grounding_weight=0.0, relation_weight=1.0)
+    with pytest.raises(ValueError, match="heads 1 and 2"):
+        _vilt(heads=2, relation_weight=1.0)
+    with pytest.raises(ValueError, match="relation_layer 2"):
+        _vilt(heads=4, relation_weight=1.0, relation_layer=2)
+    batch = {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask, "grounding": targets}
+    with pytest.raises(ValueError, match="grounding_roles"):
+        model.training_losses(batch)
+    batch["grounding_roles"] = roles
+    out = _vilt(heads=4, relation_weight=1.0).training_losses(batch)
+    assert out["relation_loss"] > 0 and 0 < out["relation_mass"] < 1
+
+
+def test_albef_relation_heads():
+    torch.manual_seed(0)
+    model = _albef(heads=4, relation_weight=1.0, relation_layer=1).eval()
+    pixels, ids = torch.randn(2, 3, 64, 64), torch.randint(5, 60, (2, 6))
+    mask = torch.ones_like(ids)
+    targets, roles = _roles_batch()
+    tokens = model.forward_features(pixels)
+    hidden = model.text_features(ids, mask)
+    fused, named, related = model._fuse_grounded(hidden, mask, tokens, targets, roles)
+    plain, maps = model.fuse(hidden, mask, tokens, return_attention=True)
+    assert torch.allclose(fused, plain, atol=1e-6)
+    want = grounding_loss(maps[1]["cross"][:, 1:3, :, 1:], roles)
+    assert torch.allclose(related[0], want[0]) and torch.allclose(related[1], want[1])
+    with pytest.raises(ValueError, match="needs grounding_weight"):
+        _albef(grounding_weight=0.0, relation_weight=1.0)
+    ids[:, 0], ids[:, -1] = 2, 3
+    out = _albef(heads=4, relation_weight=1.0).training_losses(
+        {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask, "grounding": targets,
+         "grounding_roles": roles})
+    assert out["relation_loss"] > 0 and 0 < out["relation_mass"] < 1
     out["loss"].backward()

@@ -91,6 +91,8 @@ class ImageTextCollate:
     (``vlkit.data.grounding``): ``grounding`` (B, L, rows * columns) for the captions, from the
     records' ``captions_grounding``, and ``question_grounding`` for the questions, from each
     ``qa`` entry's ``grounding``; a text without grounding gets zero rows (no supervision).
+    ``grounding_roles`` and ``question_grounding_roles`` (B, 2, L, rows * columns) hold the
+    subjects and objects of the relation phrases (entries with a role).
     """
 
     def __init__(self, transform, tokenizer, max_length: int | None = None, negatives: int = 0,
@@ -165,14 +167,16 @@ class ImageTextCollate:
             batch["question_attention_mask"] = t["attention_mask"]
             batch["vqa_targets"] = vqa_soft_scores(annotated, self.answer_index)
         if self.grounding_grid is not None:
-            batch["grounding"] = self._grounding(grounded, captions, batch["input_ids"].shape[1], False)
+            t = self._grounding(grounded, captions, batch["input_ids"].shape[1], False)
+            batch["grounding"], batch["grounding_roles"] = t[:, 0], t[:, 1:]
             if self.answers is not None:
-                batch["question_grounding"] = self._grounding(
-                    grounded, questions, batch["question_input_ids"].shape[1], True)
+                t = self._grounding(grounded, questions, batch["question_input_ids"].shape[1], True)
+                batch["question_grounding"], batch["question_grounding_roles"] = t[:, 0], t[:, 1:]
         return batch
 
     def _grounding(self, grounded, read: list[str], length: int, question: bool) -> torch.Tensor:
-        """(B, length, cells) targets of the batch's captions (or questions) as the model reads them."""
+        """(B, 3, length, cells) targets of the batch's captions (or questions) as the model reads
+        them: names, then the subjects and objects of relation phrases."""
         from .grounding import grounding_targets
         rows = []
         for j, ((rec, caption, asked, flipped), text) in enumerate(zip(grounded, read)):
@@ -183,7 +187,7 @@ class ImageTextCollate:
             rows.append(grounding_targets(self.tokenizer, written, text, spans, rec.get("objects") or [],
                                           self.grounding_grid, length, flipped,
                                           max_length=self.max_length or self.tokenizer.max_length,
-                                          where=f"{where}, text {written!r}"))
+                                          where=f"{where}, text {written!r}", roles=True))
         return torch.stack(rows)
 
     def _tokens(self, texts: list[str], word_ids: bool = False) -> dict:

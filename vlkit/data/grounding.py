@@ -7,8 +7,14 @@ synthetic world writes them for every true caption (``captions_grounding``, para
 fields, with objects given by a ``box`` ``[x0, y0, x1, y1]`` (fractions of the image side) or by
 a square's centre ``x``, ``y`` and side ``extent``.
 
+An entry may carry a fourth element, a role: ``[start, end, [object], "subject"]`` and
+``[start, end, [object], "object"]`` over the same span mark a relation phrase ("left of") and
+the two objects it relates, so a model can be taught to look, from the relation words, at the
+first object with one head and at the second with another (``relation_weight`` of ViLT and
+ALBEF). The synthetic world writes them for every relation clause and relation question.
+
 ``grounding_targets`` turns one text's entries into a (tokens, patches) 0/1 matrix for a model's
-patch grid: a token covered by a span marks the patches its objects cover. A patch is covered by
+patch grid (with ``roles=True``, three: names, subjects, objects): a token covered by a span marks the patches its objects cover. A patch is covered by
 an object when the object's box takes at least a quarter of the patch or a quarter of the box
 (small objects still own the patch they sit in). Horizontal flips mirror the boxes; the text may
 have had "left"/"right" swapped (``swap_left_right``), which changes no word boundary, so spans
@@ -20,7 +26,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["object_box", "object_cells", "grounding_targets", "check_grounding"]
+__all__ = ["object_box", "object_cells", "grounding_targets", "check_grounding", "ROLES"]
+
+ROLES = ("subject", "object")  # the optional fourth element of an entry
 
 
 def object_box(obj: dict, where: str = "object") -> tuple[float, float, float, float]:
@@ -67,12 +75,15 @@ def check_grounding(spans, text: str, num_objects: int, where: str) -> None:
     if not isinstance(spans, (list, tuple)):
         raise ValueError(f"{where}: grounding must be a list of [start, end, [objects]], got {spans!r}")
     for entry in spans:
-        ok = isinstance(entry, (list, tuple)) and len(entry) == 3 and \
+        ok = isinstance(entry, (list, tuple)) and len(entry) in (3, 4) and \
             all(isinstance(v, int) and not isinstance(v, bool) for v in entry[:2]) and \
             isinstance(entry[2], (list, tuple))
         if not ok:
-            raise ValueError(f"{where}: grounding entry {entry!r} is not [start, end, [objects]]")
-        start, end, objs = entry
+            raise ValueError(f"{where}: grounding entry {entry!r} is not [start, end, [objects]] "
+                             "or [start, end, [objects], role]")
+        if len(entry) == 4 and entry[3] not in ROLES:
+            raise ValueError(f"{where}: grounding entry {entry!r}: the role must be one of {ROLES}")
+        start, end, objs = entry[:3]
         if not 0 <= start < end <= len(text):
             raise ValueError(f"{where}: span [{start}, {end}) lies outside the text {text!r}")
         bad = [o for o in objs if not (isinstance(o, int) and 0 <= o < num_objects)]
@@ -83,16 +94,21 @@ def check_grounding(spans, text: str, num_objects: int, where: str) -> None:
 
 def grounding_targets(tokenizer, written: str, read: str, spans: Sequence, objects: Sequence[dict],
                       grid: tuple[int, int], length: int, flipped: bool = False,
-                      max_length: int | None = None, where: str = "record") -> torch.Tensor:
+                      max_length: int | None = None, where: str = "record",
+                      roles: bool = False) -> torch.Tensor:
     """(length, rows * columns) float 0/1 targets for the tokens of ``read`` as the tokenizer
     frames it (begin token first, then at most ``max_length - 2`` text tokens as the tokenizer
     truncates; rows up to ``length``, the batch's padded length). ``spans`` index
     ``written``; ``read`` is the same text as the model gets it (``written`` itself, or with
-    "left"/"right" swapped after a flip), with the same words."""
+    "left"/"right" swapped after a flip), with the same words. Entries with a role are left
+    out, unless ``roles``: then the result is (3, length, cells), the names, the subjects and the
+    objects of relation phrases."""
     check_grounding(spans, written, len(objects), where)
-    out = torch.zeros(length, grid[0] * grid[1])
+    out = torch.zeros(1 + len(ROLES), length, grid[0] * grid[1])
+    if not roles:
+        spans = [e for e in spans if len(e) == 3]
     if not spans:
-        return out
+        return out if roles else out[0]
     src = tokenizer.backend.encode(written, add_special_tokens=False)
     dst = tokenizer.backend.encode(read, add_special_tokens=False) if read != written else src
     if len([w for w in set(src.word_ids) if w is not None]) != \
@@ -100,7 +116,9 @@ def grounding_targets(tokenizer, written: str, read: str, spans: Sequence, objec
         raise ValueError(f"{where}: {read!r} does not have the words of {written!r}")
     kept = len(dst.ids) if max_length is None else min(len(dst.ids), max_length - 2)
     cells = {}
-    for start, end, objs in spans:
+    for entry in spans:
+        start, end, objs = entry[:3]
+        channel = out[1 + ROLES.index(entry[3])] if len(entry) == 4 else out[0]
         words = {w for w, (a, b) in zip(src.word_ids, src.offsets) if w is not None and a < end and b > start}
         marked = set()
         for o in objs:
@@ -111,5 +129,5 @@ def grounding_targets(tokenizer, written: str, read: str, spans: Sequence, objec
             continue
         for k, w in enumerate(dst.word_ids):
             if w in words and k < kept and k + 1 < length:  # +1: the begin token
-                out[k + 1, sorted(marked)] = 1.0
-    return out
+                channel[k + 1, sorted(marked)] = 1.0
+    return out if roles else out[0]

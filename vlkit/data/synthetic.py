@@ -216,7 +216,8 @@ def _grounding(caption, objs) -> list[list]:
     """The phrase grounding of a caption structure's text (see ``vlkit.data.grounding``):
     ``[start, end, [object indices]]`` for each noun phrase without its determiner ("small red
     circle"), each "it" (the phrase it stands for) and each shape of a "shapes" clause ("circles":
-    every object of that shape). Spans index ``_render(caption)``."""
+    every object of that shape); and the words of each relation ("to the left of") twice, with the
+    roles "subject" and "object" and the objects it relates. Spans index ``_render(caption)``."""
     spans, pos, prev = [], 0, None
 
     def np_span(np_, at):
@@ -235,13 +236,18 @@ def _grounding(caption, objs) -> list[list]:
         elif kind == "there":
             spans.append(np_span(cl[1], pos + len("there is ")))
         elif kind == "rel":
-            _, a, rel, b, _, _ = cl
+            _, a, rel, b, is_form, long_form = cl
             spans.append(np_span(a, pos))
             tail = pos + len(text)
             if b is not None:
                 spans.append(np_span(b, tail - len(_np_text(b))))
             elif prev is not None:
                 spans.append([tail - 2, tail, [prev[0]]])
+            other = b if b is not None else prev
+            if other is not None:  # the relation words, from the first object to the second
+                at = pos + len(_np_text(a)) + (4 if is_form else 1)
+                end = at + len(_rel_text(rel, long_form))
+                spans += [[at, end, [a[0]], "subject"], [at, end, [other[0]], "object"]]
         elif kind == "shapes":
             at = pos
             for i, (count, shape) in enumerate(cl[1]):
@@ -814,9 +820,11 @@ class SyntheticWorld:
             first = f"{objs[i].color} {objs[i].shape}"
             second = f"{objs[j].color} {objs[j].shape}"
             q = f"is the {first} {_rel_text(asked, rng.random() < 0.5)} the {second}?"
+            words = (8 + len(first), len(q) - 6 - len(second))  # the relation asked about
             qa.append({"question": q, "answer": "yes" if ans else "no", "type": "relation",
                        "grounding": [[7, 7 + len(first), [i]],
-                                     [len(q) - 1 - len(second), len(q) - 1, [j]]]})
+                                     [len(q) - 1 - len(second), len(q) - 1, [j]],
+                                     [*words, [i], "subject"], [*words, [j], "object"]]})
         return qa
 
 

@@ -110,11 +110,18 @@ class Transformer(nn.Module):
                 x = block(x, **kwargs)
         return x
 
-    def forward_with_maps_of(self, x: torch.Tensor, layer: int, **kwargs):
+    def forward_with_maps_of(self, x: torch.Tensor, layer, **kwargs):
         """(output, the attention maps of block ``layer``): the other blocks run as in
-        ``forward`` (fused kernels, checkpointing); only that block computes its maps."""
-        if not 0 <= layer < len(self.blocks):
-            raise ValueError(f"layer {layer}: this stack has {len(self.blocks)} blocks")
-        x = self._run(self.blocks[:layer], x, **kwargs)
-        x, maps = self.blocks[layer](x, return_attention=True, **kwargs)
-        return self._run(self.blocks[layer + 1:], x, **kwargs), maps
+        ``forward`` (fused kernels, checkpointing); only that block computes its maps. With a
+        sequence of layers, the maps are a dict from each of them."""
+        wanted = sorted({layer} if isinstance(layer, int) else set(layer))
+        for k in wanted:
+            if not 0 <= k < len(self.blocks):
+                raise ValueError(f"layer {k}: this stack has {len(self.blocks)} blocks")
+        maps, done = {}, 0
+        for k in wanted:
+            x = self._run(self.blocks[done:k], x, **kwargs)
+            x, maps[k] = self.blocks[k](x, return_attention=True, **kwargs)
+            done = k + 1
+        x = self._run(self.blocks[done:], x, **kwargs)
+        return x, (maps[layer] if isinstance(layer, int) else maps)

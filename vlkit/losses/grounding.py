@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["grounding_loss", "mean_grounding", "check_grounding_settings", "require_grounding"]
+__all__ = ["grounding_loss", "mean_grounding", "check_grounding_settings", "require_grounding",
+           "require_relations"]
 
 
 def grounding_loss(attention: torch.Tensor, targets: torch.Tensor,
@@ -21,16 +22,19 @@ def grounding_loss(attention: torch.Tensor, targets: torch.Tensor,
 
     attention: (B, heads, L, P) attention probabilities of L text tokens over P image patches
     (a slice of the full rows, which may also cover text or other tokens); targets: (B, L, P)
-    0/1, all-zero rows for tokens without grounding. The loss averages -log(mass) over the
-    grounded tokens and the given heads; with no grounded token it is 0 (still part of the
-    graph) and the mass is NaN."""
-    if attention.dim() != 4 or targets.dim() != 3 or attention.shape[0] != targets.shape[0] \
-            or attention.shape[2:] != targets.shape[1:]:
+    0/1 for every head alike, or (B, heads, L, P) one set per head (the subject and object heads
+    of relation phrases); all-zero rows for tokens without grounding. The loss averages
+    -log(mass) over the grounded tokens and the given heads; with no grounded token it is 0
+    (still part of the graph) and the mass is NaN."""
+    if targets.dim() == 3:
+        targets = targets[:, None]
+    if attention.dim() != 4 or targets.dim() != 4 or attention.shape[0] != targets.shape[0] \
+            or attention.shape[2:] != targets.shape[2:] or targets.shape[1] not in (1, attention.shape[1]):
         raise ValueError(f"grounding: attention {tuple(attention.shape)} (B, heads, L, P) does not "
-                         f"fit targets {tuple(targets.shape)} (B, L, P)")
+                         f"fit targets {tuple(targets.shape)} (B, L, P) or (B, heads, L, P)")
     targets = targets.to(attention.dtype)
-    mass = (attention * targets[:, None]).sum(-1)  # (B, heads, L)
-    rows = (targets.sum(-1) > 0)[:, None].expand_as(mass)
+    mass = (attention * targets).sum(-1)  # (B, heads, L)
+    rows = (targets.sum(-1) > 0).expand_as(mass)
     if not bool(rows.any()):
         return attention.sum() * 0.0, attention.new_tensor(float("nan"))
     picked = mass[rows]
@@ -47,16 +51,37 @@ def mean_grounding(parts) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def check_grounding_settings(weight: float, layer: int, layers: int, heads: int, max_heads: int,
-                             stack: str) -> None:
+                             stack: str, relation_weight: float = 0.0, relation_layer: int = 0) -> None:
     """Clear errors for a model's grounding fields: ``weight`` >= 0 and, when it is on, a
-    ``layer`` among the ``layers`` of the supervised ``stack`` and 1..``max_heads`` heads."""
+    ``layer`` among the ``layers`` of the supervised ``stack`` and 1..``max_heads`` heads; a
+    ``relation_weight`` >= 0 that, when on, needs grounding on, a ``relation_layer`` of the stack
+    and two free heads after the grounding heads (the subject and the object head)."""
     if weight < 0:
         raise ValueError(f"grounding_weight must be >= 0, got {weight}")
+    if relation_weight < 0:
+        raise ValueError(f"relation_weight must be >= 0, got {relation_weight}")
     if weight > 0:
         if not 0 <= layer < layers:
             raise ValueError(f"grounding_layer {layer}: the {stack} has {layers} layers")
         if not 1 <= heads <= max_heads:
             raise ValueError(f"grounding_heads {heads}: choose 1 to {max_heads}")
+    if relation_weight > 0:
+        if weight <= 0:
+            raise ValueError("relation_weight > 0 needs grounding_weight > 0 (relations are "
+                             "learnt in the grounded passes)")
+        if not 0 <= relation_layer < layers:
+            raise ValueError(f"relation_layer {relation_layer}: the {stack} has {layers} layers")
+        if heads + 2 > max_heads:
+            raise ValueError(f"relation_weight needs heads {heads} and {heads + 1} after the "
+                             f"{heads} grounding head(s), but a layer has {max_heads} heads")
+
+
+def require_relations(batch: dict, key: str = "grounding_roles") -> torch.Tensor:
+    """The batch's relation targets (B, 2, L, P), or a clear error saying where they come from."""
+    if key not in batch:
+        raise ValueError(f"relation_weight > 0 needs batches with {key!r} (ImageTextCollate with a "
+                         "grounding_grid writes them from grounding entries with a role)")
+    return batch[key]
 
 
 def require_grounding(batch: dict) -> torch.Tensor:

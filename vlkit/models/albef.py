@@ -40,7 +40,7 @@ from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, 
 from ..losses.matching import itm_accuracy, itm_loss
 from ..losses.mlm import mask_tokens, minimal_pairs
 from ..losses.grounding import (check_grounding_settings, grounding_loss, mean_grounding,
-                               require_grounding)
+                               require_grounding, require_relations)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from ..train.distributed import (all_gather_no_grad, all_gather_padded, all_gather_sizes,
                                  all_gather_with_grad, global_generator, global_mean_scale, is_dist,
@@ -101,6 +101,11 @@ class ALBEFConfig:
     grounding_weight: float = 0.0
     grounding_layer: int = 0        # the fusion layer whose cross-attention is supervised
     grounding_heads: int = 1        # its first heads are supervised, the others stay free
+    # relation phrases ("left of"): in fusion layer relation_layer, cross-attention head
+    # grounding_heads looks from the relation words at the first object, the next head at the
+    # second (grounding entries with a role)
+    relation_weight: float = 0.0
+    relation_layer: int = 0
     whole_word_mask: bool = False   # needs batch["word_ids"]
     mask_token_id: int = 4          # vlkit's WordPiece ids ([PAD]=0 ... [MASK]=4)
     pad_token_id: int = 0
@@ -165,7 +170,8 @@ class ALBEF(VLModel):
         if cfg.match_score not in ("itm", "itm+edit"):
             raise ValueError(f"match_score must be 'itm' or 'itm+edit', got {cfg.match_score!r}")
         check_grounding_settings(cfg.grounding_weight, cfg.grounding_layer, cfg.fusion_layers,
-                                 cfg.grounding_heads, cfg.heads, "fusion stack")
+                                 cfg.grounding_heads, cfg.heads, "fusion stack",
+                                 cfg.relation_weight, cfg.relation_layer)
         if cfg.grounding_weight > 0 and cfg.vision.patch_dropout:
             raise ValueError("grounding needs every patch token (set vision.patch_dropout=0)")
         if cfg.fusion_pos and cfg.vision.patch_dropout:
@@ -251,10 +257,12 @@ class ALBEF(VLModel):
         """The patch grid grounding targets are made for, when this model trains grounding."""
         return tuple(self.vision.embed.grid) if self.cfg.grounding_weight > 0 else None
 
-    def _fuse_grounded(self, text_hidden, attention_mask, image_tokens, targets):
-        """(fused (B, L, D), grounding loss, attention mass): the fusion layers, with the
-        cross-attention of ``cfg.grounding_layer`` over the patches (after the image [CLS])
-        held against ``targets`` (B, L, patches)."""
+    def _fuse_grounded(self, text_hidden, attention_mask, image_tokens, targets, roles=None):
+        """(fused (B, L, D), grounding (loss, attention mass), relation (loss, mass) or None):
+        the fusion layers, with the cross-attention of ``cfg.grounding_layer`` over the patches
+        (after the image [CLS]) held against ``targets`` (B, L, patches), and with relation
+        targets ``roles`` (B, 2, L, patches) that of heads ``grounding_heads`` and the next of
+        ``cfg.relation_layer`` against the subjects and the objects."""
         if targets.shape[:2] != attention_mask.shape:
             raise ValueError(f"grounding targets {tuple(targets.shape)} do not fit the text "
                              f"{tuple(attention_mask.shape)}")
@@ -263,11 +271,20 @@ class ALBEF(VLModel):
                              f"{image_tokens.shape[1] - 1}")
         if self.cfg.fusion_pos:
             image_tokens = image_tokens + self._fusion_pos(image_tokens)
+        cfg = self.cfg
+        layers = [cfg.grounding_layer] + ([cfg.relation_layer] if roles is not None else [])
         fused, maps = self.fusion_layers.forward_with_maps_of(
-            text_hidden, self.cfg.grounding_layer, mask=padding_mask(attention_mask), context=image_tokens)
-        attention = maps["cross"][:, :self.cfg.grounding_heads, :, 1:]
-        loss, mass = grounding_loss(attention, targets.to(fused.device))
-        return fused, loss, mass
+            text_hidden, layers, mask=padding_mask(attention_mask), context=image_tokens)
+        h = cfg.grounding_heads
+        named = grounding_loss(maps[cfg.grounding_layer]["cross"][:, :h, :, 1:], targets.to(fused.device))
+        related = None
+        if roles is not None:
+            if roles.shape[0] != targets.shape[0] or roles.shape[1] != 2 or roles.shape[2:] != targets.shape[1:]:
+                raise ValueError(f"relation targets {tuple(roles.shape)} do not fit the grounding "
+                                 f"targets {tuple(targets.shape)} (expected (B, 2, L, P))")
+            related = grounding_loss(maps[cfg.relation_layer]["cross"][:, h:h + 2, :, 1:],
+                                     roles.to(fused.device))
+        return fused, named, related
 
     def _fusion_pos(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """The (1+N, Dv) position codes of a square grid of N patch tokens after [CLS]."""
@@ -420,11 +437,19 @@ class ALBEF(VLModel):
             word_ids=None if word_ids is None else all_gather_padded(word_ids, length, -1, g["sizes"]))
         masked, mlm_labels = masked[rows, :ids.shape[1]], mlm_labels[rows, :ids.shape[1]]
         hit = mlm_labels != -100  # the head runs on the masked positions only
-        grounded = []  # (loss, mass) of each grounded pass
+        grounded, related = [], []  # (loss, mass) of each grounded pass
+        relations = cfg.relation_weight > 0
+
+        def fuse_grounded(hidden, m, targets, roles):
+            fused, named, rel = self._fuse_grounded(hidden, m, image_tokens, targets, roles)
+            grounded.append(named)
+            if rel is not None:
+                related.append(rel)
+            return fused
+
         if cfg.grounding_weight > 0:
-            fused, g_loss, g_mass = self._fuse_grounded(self._text(masked, mask)[0], mask, image_tokens,
-                                                        require_grounding(batch))
-            grounded.append((g_loss, g_mass))
+            fused = fuse_grounded(self._text(masked, mask)[0], mask, require_grounding(batch),
+                                  require_relations(batch) if relations else None)
         else:
             fused = self.fuse(self._text(masked, mask)[0], mask, image_tokens)
         mlm_logits = self.mlm_head(fused[hit])
@@ -444,9 +469,9 @@ class ALBEF(VLModel):
         if "vqa_targets" in batch:
             if grounded and "question_grounding" in batch and self.vqa_head is not None:
                 q_ids, q_mask = batch["question_input_ids"], batch["question_attention_mask"]
-                fused, g_loss, g_mass = self._fuse_grounded(self._text(q_ids, q_mask)[0], q_mask,
-                                                            image_tokens, batch["question_grounding"])
-                grounded.append((g_loss, g_mass))
+                fused = fuse_grounded(self._text(q_ids, q_mask)[0], q_mask, batch["question_grounding"],
+                                      require_relations(batch, "question_grounding_roles")
+                                      if relations else None)
                 out["vqa_loss"] = vqa_loss(self.vqa_head(fused[:, 0]), batch["vqa_targets"])
             else:
                 out["vqa_loss"] = batch_vqa_loss(self, batch, pixels, ids, mask)
@@ -454,6 +479,9 @@ class ALBEF(VLModel):
         if grounded:
             out["grounding_loss"], out["grounding_mass"] = mean_grounding(grounded)
             losses.append(cfg.grounding_weight * out["grounding_loss"])
+        if related:
+            out["relation_loss"], out["relation_mass"] = mean_grounding(related)
+            losses.append(cfg.relation_weight * out["relation_loss"])
         if self.training:
             self.queue.enqueue(ids=image_ids, image=image_feat_m, text=text_feat_m)
         out["loss"] = torch.stack([l.float() for l in losses]).sum()

@@ -22,7 +22,7 @@ from ..layers import (BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormB
 from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
 from ..losses.mlm import mask_tokens, mlm_loss
 from ..losses.grounding import (check_grounding_settings, grounding_loss, mean_grounding,
-                               require_grounding)
+                               require_grounding, require_relations)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from .base import Output, VLModel, register, source_vision_tower
 from .vit import _init_weights
@@ -71,6 +71,11 @@ class ViLTConfig:
     grounding_weight: float = 0.0   # >0: needs batches with grounding targets (boxes in the data)
     grounding_layer: int = 0        # the block whose self-attention is supervised
     grounding_heads: int = 1        # its first heads are supervised, the others stay free
+    # relation phrases ("left of"): in block relation_layer, head grounding_heads attends from the
+    # relation words to the first object and the next head to the second (grounding entries with
+    # a role); a later block than grounding_layer, so the words can first read the phrases
+    relation_weight: float = 0.0
+    relation_layer: int = 1
 
 
 OBJECTIVES = ("itm", "mlm", "vqa")
@@ -120,7 +125,8 @@ class ViLT(VLModel):
         if cfg.answer_names and len(cfg.answer_names) != cfg.num_answers:
             raise ValueError(f"{len(cfg.answer_names)} answer_names for num_answers={cfg.num_answers}")
         check_grounding_settings(cfg.grounding_weight, cfg.grounding_layer, cfg.depth,
-                                 cfg.grounding_heads, cfg.heads, "backbone")
+                                 cfg.grounding_heads, cfg.heads, "backbone",
+                                 cfg.relation_weight, cfg.relation_layer)
         if cfg.grounding_weight > 0 and cfg.max_image_tokens > 0:
             raise ValueError("grounding needs every image patch in place (max_image_tokens=0)")
         unknown = [o for o in cfg.objectives if o not in OBJECTIVES]
@@ -253,23 +259,33 @@ class ViLT(VLModel):
         """The patch grid grounding targets are made for, when this model trains grounding."""
         return tuple(self.image_embed.grid) if self.cfg.grounding_weight > 0 else None
 
-    def _grounded(self, pixel_values, input_ids, attention_mask, targets):
-        """(features after the final norm, grounding loss, attention mass): one pass in which
-        ``cfg.grounding_layer`` also returns its attention, read from the text rows over the
-        image patches (after the image [CLS])."""
+    def _grounded(self, pixel_values, input_ids, attention_mask, targets, roles=None):
+        """(features after the final norm, grounding (loss, attention mass), relation (loss,
+        mass) or None): one pass in which ``cfg.grounding_layer`` (and, given the relation
+        targets ``roles`` (B, 2, L, P), ``cfg.relation_layer``) also returns its attention, read
+        from the text rows over the image patches (after the image [CLS])."""
         if targets.shape[:2] != input_ids.shape:
             raise ValueError(f"grounding targets {tuple(targets.shape)} do not fit the text "
                              f"{tuple(input_ids.shape)}")
+        cfg = self.cfg
         x, mask = self.embed(pixel_values, input_ids, attention_mask)
-        x, maps = self.encoder.forward_with_maps_of(x, self.cfg.grounding_layer, mask=padding_mask(mask))
-        maps = maps["self"]
+        layers = [cfg.grounding_layer] + ([cfg.relation_layer] if roles is not None else [])
+        x, maps = self.encoder.forward_with_maps_of(x, layers, mask=padding_mask(mask))
         n = input_ids.shape[1]
         cells = targets.shape[2]
         if x.shape[1] - n - 1 != cells:
             raise ValueError(f"grounding targets cover {cells} patches, the image has {x.shape[1] - n - 1}")
-        attention = maps[:, :self.cfg.grounding_heads, :n, n + 1:]
-        loss, mass = grounding_loss(attention, targets.to(x.device))
-        return self.norm(x), loss, mass
+        h = cfg.grounding_heads
+        attention = maps[cfg.grounding_layer]["self"][:, :h, :n, n + 1:]
+        named = grounding_loss(attention, targets.to(x.device))
+        related = None
+        if roles is not None:
+            if roles.shape[0] != targets.shape[0] or roles.shape[1] != 2 or roles.shape[2:] != targets.shape[1:]:
+                raise ValueError(f"relation targets {tuple(roles.shape)} do not fit the grounding "
+                                 f"targets {tuple(targets.shape)} (expected (B, 2, L, P))")
+            attention = maps[cfg.relation_layer]["self"][:, h:h + 2, :n, n + 1:]
+            related = grounding_loss(attention, roles.to(x.device))
+        return self.norm(x), named, related
 
     @_with_head("itm_head", "rank_head")
     def match(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> torch.Tensor:
@@ -321,9 +337,20 @@ class ViLT(VLModel):
         out, losses = {}, []
         objectives = self.cfg.objectives
         grounding = self.cfg.grounding_weight > 0
+        relations = self.cfg.relation_weight > 0
         if grounding:
             require_grounding(batch)
-        grounded = []  # (loss, mass) of each grounded pass
+        if relations:
+            require_relations(batch)
+        grounded, related = [], []  # (loss, mass) of each grounded pass
+
+        def grounded_pass(p, i, m, targets, roles):
+            features, named, rel = self._grounded(p, i, m, targets, roles if relations else None)
+            grounded.append(named)
+            if rel is not None:
+                related.append(rel)
+            return features
+
         if self.itm_head is not None and "itm" in objectives:
             index, labels = itm_batch_from_swaps(ids.shape[0], self.cfg.itm_swap_prob, device=ids.device)
             itm_pixels, itm_ids, itm_mask = pixels[index], ids, mask
@@ -337,11 +364,12 @@ class ViLT(VLModel):
             if grounding and not (self.mlm_head is not None and "mlm" in objectives):
                 # the true pairs (their own image, first in the ITM batch) carry the grounding
                 n, own = ids.shape[0], index == torch.arange(ids.shape[0], device=index.device)
-                targets = F.pad(batch["grounding"], (0, 0, 0, itm_ids.shape[1] - ids.shape[1]))
-                targets = torch.cat([targets * own[:, None, None].to(targets.dtype),
-                                     targets.new_zeros(itm_ids.shape[0] - n, *targets.shape[1:])])
-                features, g_loss, g_mass = self._grounded(itm_pixels, itm_ids, itm_mask, targets)
-                grounded.append((g_loss, g_mass))
+                def own_rows(t):  # padded to the ITM text length, zero but for the true pairs
+                    t = F.pad(t, (0, 0, 0, itm_ids.shape[1] - ids.shape[1]))
+                    keep = own.view(-1, *[1] * (t.dim() - 1)).to(t.dtype)
+                    return torch.cat([t * keep, t.new_zeros(itm_ids.shape[0] - n, *t.shape[1:])])
+                features = grounded_pass(itm_pixels, itm_ids, itm_mask, own_rows(batch["grounding"]),
+                                         own_rows(batch["grounding_roles"]) if relations else None)
                 logits = self.itm_head(self.pooler(features))
             else:
                 logits = self.itm_head(self(itm_pixels, itm_ids, itm_mask).pooled)
@@ -356,8 +384,8 @@ class ViLT(VLModel):
             masked, labels = mask_tokens(ids, mask, self.cfg.special_token_ids, self.cfg.mask_token_id,
                                          self.cfg.vocab_size, self.cfg.mlm_prob, word_ids=word_ids)
             if grounding:
-                features, g_loss, g_mass = self._grounded(pixels, masked, mask, batch["grounding"])
-                grounded.append((g_loss, g_mass))
+                features = grounded_pass(pixels, masked, mask, batch["grounding"],
+                                         batch.get("grounding_roles"))
             else:
                 features = self(pixels, masked, mask).features
             hit = labels != -100  # the head runs on the masked positions only
@@ -369,8 +397,10 @@ class ViLT(VLModel):
         if "vqa_targets" in batch and "vqa" in objectives:
             if grounding and "question_grounding" in batch and self.vqa_head is not None:
                 q_ids, q_mask = batch["question_input_ids"], batch["question_attention_mask"]
-                features, g_loss, g_mass = self._grounded(pixels, q_ids, q_mask, batch["question_grounding"])
-                grounded.append((g_loss, g_mass))
+                if relations:
+                    require_relations(batch, "question_grounding_roles")
+                features = grounded_pass(pixels, q_ids, q_mask, batch["question_grounding"],
+                                         batch.get("question_grounding_roles"))
                 out["vqa_loss"] = vqa_loss(self.vqa_head(self.pooler(features)), batch["vqa_targets"])
             else:
                 out["vqa_loss"] = batch_vqa_loss(self, batch, pixels, ids, mask)
@@ -378,6 +408,9 @@ class ViLT(VLModel):
         if grounded:
             out["grounding_loss"], out["grounding_mass"] = mean_grounding(grounded)
             losses.append(self.cfg.grounding_weight * out["grounding_loss"])
+        if related:
+            out["relation_loss"], out["relation_mass"] = mean_grounding(related)
+            losses.append(self.cfg.relation_weight * out["relation_loss"])
         if not losses:
             raise ValueError(f"nothing to train: objectives {list(objectives)} need their heads "
                              "(and VQA needs vqa_targets in the batch)")
