@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from vlkit.layers import PostNormBlock, PreNormBlock, Transformer, sincos_2d
 from vlkit.layers.attention import padding_mask
 from vlkit.layers.embeddings import BertEmbeddings
+from vlkit.losses.grounding import grounding_loss
 from vlkit.models.vit import _init_weights
 
 WORDS = {"[CLS]": 1, "[MASK]": 4, "left": 5, "right": 6, "above": 7, "below": 8, "of": 9, "is": 10,
@@ -132,15 +133,18 @@ class Toy:
         """(image tokens (n, 1+G*G, Dv), ids (n, L), attention mask, labels, grounding targets)."""
         g = self.args.grid
         image = torch.zeros(n, 1 + g * g, IMAGE_DIM)
-        ids, labels, cells = [], [], []
+        ids, labels, cells, related = [], [], [], []
         for b in range(n):
             pts, colours, shapes, rel = self.scene()
+            own = []
             for (x, y), c, s in zip(pts, colours, shapes):
                 cell = 1 + min(int(y * g), g - 1) * g + min(int(x * g), g - 1)
                 image[b, cell] += self.codes[c] + self.codes[s]
                 cells.append((b, c, cell))
+                own.append(cell)
             t = self.caption(colours, shapes, rel)
             k = t.index(rel)
+            related.append((b, [k] + ([k + 1] if rel in HORIZONTAL else []), own))
             if task == "mlm":
                 t[k] = WORDS["[MASK]"]
                 labels.append(rel)
@@ -162,7 +166,11 @@ class Toy:
         target = torch.zeros(n, length, 1 + g * g)
         for b, c, cell in cells:
             target[b, ids[b] == c, cell] = 1
-        return image + self.pos, ids, mask, torch.tensor(labels), target
+        roles = torch.zeros(n, 2, length, 1 + g * g)  # relation words -> subject, object
+        for b, at, (first, second) in related:
+            roles[b, 0, at, first] = 1
+            roles[b, 1, at, second] = 1
+        return image + self.pos, ids, mask, torch.tensor(labels), (target, roles)
 
     def self_mask(self, attention_mask):
         """Padding mask, and with --directional per-head masks: head 0 keys at or before the
@@ -194,6 +202,9 @@ def main():
     p.add_argument("--filler", action="store_true")
     p.add_argument("--ground", type=float, default=0.0)
     p.add_argument("--directional", action="store_true")
+    p.add_argument("--relate", type=float, default=0.0,
+                   help="relation grounding: cross-attention heads 1 and 2 of the first layer look "
+                        "from the relation words at the subject and at the object")
     p.add_argument("--side-first", type=int, default=0,
                    help="a curriculum: this many steps of --task side before the chosen task")
     p.add_argument("--itm-pool", default="cls", choices=["cls", "max"])  # "mlm": set by mlm-flip
@@ -217,7 +228,7 @@ def main():
     opt = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=0.01)
 
     def run(n, task, pool=args.itm_pool):
-        image, ids, mask, labels, target = toy.batch(n, task)
+        image, ids, mask, labels, (target, roles) = toy.batch(n, task)
         hidden, maps = layers(embed(ids), mask=toy.self_mask(mask), context=image, return_attention=True)
         if task == "itm" and pool == "mlm":  # is the shown word the one predicted?
             at = torch.isin(ids, RELATIONS)
@@ -232,7 +243,8 @@ def main():
             out = head(hidden[:, 0])[:, :2]
         attn = maps[0]["cross"].float().mean(1)  # (B, L, 1+N), first layer, heads averaged
         has = target.sum(-1) > 0
-        return out, labels, (attn[has] * target[has]).sum(-1)
+        relation = grounding_loss(maps[0]["cross"][:, 1:3].float(), roles)[0] if args.relate else 0.0
+        return out, labels, (attn[has] * target[has]).sum(-1), relation
 
     start = time.time()
     for step in range(1, args.side_first + args.steps + 1):
@@ -242,8 +254,8 @@ def main():
             phase = ["mlm", "itm"] if args.task == "itm+mlm" else [args.task]
         loss = 0.0
         for task in phase:  # itm+mlm: the sum of both losses, each on its own batch
-            out, labels, mass = run(args.batch_size, task)
-            loss = loss + F.cross_entropy(out, labels)
+            out, labels, mass, relation = run(args.batch_size, task)
+            loss = loss + F.cross_entropy(out, labels) + args.relate * relation
         if args.ground:
             loss = loss + args.ground * -mass.clamp_min(1e-6).log().mean()
         opt.zero_grad()
@@ -252,10 +264,10 @@ def main():
         opt.step()
         if step % args.every == 0:
             with torch.no_grad():
-                out, labels, mass = run(500, task)
+                out, labels, mass, _ = run(500, task)
                 extra = {}
                 if args.task == "mlm-flip":  # and ITM read off the MLM head, on true/flipped captions
-                    o, lab, _ = run(500, "itm", pool="mlm")
+                    o, lab, _, _ = run(500, "itm", pool="mlm")
                     extra["itm_by_mlm"] = round((o.argmax(-1) == lab).float().mean().item(), 3)
             print(json.dumps({"step": step, "samples": step * args.batch_size, "loss": round(loss.item(), 3),
                               "accuracy": round((out.argmax(-1) == labels).float().mean().item(), 3),

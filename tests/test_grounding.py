@@ -464,3 +464,26 @@ def test_albef_relation_heads():
          "grounding_roles": roles})
     assert out["relation_loss"] > 0 and 0 < out["relation_mass"] < 1
     out["loss"].backward()
+
+
+def test_albef_masks_whole_relation_phrases():
+    """relation_mask_prob=1 masks every relation word (and makes it a target); 0.5 masks the
+    phrase of about half the captions, each phrase whole."""
+    torch.manual_seed(0)
+    model = _albef(heads=4, relation_weight=1.0, relation_mask_prob=1.0)
+    ids = torch.randint(5, 60, (64, 6))
+    mask = torch.ones_like(ids)
+    _, roles = _roles_batch(64)
+    roles[:, :, 3] = roles[:, :, 2]  # a two-token phrase: tokens 2 and 3
+    g = {"sizes": [64], "row_start": 0}
+    batch = {"grounding_roles": roles, "attention_mask": mask}
+    labels = torch.full_like(ids, -100)
+    masked, out = model._mask_relations(batch, ids, ids.clone(), labels, torch.Generator().manual_seed(0), g)
+    assert (masked[:, 2:4] == model.cfg.mask_token_id).all() and torch.equal(out[:, 2:4], ids[:, 2:4])
+    assert torch.equal(masked[:, [0, 1, 4, 5]], ids[:, [0, 1, 4, 5]]) and (out[:, [0, 1, 4, 5]] == -100).all()
+    model.cfg.relation_mask_prob = 0.5
+    masked, _ = model._mask_relations(batch, ids, ids.clone(), labels, torch.Generator().manual_seed(0), g)
+    hit = masked[:, 2:4] == model.cfg.mask_token_id
+    assert torch.equal(hit[:, 0], hit[:, 1]) and 16 < int(hit[:, 0].sum()) < 48
+    with pytest.raises(ValueError, match="relation_mask_prob"):
+        _albef(grounding_weight=0.0, relation_mask_prob=0.5)

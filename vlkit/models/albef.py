@@ -106,6 +106,9 @@ class ALBEFConfig:
     # second (grounding entries with a role)
     relation_weight: float = 0.0
     relation_layer: int = 0
+    # the share of captions whose relation words (grounding entries with a role) are all masked
+    # in the MLM pass, on top of mlm_prob: more practice at reading a relation off the image
+    relation_mask_prob: float = 0.0
     whole_word_mask: bool = False   # needs batch["word_ids"]
     mask_token_id: int = 4          # vlkit's WordPiece ids ([PAD]=0 ... [MASK]=4)
     pad_token_id: int = 0
@@ -172,6 +175,9 @@ class ALBEF(VLModel):
         check_grounding_settings(cfg.grounding_weight, cfg.grounding_layer, cfg.fusion_layers,
                                  cfg.grounding_heads, cfg.heads, "fusion stack",
                                  cfg.relation_weight, cfg.relation_layer)
+        if not 0 <= cfg.relation_mask_prob <= 1 or (cfg.relation_mask_prob > 0 and cfg.grounding_weight <= 0):
+            raise ValueError(f"relation_mask_prob={cfg.relation_mask_prob}: needs to be in [0, 1], and "
+                             "> 0 needs grounding_weight > 0 (the relation words come from the grounding)")
         if cfg.grounding_weight > 0 and cfg.vision.patch_dropout:
             raise ValueError("grounding needs every patch token (set vision.patch_dropout=0)")
         if cfg.fusion_pos and cfg.vision.patch_dropout:
@@ -436,6 +442,8 @@ class ALBEF(VLModel):
             cfg.vocab_size, cfg.mlm_prob, generator=generator,
             word_ids=None if word_ids is None else all_gather_padded(word_ids, length, -1, g["sizes"]))
         masked, mlm_labels = masked[rows, :ids.shape[1]], mlm_labels[rows, :ids.shape[1]]
+        if cfg.relation_mask_prob > 0:
+            masked, mlm_labels = self._mask_relations(batch, ids, masked, mlm_labels, generator, g)
         hit = mlm_labels != -100  # the head runs on the masked positions only
         grounded, related = [], []  # (loss, mass) of each grounded pass
         relations = cfg.relation_weight > 0
@@ -512,6 +520,17 @@ class ALBEF(VLModel):
             images = torch.cat([images, image_tokens[owner]])
             labels = torch.cat([labels, torch.zeros_like(owner)])
         return self.itm_head(self.fuse(texts, masks, images)[:, 0]), labels
+
+    def _mask_relations(self, batch, ids, masked, labels, generator, g):
+        """``relation_mask_prob``: in that share of the captions (one draw per row of the global
+        batch), every relation word (a token with a role in ``grounding_roles``) is replaced by
+        [MASK] and becomes an MLM target."""
+        words = require_relations(batch).to(ids.device).sum((1, 3)) > 0  # (B, L)
+        draw = torch.rand(sum(g["sizes"]), generator=generator, device=ids.device)
+        pick = (draw[g["row_start"]:g["row_start"] + ids.shape[0]] < self.cfg.relation_mask_prob)
+        pick = words & pick[:, None] & batch["attention_mask"].bool()
+        return (torch.where(pick, torch.full_like(masked, self.cfg.mask_token_id), masked),
+                torch.where(pick, ids, labels))
 
     def _edit_loss(self, batch, image_tokens, generator, g) -> dict:
         """Replaced-word correction (``edit_weight``): for each minimal pair of the batch (a
