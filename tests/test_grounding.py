@@ -487,3 +487,43 @@ def test_albef_masks_whole_relation_phrases():
     assert torch.equal(hit[:, 0], hit[:, 1]) and 16 < int(hit[:, 0].sum()) < 48
     with pytest.raises(ValueError, match="relation_mask_prob"):
         _albef(grounding_weight=0.0, relation_mask_prob=0.5)
+
+
+def test_relation_offsets_and_geometry_loss():
+    """The offset at a relation word is the subject's patch centre minus the object's, in
+    fractions of the side; the loss is the MSE of a prediction against twice that."""
+    from vlkit.losses.grounding import relation_geometry_loss, relation_offsets
+    roles = torch.zeros(1, 2, 3, 16)
+    roles[0, 0, 1, [0, 1]] = 1   # subject: cells 0 and 1 -> centre (0.25, 0.125)
+    roles[0, 1, 1, 15] = 1       # object: cell 15 -> centre (0.875, 0.875)
+    offset, rows = relation_offsets(roles, (4, 4))
+    assert rows.tolist() == [[False, True, False]]
+    assert torch.allclose(offset[0, 1], torch.tensor([0.25 - 0.875, 0.125 - 0.875]))
+    pred = torch.randn(1, 3, 2)
+    assert torch.allclose(relation_geometry_loss(pred, roles, (4, 4)),
+                          ((pred[0, 1] - 2 * offset[0, 1]) ** 2).mean())
+    assert relation_geometry_loss(pred, torch.zeros_like(roles), (4, 4)).item() == 0.0
+    with pytest.raises(ValueError, match="16 patches"):
+        relation_offsets(roles, (3, 3))
+
+
+@pytest.mark.parametrize("name", ["vilt", "albef"])
+def test_geometry_head_trains_in_the_grounded_passes(name):
+    torch.manual_seed(0)
+    if name == "vilt":
+        model, size = _vilt(heads=4, relation_weight=1.0, geometry_weight=1.0), 32
+    else:
+        model, size = _albef(heads=4, relation_weight=1.0, geometry_weight=1.0), 64
+    ids = torch.randint(5, 60, (2, 6))
+    ids[:, 0], ids[:, -1] = 2, 3
+    targets, roles = _roles_batch()
+    cells = 16 if name == "albef" else 16
+    batch = {"pixel_values": torch.randn(2, 3, size, size), "input_ids": ids,
+             "attention_mask": torch.ones_like(ids), "grounding": targets[..., :cells],
+             "grounding_roles": roles[..., :cells]}
+    out = model.training_losses(batch)
+    assert out["geometry_loss"] > 0
+    out["loss"].backward()
+    assert model.geometry_head.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="geometry_weight"):
+        (_vilt if name == "vilt" else _albef)(geometry_weight=1.0)

@@ -294,3 +294,65 @@ def test_tiny_overfit():
     assert last[0] < 0.65 * first[0], history
     assert last[1] < 0.5 * first[1], history
     assert last[2] < 1.0, history  # ITM stays near chance (log 2 = 0.69) but does not blow up
+
+
+def test_edit_loss_and_itm_plus_edit_score():
+    """edit_weight: replaced-word correction on the minimal pairs (a caption and its first
+    negative, differing word for word); match_score="itm+edit" adds the MLM head's lowest
+    log-probability of a shown word to the ITM head's log-probability."""
+    torch.manual_seed(0)
+    model = vlkit.create_model("vilt", "tiny", **SMALL, hard_negatives=True, edit_weight=1.0)
+    b = _batch(4, 8)
+    neg = b["input_ids"].clone()
+    neg[:, 3] = 7  # word 3 replaced
+    b.update(neg_input_ids=neg, neg_attention_mask=b["attention_mask"].clone(), neg_owner=torch.arange(4))
+    out = model.training_losses(b)
+    assert {"edit_loss", "edit_fix_acc", "edit_keep_acc"} <= set(out) and out["edit_loss"] > 0
+    torch.testing.assert_close(out["loss"], out["itm_loss"] + out["mlm_loss"] + out["edit_loss"])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(80):
+        out = model.training_losses(b)
+        opt.zero_grad()
+        out["edit_loss"].backward()
+        opt.step()
+    assert out["edit_loss"].item() < 0.5
+    with pytest.raises(ValueError, match="hard_negatives"):
+        vlkit.create_model("vilt", "tiny", **SMALL, edit_weight=1.0)
+    model.eval()
+    model.cfg.match_score = "itm+edit"
+    ids, mask = b["input_ids"], b["attention_mask"]
+    with torch.no_grad():
+        score = model.score(b["pixel_values"], ids, mask)
+        o = model(b["pixel_values"], ids, mask)
+        logp = model.mlm_head(o.features[:, :ids.shape[1]]).log_softmax(-1)
+        itm = model.itm_head(o.pooled).log_softmax(-1)[:, 1]
+    for i in range(4):
+        words = [t for t in range(ids.shape[1]) if mask[i, t] and ids[i, t] >= 5]
+        want = itm[i].item() + min(logp[i, t, ids[i, t]].item() for t in words)
+        assert score[i].item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    model.cfg.match_score = "itm"
+    with torch.no_grad():
+        torch.testing.assert_close(model.score(b["pixel_values"], ids, mask), itm)
+    with pytest.raises(ValueError, match="match_score"):
+        vlkit.create_model("vilt", "tiny", **SMALL, match_score="mlm")
+
+
+def test_relation_words_are_masked_whole():
+    """relation_mask_prob=1: every relation word (a token with a role) is [MASK] and a target."""
+    torch.manual_seed(0)
+    model = vlkit.create_model("vilt", "tiny", **SMALL, itm_head=False, objectives=("mlm",),
+                               grounding_weight=1.0, relation_weight=1.0, relation_mask_prob=1.0,
+                               mlm_prob=0.0)
+    b = _batch(4, 8)
+    n, cells = b["input_ids"].shape[1], model.image_embed.grid[0] * model.image_embed.grid[1]
+    b["grounding"] = torch.zeros(4, n, cells)
+    b["grounding_roles"] = torch.zeros(4, 2, n, cells)
+    b["grounding_roles"][:, 0, 3:5, 0] = 1
+    b["grounding_roles"][:, 1, 3:5, 1] = 1
+    seen = []
+    hook = model.mlm_head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    out = model.training_losses(b)
+    hook.remove()
+    assert seen == [8] and out["mlm_loss"] > 0 and out["relation_loss"] > 0  # 2 words x 4 captions
+    with pytest.raises(ValueError, match="relation_mask_prob"):
+        vlkit.create_model("vilt", "tiny", **SMALL, relation_mask_prob=0.5)

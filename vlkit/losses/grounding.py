@@ -11,9 +11,10 @@ in the same spirit).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["grounding_loss", "mean_grounding", "check_grounding_settings", "require_grounding",
-           "require_relations"]
+           "require_relations", "mask_relation_words", "relation_offsets", "relation_geometry_loss"]
 
 
 def grounding_loss(attention: torch.Tensor, targets: torch.Tensor,
@@ -74,6 +75,42 @@ def check_grounding_settings(weight: float, layer: int, layers: int, heads: int,
         if heads + 2 > max_heads:
             raise ValueError(f"relation_weight needs heads {heads} and {heads + 1} after the "
                              f"{heads} grounding head(s), but a layer has {max_heads} heads")
+
+
+def mask_relation_words(roles: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor,
+                        masked: torch.Tensor, labels: torch.Tensor, pick: torch.Tensor,
+                        mask_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked ids, MLM labels) with every relation word (a token with a role in ``roles``
+    (B, 2, L, P)) of the rows ``pick`` (B,) bool replaced by [MASK] and made a target."""
+    words = roles.to(ids.device).sum((1, 3)) > 0  # (B, L)
+    sel = words & pick[:, None] & attention_mask.bool()
+    return (torch.where(sel, torch.full_like(masked, mask_token_id), masked),
+            torch.where(sel, ids, labels))
+
+
+def relation_offsets(roles: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """((B, L, 2) the subject's centre minus the object's, (B, L) bool: the relation words),
+    from relation targets ``roles`` (B, 2, L, rows * columns): the centres of the marked patches,
+    in fractions of the image side (x to the right, y down)."""
+    gh, gw = grid
+    if roles.shape[-1] != gh * gw:
+        raise ValueError(f"relation targets cover {roles.shape[-1]} patches, the grid {grid} has {gh * gw}")
+    cell = torch.arange(gh * gw, device=roles.device)
+    coords = torch.stack([(cell % gw + 0.5) / gw, (cell // gw + 0.5) / gh], dim=-1).to(roles.dtype)
+    mass = roles.sum(-1)  # (B, 2, L)
+    centres = (roles @ coords) / mass.clamp_min(1)[..., None]  # (B, 2, L, 2)
+    return centres[:, 0] - centres[:, 1], (mass > 0).all(1)
+
+
+def relation_geometry_loss(predicted: torch.Tensor, roles: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Mean squared error of ``predicted`` (B, L, 2), read at the relation words, against twice
+    the subject-minus-object offset (``relation_offsets``; 0 when the batch has no relation).
+    A target of first order for the comparison a relation word stands for: with the subject and
+    the object each looked at by a head, the offset is a linear read of their outputs."""
+    offset, rows = relation_offsets(roles.to(predicted.device, torch.float32), grid)
+    if not bool(rows.any()):
+        return predicted.sum() * 0.0
+    return F.mse_loss(predicted[rows].float(), 2 * offset[rows])
 
 
 def require_relations(batch: dict, key: str = "grounding_roles") -> torch.Tensor:

@@ -13,7 +13,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mask_tokens", "mlm_loss", "minimal_pairs", "MinimalPairs", "IGNORE_INDEX"]
+__all__ = ["mask_tokens", "mlm_loss", "minimal_pairs", "MinimalPairs", "IGNORE_INDEX",
+           "lowest_word_logprob", "edit_loss_and_accuracy"]
 
 IGNORE_INDEX = -100
 
@@ -96,3 +97,27 @@ def minimal_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, neg_inp
     n = edited.sum(1)
     keep = same_length & (n >= 1) & (n <= max_edits)
     return MinimalPairs(rows[keep], neg_rows[keep], edited[keep], a[keep], am[keep], b[keep])
+
+
+def lowest_word_logprob(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        special_ids: Iterable[int]) -> torch.Tensor:
+    """(B,) the lowest log-probability that MLM ``logits`` (B, L, vocab), read at visible words
+    (no [MASK]), give the word that stands there, over the real non-special tokens: a word the
+    image contradicts pulls it down (matching scored through replaced-word correction)."""
+    special = torch.tensor(sorted(set(int(i) for i in special_ids)), device=input_ids.device)
+    words = attention_mask.bool() & ~torch.isin(input_ids, special)
+    logp = logits.float().log_softmax(-1).gather(-1, input_ids[..., None])[..., 0]
+    return logp.masked_fill(~words, 0.0).min(dim=1).values
+
+
+def edit_loss_and_accuracy(logits: torch.Tensor, target: torch.Tensor, false_shown: torch.Tensor) -> dict:
+    """Replaced-word correction: cross-entropy of ``logits`` (M, vocab) at the M edited
+    positions of minimal pairs against the true caption's tokens, and the accuracy of correcting
+    a false word (``false_shown``) and of keeping a true one (NaN when none was shown)."""
+    hit = (logits.detach().argmax(-1) == target).float()
+    nan = torch.full((), float("nan"), device=logits.device)
+
+    def share(sel):
+        return hit[sel].mean() if bool(sel.any()) else nan
+    return {"edit_loss": F.cross_entropy(logits.float(), target),
+            "edit_fix_acc": share(false_shown), "edit_keep_acc": share(~false_shown)}

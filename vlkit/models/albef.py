@@ -38,9 +38,10 @@ from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostN
                       padding_mask, sincos_2d)
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
 from ..losses.matching import itm_accuracy, itm_loss
-from ..losses.mlm import mask_tokens, minimal_pairs
+from ..losses.mlm import edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs
 from ..losses.grounding import (check_grounding_settings, grounding_loss, mean_grounding,
-                               require_grounding, require_relations)
+                               mask_relation_words, relation_geometry_loss, require_grounding,
+                               require_relations)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from ..train.distributed import (all_gather_no_grad, all_gather_padded, all_gather_sizes,
                                  all_gather_with_grad, global_generator, global_mean_scale, is_dist,
@@ -109,6 +110,9 @@ class ALBEFConfig:
     # the share of captions whose relation words (grounding entries with a role) are all masked
     # in the MLM pass, on top of mlm_prob: more practice at reading a relation off the image
     relation_mask_prob: float = 0.0
+    # a linear head on the relation words' output states regresses the subject's centre minus the
+    # object's (from the relation targets' patches), in every grounded pass (needs relation_weight)
+    geometry_weight: float = 0.0
     whole_word_mask: bool = False   # needs batch["word_ids"]
     mask_token_id: int = 4          # vlkit's WordPiece ids ([PAD]=0 ... [MASK]=4)
     pad_token_id: int = 0
@@ -158,7 +162,8 @@ class ALBEF(VLModel):
     config_class = ALBEFConfig
     presets = PRESETS
     task = "fusion"
-    optional_heads = ("vqa_head",)  # may be missing from an --init source (added for --vqa)
+    # may be missing from an --init source (added for --vqa, or for geometry_weight)
+    optional_heads = ("vqa_head", "geometry_head")
     has_queues = True  # the trainer skips BatchNorm recalibration (training_losses fills queues)
 
     def __init__(self, cfg: ALBEFConfig):
@@ -175,6 +180,9 @@ class ALBEF(VLModel):
         check_grounding_settings(cfg.grounding_weight, cfg.grounding_layer, cfg.fusion_layers,
                                  cfg.grounding_heads, cfg.heads, "fusion stack",
                                  cfg.relation_weight, cfg.relation_layer)
+        if cfg.geometry_weight < 0 or (cfg.geometry_weight > 0 and cfg.relation_weight <= 0):
+            raise ValueError(f"geometry_weight={cfg.geometry_weight}: needs to be >= 0, and > 0 needs "
+                             "relation_weight > 0 (the relation words and their objects)")
         if not 0 <= cfg.relation_mask_prob <= 1 or (cfg.relation_mask_prob > 0 and cfg.grounding_weight <= 0):
             raise ValueError(f"relation_mask_prob={cfg.relation_mask_prob}: needs to be in [0, 1], and "
                              "> 0 needs grounding_weight > 0 (the relation words come from the grounding)")
@@ -198,6 +206,7 @@ class ALBEF(VLModel):
         self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
         self.itm_head = nn.Linear(d, 2)
         self.mlm_head = MLMHead(d, cfg.vocab_size, cfg.eps, cfg.act)
+        self.geometry_head = nn.Linear(d, 2) if cfg.geometry_weight > 0 else None
         self.vqa_head = classifier(d, 2 * d, cfg.num_answers) if cfg.num_answers else None
         self.apply(_init_weights)
         for emb in (self.text_embed.word, self.text_embed.position, self.text_embed.token_type):
@@ -343,10 +352,7 @@ class ALBEF(VLModel):
         stands (no [MASK]), over the non-special tokens, from fused text states (B, L, D)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        special = torch.tensor(sorted(self.cfg.special_token_ids), device=input_ids.device)
-        words = attention_mask.bool() & ~torch.isin(input_ids, special)
-        logp = self.mlm_head(fused).float().log_softmax(-1).gather(-1, input_ids[..., None])[..., 0]
-        return logp.masked_fill(~words, 0.0).min(dim=1).values
+        return lowest_word_logprob(self.mlm_head(fused), input_ids, attention_mask, self.cfg.special_token_ids)
 
     def mlm_logits(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
         """(B, L, vocab) predictions for every text position, conditioned on the image."""
@@ -448,11 +454,16 @@ class ALBEF(VLModel):
         grounded, related = [], []  # (loss, mass) of each grounded pass
         relations = cfg.relation_weight > 0
 
+        geometry = []
+
         def fuse_grounded(hidden, m, targets, roles):
             fused, named, rel = self._fuse_grounded(hidden, m, image_tokens, targets, roles)
             grounded.append(named)
             if rel is not None:
                 related.append(rel)
+                if self.geometry_head is not None:
+                    geometry.append(relation_geometry_loss(self.geometry_head(fused), roles,
+                                                           tuple(self.vision.embed.grid)))
             return fused
 
         if cfg.grounding_weight > 0:
@@ -490,6 +501,9 @@ class ALBEF(VLModel):
         if related:
             out["relation_loss"], out["relation_mass"] = mean_grounding(related)
             losses.append(cfg.relation_weight * out["relation_loss"])
+        if geometry:
+            out["geometry_loss"] = torch.stack(geometry).mean()
+            losses.append(cfg.geometry_weight * out["geometry_loss"])
         if self.training:
             self.queue.enqueue(ids=image_ids, image=image_feat_m, text=text_feat_m)
         out["loss"] = torch.stack([l.float() for l in losses]).sum()
@@ -525,12 +539,10 @@ class ALBEF(VLModel):
         """``relation_mask_prob``: in that share of the captions (one draw per row of the global
         batch), every relation word (a token with a role in ``grounding_roles``) is replaced by
         [MASK] and becomes an MLM target."""
-        words = require_relations(batch).to(ids.device).sum((1, 3)) > 0  # (B, L)
         draw = torch.rand(sum(g["sizes"]), generator=generator, device=ids.device)
-        pick = (draw[g["row_start"]:g["row_start"] + ids.shape[0]] < self.cfg.relation_mask_prob)
-        pick = words & pick[:, None] & batch["attention_mask"].bool()
-        return (torch.where(pick, torch.full_like(masked, self.cfg.mask_token_id), masked),
-                torch.where(pick, ids, labels))
+        pick = draw[g["row_start"]:g["row_start"] + ids.shape[0]] < self.cfg.relation_mask_prob
+        return mask_relation_words(require_relations(batch), ids, batch["attention_mask"], masked, labels,
+                                   pick, self.cfg.mask_token_id)
 
     def _edit_loss(self, batch, image_tokens, generator, g) -> dict:
         """Replaced-word correction (``edit_weight``): for each minimal pair of the batch (a
@@ -556,14 +568,7 @@ class ALBEF(VLModel):
         shown = torch.where(show_false[:, None], pairs.neg_ids, pairs.ids)
         fused = self.fuse(self._text(shown, pairs.mask)[0], pairs.mask, image_tokens[pairs.rows])
         logits = self.mlm_head(fused[edited])  # (M, vocab)
-        target = pairs.ids[edited]
-        hit = (logits.detach().argmax(-1) == target).float()
-        false_pos = show_false[:, None].expand_as(edited)[edited]
-
-        def share(sel):  # NaN when the batch shows no text of that kind
-            return hit[sel].mean() if bool(sel.any()) else nan
-        return {"edit_loss": F.cross_entropy(logits.float(), target),
-                "edit_fix_acc": share(false_pos), "edit_keep_acc": share(~false_pos)}
+        return edit_loss_and_accuracy(logits, pairs.ids[edited], show_false[:, None].expand_as(edited)[edited])
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

@@ -20,9 +20,11 @@ from torch import nn
 from ..layers import (BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormBlock, Transformer,
                       padding_mask)
 from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
-from ..losses.mlm import mask_tokens, mlm_loss
+from ..losses.mlm import (edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs,
+                          mlm_loss)
 from ..losses.grounding import (check_grounding_settings, grounding_loss, mean_grounding,
-                               require_grounding, require_relations)
+                               mask_relation_words, relation_geometry_loss, require_grounding,
+                               require_relations)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from .base import Output, VLModel, register, source_vision_tower
 from .vit import _init_weights
@@ -76,6 +78,19 @@ class ViLTConfig:
     # a role); a later block than grounding_layer, so the words can first read the phrases
     relation_weight: float = 0.0
     relation_layer: int = 1
+    # replaced-word correction (needs hard_negatives and the MLM head): for each caption and its
+    # first negative, when they differ word for word, the model reads the negative (or, half of
+    # the time, the caption) with the image and the MLM head predicts the caption's words where
+    # they differ; match_score="itm+edit" then scores a pair by the ITM head and the least likely
+    # word the text shows (vlkit.losses.mlm.lowest_word_logprob)
+    edit_weight: float = 0.0
+    match_score: str = "itm"
+    # the share of captions whose relation words (grounding entries with a role) are all masked
+    # in the MLM pass, on top of mlm_prob (needs grounding)
+    relation_mask_prob: float = 0.0
+    # a linear head on the relation words' output states regresses the subject's centre minus the
+    # object's (from the relation targets' patches), in every grounded pass (needs relation_weight)
+    geometry_weight: float = 0.0
 
 
 OBJECTIVES = ("itm", "mlm", "vqa")
@@ -116,7 +131,7 @@ class ViLT(VLModel):
     presets = PRESETS
     task = "fusion"
     # task heads that ``vlkit train --init`` may initialise afresh when the source lacks them
-    optional_heads = ("itm_head", "rank_head", "mlm_head", "vqa_head", "pair_head")
+    optional_heads = ("itm_head", "rank_head", "mlm_head", "vqa_head", "pair_head", "geometry_head")
 
     def __init__(self, cfg: ViLTConfig):
         super().__init__()
@@ -127,6 +142,19 @@ class ViLT(VLModel):
         check_grounding_settings(cfg.grounding_weight, cfg.grounding_layer, cfg.depth,
                                  cfg.grounding_heads, cfg.heads, "backbone",
                                  cfg.relation_weight, cfg.relation_layer)
+        if cfg.edit_weight < 0 or (cfg.edit_weight > 0 and not (cfg.hard_negatives and cfg.mlm_head)):
+            raise ValueError(f"edit_weight={cfg.edit_weight}: needs to be >= 0, and > 0 needs "
+                             "hard_negatives (--hard-negatives: the dataset's negative captions) "
+                             "and the MLM head")
+        if cfg.match_score not in ("itm", "itm+edit") or (cfg.match_score == "itm+edit" and not cfg.mlm_head):
+            raise ValueError(f"match_score must be 'itm' or 'itm+edit' (which needs the MLM head), "
+                             f"got {cfg.match_score!r}")
+        if cfg.geometry_weight < 0 or (cfg.geometry_weight > 0 and cfg.relation_weight <= 0):
+            raise ValueError(f"geometry_weight={cfg.geometry_weight}: needs to be >= 0, and > 0 needs "
+                             "relation_weight > 0 (the relation words and their objects)")
+        if not 0 <= cfg.relation_mask_prob <= 1 or (cfg.relation_mask_prob > 0 and cfg.grounding_weight <= 0):
+            raise ValueError(f"relation_mask_prob={cfg.relation_mask_prob}: needs to be in [0, 1], and "
+                             "> 0 needs grounding_weight > 0 (the relation words come from the grounding)")
         if cfg.grounding_weight > 0 and cfg.max_image_tokens > 0:
             raise ValueError("grounding needs every image patch in place (max_image_tokens=0)")
         unknown = [o for o in cfg.objectives if o not in OBJECTIVES]
@@ -148,6 +176,7 @@ class ViLT(VLModel):
         self.itm_head = nn.Linear(d, 2) if cfg.itm_head else None
         self.rank_head = nn.Linear(d, 1) if cfg.rank_head else None
         self.mlm_head = MLMHead(d, cfg.vocab_size, cfg.eps, cfg.act) if cfg.mlm_head else None
+        self.geometry_head = nn.Linear(d, 2) if cfg.geometry_weight > 0 else None
         self.vqa_head = classifier(d, 2 * d, cfg.num_answers) if cfg.num_answers else None
         self.pair_head = classifier(2 * d, 2 * d, cfg.pair_classes) if cfg.pair_classes else None
         self.apply(_init_weights)
@@ -299,8 +328,22 @@ class ViLT(VLModel):
 
     @_with_head("itm_head", "rank_head")
     def score(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> torch.Tensor:
-        """(B,) log-probability that each zipped pair matches."""
-        return self.match(pixel_values, input_ids, attention_mask, pixel_mask).log_softmax(-1)[:, 1]
+        """(B,) log-probability that each zipped pair matches: the ITM head's, plus, with
+        ``match_score="itm+edit"``, the MLM head's lowest log-probability of a word of the text
+        where it stands (one forward pass serves both)."""
+        if self.cfg.match_score != "itm+edit":
+            return self.match(pixel_values, input_ids, attention_mask, pixel_mask).log_softmax(-1)[:, 1]
+        out = self(pixel_values, input_ids, attention_mask, pixel_mask=pixel_mask)
+        if self.itm_head is not None:
+            logits = self.itm_head(out.pooled)
+        else:
+            rank = self.rank_head(out.pooled)
+            logits = torch.cat([torch.zeros_like(rank), rank], dim=1)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        words = self.mlm_head(out.features[:, :input_ids.shape[1]])
+        return logits.float().log_softmax(-1)[:, 1] + lowest_word_logprob(
+            words, input_ids, attention_mask, self.cfg.special_token_ids)
 
     @_with_head("mlm_head")
     def mlm_logits(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> torch.Tensor:
@@ -329,6 +372,26 @@ class ViLT(VLModel):
         return self.pair_head(torch.cat(pooled, dim=-1))
 
     # -- training -------------------------------------------------------------------------------
+    def _edit_loss(self, batch: dict, pixels: torch.Tensor) -> dict:
+        """Replaced-word correction (``edit_weight``) on the batch's minimal pairs: the negative
+        shown (or, with probability 1/2, the caption), the caption's words the target where the
+        two differ (``vlkit.losses.mlm.edit_loss_and_accuracy``)."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        neg_ids = batch.get("neg_input_ids")
+        zero = pixels.new_zeros(())
+        none = {"edit_loss": zero, "edit_fix_acc": zero + float("nan"), "edit_keep_acc": zero + float("nan")}
+        if neg_ids is None or neg_ids.shape[0] == 0:
+            return none
+        pairs = minimal_pairs(ids, mask, neg_ids, batch["neg_attention_mask"], batch["neg_owner"])
+        if pairs.rows.numel() == 0:
+            return none
+        show_false = torch.rand(pairs.rows.shape[0], device=ids.device) < 0.5
+        shown = torch.where(show_false[:, None], pairs.neg_ids, pairs.ids)
+        features = self(pixels[pairs.rows], shown, pairs.mask).features[:, :shown.shape[1]]
+        logits = self.mlm_head(features[pairs.edited])
+        return edit_loss_and_accuracy(logits, pairs.ids[pairs.edited],
+                                      show_false[:, None].expand_as(pairs.edited)[pairs.edited])
+
     def training_losses(self, batch: dict) -> dict:
         """The config's ``objectives`` among: ITM (in-batch image swaps, + the batch's negative
         captions with ``hard_negatives``), MLM on the captions of the true pairs, and VQA when the
@@ -344,11 +407,16 @@ class ViLT(VLModel):
             require_relations(batch)
         grounded, related = [], []  # (loss, mass) of each grounded pass
 
+        geometry = []
+
         def grounded_pass(p, i, m, targets, roles):
             features, named, rel = self._grounded(p, i, m, targets, roles if relations else None)
             grounded.append(named)
             if rel is not None:
                 related.append(rel)
+                if self.geometry_head is not None:
+                    geometry.append(relation_geometry_loss(
+                        self.geometry_head(features[:, :i.shape[1]]), roles, tuple(self.image_embed.grid)))
             return features
 
         if self.itm_head is not None and "itm" in objectives:
@@ -383,6 +451,10 @@ class ViLT(VLModel):
                                  "(tokenize with return_word_ids=True)")
             masked, labels = mask_tokens(ids, mask, self.cfg.special_token_ids, self.cfg.mask_token_id,
                                          self.cfg.vocab_size, self.cfg.mlm_prob, word_ids=word_ids)
+            if self.cfg.relation_mask_prob > 0:
+                pick = torch.rand(ids.shape[0], device=ids.device) < self.cfg.relation_mask_prob
+                masked, labels = mask_relation_words(require_relations(batch), ids, mask, masked, labels,
+                                                     pick, self.cfg.mask_token_id)
             if grounding:
                 features = grounded_pass(pixels, masked, mask, batch["grounding"],
                                          batch.get("grounding_roles"))
@@ -405,12 +477,18 @@ class ViLT(VLModel):
             else:
                 out["vqa_loss"] = batch_vqa_loss(self, batch, pixels, ids, mask)
             losses.append(out["vqa_loss"])
+        if self.cfg.edit_weight > 0 and self.mlm_head is not None:
+            out.update(self._edit_loss(batch, pixels))
+            losses.append(self.cfg.edit_weight * out["edit_loss"])
         if grounded:
             out["grounding_loss"], out["grounding_mass"] = mean_grounding(grounded)
             losses.append(self.cfg.grounding_weight * out["grounding_loss"])
         if related:
             out["relation_loss"], out["relation_mass"] = mean_grounding(related)
             losses.append(self.cfg.relation_weight * out["relation_loss"])
+        if geometry:
+            out["geometry_loss"] = torch.stack(geometry).mean()
+            losses.append(self.cfg.geometry_weight * out["geometry_loss"])
         if not losses:
             raise ValueError(f"nothing to train: objectives {list(objectives)} need their heads "
                              "(and VQA needs vqa_targets in the batch)")
