@@ -414,8 +414,9 @@ def _roles_batch(n=2, length=6):
 
 def test_vilt_relation_heads_and_settings():
     from vlkit.layers.attention import padding_mask
-    """The relation loss is that of heads grounding_heads and the next, in relation_layer,
-    against the subject and object targets; the settings are checked."""
+    """The relation loss is that of two heads of relation_layer (0 and 1, or the two after the
+    grounding heads in grounding_layer) against the subject and object targets; the settings
+    are checked."""
     torch.manual_seed(0)
     model = _vilt(heads=4, relation_weight=1.0, relation_layer=1).eval()
     pixels, ids = torch.randn(2, 3, 32, 32), torch.randint(5, 60, (2, 6))
@@ -425,14 +426,20 @@ def test_vilt_relation_heads_and_settings():
     x, joint = model.embed(pixels, ids, mask)
     plain, maps = model.encoder(x, return_attention=True, mask=padding_mask(joint))
     assert torch.allclose(features, model.norm(plain), atol=1e-5)
-    want = grounding_loss(maps[1]["self"][:, 1:3, :6, 7:], roles)
+    want = grounding_loss(maps[1]["self"][:, 0:2, :6, 7:], roles)  # another layer: heads 0 and 1
     assert torch.allclose(related[0], want[0]) and torch.allclose(related[1], want[1])
     want = grounding_loss(maps[0]["self"][:, :1, :6, 7:], targets)
     assert torch.allclose(named[0], want[0])
     with pytest.raises(ValueError, match="needs grounding_weight"):
         _vilt(grounding_weight=0.0, relation_weight=1.0)
-    with pytest.raises(ValueError, match="heads 1 and 2"):
-        _vilt(heads=2, relation_weight=1.0)
+    with pytest.raises(ValueError, match="heads 1 and 2"):  # after the grounding head
+        _vilt(heads=2, relation_weight=1.0, relation_layer=0)
+    _vilt(heads=2, relation_weight=1.0, relation_layer=1)  # another layer: heads 0 and 1
+    same = _vilt(heads=4, relation_weight=1.0, relation_layer=0).eval()
+    _, _, related = same._grounded(pixels, ids, mask, targets, roles)
+    x, joint = same.embed(pixels, ids, mask)
+    _, maps = same.encoder(x, return_attention=True, mask=padding_mask(joint))
+    assert torch.allclose(related[0], grounding_loss(maps[0]["self"][:, 1:3, :6, 7:], roles)[0])
     with pytest.raises(ValueError, match="relation_layer 2"):
         _vilt(heads=4, relation_weight=1.0, relation_layer=2)
     batch = {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask, "grounding": targets}
@@ -454,7 +461,7 @@ def test_albef_relation_heads():
     fused, named, related = model._fuse_grounded(hidden, mask, tokens, targets, roles)
     plain, maps = model.fuse(hidden, mask, tokens, return_attention=True)
     assert torch.allclose(fused, plain, atol=1e-6)
-    want = grounding_loss(maps[1]["cross"][:, 1:3, :, 1:], roles)
+    want = grounding_loss(maps[1]["cross"][:, 0:2, :, 1:], roles)
     assert torch.allclose(related[0], want[0]) and torch.allclose(related[1], want[1])
     with pytest.raises(ValueError, match="needs grounding_weight"):
         _albef(grounding_weight=0.0, relation_weight=1.0)

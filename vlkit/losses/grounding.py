@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["grounding_loss", "mean_grounding", "check_grounding_settings", "require_grounding",
-           "require_relations", "mask_relation_words", "relation_offsets", "relation_geometry_loss"]
+           "require_relations", "mask_relation_words", "relation_offsets", "relation_geometry_loss", "relation_heads"]
 
 
 def grounding_loss(attention: torch.Tensor, targets: torch.Tensor,
@@ -56,7 +56,7 @@ def check_grounding_settings(weight: float, layer: int, layers: int, heads: int,
     """Clear errors for a model's grounding fields: ``weight`` >= 0 and, when it is on, a
     ``layer`` among the ``layers`` of the supervised ``stack`` and 1..``max_heads`` heads; a
     ``relation_weight`` >= 0 that, when on, needs grounding on, a ``relation_layer`` of the stack
-    and two free heads after the grounding heads (the subject and the object head)."""
+    and two heads there (``relation_heads``: after the grounding heads in the same layer)."""
     if weight < 0:
         raise ValueError(f"grounding_weight must be >= 0, got {weight}")
     if relation_weight < 0:
@@ -72,9 +72,11 @@ def check_grounding_settings(weight: float, layer: int, layers: int, heads: int,
                              "learnt in the grounded passes)")
         if not 0 <= relation_layer < layers:
             raise ValueError(f"relation_layer {relation_layer}: the {stack} has {layers} layers")
-        if heads + 2 > max_heads:
-            raise ValueError(f"relation_weight needs heads {heads} and {heads + 1} after the "
-                             f"{heads} grounding head(s), but a layer has {max_heads} heads")
+        first = relation_heads(layer, heads, relation_layer)
+        if first + 2 > max_heads:
+            raise ValueError(f"relation_weight needs heads {first} and {first + 1} after the "
+                             f"{heads} grounding head(s) of that layer, but a layer has {max_heads} "
+                             "heads (or choose another relation_layer)")
 
 
 def mask_relation_words(roles: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -119,6 +121,12 @@ def require_relations(batch: dict, key: str = "grounding_roles") -> torch.Tensor
         raise ValueError(f"relation_weight > 0 needs batches with {key!r} (ImageTextCollate with a "
                          "grounding_grid writes them from grounding entries with a role)")
     return batch[key]
+
+
+def relation_heads(grounding_layer: int, grounding_heads: int, relation_layer: int) -> int:
+    """The first of the two relation heads (subject, object): right after the grounding heads
+    when both losses supervise one layer, else the layer's first head."""
+    return grounding_heads if relation_layer == grounding_layer else 0
 
 
 def require_grounding(batch: dict) -> torch.Tensor:

@@ -40,8 +40,8 @@ from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, 
 from ..losses.matching import itm_accuracy, itm_loss
 from ..losses.mlm import edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs
 from ..losses.grounding import (check_grounding_settings, grounding_loss, mean_grounding,
-                               mask_relation_words, relation_geometry_loss, require_grounding,
-                               require_relations)
+                               mask_relation_words, relation_geometry_loss, relation_heads,
+                               require_grounding, require_relations)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from ..train.distributed import (all_gather_no_grad, all_gather_padded, all_gather_sizes,
                                  all_gather_with_grad, global_generator, global_mean_scale, is_dist,
@@ -102,9 +102,9 @@ class ALBEFConfig:
     grounding_weight: float = 0.0
     grounding_layer: int = 0        # the fusion layer whose cross-attention is supervised
     grounding_heads: int = 1        # its first heads are supervised, the others stay free
-    # relation phrases ("left of"): in fusion layer relation_layer, cross-attention head
-    # grounding_heads looks from the relation words at the first object, the next head at the
-    # second (grounding entries with a role)
+    # relation phrases ("left of"): in fusion layer relation_layer, one cross-attention head looks
+    # from the relation words at the first object, the next at the second (grounding entries
+    # with a role): the two after the grounding heads in grounding_layer, else heads 0 and 1
     relation_weight: float = 0.0
     relation_layer: int = 0
     # the share of captions whose relation words (grounding entries with a role) are all masked
@@ -297,7 +297,8 @@ class ALBEF(VLModel):
             if roles.shape[0] != targets.shape[0] or roles.shape[1] != 2 or roles.shape[2:] != targets.shape[1:]:
                 raise ValueError(f"relation targets {tuple(roles.shape)} do not fit the grounding "
                                  f"targets {tuple(targets.shape)} (expected (B, 2, L, P))")
-            related = grounding_loss(maps[cfg.relation_layer]["cross"][:, h:h + 2, :, 1:],
+            r = relation_heads(cfg.grounding_layer, h, cfg.relation_layer)
+            related = grounding_loss(maps[cfg.relation_layer]["cross"][:, r:r + 2, :, 1:],
                                      roles.to(fused.device))
         return fused, named, related
 

@@ -23,8 +23,8 @@ from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
 from ..losses.mlm import (edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs,
                           mlm_loss)
 from ..losses.grounding import (check_grounding_settings, grounding_loss, mean_grounding,
-                               mask_relation_words, relation_geometry_loss, require_grounding,
-                               require_relations)
+                               mask_relation_words, relation_geometry_loss, relation_heads,
+                               require_grounding, require_relations)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from .base import Output, VLModel, register, source_vision_tower
 from .vit import _init_weights
@@ -73,9 +73,10 @@ class ViLTConfig:
     grounding_weight: float = 0.0   # >0: needs batches with grounding targets (boxes in the data)
     grounding_layer: int = 0        # the block whose self-attention is supervised
     grounding_heads: int = 1        # its first heads are supervised, the others stay free
-    # relation phrases ("left of"): in block relation_layer, head grounding_heads attends from the
-    # relation words to the first object and the next head to the second (grounding entries with
-    # a role); a later block than grounding_layer, so the words can first read the phrases
+    # relation phrases ("left of"): in block relation_layer, one head attends from the relation
+    # words to the first object and the next head to the second (grounding entries with a role):
+    # heads 0 and 1, or the two after the grounding heads when it is grounding_layer; by default
+    # a later block than grounding_layer, so the words can first read the phrases
     relation_weight: float = 0.0
     relation_layer: int = 1
     # replaced-word correction (needs hard_negatives and the MLM head): for each caption and its
@@ -312,7 +313,8 @@ class ViLT(VLModel):
             if roles.shape[0] != targets.shape[0] or roles.shape[1] != 2 or roles.shape[2:] != targets.shape[1:]:
                 raise ValueError(f"relation targets {tuple(roles.shape)} do not fit the grounding "
                                  f"targets {tuple(targets.shape)} (expected (B, 2, L, P))")
-            attention = maps[cfg.relation_layer]["self"][:, h:h + 2, :n, n + 1:]
+            r = relation_heads(cfg.grounding_layer, h, cfg.relation_layer)
+            attention = maps[cfg.relation_layer]["self"][:, r:r + 2, :n, n + 1:]
             related = grounding_loss(attention, roles.to(x.device))
         return self.norm(x), named, related
 
