@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["grounding_loss", "mean_grounding", "check_grounding_settings", "require_grounding",
-           "require_relations", "mask_relation_words", "relation_offsets", "relation_geometry_loss", "relation_heads"]
+           "require_relations", "mask_relation_words", "relation_offsets", "relation_geometry_loss", "relation_heads", "grounding_losses"]
 
 
 def grounding_loss(attention: torch.Tensor, targets: torch.Tensor,
@@ -51,12 +51,15 @@ def mean_grounding(parts) -> tuple[torch.Tensor, torch.Tensor]:
     return loss, masses.mean() if masses.numel() else masses.new_tensor(float("nan"))
 
 
-def check_grounding_settings(weight: float, layer: int, layers: int, heads: int, max_heads: int,
-                             stack: str, relation_weight: float = 0.0, relation_layer: int = 0) -> None:
-    """Clear errors for a model's grounding fields: ``weight`` >= 0 and, when it is on, a
-    ``layer`` among the ``layers`` of the supervised ``stack`` and 1..``max_heads`` heads; a
-    ``relation_weight`` >= 0 that, when on, needs grounding on, a ``relation_layer`` of the stack
-    and two heads there (``relation_heads``: after the grounding heads in the same layer)."""
+def check_grounding_settings(cfg, layers: int, stack: str) -> None:
+    """Clear errors for a model config's grounding fields: ``grounding_weight`` >= 0 and, when
+    it is on, a ``grounding_layer`` among the ``layers`` of the supervised ``stack`` and 1 to
+    ``heads`` grounding heads; a ``relation_weight`` >= 0 that, when on, needs grounding on, a
+    ``relation_layer`` of the stack and two heads there (``relation_heads``); a
+    ``relation_mask_prob`` in [0, 1] (> 0 needs grounding) and a ``geometry_weight`` >= 0 (> 0
+    needs relations)."""
+    weight, layer, heads, max_heads = cfg.grounding_weight, cfg.grounding_layer, cfg.grounding_heads, cfg.heads
+    relation_weight, relation_layer = cfg.relation_weight, cfg.relation_layer
     if weight < 0:
         raise ValueError(f"grounding_weight must be >= 0, got {weight}")
     if relation_weight < 0:
@@ -77,6 +80,12 @@ def check_grounding_settings(weight: float, layer: int, layers: int, heads: int,
             raise ValueError(f"relation_weight needs heads {first} and {first + 1} after the "
                              f"{heads} grounding head(s) of that layer, but a layer has {max_heads} "
                              "heads (or choose another relation_layer)")
+    if cfg.geometry_weight < 0 or (cfg.geometry_weight > 0 and relation_weight <= 0):
+        raise ValueError(f"geometry_weight={cfg.geometry_weight}: needs to be >= 0, and > 0 needs "
+                         "relation_weight > 0 (the relation words and their objects)")
+    if not 0 <= cfg.relation_mask_prob <= 1 or (cfg.relation_mask_prob > 0 and weight <= 0):
+        raise ValueError(f"relation_mask_prob={cfg.relation_mask_prob}: needs to be in [0, 1], and "
+                         "> 0 needs grounding_weight > 0 (the relation words come from the grounding)")
 
 
 def mask_relation_words(roles: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -127,6 +136,22 @@ def relation_heads(grounding_layer: int, grounding_heads: int, relation_layer: i
     """The first of the two relation heads (subject, object): right after the grounding heads
     when both losses supervise one layer, else the layer's first head."""
     return grounding_heads if relation_layer == grounding_layer else 0
+
+
+def grounding_losses(cfg, attention_of, targets: torch.Tensor, roles: torch.Tensor | None = None):
+    """(grounding (loss, mass), relation (loss, mass) or None) of a model config's supervised
+    heads: ``attention_of(layer, heads)`` gives that layer's attention of the text over the
+    patches for a slice of heads, (B, h, L, P); ``targets`` (B, L, P) are the names', ``roles``
+    (B, 2, L, P) the relation words' subjects and objects."""
+    h = cfg.grounding_heads
+    named = grounding_loss(attention_of(cfg.grounding_layer, slice(0, h)), targets)
+    if roles is None:
+        return named, None
+    if roles.shape[0] != targets.shape[0] or roles.shape[1] != 2 or roles.shape[2:] != targets.shape[1:]:
+        raise ValueError(f"relation targets {tuple(roles.shape)} do not fit the grounding "
+                         f"targets {tuple(targets.shape)} (expected (B, 2, L, P))")
+    r = relation_heads(cfg.grounding_layer, h, cfg.relation_layer)
+    return named, grounding_loss(attention_of(cfg.relation_layer, slice(r, r + 2)), roles)
 
 
 def require_grounding(batch: dict) -> torch.Tensor:

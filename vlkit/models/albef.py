@@ -39,9 +39,9 @@ from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostN
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
 from ..losses.matching import itm_accuracy, itm_loss
 from ..losses.mlm import edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs
-from ..losses.grounding import (check_grounding_settings, grounding_loss, mean_grounding,
-                               mask_relation_words, relation_geometry_loss, relation_heads,
-                               require_grounding, require_relations)
+from ..losses.grounding import (check_grounding_settings, grounding_losses, mask_relation_words,
+                               mean_grounding, relation_geometry_loss, require_grounding,
+                               require_relations)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from ..train.distributed import (all_gather_no_grad, all_gather_padded, all_gather_sizes,
                                  all_gather_with_grad, global_generator, global_mean_scale, is_dist,
@@ -177,15 +177,7 @@ class ALBEF(VLModel):
                              "hard_negatives (--hard-negatives: the dataset's negative captions)")
         if cfg.match_score not in ("itm", "itm+edit"):
             raise ValueError(f"match_score must be 'itm' or 'itm+edit', got {cfg.match_score!r}")
-        check_grounding_settings(cfg.grounding_weight, cfg.grounding_layer, cfg.fusion_layers,
-                                 cfg.grounding_heads, cfg.heads, "fusion stack",
-                                 cfg.relation_weight, cfg.relation_layer)
-        if cfg.geometry_weight < 0 or (cfg.geometry_weight > 0 and cfg.relation_weight <= 0):
-            raise ValueError(f"geometry_weight={cfg.geometry_weight}: needs to be >= 0, and > 0 needs "
-                             "relation_weight > 0 (the relation words and their objects)")
-        if not 0 <= cfg.relation_mask_prob <= 1 or (cfg.relation_mask_prob > 0 and cfg.grounding_weight <= 0):
-            raise ValueError(f"relation_mask_prob={cfg.relation_mask_prob}: needs to be in [0, 1], and "
-                             "> 0 needs grounding_weight > 0 (the relation words come from the grounding)")
+        check_grounding_settings(cfg, cfg.fusion_layers, "fusion stack")
         if cfg.grounding_weight > 0 and cfg.vision.patch_dropout:
             raise ValueError("grounding needs every patch token (set vision.patch_dropout=0)")
         if cfg.fusion_pos and cfg.vision.patch_dropout:
@@ -290,16 +282,9 @@ class ALBEF(VLModel):
         layers = [cfg.grounding_layer] + ([cfg.relation_layer] if roles is not None else [])
         fused, maps = self.fusion_layers.forward_with_maps_of(
             text_hidden, layers, mask=padding_mask(attention_mask), context=image_tokens)
-        h = cfg.grounding_heads
-        named = grounding_loss(maps[cfg.grounding_layer]["cross"][:, :h, :, 1:], targets.to(fused.device))
-        related = None
-        if roles is not None:
-            if roles.shape[0] != targets.shape[0] or roles.shape[1] != 2 or roles.shape[2:] != targets.shape[1:]:
-                raise ValueError(f"relation targets {tuple(roles.shape)} do not fit the grounding "
-                                 f"targets {tuple(targets.shape)} (expected (B, 2, L, P))")
-            r = relation_heads(cfg.grounding_layer, h, cfg.relation_layer)
-            related = grounding_loss(maps[cfg.relation_layer]["cross"][:, r:r + 2, :, 1:],
-                                     roles.to(fused.device))
+        named, related = grounding_losses(
+            cfg, lambda layer, heads: maps[layer]["cross"][:, heads, :, 1:], targets.to(fused.device),
+            None if roles is None else roles.to(fused.device))
         return fused, named, related
 
     def _fusion_pos(self, image_tokens: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,9 @@ from ..layers import (BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormB
 from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
 from ..losses.mlm import (edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs,
                           mlm_loss)
-from ..losses.grounding import (check_grounding_settings, grounding_loss, mean_grounding,
-                               mask_relation_words, relation_geometry_loss, relation_heads,
-                               require_grounding, require_relations)
+from ..losses.grounding import (check_grounding_settings, grounding_losses, mask_relation_words,
+                               mean_grounding, relation_geometry_loss, require_grounding,
+                               require_relations)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from .base import Output, VLModel, register, source_vision_tower
 from .vit import _init_weights
@@ -140,9 +140,7 @@ class ViLT(VLModel):
             raise ValueError("pair classification needs modality_types=3 (text, image 1, image 2)")
         if cfg.answer_names and len(cfg.answer_names) != cfg.num_answers:
             raise ValueError(f"{len(cfg.answer_names)} answer_names for num_answers={cfg.num_answers}")
-        check_grounding_settings(cfg.grounding_weight, cfg.grounding_layer, cfg.depth,
-                                 cfg.grounding_heads, cfg.heads, "backbone",
-                                 cfg.relation_weight, cfg.relation_layer)
+        check_grounding_settings(cfg, cfg.depth, "backbone")
         if cfg.edit_weight < 0 or (cfg.edit_weight > 0 and not (cfg.hard_negatives and cfg.mlm_head)):
             raise ValueError(f"edit_weight={cfg.edit_weight}: needs to be >= 0, and > 0 needs "
                              "hard_negatives (--hard-negatives: the dataset's negative captions) "
@@ -150,12 +148,6 @@ class ViLT(VLModel):
         if cfg.match_score not in ("itm", "itm+edit") or (cfg.match_score == "itm+edit" and not cfg.mlm_head):
             raise ValueError(f"match_score must be 'itm' or 'itm+edit' (which needs the MLM head), "
                              f"got {cfg.match_score!r}")
-        if cfg.geometry_weight < 0 or (cfg.geometry_weight > 0 and cfg.relation_weight <= 0):
-            raise ValueError(f"geometry_weight={cfg.geometry_weight}: needs to be >= 0, and > 0 needs "
-                             "relation_weight > 0 (the relation words and their objects)")
-        if not 0 <= cfg.relation_mask_prob <= 1 or (cfg.relation_mask_prob > 0 and cfg.grounding_weight <= 0):
-            raise ValueError(f"relation_mask_prob={cfg.relation_mask_prob}: needs to be in [0, 1], and "
-                             "> 0 needs grounding_weight > 0 (the relation words come from the grounding)")
         if cfg.grounding_weight > 0 and cfg.max_image_tokens > 0:
             raise ValueError("grounding needs every image patch in place (max_image_tokens=0)")
         unknown = [o for o in cfg.objectives if o not in OBJECTIVES]
@@ -305,17 +297,9 @@ class ViLT(VLModel):
         cells = targets.shape[2]
         if x.shape[1] - n - 1 != cells:
             raise ValueError(f"grounding targets cover {cells} patches, the image has {x.shape[1] - n - 1}")
-        h = cfg.grounding_heads
-        attention = maps[cfg.grounding_layer]["self"][:, :h, :n, n + 1:]
-        named = grounding_loss(attention, targets.to(x.device))
-        related = None
-        if roles is not None:
-            if roles.shape[0] != targets.shape[0] or roles.shape[1] != 2 or roles.shape[2:] != targets.shape[1:]:
-                raise ValueError(f"relation targets {tuple(roles.shape)} do not fit the grounding "
-                                 f"targets {tuple(targets.shape)} (expected (B, 2, L, P))")
-            r = relation_heads(cfg.grounding_layer, h, cfg.relation_layer)
-            attention = maps[cfg.relation_layer]["self"][:, r:r + 2, :n, n + 1:]
-            related = grounding_loss(attention, roles.to(x.device))
+        named, related = grounding_losses(
+            cfg, lambda layer, heads: maps[layer]["self"][:, heads, :n, n + 1:], targets.to(x.device),
+            None if roles is None else roles.to(x.device))
         return self.norm(x), named, related
 
     @_with_head("itm_head", "rank_head")
