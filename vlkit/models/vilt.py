@@ -306,7 +306,9 @@ class ViLT(VLModel):
     def match(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> torch.Tensor:
         """(B, 2) ITM logits of zipped pairs (column 1 = match). A model with only the 1-way
         retrieval head returns [0, rank score], so softmax[:, 1] = sigmoid(rank score)."""
-        pooled = self(pixel_values, input_ids, attention_mask, pixel_mask=pixel_mask).pooled
+        return self._match_logits(self(pixel_values, input_ids, attention_mask, pixel_mask=pixel_mask).pooled)
+
+    def _match_logits(self, pooled: torch.Tensor) -> torch.Tensor:
         if self.itm_head is not None:
             return self.itm_head(pooled)
         rank = self.rank_head(pooled)  # (B, 1)
@@ -320,11 +322,7 @@ class ViLT(VLModel):
         if self.cfg.match_score != "itm+edit":
             return self.match(pixel_values, input_ids, attention_mask, pixel_mask).log_softmax(-1)[:, 1]
         out = self(pixel_values, input_ids, attention_mask, pixel_mask=pixel_mask)
-        if self.itm_head is not None:
-            logits = self.itm_head(out.pooled)
-        else:
-            rank = self.rank_head(out.pooled)
-            logits = torch.cat([torch.zeros_like(rank), rank], dim=1)
+        logits = self._match_logits(out.pooled)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         words = self.mlm_head(out.features[:, :input_ids.shape[1]])
