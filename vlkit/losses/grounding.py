@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["grounding_loss", "mean_grounding", "check_grounding_settings", "require_grounding",
-           "require_relations", "mask_relation_words", "relation_offsets", "relation_geometry_loss", "relation_heads", "grounding_losses"]
+           "require_relations", "mask_relation_words", "relation_offsets", "relation_geometry_loss", "relation_heads", "grounding_losses", "GroundedPasses"]
 
 
 def grounding_loss(attention: torch.Tensor, targets: torch.Tensor,
@@ -152,6 +152,40 @@ def grounding_losses(cfg, attention_of, targets: torch.Tensor, roles: torch.Tens
                          f"targets {tuple(targets.shape)} (expected (B, 2, L, P))")
     r = relation_heads(cfg.grounding_layer, h, cfg.relation_layer)
     return named, grounding_loss(attention_of(cfg.relation_layer, slice(r, r + 2)), roles)
+
+
+class GroundedPasses:
+    """The grounding terms of one training step, collected over its grounded passes: each
+    pass's (loss, mass) of the names and of the relation words, and, with a ``geometry_head``,
+    the offset regression read from that pass's text states (B, L, D) on the patch ``grid``."""
+
+    def __init__(self, cfg, geometry_head=None, grid: tuple[int, int] | None = None):
+        self.cfg, self.geometry_head, self.grid = cfg, geometry_head, grid
+        self.named, self.related, self.geometry = [], [], []
+
+    def __bool__(self) -> bool:
+        return bool(self.named)
+
+    def add(self, text_states: torch.Tensor, named, related, roles: torch.Tensor | None) -> None:
+        self.named.append(named)
+        if related is not None:
+            self.related.append(related)
+            if self.geometry_head is not None:
+                self.geometry.append(relation_geometry_loss(self.geometry_head(text_states), roles, self.grid))
+
+    def losses(self, out: dict) -> list[torch.Tensor]:
+        """The weighted loss terms; ``out`` gets the grounding, relation and geometry metrics."""
+        terms = []
+        if self.named:
+            out["grounding_loss"], out["grounding_mass"] = mean_grounding(self.named)
+            terms.append(self.cfg.grounding_weight * out["grounding_loss"])
+        if self.related:
+            out["relation_loss"], out["relation_mass"] = mean_grounding(self.related)
+            terms.append(self.cfg.relation_weight * out["relation_loss"])
+        if self.geometry:
+            out["geometry_loss"] = torch.stack(self.geometry).mean()
+            terms.append(self.cfg.geometry_weight * out["geometry_loss"])
+        return terms
 
 
 def require_grounding(batch: dict) -> torch.Tensor:

@@ -39,9 +39,8 @@ from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostN
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
 from ..losses.matching import itm_accuracy, itm_loss
 from ..losses.mlm import edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs
-from ..losses.grounding import (check_grounding_settings, grounding_losses, mask_relation_words,
-                               mean_grounding, relation_geometry_loss, require_grounding,
-                               require_relations)
+from ..losses.grounding import (GroundedPasses, check_grounding_settings, grounding_losses,
+                               mask_relation_words, require_grounding, require_relations)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from ..train.distributed import (all_gather_no_grad, all_gather_padded, all_gather_sizes,
                                  all_gather_with_grad, global_generator, global_mean_scale, is_dist,
@@ -268,8 +267,8 @@ class ALBEF(VLModel):
         """(fused (B, L, D), grounding (loss, attention mass), relation (loss, mass) or None):
         the fusion layers, with the cross-attention of ``cfg.grounding_layer`` over the patches
         (after the image [CLS]) held against ``targets`` (B, L, patches), and with relation
-        targets ``roles`` (B, 2, L, patches) that of heads ``grounding_heads`` and the next of
-        ``cfg.relation_layer`` against the subjects and the objects."""
+        targets ``roles`` (B, 2, L, patches) that of the relation heads of ``cfg.relation_layer``
+        (``losses.grounding.relation_heads``) against the subjects and the objects."""
         if targets.shape[:2] != attention_mask.shape:
             raise ValueError(f"grounding targets {tuple(targets.shape)} do not fit the text "
                              f"{tuple(attention_mask.shape)}")
@@ -437,19 +436,12 @@ class ALBEF(VLModel):
         if cfg.relation_mask_prob > 0:
             masked, mlm_labels = self._mask_relations(batch, ids, masked, mlm_labels, generator, g)
         hit = mlm_labels != -100  # the head runs on the masked positions only
-        grounded, related = [], []  # (loss, mass) of each grounded pass
+        grounded = GroundedPasses(cfg, self.geometry_head, tuple(self.vision.embed.grid))
         relations = cfg.relation_weight > 0
-
-        geometry = []
 
         def fuse_grounded(hidden, m, targets, roles):
             fused, named, rel = self._fuse_grounded(hidden, m, image_tokens, targets, roles)
-            grounded.append(named)
-            if rel is not None:
-                related.append(rel)
-                if self.geometry_head is not None:
-                    geometry.append(relation_geometry_loss(self.geometry_head(fused), roles,
-                                                           tuple(self.vision.embed.grid)))
+            grounded.add(fused, named, rel, roles)
             return fused
 
         if cfg.grounding_weight > 0:
@@ -481,15 +473,7 @@ class ALBEF(VLModel):
             else:
                 out["vqa_loss"] = batch_vqa_loss(self, batch, pixels, ids, mask)
             losses.append(out["vqa_loss"])
-        if grounded:
-            out["grounding_loss"], out["grounding_mass"] = mean_grounding(grounded)
-            losses.append(cfg.grounding_weight * out["grounding_loss"])
-        if related:
-            out["relation_loss"], out["relation_mass"] = mean_grounding(related)
-            losses.append(cfg.relation_weight * out["relation_loss"])
-        if geometry:
-            out["geometry_loss"] = torch.stack(geometry).mean()
-            losses.append(cfg.geometry_weight * out["geometry_loss"])
+        losses.extend(grounded.losses(out))
         if self.training:
             self.queue.enqueue(ids=image_ids, image=image_feat_m, text=text_feat_m)
         out["loss"] = torch.stack([l.float() for l in losses]).sum()

@@ -22,9 +22,8 @@ from ..layers import (BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormB
 from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
 from ..losses.mlm import (edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs,
                           mlm_loss)
-from ..losses.grounding import (check_grounding_settings, grounding_losses, mask_relation_words,
-                               mean_grounding, relation_geometry_loss, require_grounding,
-                               require_relations)
+from ..losses.grounding import (GroundedPasses, check_grounding_settings, grounding_losses,
+                               mask_relation_words, require_grounding, require_relations)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from .base import Output, VLModel, register, source_vision_tower
 from .vit import _init_weights
@@ -389,18 +388,12 @@ class ViLT(VLModel):
             require_grounding(batch)
         if relations:
             require_relations(batch)
-        grounded, related = [], []  # (loss, mass) of each grounded pass
-
-        geometry = []
+        grounded = GroundedPasses(self.cfg, self.geometry_head, tuple(self.image_embed.grid))
 
         def grounded_pass(p, i, m, targets, roles):
-            features, named, rel = self._grounded(p, i, m, targets, roles if relations else None)
-            grounded.append(named)
-            if rel is not None:
-                related.append(rel)
-                if self.geometry_head is not None:
-                    geometry.append(relation_geometry_loss(
-                        self.geometry_head(features[:, :i.shape[1]]), roles, tuple(self.image_embed.grid)))
+            roles = roles if relations else None
+            features, named, rel = self._grounded(p, i, m, targets, roles)
+            grounded.add(features[:, :i.shape[1]], named, rel, roles)
             return features
 
         if self.itm_head is not None and "itm" in objectives:
@@ -464,15 +457,7 @@ class ViLT(VLModel):
         if self.cfg.edit_weight > 0 and self.mlm_head is not None:
             out.update(self._edit_loss(batch, pixels))
             losses.append(self.cfg.edit_weight * out["edit_loss"])
-        if grounded:
-            out["grounding_loss"], out["grounding_mass"] = mean_grounding(grounded)
-            losses.append(self.cfg.grounding_weight * out["grounding_loss"])
-        if related:
-            out["relation_loss"], out["relation_mass"] = mean_grounding(related)
-            losses.append(self.cfg.relation_weight * out["relation_loss"])
-        if geometry:
-            out["geometry_loss"] = torch.stack(geometry).mean()
-            losses.append(self.cfg.geometry_weight * out["geometry_loss"])
+        losses.extend(grounded.losses(out))
         if not losses:
             raise ValueError(f"nothing to train: objectives {list(objectives)} need their heads "
                              "(and VQA needs vqa_targets in the batch)")
