@@ -561,12 +561,67 @@ def test_minimal_pairs_keep_word_for_word_edits_only():
     assert minimal_pairs(ids[2:], mask[2:], many, torch.ones_like(many), torch.tensor([0]))[0].numel() == 0
 
 
-def test_edit_loss_corrects_the_edited_words():
+def test_minimal_pairs_of_every_negative():
+    """first_only=False tries every negative against its caption; edits_caption rules out the
+    ones that edit another caption of the image."""
+    from vlkit.losses.mlm import minimal_pairs
+    ids = torch.tensor([[2, 10, 11, 12, 3], [2, 20, 21, 22, 3]])
+    mask = torch.ones_like(ids)
+    neg = torch.tensor([[2, 10, 19, 12, 3], [2, 18, 11, 12, 3], [2, 20, 21, 29, 3], [2, 28, 21, 22, 3]])
+    owner = torch.tensor([0, 0, 1, 1])
+    pairs = minimal_pairs(ids, mask, neg, torch.ones_like(neg), owner, first_only=False)
+    assert pairs.rows.tolist() == [0, 0, 1, 1] and pairs.neg_rows.tolist() == [0, 1, 2, 3]
+    assert pairs.edited.nonzero().tolist() == [[0, 2], [1, 1], [2, 3], [3, 1]]
+    assert minimal_pairs(ids, mask, neg, torch.ones_like(neg), owner).neg_rows.tolist() == [0, 2]
+    pairs = minimal_pairs(ids, mask, neg, torch.ones_like(neg), owner, first_only=False,
+                          edits_caption=torch.tensor([True, False, True, True]))
+    assert pairs.neg_rows.tolist() == [0, 2, 3]
+
+
+def test_edit_pass_itm_reads_the_itm_pass():
+    """edit_pass="itm": the edit loss is the MLM head's cross-entropy at the edited positions of
+    every minimal pair, read from the image with the negative (correct the false word) and with
+    the caption (keep the true one); checked against fusion passes of each text alone."""
+    torch.manual_seed(0)
+    model = _perturbed(vlkit.create_model("albef", "tiny", **SMALL, hard_negatives=True, edit_weight=1.0,
+                                          edit_pass="itm", fusion_pos="sincos")).eval()
+    batch = _batch(b=3)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    neg = torch.cat([ids, ids, ids[:1]])
+    neg[[0, 1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 5, 6]] = 7  # one word replaced in each
+    assert (neg != torch.cat([ids, ids, ids[:1]])).sum() == 7
+    neg = torch.cat([neg, torch.full((7, 2), 9)], 1)  # padded longer than the captions
+    neg_mask = torch.cat([torch.cat([mask, mask, mask[:1]]), torch.zeros(7, 2, dtype=torch.long)], 1)
+    owner = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    edits = torch.tensor([True, True, True, True, True, True, False])  # the last edits another caption
+    batch.update(neg_input_ids=neg, neg_attention_mask=neg_mask, neg_owner=owner, neg_edits_caption=edits)
+    out = model.training_losses(batch)
+    tokens = model._image(batch["pixel_values"])[0]
+    logits, targets = [], []
+    for k in range(6):
+        i, pos = int(owner[k]), int((neg[k, :8] != ids[owner[k]]).nonzero())
+        if not mask[i, pos]:
+            continue  # an edit in the padding: not a pair
+        for text in (neg[k:k + 1, :8], ids[i:i + 1]):
+            fused = model.fuse(model._text(text, mask[i:i + 1])[0], mask[i:i + 1], tokens[i:i + 1])
+            logits.append(model.mlm_head(fused[0, pos]))
+            targets.append(ids[i, pos])
+    order = [2 * j for j in range(len(logits) // 2)] + [2 * j + 1 for j in range(len(logits) // 2)]
+    want = F.cross_entropy(torch.stack([logits[j] for j in order]), torch.stack([targets[j] for j in order]))
+    assert len(logits) == 10  # row 1's edit at position 5 is padding
+    torch.testing.assert_close(out["edit_loss"], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="edit_pass"):
+        vlkit.create_model("albef", "tiny", **SMALL, hard_negatives=True, edit_weight=1.0, edit_pass="both")
+
+
+@pytest.mark.parametrize("edit_pass", ["separate", "itm"])
+def test_edit_loss_corrects_the_edited_words(edit_pass):
     """With edit_weight the loss includes replaced-word correction on the minimal pairs, its
     gradient reaches the fusion layers, and a short run on one batch learns to put the true words
     back (the image decides which word is true: the caption and the negative alternate)."""
     torch.manual_seed(0)
-    model = vlkit.create_model("albef", "tiny", **SMALL, hard_negatives=True, edit_weight=1.0, fusion_pos="sincos")
+    model = vlkit.create_model("albef", "tiny", **SMALL, hard_negatives=True, edit_weight=1.0, fusion_pos="sincos",
+                               edit_pass=edit_pass)
     batch = _batch(b=4)
     neg = batch["input_ids"].clone()
     neg[:, 3] = 7  # each caption's negative: word 3 replaced

@@ -457,7 +457,8 @@ def test_group_members_are_one_edit_apart_and_captions_single_them_out(size):
 
 def test_collate_pairs_a_negative_with_its_source_caption(train_recs):
     """With negatives, the caption drawn for an image is the source its first negative edits, so
-    a batch holds each minimal pair; the flip augmentation keeps the pair aligned."""
+    a batch holds each minimal pair; the flip augmentation keeps the pair aligned; and
+    ``neg_edits_caption`` tells which negatives edit the caption drawn."""
     import random
 
     from vlkit.data.collate import ImageTextCollate
@@ -499,6 +500,10 @@ def test_collate_pairs_a_negative_with_its_source_caption(train_recs):
         assert (flipped > 0) == train
         if not train:
             paired_caps = caps
+            # neg_edits_caption: the negative's source is the caption drawn for its image
+            edits = batch["neg_edits_caption"].tolist()
+            assert edits == [by_neg[(o, n)] == caps[o] for o, n in zip(owners, negs)]
+            assert all(edits[k] for k in firsts.values()) and not all(edits)
     unpaired = ImageTextCollate(ImageTransform(64), Words(), negatives=2, paired=False)
     pos = [unpaired.tokenizer.texts[i] for i in
            unpaired(recs, [random.Random(i) for i in range(len(recs))])["input_ids"][:, 0].tolist()]

@@ -71,7 +71,9 @@ class ImageTextCollate:
 
     In training one reference caption is drawn per image (from ``captions`` when present). With
     ``negatives > 0`` up to that many of the record's ``negatives`` captions are added per image
-    as ``neg_input_ids`` / ``neg_attention_mask`` with ``neg_owner`` (the image each belongs to).
+    as ``neg_input_ids`` / ``neg_attention_mask`` with ``neg_owner`` (the image each belongs to)
+    and ``neg_edits_caption`` (False where the negative names a ``source`` other than the
+    caption drawn for its image: it edits another caption of the image).
     With ``paired=True`` (the default) the reference caption drawn for an image is the ``source``
     of its first drawn negative when the negative names one, so the batch holds the minimal pair
     itself (caption and its one-word edit on the same image) rather than an edit of a caption
@@ -114,7 +116,7 @@ class ImageTextCollate:
         self.answer_index = {a: i for i, a in enumerate(self.answers or [])}
 
     def __call__(self, records: list[dict], rngs: list[random.Random] | None = None) -> dict:
-        pixels, captions, negs, owners, questions, annotated = [], [], [], [], [], []
+        pixels, captions, negs, owners, questions, annotated, edits = [], [], [], [], [], [], []
         grounded = []  # (record, caption as written, question as written or None, flipped)
         for j, rec in enumerate(records):
             rng = rngs[j] if rngs else random.Random(0)
@@ -125,13 +127,17 @@ class ImageTextCollate:
                 pool = list(rec.get("negatives") or [])
                 drawn = rng.sample(pool, min(self.negatives, len(pool)))
                 chosen = [n["caption"] for n in drawn]
-                source = drawn[0].get("source") if drawn and self.paired else None
-                if isinstance(source, int) and not isinstance(source, bool):
-                    if not 0 <= source < len(options):
+                for n in drawn:
+                    source = n.get("source")
+                    if _is_index(source) and not 0 <= source < len(options):
                         raise ValueError(f"record {rec.get('image_path', j)!r}: negative "
-                                         f"{drawn[0]['caption']!r} names source caption {source}, "
+                                         f"{n['caption']!r} names source caption {source}, "
                                          f"but the record has {len(options)} captions")
+                source = drawn[0].get("source") if drawn and self.paired else None
+                if _is_index(source):
                     caption = options[source]
+                shown = options.index(caption) if caption in options else None
+                edits.extend(not _is_index(n.get("source")) or n["source"] == shown for n in drawn)
             asked = []
             if self.answers is not None:
                 question, answers = _draw_question(rec, j, rng)
@@ -161,6 +167,7 @@ class ImageTextCollate:
                 batch["neg_input_ids"] = torch.zeros(0, 1, dtype=torch.long)
                 batch["neg_attention_mask"] = torch.zeros(0, 1, dtype=torch.long)
             batch["neg_owner"] = torch.tensor(owners, dtype=torch.long)
+            batch["neg_edits_caption"] = torch.tensor(edits, dtype=torch.bool)
         if self.answers is not None:
             t = self._tokens(questions)
             batch["question_input_ids"] = t["input_ids"]
@@ -195,6 +202,10 @@ class ImageTextCollate:
                              return_word_ids=word_ids)
         keys = ("input_ids", "attention_mask", "word_ids") if word_ids else ("input_ids", "attention_mask")
         return {k: out[k] for k in keys}
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _spans_of(rec: dict, text: str, question: bool, where: str) -> list:

@@ -73,18 +73,24 @@ class MinimalPairs(NamedTuple):
 
 def minimal_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, neg_input_ids: torch.Tensor,
                   neg_attention_mask: torch.Tensor, neg_owner: torch.Tensor,
-                  max_edits: int = 3) -> MinimalPairs:
-    """Captions and the negative that edits them word for word.
+                  max_edits: int = 3, first_only: bool = True,
+                  edits_caption: torch.Tensor | None = None) -> MinimalPairs:
+    """Captions and the negatives that edit them word for word.
 
     A batch's first negative of each caption (``neg_owner[k]`` names the caption negative ``k``
     belongs to; the collate draws the caption as that negative's source) is a *minimal pair*
     with it when both have the same length and differ in 1 to ``max_edits`` tokens (colour,
-    shape or relation words replaced; added or removed words do not qualify). Both texts are
-    read at the longer padded length of the two batches."""
+    shape or relation words replaced; added or removed words do not qualify). With
+    ``first_only=False`` every negative is tried against its caption; ``edits_caption`` (K,)
+    bool (the collate's ``neg_edits_caption``) rules out the negatives that edit another caption
+    of the image. Both texts are read at the longer padded length of the two batches."""
     device = input_ids.device
     owner = neg_owner.to(device)
     first = torch.ones_like(owner, dtype=torch.bool)
-    first[1:] = owner[1:] != owner[:-1]  # a caption's negatives are consecutive
+    if first_only:
+        first[1:] = owner[1:] != owner[:-1]  # a caption's negatives are consecutive
+    if edits_caption is not None:
+        first &= edits_caption.to(device).bool()
     neg_rows = first.nonzero().squeeze(1)
     rows = owner[neg_rows]
     length = max(input_ids.shape[1], neg_input_ids.shape[1])

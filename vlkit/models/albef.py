@@ -92,6 +92,11 @@ class ALBEFConfig:
     # the true words at the edited positions: the words a caption states are checked against
     # the image where they stand, which [CLS]-pooled ITM does not learn for swaps and flips.
     edit_weight: float = 0.0
+    # where replaced-word correction reads the pairs: "separate" (a fusion pass of its own over
+    # each caption's first minimal-pair negative, shown false or true at random) or "itm" (the
+    # ITM pass's fused states, which already hold every dataset negative with its image and every
+    # caption with its image: each minimal pair is read both ways, at no extra fusion cost)
+    edit_pass: str = "separate"
     # how ``score`` rates a pair: "itm" (the ITM head's match probability) or "itm+edit" (that,
     # times the MLM head's probability of the least likely word of the caption as it stands,
     # read from the same fused forward pass: a word the image contradicts lowers the score)
@@ -174,6 +179,8 @@ class ALBEF(VLModel):
         if cfg.edit_weight < 0 or (cfg.edit_weight > 0 and not cfg.hard_negatives):
             raise ValueError(f"edit_weight={cfg.edit_weight}: needs to be >= 0, and > 0 needs "
                              "hard_negatives (--hard-negatives: the dataset's negative captions)")
+        if cfg.edit_pass not in ("separate", "itm"):
+            raise ValueError(f"edit_pass must be 'separate' or 'itm', got {cfg.edit_pass!r}")
         if cfg.match_score not in ("itm", "itm+edit"):
             raise ValueError(f"match_score must be 'itm' or 'itm+edit', got {cfg.match_score!r}")
         check_grounding_settings(cfg, cfg.fusion_layers, "fusion stack")
@@ -417,7 +424,7 @@ class ALBEF(VLModel):
             alpha, cfg.distill, g["ids"], self.queue.ids if image_ids is not None else None,
             row_start=g["row_start"])}
 
-        logits, labels = self._itm(batch, g, image_tokens, temp, generator)
+        logits, labels, itm_fused = self._itm(batch, g, image_tokens, temp, generator)
         scale = global_mean_scale(labels.shape[0], mask.device)  # the mean over all processes' pairs
         out["itm_loss"] = itm_loss(logits, labels) * scale
         out["itm_acc"] = itm_accuracy(logits.detach(), labels)
@@ -461,7 +468,8 @@ class ALBEF(VLModel):
 
         losses = [out["itc_loss"], out["itm_loss"], out["mlm_loss"]]
         if cfg.edit_weight > 0:
-            out.update(self._edit_loss(batch, image_tokens, generator, g))
+            out.update(self._edit_loss(batch, image_tokens, generator, g) if cfg.edit_pass == "separate"
+                       else self._edit_from_itm(batch, itm_fused))
             losses.append(cfg.edit_weight * out["edit_loss"])
         if "vqa_targets" in batch:
             if grounded and "question_grounding" in batch and self.vqa_head is not None:
@@ -481,10 +489,10 @@ class ALBEF(VLModel):
         return out
 
     def _itm(self, batch, g, image_tokens, temp, generator):
-        """ITM logits and labels: B positives, B (text, negative image), B (image, negative text),
-        then (image, dataset negative caption) pairs with ``hard_negatives``. The negatives are
-        drawn for every row of the global batch ``g`` (``_gather_global``), then this process's
-        rows are kept."""
+        """ITM logits, labels and the fused states they come from: B positives, B (text,
+        negative image), B (image, negative text), then (image, dataset negative caption) pairs
+        with ``hard_negatives``. The negatives are drawn for every row of the global batch ``g``
+        (``_gather_global``), then this process's rows are kept."""
         b, mask = image_tokens.shape[0], g["local_mask"]
         with torch.no_grad():
             img, txt = g["image_feat"], g["text_feat"]  # (N, E)
@@ -503,7 +511,8 @@ class ALBEF(VLModel):
             texts, masks = _pad_cat(texts, masks, neg_hidden, batch["neg_attention_mask"])
             images = torch.cat([images, image_tokens[owner]])
             labels = torch.cat([labels, torch.zeros_like(owner)])
-        return self.itm_head(self.fuse(texts, masks, images)[:, 0]), labels
+        fused = self.fuse(texts, masks, images)
+        return self.itm_head(fused[:, 0]), labels, fused
 
     def _mask_relations(self, batch, ids, masked, labels, generator, g):
         """``relation_mask_prob``: in that share of the captions (one draw per row of the global
@@ -539,6 +548,28 @@ class ALBEF(VLModel):
         fused = self.fuse(self._text(shown, pairs.mask)[0], pairs.mask, image_tokens[pairs.rows])
         logits = self.mlm_head(fused[edited])  # (M, vocab)
         return edit_loss_and_accuracy(logits, pairs.ids[edited], show_false[:, None].expand_as(edited)[edited])
+
+    def _edit_from_itm(self, batch, fused) -> dict:
+        """Replaced-word correction read off the ITM pass (``edit_pass="itm"``): ``fused`` holds
+        the B captions with their images in its first rows and the dataset negatives with their
+        images from row 3B on. For every negative that edits its caption word for word, the MLM
+        head predicts the caption's tokens at the edited positions from both rows: correcting
+        the false words, keeping the true ones. Same keys as ``_edit_loss``."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        zero = fused.new_zeros(())
+        nan = torch.full_like(zero, float("nan"))
+        if batch.get("neg_input_ids") is None or batch["neg_input_ids"].shape[0] == 0:
+            return {"edit_loss": zero, "edit_fix_acc": nan, "edit_keep_acc": nan}
+        pairs = minimal_pairs(ids, mask, batch["neg_input_ids"], batch["neg_attention_mask"],
+                              batch["neg_owner"], first_only=False,
+                              edits_caption=batch.get("neg_edits_caption"))
+        if pairs.rows.numel() == 0:
+            return {"edit_loss": zero, "edit_fix_acc": nan, "edit_keep_acc": nan}
+        edited, at = pairs.edited, fused[:, :pairs.edited.shape[1]]
+        states = torch.cat([at[3 * ids.shape[0] + pairs.neg_rows][edited], at[pairs.rows][edited]])
+        target = pairs.ids[edited]
+        false_shown = torch.arange(2 * target.shape[0], device=target.device) < target.shape[0]
+        return edit_loss_and_accuracy(self.mlm_head(states), target.repeat(2), false_shown)
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
