@@ -534,3 +534,35 @@ def test_geometry_head_trains_in_the_grounded_passes(name):
     assert model.geometry_head.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="geometry_weight"):
         (_vilt if name == "vilt" else _albef)(geometry_weight=1.0)
+
+
+def test_albef_attention_forcing():
+    """attention_forcing_steps: in training, while steps_done < that, the grounded pass reads the
+    image through the grounding and relation targets (a different output; the weight falls
+    linearly); the losses stay on the heads' own maps; in evaluation and afterwards nothing changes."""
+    torch.manual_seed(0)
+    model = _albef(heads=4, relation_weight=1.0, attention_forcing_steps=4)
+    pixels, ids = torch.randn(2, 3, 64, 64), torch.randint(5, 60, (2, 6))
+    mask = torch.ones_like(ids)
+    targets, roles = _roles_batch()
+    tokens = model.forward_features(pixels).detach()
+    hidden = model.text_features(ids, mask).detach()
+    guides = model._attention_guides(targets, roles)
+    (guide,) = guides[0].values()
+    assert guide.first_head == 0 and guide.weight == 1.0 and guide.target.shape == (2, 3, 6, 17)
+    assert torch.equal(guide.target[:, 1:, :, 1:], roles) and torch.equal(guide.target[:, 0, :, 1:], targets)
+    forced, named, related = model._fuse_grounded(hidden, mask, tokens, targets, roles)
+    model.eval()
+    plain, named_e, related_e = model._fuse_grounded(hidden, mask, tokens, targets, roles)
+    assert (forced - plain).abs().max() > 1e-3
+    torch.testing.assert_close(named[0], named_e[0]) and torch.testing.assert_close(related[0], related_e[0])
+    model.train()
+    model.steps_done.fill_(3)
+    assert model._attention_guides(targets, roles)[0]["cross"].weight == pytest.approx(0.25)
+    model.steps_done.fill_(4)
+    assert model._attention_guides(targets, roles) is None
+    torch.testing.assert_close(model._fuse_grounded(hidden, mask, tokens, targets, roles)[0], plain)
+    other = _albef(heads=4, relation_weight=1.0, relation_layer=1, attention_forcing_steps=4)
+    assert sorted(other._attention_guides(targets, roles)) == [0, 1]
+    with pytest.raises(ValueError, match="attention_forcing_steps"):
+        _albef(grounding_weight=0.0, attention_forcing_steps=4)

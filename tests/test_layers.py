@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vlkit.layers import (Attention, KVCache, PostNormBlock, PreNormBlock, fused_attention,
+from vlkit.layers import (Attention, KVCache, PostNormBlock, PreNormBlock, Transformer, fused_attention,
                           interpolate_pos_embed, padding_mask, pool_eot, pool_mean)
 from vlkit.layers.embeddings import ImageEmbeddings, PatchEmbed
 
@@ -170,3 +170,40 @@ def test_attention_inference_traces_as_one_graph():
         want = attn(x)  # eager inference fills the cache
     assert attn._stacked
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_attention_guide_forces_the_chosen_heads_and_rows():
+    """AttentionGuide: the guided heads read their values through (1-w)·own + w·target in the
+    rows where the target has mass (normalised); other heads and rows are untouched, and the
+    maps returned are the heads' own."""
+    from vlkit.layers import AttentionGuide, plain_attention
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    out, own = plain_attention(q, k, v)
+    target = torch.zeros(2, 2, 4, 5)
+    target[:, :, 1, 2] = 2.0               # row 1: all on key 2 (normalised from mass 2)
+    target[:, :, 3, 0] = target[:, :, 3, 4] = 1.0  # row 3: half on key 0, half on key 4
+    for w in (1.0, 0.25):
+        got, maps = plain_attention(q, k, v, guide=AttentionGuide(1, target, w))
+        torch.testing.assert_close(maps, own)
+        mixed = own.clone()
+        for row in (1, 3):
+            mixed[:, 1:3, row] = (1 - w) * own[:, 1:3, row] + w * target[:, :, row] / target[:, :, row].sum(-1, keepdim=True)
+        torch.testing.assert_close(got, mixed @ v)
+        torch.testing.assert_close(got[:, 0], out[:, 0])
+        torch.testing.assert_close(got[:, :, [0, 2]], out[:, :, [0, 2]])
+    torch.testing.assert_close(plain_attention(q, k, v, guide=AttentionGuide(1, target, 0.0))[0], out)
+    with pytest.raises(ValueError, match="does not fit"):
+        plain_attention(q, k, v, guide=AttentionGuide(2, target, 1.0))
+    # through a block and a stack: only the named layer is guided
+    block = PostNormBlock(8, 2, 16, context_dim=8)
+    stack = Transformer([block, PostNormBlock(8, 2, 16, context_dim=8)]).eval()
+    x, ctx = torch.randn(2, 4, 8), torch.randn(2, 5, 8)
+    plain, _ = stack.forward_with_maps_of(x, [0], context=ctx)
+    guide = AttentionGuide(0, torch.zeros(2, 1, 4, 5).index_fill_(3, torch.tensor([2]), 1.0), 1.0)
+    forced, maps = stack.forward_with_maps_of(x, [0], context=ctx, guides={0: {"cross": guide}})
+    assert (forced - plain).abs().max() > 1e-3
+    _, own_maps = stack.forward_with_maps_of(x, [0], context=ctx)
+    torch.testing.assert_close(maps[0]["cross"], own_maps[0]["cross"])
+    with pytest.raises(ValueError, match="guides for layers"):
+        stack.forward_with_maps_of(x, [0], context=ctx, guides={1: {"cross": guide}})

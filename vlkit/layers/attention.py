@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -136,10 +137,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, causal: bool = False,
-                cache: KVCache | None = None, return_attention: bool = False):
+                cache: KVCache | None = None, return_attention: bool = False,
+                guide: AttentionGuide | None = None):
         """x: (B, N, D); context: (B, M, Dc) for cross-attention; mask: bool, broadcastable to
         (B, heads, N, M), True = attend. ``causal`` adds a causal mask (self-attention only).
-        With ``cache``, keys/values of earlier steps are reused (decoding)."""
+        With ``cache``, keys/values of earlier steps are reused (decoding). ``guide``: attention
+        forcing (``AttentionGuide``; computed with the plain attention)."""
         if self.is_cross and context is None:
             raise ValueError("cross-attention needs a context")
         key = id(self)
@@ -161,7 +164,7 @@ class Attention(nn.Module):
                     v = torch.cat([past[1], v], dim=2)
                 cache.set(key, k, v)
         n, m = q.shape[2], k.shape[2]
-        fused = _FUSED and not return_attention
+        fused = _FUSED and not return_attention and guide is None
         # causal alone, square: the kernel's own causal mode (no mask tensor, a faster kernel)
         kernel_causal = causal and not self.is_cross and mask is None and n == m and fused
         if causal and not self.is_cross and not kernel_causal:
@@ -172,7 +175,7 @@ class Attention(nn.Module):
                                                  is_causal=kernel_causal)
             attn = None
         else:
-            out, attn = plain_attention(q, k, v, mask, drop, self.training)
+            out, attn = plain_attention(q, k, v, mask, drop, self.training, guide)
         out = out.transpose(1, 2).reshape(x.shape[0], n, -1)  # (B, N, D)
         out = self.proj_drop(self.proj(out))
         return (out, attn) if return_attention else out
@@ -195,13 +198,38 @@ def _project(x: torch.Tensor, stacked, layers) -> tuple[torch.Tensor, ...]:
     return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
 
 
-def plain_attention(q, k, v, mask=None, dropout_p: float = 0.0, training: bool = False):
-    """softmax(QKᵀ/√d + mask) V in plain PyTorch; returns (output, attention probabilities)."""
+class AttentionGuide(NamedTuple):
+    """Attention forcing: heads ``first_head ... first_head + h - 1`` read their values through
+    (1 - weight) · their own attention + weight · ``target`` (B, h, N, M), in the query rows
+    where the target has mass (normalised there; other rows keep their own attention). The maps
+    returned stay the heads' own, so a loss on them still trains the attention itself."""
+    first_head: int
+    target: torch.Tensor
+    weight: float
+
+
+def _guided(attn: torch.Tensor, guide: AttentionGuide) -> torch.Tensor:
+    h0, t = guide.first_head, guide.target.to(attn.dtype)
+    heads = slice(h0, h0 + t.shape[1])
+    if t.shape[0] != attn.shape[0] or t.shape[2:] != attn.shape[2:] or heads.stop > attn.shape[1]:
+        raise ValueError(f"attention guide {tuple(t.shape)} from head {h0} does not fit the "
+                         f"attention {tuple(attn.shape)}")
+    mass = t.sum(-1, keepdim=True)
+    w = guide.weight * (mass > 0).to(attn.dtype)
+    mixed = attn[:, heads] * (1 - w) + w * t / mass.clamp_min(1e-12)
+    return torch.cat([attn[:, :heads.start], mixed, attn[:, heads.stop:]], dim=1)
+
+
+def plain_attention(q, k, v, mask=None, dropout_p: float = 0.0, training: bool = False,
+                    guide: AttentionGuide | None = None):
+    """softmax(QKᵀ/√d + mask) V in plain PyTorch; returns (output, attention probabilities).
+    With a ``guide`` the values are read through the forced attention (``AttentionGuide``)."""
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, heads, N, M)
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     attn = scores.softmax(dim=-1)
     if mask is not None:  # rows with no allowed key: zero, as SDPA gives for fully masked rows
         attn = attn.masked_fill(~mask, 0.0)
-    probs = F.dropout(attn, dropout_p) if training and dropout_p > 0 else attn
+    probs = attn if guide is None or guide.weight <= 0 else _guided(attn, guide)
+    probs = F.dropout(probs, dropout_p) if training and dropout_p > 0 else probs
     return probs @ v, attn

@@ -44,17 +44,20 @@ class PreNormBlock(_Block):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, modality=None, return_attention: bool = False):
+                cache: KVCache | None = None, modality=None, return_attention: bool = False,
+                guides: dict | None = None):
         self._check_context(context)
+        guides = guides or {}
         attn = self.attn(self.norm1(x), mask=mask, causal=causal, cache=cache,
-                         return_attention=return_attention)
+                         return_attention=return_attention, guide=guides.get("self"))
         maps = {}
         if return_attention:
             attn, maps["self"] = attn
         x = x + self.drop_path(attn)
         if self.has_cross:
             cross = self.cross_attn(self.norm_cross(x), context=context, mask=context_mask,
-                                    cache=cache, return_attention=return_attention)
+                                    cache=cache, return_attention=return_attention,
+                                    guide=guides.get("cross"))
             if return_attention:
                 cross, maps["cross"] = cross
             x = x + self.drop_path(cross)
@@ -67,16 +70,19 @@ class PostNormBlock(_Block):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, modality=None, return_attention: bool = False):
+                cache: KVCache | None = None, modality=None, return_attention: bool = False,
+                guides: dict | None = None):
         self._check_context(context)
-        attn = self.attn(x, mask=mask, causal=causal, cache=cache, return_attention=return_attention)
+        guides = guides or {}
+        attn = self.attn(x, mask=mask, causal=causal, cache=cache, return_attention=return_attention,
+                         guide=guides.get("self"))
         maps = {}
         if return_attention:
             attn, maps["self"] = attn
         x = self.norm1(x + self.drop_path(attn))
         if self.has_cross:
             cross = self.cross_attn(x, context=context, mask=context_mask, cache=cache,
-                                    return_attention=return_attention)
+                                    return_attention=return_attention, guide=guides.get("cross"))
             if return_attention:
                 cross, maps["cross"] = cross
             x = self.norm_cross(x + self.drop_path(cross))
@@ -110,18 +116,21 @@ class Transformer(nn.Module):
                 x = block(x, **kwargs)
         return x
 
-    def forward_with_maps_of(self, x: torch.Tensor, layer, **kwargs):
+    def forward_with_maps_of(self, x: torch.Tensor, layer, guides: dict | None = None, **kwargs):
         """(output, the attention maps of block ``layer``): the other blocks run as in
         ``forward`` (fused kernels, checkpointing); only that block computes its maps. With a
-        sequence of layers, the maps are a dict from each of them."""
+        sequence of layers, the maps are a dict from each of them. ``guides`` {layer: {"self" or
+        "cross": AttentionGuide}} forces the attention of those layers (among ``layer``)."""
         wanted = sorted({layer} if isinstance(layer, int) else set(layer))
         for k in wanted:
             if not 0 <= k < len(self.blocks):
                 raise ValueError(f"layer {k}: this stack has {len(self.blocks)} blocks")
+        if guides and not set(guides) <= set(wanted):
+            raise ValueError(f"attention guides for layers {sorted(guides)}, maps of {wanted}")
         maps, done = {}, 0
         for k in wanted:
             x = self._run(self.blocks[done:k], x, **kwargs)
-            x, maps[k] = self.blocks[k](x, return_attention=True, **kwargs)
+            x, maps[k] = self.blocks[k](x, return_attention=True, guides=(guides or {}).get(k), **kwargs)
             done = k + 1
         x = self._run(self.blocks[done:], x, **kwargs)
         return x, (maps[layer] if isinstance(layer, int) else maps)

@@ -34,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostNormBlock, Transformer,
-                      padding_mask, sincos_2d)
+from ..layers import (AttentionGuide, BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostNormBlock,
+                      Transformer, padding_mask, sincos_2d)
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
 from ..losses.matching import itm_accuracy, itm_loss
 from ..losses.mlm import edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs
 from ..losses.grounding import (GroundedPasses, check_grounding_settings, grounding_losses,
-                               mask_relation_words, require_grounding, require_relations)
+                               mask_relation_words, relation_heads, require_grounding, require_relations)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from ..train.distributed import (all_gather_no_grad, all_gather_padded, all_gather_sizes,
                                  all_gather_with_grad, global_generator, global_mean_scale, is_dist,
@@ -117,6 +117,10 @@ class ALBEFConfig:
     # a linear head on the relation words' output states regresses the subject's centre minus the
     # object's (from the relation targets' patches), in every grounded pass (needs relation_weight)
     geometry_weight: float = 0.0
+    # >0: attention forcing, a curriculum for the supervised heads (grounding and relation): in
+    # the grounded passes they read the image through their targets, mixed with their own
+    # attention at a share falling linearly from 1 to 0 over this many optimiser steps
+    attention_forcing_steps: int = 0
     whole_word_mask: bool = False   # needs batch["word_ids"]
     mask_token_id: int = 4          # vlkit's WordPiece ids ([PAD]=0 ... [MASK]=4)
     pad_token_id: int = 0
@@ -184,6 +188,9 @@ class ALBEF(VLModel):
         if cfg.match_score not in ("itm", "itm+edit"):
             raise ValueError(f"match_score must be 'itm' or 'itm+edit', got {cfg.match_score!r}")
         check_grounding_settings(cfg, cfg.fusion_layers, "fusion stack")
+        if cfg.attention_forcing_steps < 0 or (cfg.attention_forcing_steps > 0 and cfg.grounding_weight <= 0):
+            raise ValueError(f"attention_forcing_steps={cfg.attention_forcing_steps}: needs to be >= 0, "
+                             "and > 0 needs grounding_weight > 0 (the targets it forces)")
         if cfg.grounding_weight > 0 and cfg.vision.patch_dropout:
             raise ValueError("grounding needs every patch token (set vision.patch_dropout=0)")
         if cfg.fusion_pos and cfg.vision.patch_dropout:
@@ -287,11 +294,38 @@ class ALBEF(VLModel):
         cfg = self.cfg
         layers = [cfg.grounding_layer] + ([cfg.relation_layer] if roles is not None else [])
         fused, maps = self.fusion_layers.forward_with_maps_of(
-            text_hidden, layers, mask=padding_mask(attention_mask), context=image_tokens)
+            text_hidden, layers, mask=padding_mask(attention_mask), context=image_tokens,
+            guides=self._attention_guides(targets.to(image_tokens.device),
+                                          None if roles is None else roles.to(image_tokens.device)))
         named, related = grounding_losses(
             cfg, lambda layer, heads: maps[layer]["cross"][:, heads, :, 1:], targets.to(fused.device),
             None if roles is None else roles.to(fused.device))
         return fused, named, related
+
+    def _attention_guides(self, targets, roles) -> dict | None:
+        """``attention_forcing_steps``: in training, the supervised heads read the image through
+        their targets mixed into their own attention, the targets' share falling from 1 to 0
+        over that many optimiser steps (``layers.AttentionGuide``): what the fusion layers do
+        with an object's or a relation's patches is learned from the first step, while the
+        heads learn to find them (their grounding losses stay on their own attention)."""
+        steps = self.cfg.attention_forcing_steps
+        weight = 1.0 - int(self.steps_done) / steps if steps > 0 and self.training else 0.0
+        if weight <= 0:
+            return None
+        cfg = self.cfg
+        per_layer = {cfg.grounding_layer: [(0, targets[:, None].expand(-1, cfg.grounding_heads, -1, -1))]}
+        if roles is not None:
+            per_layer.setdefault(cfg.relation_layer, []).append(
+                (relation_heads(cfg.grounding_layer, cfg.grounding_heads, cfg.relation_layer), roles))
+        guides = {}
+        for layer, parts in per_layer.items():
+            parts.sort(key=lambda part: part[0])
+            if any(a + t.shape[1] != b for (a, t), (b, _) in zip(parts, parts[1:])):
+                raise ValueError("attention forcing needs the supervised heads of a layer to be adjacent")
+            target = torch.cat([t for _, t in parts], dim=1).to(self.text_proj.weight.dtype)
+            target = F.pad(target, (1, 0))  # the image [CLS] gets no target mass
+            guides[layer] = {"cross": AttentionGuide(parts[0][0], target, weight)}
+        return guides
 
     def _fusion_pos(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """The (1+N, Dv) position codes of a square grid of N patch tokens after [CLS]."""
