@@ -566,3 +566,36 @@ def test_albef_attention_forcing():
     assert sorted(other._attention_guides(targets, roles)) == [0, 1]
     with pytest.raises(ValueError, match="attention_forcing_steps"):
         _albef(grounding_weight=0.0, attention_forcing_steps=4)
+
+
+def test_directional_heads():
+    """directional_mask: head 0 sees keys at or before its query, head 1 at or after, the others
+    every real token. In ALBEF with directional_heads and head 1's values cut, a word's text
+    state does not depend on later words (without the option it does)."""
+    from vlkit.layers import directional_mask
+    mask = torch.tensor([[1, 1, 1, 0]])
+    m = directional_mask(mask, 3)
+    assert m.shape == (1, 3, 4, 4)
+    assert m[0, 0, 1].tolist() == [True, True, False, False]
+    assert m[0, 1, 1].tolist() == [False, True, True, False]
+    assert m[0, 2, 1].tolist() == [True, True, True, False]
+    assert m[0, 0, 3].tolist() == [True, True, True, True] and m[0, 1, 3].tolist() == [False, False, False, True]
+    with pytest.raises(ValueError, match="at least 2"):
+        directional_mask(mask, 1)
+    torch.manual_seed(0)
+    model = _albef(heads=2, directional_heads=True).eval()
+    ids = torch.randint(5, 60, (1, 6))
+    later = ids.clone()
+    later[0, 4] = (ids[0, 4] + 1 - 5) % 55 + 5
+    for layer in model.text_layers.blocks:  # head 1 (looks ahead) cut: its value weights zeroed
+        with torch.no_grad():
+            layer.attn.v.weight[16:] = 0
+            layer.attn.v.bias[16:] = 0
+    a, b = model.text_features(ids), model.text_features(later)
+    torch.testing.assert_close(a[:, :4], b[:, :4])  # words before position 4 never saw it
+    assert (a[:, 4] - b[:, 4]).abs().max() > 1e-3
+    plain = _albef(heads=2).eval()
+    plain.load_state_dict(model.state_dict())
+    assert (plain.text_features(ids)[:, :4] - plain.text_features(later)[:, :4]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="directional_heads"):
+        _albef(heads=1, grounding_weight=0.0, directional_heads=True)

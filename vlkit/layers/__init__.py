@@ -1,5 +1,5 @@
 """Shared layers every vlkit model is built from."""
-from .attention import (Attention, AttentionGuide, KVCache, causal_mask, combine_masks, fused_attention,
+from .attention import (Attention, AttentionGuide, KVCache, causal_mask, combine_masks, directional_mask, fused_attention,
                         fused_attention_enabled, padding_mask, plain_attention, set_fused_attention)
 from .blocks import PostNormBlock, PreNormBlock, Transformer
 from .drop import DropPath
@@ -10,7 +10,7 @@ from .momentum import FeatureQueue, MomentumCopy
 from .pooling import MLMHead, Pooler, pool_cls, pool_eot, pool_mean
 
 __all__ = [
-    "Attention", "AttentionGuide", "KVCache", "causal_mask", "combine_masks", "fused_attention",
+    "Attention", "AttentionGuide", "KVCache", "causal_mask", "combine_masks", "directional_mask", "fused_attention",
     "fused_attention_enabled", "padding_mask", "plain_attention", "set_fused_attention",
     "PostNormBlock", "PreNormBlock", "Transformer", "DropPath", "BertEmbeddings",
     "ImageEmbeddings", "PatchEmbed", "TextEmbeddings", "interpolate_pos_embed", "sincos_2d", "Mlp",

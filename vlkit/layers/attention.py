@@ -51,6 +51,20 @@ def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.bool()[:, None, None, :]
 
 
+def directional_mask(attention_mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, heads, L, L) self-attention mask over a padded sequence in which head 0 sees only the
+    keys at or before its query and head 1 only those at or after it (the others see every
+    real token): a token can tell what precedes it from what follows it (the subject of a
+    relation from its object) from the first step. Every query sees itself."""
+    if heads < 2:
+        raise ValueError(f"directional heads need at least 2 attention heads, got {heads}")
+    n, device = attention_mask.shape[1], attention_mask.device
+    i = torch.arange(n, device=device)
+    back, ahead = i[None, :] <= i[:, None], i[None, :] >= i[:, None]
+    per_head = torch.stack([back, ahead] + [torch.ones(n, n, dtype=torch.bool, device=device)] * (heads - 2))
+    return (padding_mask(attention_mask) & per_head[None]) | torch.eye(n, dtype=torch.bool, device=device)
+
+
 def causal_mask(n: int, m: int | None = None, device=None) -> torch.Tensor:
     """(N, M) boolean lower-triangular mask aligned to the end: query i sees keys j <= i + (M - N)."""
     m = n if m is None else m

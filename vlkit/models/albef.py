@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import (AttentionGuide, BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostNormBlock,
-                      Transformer, padding_mask, sincos_2d)
+                      Transformer, directional_mask, padding_mask, sincos_2d)
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
 from ..losses.matching import itm_accuracy, itm_loss
 from ..losses.mlm import edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs
@@ -121,6 +121,10 @@ class ALBEFConfig:
     # the grounded passes they read the image through their targets, mixed with their own
     # attention at a share falling linearly from 1 to 0 over this many optimiser steps
     attention_forcing_steps: int = 0
+    # self-attention head 0 of every text and fusion layer sees only the tokens at or before its
+    # query, head 1 only those at or after it: what precedes a relation word (its subject) and
+    # what follows it (its object) are told apart by the mask instead of learned positions
+    directional_heads: bool = False
     whole_word_mask: bool = False   # needs batch["word_ids"]
     mask_token_id: int = 4          # vlkit's WordPiece ids ([PAD]=0 ... [MASK]=4)
     pad_token_id: int = 0
@@ -188,6 +192,8 @@ class ALBEF(VLModel):
         if cfg.match_score not in ("itm", "itm+edit"):
             raise ValueError(f"match_score must be 'itm' or 'itm+edit', got {cfg.match_score!r}")
         check_grounding_settings(cfg, cfg.fusion_layers, "fusion stack")
+        if cfg.directional_heads and cfg.heads < 2:
+            raise ValueError(f"directional_heads needs at least 2 attention heads, got heads={cfg.heads}")
         if cfg.attention_forcing_steps < 0 or (cfg.attention_forcing_steps > 0 and cfg.grounding_weight <= 0):
             raise ValueError(f"attention_forcing_steps={cfg.attention_forcing_steps}: needs to be >= 0, "
                              "and > 0 needs grounding_weight > 0 (the targets it forces)")
@@ -257,7 +263,7 @@ class ALBEF(VLModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         x = self._part("text_embed", momentum)(input_ids)  # (B, L, D)
-        x = self._part("text_layers", momentum)(x, mask=padding_mask(attention_mask))
+        x = self._part("text_layers", momentum)(x, mask=self._self_mask(attention_mask))
         return x, F.normalize(self._part("text_proj", momentum)(x[:, 0]), dim=-1)
 
     def fuse(self, text_hidden, attention_mask, image_tokens, momentum: bool = False,
@@ -269,7 +275,7 @@ class ALBEF(VLModel):
         if self.cfg.fusion_pos:
             image_tokens = image_tokens + self._fusion_pos(image_tokens)
         return self._part("fusion_layers", momentum)(
-            text_hidden, mask=padding_mask(attention_mask), context=image_tokens,
+            text_hidden, mask=self._self_mask(attention_mask), context=image_tokens,
             return_attention=return_attention)
 
     @property
@@ -294,13 +300,20 @@ class ALBEF(VLModel):
         cfg = self.cfg
         layers = [cfg.grounding_layer] + ([cfg.relation_layer] if roles is not None else [])
         fused, maps = self.fusion_layers.forward_with_maps_of(
-            text_hidden, layers, mask=padding_mask(attention_mask), context=image_tokens,
+            text_hidden, layers, mask=self._self_mask(attention_mask), context=image_tokens,
             guides=self._attention_guides(targets.to(image_tokens.device),
                                           None if roles is None else roles.to(image_tokens.device)))
         named, related = grounding_losses(
             cfg, lambda layer, heads: maps[layer]["cross"][:, heads, :, 1:], targets.to(fused.device),
             None if roles is None else roles.to(fused.device))
         return fused, named, related
+
+    def _self_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The text self-attention mask: padding, and with ``directional_heads`` one head that
+        looks back and one that looks ahead (``layers.directional_mask``)."""
+        if self.cfg.directional_heads:
+            return directional_mask(attention_mask, self.cfg.heads)
+        return padding_mask(attention_mask)
 
     def _attention_guides(self, targets, roles) -> dict | None:
         """``attention_forcing_steps``: in training, the supervised heads read the image through
