@@ -599,3 +599,26 @@ def test_directional_heads():
     assert (plain.text_features(ids)[:, :4] - plain.text_features(later)[:, :4]).abs().max() > 1e-4
     with pytest.raises(ValueError, match="directional_heads"):
         _albef(heads=1, grounding_weight=0.0, directional_heads=True)
+
+
+def test_vilt_attention_forcing():
+    """ViLT: while forcing_steps_done < attention_forcing_steps, in training, the grounded pass
+    reads the patches through the targets (text rows of the joint self-attention); the losses
+    stay on the heads' own maps; the clock advances in after_step and travels in the weights."""
+    torch.manual_seed(0)
+    model = _vilt(heads=4, relation_weight=1.0, attention_forcing_steps=2)
+    pixels, ids = torch.randn(2, 3, 32, 32), torch.randint(5, 60, (2, 6))
+    mask = torch.ones_like(ids)
+    targets, roles = _roles_batch()
+    forced, named, related = model._grounded(pixels, ids, mask, targets, roles)
+    model.eval()
+    plain, named_e, related_e = model._grounded(pixels, ids, mask, targets, roles)
+    assert (forced - plain).abs().max() > 1e-3
+    torch.testing.assert_close(named[0], named_e[0]) and torch.testing.assert_close(related[0], related_e[0])
+    model.train()
+    model.after_step(0)
+    model.after_step(1)
+    assert int(model.state_dict()["forcing_steps_done"]) == 2
+    torch.testing.assert_close(model._grounded(pixels, ids, mask, targets, roles)[0], plain)
+    with pytest.raises(ValueError, match="attention_forcing_steps"):
+        _vilt(attention_forcing_steps=-1)

@@ -13,8 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..layers.attention import AttentionGuide
+
 __all__ = ["grounding_loss", "mean_grounding", "check_grounding_settings", "require_grounding",
-           "require_relations", "mask_relation_words", "relation_offsets", "relation_geometry_loss", "relation_heads", "grounding_losses", "GroundedPasses"]
+           "require_relations", "mask_relation_words", "relation_offsets", "relation_geometry_loss", "relation_heads", "grounding_losses", "GroundedPasses",
+           "attention_guides"]
 
 
 def grounding_loss(attention: torch.Tensor, targets: torch.Tensor,
@@ -56,8 +59,8 @@ def check_grounding_settings(cfg, layers: int, stack: str) -> None:
     it is on, a ``grounding_layer`` among the ``layers`` of the supervised ``stack`` and 1 to
     ``heads`` grounding heads; a ``relation_weight`` >= 0 that, when on, needs grounding on, a
     ``relation_layer`` of the stack and two heads there (``relation_heads``); a
-    ``relation_mask_prob`` in [0, 1] (> 0 needs grounding) and a ``geometry_weight`` >= 0 (> 0
-    needs relations)."""
+    ``relation_mask_prob`` in [0, 1] (> 0 needs grounding), a ``geometry_weight`` >= 0 (> 0
+    needs relations) and ``attention_forcing_steps`` >= 0 (> 0 needs grounding)."""
     weight, layer, heads, max_heads = cfg.grounding_weight, cfg.grounding_layer, cfg.grounding_heads, cfg.heads
     relation_weight, relation_layer = cfg.relation_weight, cfg.relation_layer
     if weight < 0:
@@ -86,6 +89,35 @@ def check_grounding_settings(cfg, layers: int, stack: str) -> None:
     if not 0 <= cfg.relation_mask_prob <= 1 or (cfg.relation_mask_prob > 0 and weight <= 0):
         raise ValueError(f"relation_mask_prob={cfg.relation_mask_prob}: needs to be in [0, 1], and "
                          "> 0 needs grounding_weight > 0 (the relation words come from the grounding)")
+    forcing = cfg.attention_forcing_steps
+    if forcing < 0 or (forcing > 0 and weight <= 0):
+        raise ValueError(f"attention_forcing_steps={forcing}: needs to be >= 0, and > 0 needs "
+                         "grounding_weight > 0 (the targets it forces)")
+
+
+def attention_guides(cfg, step: int, targets: torch.Tensor, roles: torch.Tensor | None, place) -> dict | None:
+    """Attention forcing (``cfg.attention_forcing_steps``), a curriculum for the supervised
+    heads: {layer: {"self" or "cross": ``layers.AttentionGuide``}} that has the grounding heads
+    read the image through ``targets`` (B, L, P) and the relation heads through ``roles``
+    (B, 2, L, P), mixed into their own attention at a share falling linearly from 1 at step 0
+    to 0 at that many optimiser steps (then None). What the layers do with an object's or a
+    relation's patches is learned from the first step, while the heads learn to find them (the
+    grounding losses stay on their own attention). ``place(t)`` maps targets (B, h, L, P) to
+    (kind, the model's attention layout)."""
+    steps = cfg.attention_forcing_steps
+    weight = 1.0 - step / steps if steps > 0 else 0.0
+    if weight <= 0:
+        return None
+    per_layer = {cfg.grounding_layer: [(0, targets[:, None].expand(-1, cfg.grounding_heads, -1, -1))]}
+    if roles is not None:
+        per_layer.setdefault(cfg.relation_layer, []).append(
+            (relation_heads(cfg.grounding_layer, cfg.grounding_heads, cfg.relation_layer), roles))
+    guides = {}
+    for layer, parts in per_layer.items():
+        parts.sort(key=lambda part: part[0])  # grounding heads first, then the relation heads
+        kind, target = place(torch.cat([t for _, t in parts], dim=1))
+        guides[layer] = {kind: AttentionGuide(parts[0][0], target, weight)}
+    return guides
 
 
 def mask_relation_words(roles: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -34,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import (AttentionGuide, BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostNormBlock,
+from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostNormBlock,
                       Transformer, directional_mask, padding_mask, sincos_2d)
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
 from ..losses.matching import itm_accuracy, itm_loss
 from ..losses.mlm import edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs
-from ..losses.grounding import (GroundedPasses, check_grounding_settings, grounding_losses,
-                               mask_relation_words, relation_heads, require_grounding, require_relations)
+from ..losses.grounding import (GroundedPasses, attention_guides, check_grounding_settings, grounding_losses,
+                               mask_relation_words, require_grounding, require_relations)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from ..train.distributed import (all_gather_no_grad, all_gather_padded, all_gather_sizes,
                                  all_gather_with_grad, global_generator, global_mean_scale, is_dist,
@@ -194,9 +194,6 @@ class ALBEF(VLModel):
         check_grounding_settings(cfg, cfg.fusion_layers, "fusion stack")
         if cfg.directional_heads and cfg.heads < 2:
             raise ValueError(f"directional_heads needs at least 2 attention heads, got heads={cfg.heads}")
-        if cfg.attention_forcing_steps < 0 or (cfg.attention_forcing_steps > 0 and cfg.grounding_weight <= 0):
-            raise ValueError(f"attention_forcing_steps={cfg.attention_forcing_steps}: needs to be >= 0, "
-                             "and > 0 needs grounding_weight > 0 (the targets it forces)")
         if cfg.grounding_weight > 0 and cfg.vision.patch_dropout:
             raise ValueError("grounding needs every patch token (set vision.patch_dropout=0)")
         if cfg.fusion_pos and cfg.vision.patch_dropout:
@@ -316,29 +313,12 @@ class ALBEF(VLModel):
         return padding_mask(attention_mask)
 
     def _attention_guides(self, targets, roles) -> dict | None:
-        """``attention_forcing_steps``: in training, the supervised heads read the image through
-        their targets mixed into their own attention, the targets' share falling from 1 to 0
-        over that many optimiser steps (``layers.AttentionGuide``): what the fusion layers do
-        with an object's or a relation's patches is learned from the first step, while the
-        heads learn to find them (their grounding losses stay on their own attention)."""
-        steps = self.cfg.attention_forcing_steps
-        weight = 1.0 - int(self.steps_done) / steps if steps > 0 and self.training else 0.0
-        if weight <= 0:
+        """Attention forcing in training (``attention_forcing_steps``; ``losses.grounding.
+        attention_guides``): targets over the patches, none on the image [CLS]."""
+        if not self.training:
             return None
-        cfg = self.cfg
-        per_layer = {cfg.grounding_layer: [(0, targets[:, None].expand(-1, cfg.grounding_heads, -1, -1))]}
-        if roles is not None:
-            per_layer.setdefault(cfg.relation_layer, []).append(
-                (relation_heads(cfg.grounding_layer, cfg.grounding_heads, cfg.relation_layer), roles))
-        guides = {}
-        for layer, parts in per_layer.items():
-            parts.sort(key=lambda part: part[0])
-            if any(a + t.shape[1] != b for (a, t), (b, _) in zip(parts, parts[1:])):
-                raise ValueError("attention forcing needs the supervised heads of a layer to be adjacent")
-            target = torch.cat([t for _, t in parts], dim=1).to(self.text_proj.weight.dtype)
-            target = F.pad(target, (1, 0))  # the image [CLS] gets no target mass
-            guides[layer] = {"cross": AttentionGuide(parts[0][0], target, weight)}
-        return guides
+        return attention_guides(self.cfg, int(self.steps_done), targets, roles,
+                                lambda t: ("cross", F.pad(t.to(self.text_proj.weight.dtype), (1, 0))))
 
     def _fusion_pos(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """The (1+N, Dv) position codes of a square grid of N patch tokens after [CLS]."""

@@ -22,8 +22,8 @@ from ..layers import (BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormB
 from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
 from ..losses.mlm import (edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs,
                           mlm_loss)
-from ..losses.grounding import (GroundedPasses, check_grounding_settings, grounding_losses,
-                               mask_relation_words, require_grounding, require_relations)
+from ..losses.grounding import (GroundedPasses, attention_guides, check_grounding_settings,
+                               grounding_losses, mask_relation_words, require_grounding, require_relations)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from .base import Output, VLModel, register, source_vision_tower
 from .vit import _init_weights
@@ -91,6 +91,10 @@ class ViLTConfig:
     # a linear head on the relation words' output states regresses the subject's centre minus the
     # object's (from the relation targets' patches), in every grounded pass (needs relation_weight)
     geometry_weight: float = 0.0
+    # >0: attention forcing (vlkit.losses.grounding.attention_guides): in the grounded passes the
+    # supervised heads read the image through their targets, mixed into their own attention at a
+    # share falling linearly from 1 to 0 over this many optimiser steps
+    attention_forcing_steps: int = 0
 
 
 OBJECTIVES = ("itm", "mlm", "vqa")
@@ -131,7 +135,8 @@ class ViLT(VLModel):
     presets = PRESETS
     task = "fusion"
     # task heads that ``vlkit train --init`` may initialise afresh when the source lacks them
-    optional_heads = ("itm_head", "rank_head", "mlm_head", "vqa_head", "pair_head", "geometry_head")
+    optional_heads = ("itm_head", "rank_head", "mlm_head", "vqa_head", "pair_head", "geometry_head",
+                      "forcing_steps_done")
 
     def __init__(self, cfg: ViLTConfig):
         super().__init__()
@@ -171,6 +176,8 @@ class ViLT(VLModel):
         self.geometry_head = nn.Linear(d, 2) if cfg.geometry_weight > 0 else None
         self.vqa_head = classifier(d, 2 * d, cfg.num_answers) if cfg.num_answers else None
         self.pair_head = classifier(2 * d, 2 * d, cfg.pair_classes) if cfg.pair_classes else None
+        if cfg.attention_forcing_steps > 0:  # the schedule's clock, saved with the weights
+            self.register_buffer("forcing_steps_done", torch.zeros((), dtype=torch.long))
         self.apply(_init_weights)
         for emb in (self.text_embed.word, self.text_embed.position, self.modality_embed,
                     self.text_embed.token_type):
@@ -291,11 +298,16 @@ class ViLT(VLModel):
         cfg = self.cfg
         x, mask = self.embed(pixel_values, input_ids, attention_mask)
         layers = [cfg.grounding_layer] + ([cfg.relation_layer] if roles is not None else [])
-        x, maps = self.encoder.forward_with_maps_of(x, layers, mask=padding_mask(mask))
-        n = input_ids.shape[1]
+        n, length = input_ids.shape[1], x.shape[1]
         cells = targets.shape[2]
-        if x.shape[1] - n - 1 != cells:
-            raise ValueError(f"grounding targets cover {cells} patches, the image has {x.shape[1] - n - 1}")
+        if length - n - 1 != cells:
+            raise ValueError(f"grounding targets cover {cells} patches, the image has {length - n - 1}")
+        guides = None
+        if self.training and cfg.attention_forcing_steps > 0:  # text rows over the patches
+            guides = attention_guides(cfg, int(self.forcing_steps_done), targets.to(x.device),
+                                      None if roles is None else roles.to(x.device),
+                                      lambda t: ("self", F.pad(t.to(x.dtype), (n + 1, 0, 0, length - n))))
+        x, maps = self.encoder.forward_with_maps_of(x, layers, mask=padding_mask(mask), guides=guides)
         named, related = grounding_losses(
             cfg, lambda layer, heads: maps[layer]["self"][:, heads, :n, n + 1:], targets.to(x.device),
             None if roles is None else roles.to(x.device))
@@ -355,6 +367,12 @@ class ViLT(VLModel):
         return self.pair_head(torch.cat(pooled, dim=-1))
 
     # -- training -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """After each optimiser step: the clock of attention forcing, when it is on."""
+        if self.cfg.attention_forcing_steps > 0:
+            self.forcing_steps_done += 1
+
     def _edit_loss(self, batch: dict, pixels: torch.Tensor) -> dict:
         """Replaced-word correction (``edit_weight``) on the batch's minimal pairs: the negative
         shown (or, with probability 1/2, the caption), the caption's words the target where the
