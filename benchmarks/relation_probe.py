@@ -7,9 +7,15 @@ follows left and right only). With ``--visible`` it also reports the choice when
 left in place, and when it is flipped to its opposite (how often the head puts the true word
 back: what ``match_score="itm+edit"`` relies on to reject a relation flip).
 
-    python benchmarks/relation_probe.py RUN [--images 300]
+    python benchmarks/relation_probe.py RUN [--images 300] [--heads]
 
 Works for ViLT and ALBEF runs (any run whose pipeline has ``mlm_logits``).
+
+``--heads`` (runs trained with ``relation_weight``) also prints where the two relation heads
+look from the relation words, over the training split's relation phrases: the mass the subject
+head and the object head put on the subject's patches and on the object's, with the words shown
+and masked. Heads that put the same mass on both objects have found the objects the caption
+names but not which one is the subject: the relation's direction cannot be read yet.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ def main():
     p.add_argument("run")
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--heads", action="store_true", help="where the relation heads look")
     args = p.parse_args()
     pipe = vlkit.load(args.run)
     model, tok = pipe.model.eval(), pipe.tokenizer
@@ -64,6 +71,61 @@ def main():
     print(f"{args.run}: {n} captions with a relation; the true relation word chosen (of 4):")
     for name, k in right.items():
         print(f"  {name:8s} {k / n:.3f}")
+    if args.heads:
+        relation_head_mass(pipe, args.images, args.batch_size)
+
+
+def relation_head_mass(pipe, images: int, batch_size: int) -> None:
+    """The relation heads' attention mass on the subject's and the object's patches."""
+    import random
+
+    from vlkit.data.collate import ImageTextCollate
+    from vlkit.data.transforms import ImageTransform
+    from vlkit.losses.grounding import relation_heads
+
+    model, tok = pipe.model, pipe.tokenizer
+    cfg = model.cfg
+    if getattr(cfg, "relation_weight", 0) <= 0:
+        raise SystemExit("--heads: this run was not trained with relation_weight")
+    spec = model.image_spec()
+    grid = model.grounding_grid
+    world = synthetic_world(spec["size"])
+    records = [world.sample(i, "train") for i in range(images)]
+    collate = ImageTextCollate(ImageTransform(spec["size"], spec["mean"], spec["std"], train=False), tok,
+                               max_length=40, grounding_grid=grid)
+    first = relation_heads(cfg.grounding_layer, cfg.grounding_heads, cfg.relation_layer)
+    print(f"relation heads {first} and {first + 1} of layer {cfg.relation_layer}: attention mass "
+          "(rows: subject head, object head; columns: on the subject, on the object)")
+    for masked in (False, True):
+        mass, words = torch.zeros(2, 2), 0
+        for s in range(0, len(records), batch_size):
+            batch = collate(records[s:s + batch_size], [random.Random(i) for i in range(s, s + batch_size)])
+            roles = batch["grounding_roles"].float()  # (B, 2, L, P)
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            rel = (roles.sum(-1) > 0).all(1)  # (B, L): the relation words
+            if masked:
+                ids = ids.masked_fill(rel, cfg.mask_token_id)
+            with torch.no_grad():
+                if hasattr(model, "fusion_layers"):  # ALBEF: the fusion layers' cross-attention
+                    tokens = model.forward_features(batch["pixel_values"])
+                    if cfg.fusion_pos:
+                        tokens = tokens + model._fusion_pos(tokens)
+                    _, maps = model.fusion_layers.forward_with_maps_of(
+                        model.text_features(ids, mask), [cfg.relation_layer], mask=model._self_mask(mask),
+                        context=tokens)
+                    att = maps[cfg.relation_layer]["cross"][..., 1:]
+                else:  # ViLT: the text rows of the joint self-attention over the patches
+                    x, joint = model.embed(batch["pixel_values"], ids, mask)
+                    _, maps = model.encoder.forward_with_maps_of(x, [cfg.relation_layer],
+                                                                 mask=model._joint_mask(joint, ids.shape[1]))
+                    att = maps[cfg.relation_layer]["self"][:, :, :ids.shape[1], ids.shape[1] + 1:]
+            for h in range(2):
+                for r in range(2):
+                    mass[h, r] += (att[:, first + h] * roles[:, r]).sum(-1)[rel].sum()
+            words += int(rel.sum())
+        m = mass / max(words, 1)
+        print(f"  words {'masked' if masked else 'shown '}: subject head {m[0, 0]:.2f} / {m[0, 1]:.2f}, "
+              f"object head {m[1, 0]:.2f} / {m[1, 1]:.2f}  ({words} relation tokens)")
 
 
 if __name__ == "__main__":

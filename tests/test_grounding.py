@@ -622,3 +622,20 @@ def test_vilt_attention_forcing():
     torch.testing.assert_close(model._grounded(pixels, ids, mask, targets, roles)[0], plain)
     with pytest.raises(ValueError, match="attention_forcing_steps"):
         _vilt(attention_forcing_steps=-1)
+
+
+def test_vilt_directional_heads():
+    """ViLT directional_heads: the text rows of head 0 see the text at or before them, of head 1
+    at or after them, both the whole image; image rows see everything; padding stays masked."""
+    model = _vilt(heads=2, directional_heads=True)
+    joint = torch.tensor([[1, 1, 1, 0, 1, 1]])  # 4 text positions (one padded), 2 image tokens
+    m = model._joint_mask(joint, 4)
+    assert m.shape == (1, 2, 6, 6)
+    assert m[0, 0, 1].tolist() == [True, True, False, False, True, True]
+    assert m[0, 1, 1].tolist() == [False, True, True, False, True, True]
+    assert m[0, 0, 4].tolist() == m[0, 1, 5].tolist() == [True, True, True, False, True, True]
+    assert torch.equal(_vilt(heads=2)._joint_mask(joint, 4), joint.bool()[:, None, None, :])
+    pixels, ids = torch.randn(1, 3, 32, 32), torch.randint(5, 60, (1, 4))
+    assert model(pixels, ids).features.shape[1] == 4 + 1 + 16
+    with pytest.raises(ValueError, match="directional_heads"):
+        _vilt(heads=1, grounding_weight=0.0, directional_heads=True)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import (BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormBlock, Transformer,
-                      padding_mask)
+                      directional_mask, padding_mask)
 from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
 from ..losses.mlm import (edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs,
                           mlm_loss)
@@ -95,6 +95,10 @@ class ViLTConfig:
     # supervised heads read the image through their targets, mixed into their own attention at a
     # share falling linearly from 1 to 0 over this many optimiser steps
     attention_forcing_steps: int = 0
+    # self-attention head 0 of every layer lets a text token see only the text at or before it,
+    # head 1 only the text at or after it (both see the image): a relation word tells its
+    # subject from its object by the mask instead of learned positions
+    directional_heads: bool = False
 
 
 OBJECTIVES = ("itm", "mlm", "vqa")
@@ -145,6 +149,8 @@ class ViLT(VLModel):
         if cfg.answer_names and len(cfg.answer_names) != cfg.num_answers:
             raise ValueError(f"{len(cfg.answer_names)} answer_names for num_answers={cfg.num_answers}")
         check_grounding_settings(cfg, cfg.depth, "backbone")
+        if cfg.directional_heads and cfg.heads < 2:
+            raise ValueError(f"directional_heads needs at least 2 attention heads, got heads={cfg.heads}")
         if cfg.edit_weight < 0 or (cfg.edit_weight > 0 and not (cfg.hard_negatives and cfg.mlm_head)):
             raise ValueError(f"edit_weight={cfg.edit_weight}: needs to be >= 0, and > 0 needs "
                              "hard_negatives (--hard-negatives: the dataset's negative captions) "
@@ -279,8 +285,21 @@ class ViLT(VLModel):
         pooled: tanh(dense(features[:, 0])) (B, D)."""
         x, mask = self.embed(pixel_values, input_ids, attention_mask, token_type_ids,
                              image_token_type, pixel_mask)
-        x = self.norm(self.encoder(x, mask=padding_mask(mask)))
+        x = self.norm(self.encoder(x, mask=self._joint_mask(mask, input_ids.shape[1])))
         return Output(features=x, pooled=self.pooler(x))
+
+    def _joint_mask(self, mask: torch.Tensor, text_len: int) -> torch.Tensor:
+        """The self-attention mask of the joint sequence (text first): padding, and with
+        ``directional_heads`` the text rows of head 0 see the text at or before them and those
+        of head 1 the text at or after them (``layers.directional_mask``); every row sees the
+        whole image and the image rows see everything."""
+        keys = padding_mask(mask)
+        if not self.cfg.directional_heads:
+            return keys
+        full = keys.expand(-1, self.cfg.heads, mask.shape[1], -1)
+        text = directional_mask(mask[:, :text_len], self.cfg.heads)
+        top = torch.cat([text, full[:, :, :text_len, text_len:]], dim=3)
+        return torch.cat([top, full[:, :, text_len:]], dim=2)
 
     @property
     def grounding_grid(self) -> tuple[int, int] | None:
@@ -307,7 +326,7 @@ class ViLT(VLModel):
             guides = attention_guides(cfg, int(self.forcing_steps_done), targets.to(x.device),
                                       None if roles is None else roles.to(x.device),
                                       lambda t: ("self", F.pad(t.to(x.dtype), (n + 1, 0, 0, length - n))))
-        x, maps = self.encoder.forward_with_maps_of(x, layers, mask=padding_mask(mask), guides=guides)
+        x, maps = self.encoder.forward_with_maps_of(x, layers, mask=self._joint_mask(mask, n), guides=guides)
         named, related = grounding_losses(
             cfg, lambda layer, heads: maps[layer]["self"][:, heads, :n, n + 1:], targets.to(x.device),
             None if roles is None else roles.to(x.device))
