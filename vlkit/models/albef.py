@@ -22,7 +22,11 @@ negatives and MLM masks are drawn for the global batch from a generator seeded b
 global batch: W processes train as one process does on the same global batch (without dropout,
 whose masks are drawn per process).
 Optional: a VQA classifier over an answer vocabulary on the fused [CLS] (``num_answers``) —
-a classification head, not the paper's answer decoder.
+a classification head, not the paper's answer decoder. Also optional, for compositional
+matching: replaced-word correction (``edit_weight``, ``edit_pass``, ``match_score``), phrase and
+relation grounding of the cross-attention (``grounding_weight``, ``relation_weight``,
+``relation_mask_prob``, ``geometry_weight``), attention forcing of the grounded heads
+(``attention_forcing_steps``) and directional self-attention heads (``directional_heads``).
 """
 from __future__ import annotations
 
