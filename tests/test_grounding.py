@@ -536,6 +536,21 @@ def test_geometry_head_trains_in_the_grounded_passes(name):
         (_vilt if name == "vilt" else _albef)(geometry_weight=1.0)
 
 
+def _forcing_changes_the_pass_only(model, grounded_pass):
+    """``grounded_pass()`` -> (output, grounding (loss, mass), relation (loss, mass)) with the
+    grounding and relation heads in one layer: forced in training, plain in evaluation. The
+    output changes; the losses, read from the heads' own maps of that layer, do not. Returns
+    the plain output (the model is left in training mode)."""
+    forced, named, related = grounded_pass()
+    model.eval()
+    plain, named_e, related_e = grounded_pass()
+    model.train()
+    assert (forced - plain).abs().max() > 1e-3
+    torch.testing.assert_close(named[0], named_e[0])
+    torch.testing.assert_close(related[0], related_e[0])
+    return plain
+
+
 def test_albef_attention_forcing():
     """attention_forcing_steps: in training, while steps_done < that, the grounded pass reads the
     image through the grounding and relation targets (a different output; the weight falls
@@ -551,12 +566,7 @@ def test_albef_attention_forcing():
     (guide,) = guides[0].values()
     assert guide.first_head == 0 and guide.weight == 1.0 and guide.target.shape == (2, 3, 6, 17)
     assert torch.equal(guide.target[:, 1:, :, 1:], roles) and torch.equal(guide.target[:, 0, :, 1:], targets)
-    forced, named, related = model._fuse_grounded(hidden, mask, tokens, targets, roles)
-    model.eval()
-    plain, named_e, related_e = model._fuse_grounded(hidden, mask, tokens, targets, roles)
-    assert (forced - plain).abs().max() > 1e-3
-    torch.testing.assert_close(named[0], named_e[0]) and torch.testing.assert_close(related[0], related_e[0])
-    model.train()
+    plain = _forcing_changes_the_pass_only(model, lambda: model._fuse_grounded(hidden, mask, tokens, targets, roles))
     model.steps_done.fill_(3)
     assert model._attention_guides(targets, roles)[0]["cross"].weight == pytest.approx(0.25)
     model.steps_done.fill_(4)
@@ -606,16 +616,11 @@ def test_vilt_attention_forcing():
     reads the patches through the targets (text rows of the joint self-attention); the losses
     stay on the heads' own maps; the clock advances in after_step and travels in the weights."""
     torch.manual_seed(0)
-    model = _vilt(heads=4, relation_weight=1.0, attention_forcing_steps=2)
+    model = _vilt(heads=4, relation_weight=1.0, relation_layer=0, attention_forcing_steps=2)
     pixels, ids = torch.randn(2, 3, 32, 32), torch.randint(5, 60, (2, 6))
     mask = torch.ones_like(ids)
     targets, roles = _roles_batch()
-    forced, named, related = model._grounded(pixels, ids, mask, targets, roles)
-    model.eval()
-    plain, named_e, related_e = model._grounded(pixels, ids, mask, targets, roles)
-    assert (forced - plain).abs().max() > 1e-3
-    torch.testing.assert_close(named[0], named_e[0]) and torch.testing.assert_close(related[0], related_e[0])
-    model.train()
+    plain = _forcing_changes_the_pass_only(model, lambda: model._grounded(pixels, ids, mask, targets, roles))
     model.after_step(0)
     model.after_step(1)
     assert int(model.state_dict()["forcing_steps_done"]) == 2

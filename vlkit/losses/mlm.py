@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mask_tokens", "mlm_loss", "minimal_pairs", "MinimalPairs", "IGNORE_INDEX",
+__all__ = ["mask_tokens", "mlm_loss", "minimal_pairs", "MinimalPairs", "IGNORE_INDEX", "no_edit_pairs",
            "lowest_word_logprob", "edit_loss_and_accuracy"]
 
 IGNORE_INDEX = -100
@@ -114,6 +114,14 @@ def lowest_word_logprob(logits: torch.Tensor, input_ids: torch.Tensor, attention
     words = attention_mask.bool() & ~torch.isin(input_ids, special)
     logp = logits.float().log_softmax(-1).gather(-1, input_ids[..., None])[..., 0]
     return logp.masked_fill(~words, 0.0).min(dim=1).values
+
+
+def no_edit_pairs(like: torch.Tensor) -> dict:
+    """The replaced-word correction keys for a batch without minimal pairs: a zero loss and NaN
+    accuracies (on ``like``'s device and dtype)."""
+    zero = like.new_zeros(())
+    nan = torch.full_like(zero, float("nan"))
+    return {"edit_loss": zero, "edit_fix_acc": nan, "edit_keep_acc": nan}
 
 
 def edit_loss_and_accuracy(logits: torch.Tensor, target: torch.Tensor, false_shown: torch.Tensor) -> dict:

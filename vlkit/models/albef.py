@@ -42,7 +42,8 @@ from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostN
                       Transformer, directional_mask, padding_mask, sincos_2d)
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
 from ..losses.matching import itm_accuracy, itm_loss
-from ..losses.mlm import edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs
+from ..losses.mlm import (edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs,
+                          no_edit_pairs)
 from ..losses.grounding import (GroundedPasses, attention_guides, check_grounding_settings, grounding_losses,
                                mask_relation_words, require_grounding, require_relations)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
@@ -563,18 +564,15 @@ class ALBEF(VLModel):
         keeping a true one (NaN in a batch without such words)."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         neg_ids = batch.get("neg_input_ids")
-        zero = image_tokens.new_zeros(())
-        nan = torch.full_like(zero, float("nan"))
-        none = {"edit_loss": zero, "edit_fix_acc": nan, "edit_keep_acc": nan}
         if neg_ids is None or neg_ids.shape[0] == 0:
-            return none
+            return no_edit_pairs(image_tokens)
         pairs = minimal_pairs(ids, mask, neg_ids, batch["neg_attention_mask"], batch["neg_owner"])
         edited = pairs.edited
         # one draw per row of the global batch, so the choice does not depend on the process count
         show_false = torch.rand(sum(g["sizes"]), generator=generator, device=ids.device)
         show_false = (show_false[g["row_start"]:g["row_start"] + ids.shape[0]] < 0.5)[pairs.rows]
         if pairs.rows.numel() == 0:
-            return none
+            return no_edit_pairs(image_tokens)
         shown = torch.where(show_false[:, None], pairs.neg_ids, pairs.ids)
         fused = self.fuse(self._text(shown, pairs.mask)[0], pairs.mask, image_tokens[pairs.rows])
         logits = self.mlm_head(fused[edited])  # (M, vocab)
@@ -587,15 +585,13 @@ class ALBEF(VLModel):
         head predicts the caption's tokens at the edited positions from both rows: correcting
         the false words, keeping the true ones. Same keys as ``_edit_loss``."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        zero = fused.new_zeros(())
-        nan = torch.full_like(zero, float("nan"))
         if batch.get("neg_input_ids") is None or batch["neg_input_ids"].shape[0] == 0:
-            return {"edit_loss": zero, "edit_fix_acc": nan, "edit_keep_acc": nan}
+            return no_edit_pairs(fused)
         pairs = minimal_pairs(ids, mask, batch["neg_input_ids"], batch["neg_attention_mask"],
                               batch["neg_owner"], first_only=False,
                               edits_caption=batch.get("neg_edits_caption"))
         if pairs.rows.numel() == 0:
-            return {"edit_loss": zero, "edit_fix_acc": nan, "edit_keep_acc": nan}
+            return no_edit_pairs(fused)
         edited, at = pairs.edited, fused[:, :pairs.edited.shape[1]]
         states = torch.cat([at[3 * ids.shape[0] + pairs.neg_rows][edited], at[pairs.rows][edited]])
         target = pairs.ids[edited]

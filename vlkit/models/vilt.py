@@ -21,7 +21,7 @@ from ..layers import (BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormB
                       directional_mask, padding_mask)
 from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
 from ..losses.mlm import (edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs,
-                          mlm_loss)
+                          mlm_loss, no_edit_pairs)
 from ..losses.grounding import (GroundedPasses, attention_guides, check_grounding_settings,
                                grounding_losses, mask_relation_words, require_grounding, require_relations)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
@@ -398,13 +398,11 @@ class ViLT(VLModel):
         two differ (``vlkit.losses.mlm.edit_loss_and_accuracy``)."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         neg_ids = batch.get("neg_input_ids")
-        zero = pixels.new_zeros(())
-        none = {"edit_loss": zero, "edit_fix_acc": zero + float("nan"), "edit_keep_acc": zero + float("nan")}
         if neg_ids is None or neg_ids.shape[0] == 0:
-            return none
+            return no_edit_pairs(pixels)
         pairs = minimal_pairs(ids, mask, neg_ids, batch["neg_attention_mask"], batch["neg_owner"])
         if pairs.rows.numel() == 0:
-            return none
+            return no_edit_pairs(pixels)
         show_false = torch.rand(pairs.rows.shape[0], device=ids.device) < 0.5
         shown = torch.where(show_false[:, None], pairs.neg_ids, pairs.ids)
         features = self(pixels[pairs.rows], shown, pairs.mask).features[:, :shown.shape[1]]
