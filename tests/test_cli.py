@@ -24,6 +24,13 @@ def test_help_runs_as_a_command():
     (["train", "clip", "--data", "/no/such/dir", "--out", "x", "--steps", "1"], "no such folder"),
     (["train", "clip", "--preset", "giant", "--out", "x", "--steps", "1"], "unknown preset"),
     (["eval", "/no/such/run"], "no such folder"),
+    (["train", "albef", "--out", "x", "--steps", "1", "--negatives", "3"], "need --hard-negatives"),
+    (["train", "albef", "--out", "x", "--steps", "1", "--hard-negatives",
+      "--negative-weights", "attribute_swap"], "KIND=W pairs"),
+    (["train", "albef", "--out", "x", "--steps", "1", "--hard-negatives",
+      "--negative-weights", "attribute_swap=-1"], "KIND=W pairs"),
+    (["train", "albef", "--out", "x", "--steps", "1", "--hard-negatives", "--negatives", "0"],
+     "at least 1 per image"),
 ])
 def test_user_mistakes_are_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

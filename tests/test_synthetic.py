@@ -509,3 +509,41 @@ def test_collate_pairs_a_negative_with_its_source_caption(train_recs):
            unpaired(recs, [random.Random(i) for i in range(len(recs))])["input_ids"][:, 0].tolist()]
     # without pairing the caption is drawn independently of the negatives: often another one
     assert sum(a != b for a, b in zip(pos, paired_caps)) > len(recs) // 4
+
+
+def test_negatives_drawn_by_kind_weight():
+    """Weighted draws without replacement: a kind's share follows its weight, weight 0 never
+    comes, no negative twice in one draw, and bad weights are refused by name."""
+    import random
+    from vlkit.data.collate import check_negative_weights, draw_negatives
+    pool = [{"caption": f"{k} {i}", "kind": k} for k in ("a", "b", "c") for i in range(2)]
+    weights = {"a": 4.0, "c": 0.0}  # "b" not named: weight 1
+    counts = {"a": 0, "b": 0, "c": 0}
+    rng = random.Random(0)
+    for _ in range(2000):
+        drawn = draw_negatives(pool, 1, rng, weights)
+        counts[drawn[0]["kind"]] += 1
+        two = draw_negatives(pool, 2, rng, weights)
+        assert len({n["caption"] for n in two}) == 2 and all(n["kind"] != "c" for n in two)
+    assert counts["c"] == 0
+    assert 3.4 < counts["a"] / counts["b"] < 4.7  # 4 expected: 8 vs 2 of total weight 10
+    assert len(draw_negatives(pool, 10, rng, weights)) == 4  # only the non-zero ones exist
+    uniform = draw_negatives(pool, 3, random.Random(1))
+    assert len(uniform) == 3 and len({n["caption"] for n in uniform}) == 3
+    for bad in ({"a": -1.0}, {"a": float("nan")}, {"a": "x"}):
+        with pytest.raises(ValueError, match="negative_weights"):
+            check_negative_weights(bad)
+
+
+def test_train_records_negative_weights(tmp_path):
+    """--negatives and --negative-weights reach the run's config, so a resumed run draws alike."""
+    from vlkit.train.run import RunArgs, train
+    from vlkit.train.checkpoint import read_run_config
+    out = tmp_path / "run"
+    small = {"vision.image_size": 32, "vision.dim": 32, "vision.depth": 1, "vision.heads": 2,
+             "vision.mlp_dim": 64, "dim": 32, "text_layers": 1, "fusion_layers": 1, "heads": 2,
+             "mlp_dim": 64, "embed_dim": 16, "queue_size": 64}
+    train(RunArgs(model="albef", out=str(out), steps=1, batch_size=8, hard_negatives=True,
+                  negatives=3, negative_weights={"attribute_swap": 2.0}, overrides=small, progress=False))
+    saved = read_run_config(out)
+    assert saved["negatives"] == 3 and saved["negative_weights"] == {"attribute_swap": 2.0}

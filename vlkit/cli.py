@@ -25,6 +25,27 @@ def _kv(items: list[str]) -> dict:
     return out
 
 
+def _negative_weights(text: str | None) -> dict | None:
+    """--negative-weights attribute_swap=3,relation_flip=2 -> {kind: weight}."""
+    if not text:
+        return None
+    from .data.synthetic import NEGATIVE_KINDS
+    out = {}
+    for item in text.split(","):
+        kind, eq, value = item.strip().partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if not eq or not kind or weight is None or not weight >= 0 or weight == float("inf"):
+            raise UsageError(f"--negative-weights takes KIND=W pairs (W a number >= 0), got {item!r}")
+        if kind not in NEGATIVE_KINDS:  # a user's data may have kinds of its own: allowed, but said
+            print(f"note: --negative-weights kind {kind!r} is not one of the synthetic world's "
+                  f"({', '.join(NEGATIVE_KINDS)})", file=sys.stderr)
+        out[kind] = weight
+    return out
+
+
 def cmd_list_models(args) -> int:
     from .models import list_models, model_class
     for name in list_models():
@@ -74,7 +95,8 @@ def cmd_train(args) -> int:
                   progress=not args.no_progress, max_skip_rate=args.max_skip_rate,
                   ckpt_every=args.ckpt_every, grad_checkpointing=args.grad_checkpointing,
                   fsdp=args.fsdp, groups=args.groups, eval_every=args.eval_every,
-                  eval_size=args.eval_size)
+                  eval_size=args.eval_size, negatives=args.negatives,
+                  negative_weights=_negative_weights(args.negative_weights))
     from .train import distributed as vdist
     try:
         result = train(run)
@@ -174,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimiser state (FSDP2) "
                         "instead of replicating them (DDP)")
+    s.add_argument("--negatives", type=int, metavar="N",
+                   help="with --hard-negatives: the data's negative captions drawn per image (default 2)")
+    s.add_argument("--negative-weights", metavar="KIND=W,...",
+                   help="with --hard-negatives: draw negatives in proportion to a weight per kind "
+                        "(e.g. attribute_swap=3,relation_flip=2; kinds not named weigh 1)")
     s.add_argument("--groups", type=int, metavar="G",
                    help="synthetic world: image-text batches made of minimal-pair groups of G (a scene "
                         "and G-1 one-edit variants of it, each other's hard negatives); 1 turns them off")

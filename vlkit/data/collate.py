@@ -1,6 +1,7 @@
 """Records (dicts in the dataset format) -> model batches of tensors."""
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
@@ -66,12 +67,38 @@ class ClassificationCollate:
         return out
 
 
+def check_negative_weights(weights: dict[str, float] | None) -> dict[str, float] | None:
+    if not weights:
+        return None
+    for kind, w in weights.items():
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"negative_weights[{kind!r}] must be a finite number >= 0, got {w!r}")
+    return {str(k): float(w) for k, w in weights.items()}
+
+
+def draw_negatives(pool: list[dict], n: int, rng: random.Random,
+                   weights: dict[str, float] | None = None) -> list[dict]:
+    """Up to ``n`` of ``pool`` without replacement: uniformly, or with ``weights`` by kind
+    (weighted sampling without replacement: each item's key u ** (1 / w), the largest kept)."""
+    if weights is None:
+        return rng.sample(pool, min(n, len(pool)))
+    keyed = []
+    for i, neg in enumerate(pool):
+        w = weights.get(neg.get("kind"), 1.0)
+        if w > 0:
+            keyed.append((rng.random() ** (1.0 / w), i))
+    keyed.sort(reverse=True)
+    return [pool[i] for _, i in keyed[:n]]
+
+
 class ImageTextCollate:
     """Image-caption records -> pixels + tokenised captions.
 
     In training one reference caption is drawn per image (from ``captions`` when present). With
     ``negatives > 0`` up to that many of the record's ``negatives`` captions are added per image
     as ``neg_input_ids`` / ``neg_attention_mask`` with ``neg_owner`` (the image each belongs to)
+    -- drawn without replacement, uniformly or, with ``negative_weights`` ({kind: weight}, kinds
+    not named weigh 1, weight 0 never drawn), in proportion to the weight of each one's ``kind``
     and ``neg_edits_caption`` (False where the negative names a ``source`` other than the
     caption drawn for its image: it edits another caption of the image).
     With ``paired=True`` (the default) the reference caption drawn for an image is the ``source``
@@ -100,8 +127,10 @@ class ImageTextCollate:
     def __init__(self, transform, tokenizer, max_length: int | None = None, negatives: int = 0,
                  random_caption: bool = True, word_ids: bool = False,
                  answers: Sequence[str] | None = None, paired: bool = True,
-                 grounding_grid: tuple[int, int] | None = None):
+                 grounding_grid: tuple[int, int] | None = None,
+                 negative_weights: dict[str, float] | None = None):
         self.transform, self.tokenizer = transform, tokenizer
+        self.negative_weights = check_negative_weights(negative_weights)
         self.grounding_grid = tuple(grounding_grid) if grounding_grid else None
         if self.grounding_grid and getattr(transform, "train", False) and \
                 tuple(getattr(transform, "scale", (1.0, 1.0))) != (1.0, 1.0):
@@ -124,8 +153,8 @@ class ImageTextCollate:
             caption = rng.choice(options) if self.random_caption else rec["caption"]
             chosen = []
             if self.negatives:
-                pool = list(rec.get("negatives") or [])
-                drawn = rng.sample(pool, min(self.negatives, len(pool)))
+                drawn = draw_negatives(list(rec.get("negatives") or []), self.negatives, rng,
+                                       self.negative_weights)
                 chosen = [n["caption"] for n in drawn]
                 for n in drawn:
                     source = n.get("source")

@@ -57,6 +57,10 @@ class RunArgs:
     groups: int | None = None       # synthetic world: minimal-pair group size (None: 1, or a resumed run's)
     eval_every: int | None = None   # steps between learning-curve points (curve.jsonl)
     eval_size: int = 300            # test records (and single-object images) per curve point
+    # with hard_negatives: the data's negative captions drawn per image (None: 2, or a resumed
+    # run's), and their draw weighted by kind ({kind: weight}; None: uniform, or a resumed run's)
+    negatives: int | None = None
+    negative_weights: dict | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -139,7 +143,7 @@ def open_dataset(data: str, split: str, on_bad_sample: str = "error",
 
 
 def make_collate(model, task: str, tokenizer, negatives: int, train: bool = True,
-                 data: str = "synthetic"):
+                 data: str = "synthetic", negative_weights: dict | None = None):
     from ..data.collate import ClassificationCollate, ImageTextCollate, max_text_length
     from ..data.transforms import ImageTransform
     spec = model.image_spec()
@@ -156,7 +160,8 @@ def make_collate(model, task: str, tokenizer, negatives: int, train: bool = True
     cfg = model.cfg
     return ImageTextCollate(transform, tokenizer, max_length=max_text_length(cfg), negatives=negatives,
                             word_ids=bool(getattr(cfg, "whole_word_mask", False)),
-                            answers=vqa_answers(cfg), grounding_grid=grounding_grid if train else None)
+                            answers=vqa_answers(cfg), grounding_grid=grounding_grid if train else None,
+                            negative_weights=negative_weights)
 
 
 def vqa_answers(cfg) -> list[str] | None:
@@ -378,19 +383,31 @@ def train(args: RunArgs) -> dict:
     if groups < 1 or (cfg.batch_size // world) % groups:
         raise ValueError(f"--groups {groups}: each process's batch ({cfg.batch_size // world}) must "
                          "be a multiple of the group size")
+    hard = bool(getattr(model.cfg, "hard_negatives", False))
+    negatives, weights = args.negatives, args.negative_weights
+    if not fresh:
+        saved = read_run_config(run)
+        negatives = saved.get("negatives") if negatives is None else negatives
+        weights = saved.get("negative_weights") if weights is None else weights
+    if (args.negatives is not None or args.negative_weights) and not hard:
+        raise ValueError("--negatives / --negative-weights choose among the data's negative captions: "
+                         "they need --hard-negatives")
+    negatives = (2 if negatives is None else int(negatives)) if hard else 0
+    if hard and negatives < 1:
+        raise ValueError(f"--negatives {negatives}: with --hard-negatives at least 1 per image")
     if fresh and rank == 0:
         save_run_config(run, args.model, model.config_dict(),
                         {"data": args.data, "preset": args.preset, "init": args.init, "vqa": args.vqa,
-                         "groups": groups, "train": dataclasses.asdict(cfg)})
+                         "groups": groups, "negatives": negatives, "negative_weights": weights,
+                         "train": dataclasses.asdict(cfg)})
         if tok is not None:
             tok.save(run / "tokenizer")
     task = model.task
-    negatives = 2 if getattr(model.cfg, "hard_negatives", False) else 0
     # a ViT with a per-patch head also sees images of several objects (half of its images)
     single = 0.5 if getattr(model, "patch_grid", 0) else None
     source = training_source(task, args.data, model.image_spec()["size"], args.seed, args.on_bad_sample,
                              args.max_skip_rate, groups, single_object=single)
-    collate = make_collate(model, task, tok, negatives, data=args.data)
+    collate = make_collate(model, task, tok, negatives, data=args.data, negative_weights=weights)
     from ..data.loader import batch_loader
     # augmentation draws from an RNG seeded by (seed, global sample position), so every sample
     # is augmented alike whichever rank or worker reads it
