@@ -630,17 +630,25 @@ def test_vilt_attention_forcing():
 
 
 def test_vilt_directional_heads():
-    """ViLT directional_heads: the text rows of head 0 see the text at or before them, of head 1
-    at or after them, both the whole image; image rows see everything; padding stays masked."""
-    model = _vilt(heads=2, directional_heads=True)
+    """ViLT directional_heads: the text rows of the second-to-last head see the text at or before
+    them, of the last head the text at or after them, and neither sees the image; the other
+    heads' text rows and all image rows see everything; padding stays masked. The grounding and
+    relation heads must come before the two."""
+    model = _vilt(heads=3, dim=48, grounding_weight=0.0, directional_heads=True)
     joint = torch.tensor([[1, 1, 1, 0, 1, 1]])  # 4 text positions (one padded), 2 image tokens
     m = model._joint_mask(joint, 4)
-    assert m.shape == (1, 2, 6, 6)
-    assert m[0, 0, 1].tolist() == [True, True, False, False, True, True]
-    assert m[0, 1, 1].tolist() == [False, True, True, False, True, True]
-    assert m[0, 0, 4].tolist() == m[0, 1, 5].tolist() == [True, True, True, False, True, True]
+    assert m.shape == (1, 3, 6, 6)
+    assert m[0, 0, 1].tolist() == [True, True, True, False, True, True]
+    assert m[0, 1, 1].tolist() == [True, True, False, False, False, False]
+    assert m[0, 2, 1].tolist() == [False, True, True, False, False, False]
+    assert not m[0, 1:, :4, 4:].any() and m[0, 0, :4, 4:].all()  # the image: to head 0's text rows only
+    assert all(m[0, h, r].tolist() == [True, True, True, False, True, True] for h in range(3) for r in (4, 5))
     assert torch.equal(_vilt(heads=2)._joint_mask(joint, 4), joint.bool()[:, None, None, :])
     pixels, ids = torch.randn(1, 3, 32, 32), torch.randint(5, 60, (1, 4))
-    assert model(pixels, ids).features.shape[1] == 4 + 1 + 16
+    out = model(pixels, ids).features
+    assert out.shape[1] == 4 + 1 + 16 and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="directional_heads"):
         _vilt(heads=1, grounding_weight=0.0, directional_heads=True)
+    with pytest.raises(ValueError, match="use at least 5 heads"):  # 1 grounding + 2 relation heads
+        _vilt(heads=4, relation_weight=1.0, relation_layer=0, directional_heads=True)
+    _vilt(heads=4, relation_weight=1.0, directional_heads=True)  # relation heads 0, 1 of layer 1

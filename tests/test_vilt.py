@@ -2,6 +2,7 @@
 training losses and a tiny overfit run."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vlkit
 from vlkit.convert.common import ConversionError
@@ -335,6 +336,45 @@ def test_edit_loss_and_itm_plus_edit_score():
         torch.testing.assert_close(model.score(b["pixel_values"], ids, mask), itm)
     with pytest.raises(ValueError, match="match_score"):
         vlkit.create_model("vilt", "tiny", **SMALL, match_score="mlm")
+
+
+@pytest.mark.parametrize("swap_prob", [0.0, 1.0])
+def test_edit_pass_itm_reads_the_itm_pass(swap_prob):
+    """edit_pass="itm": the correction is read off the ITM pass, from every negative's row (the
+    false word shown) and from its caption's row where that row shows the caption's own image
+    (none when every image is swapped); checked against passes of each text alone."""
+    torch.manual_seed(0)
+    model = vlkit.create_model("vilt", "tiny", **SMALL, hard_negatives=True, edit_weight=1.0,
+                               edit_pass="itm", itm_swap_prob=swap_prob).eval()
+    b = _batch(3, 8)
+    ids, mask = b["input_ids"], b["attention_mask"]
+    neg = torch.cat([ids, ids[:1]])
+    neg[[0, 1, 2, 3], [3, 4, 2, 5]] = 7  # one word replaced in each
+    neg = torch.cat([neg, torch.full((4, 2), 9)], 1)  # padded longer than the captions
+    neg_mask = torch.cat([torch.cat([mask, mask[:1]]), torch.zeros(4, 2, dtype=torch.long)], 1)
+    b.update(neg_input_ids=neg, neg_attention_mask=neg_mask, neg_owner=torch.tensor([0, 1, 2, 0]),
+             neg_edits_caption=torch.tensor([True, True, True, False]))
+    out = model.training_losses(b)
+    logits, targets, false = [], [], []
+    with torch.no_grad():
+        for k in range(3):
+            pos = int((neg[k, :8] != ids[k]).nonzero())
+            texts = [neg[k:k + 1, :8]] + ([ids[k:k + 1]] if swap_prob == 0.0 else [])
+            for j, text in enumerate(texts):
+                features = model(b["pixel_values"][k:k + 1], text, mask[k:k + 1]).features
+                logits.append(model.mlm_head(features[0, pos]))
+                targets.append(ids[k, pos])
+                false.append(j == 0)
+    order = [i for i in range(len(logits)) if false[i]] + [i for i in range(len(logits)) if not false[i]]
+    want = F.cross_entropy(torch.stack([logits[i] for i in order]), torch.stack([targets[i] for i in order]))
+    assert len(logits) == (6 if swap_prob == 0.0 else 3)
+    torch.testing.assert_close(out["edit_loss"], want, atol=1e-5, rtol=1e-5)
+    assert (out["edit_keep_acc"] == out["edit_keep_acc"]) == (swap_prob == 0.0)  # NaN: none kept
+    with pytest.raises(ValueError, match="edit_pass"):
+        vlkit.create_model("vilt", "tiny", **SMALL, hard_negatives=True, edit_weight=1.0, edit_pass="both")
+    with pytest.raises(ValueError, match="edit_pass"):
+        vlkit.create_model("vilt", "tiny", **SMALL, hard_negatives=True, edit_weight=1.0, edit_pass="itm",
+                           objectives=("mlm",))
 
 
 def test_relation_words_are_masked_whole():

@@ -124,6 +124,38 @@ def no_edit_pairs(like: torch.Tensor) -> dict:
     return {"edit_loss": zero, "edit_fix_acc": nan, "edit_keep_acc": nan}
 
 
+def edit_from_pass(head, states: torch.Tensor, batch: dict, neg_start: int,
+                   caption_own_image: torch.Tensor | None = None) -> dict:
+    """Replaced-word correction read off a fused pass that already holds the minimal pairs:
+    ``states`` (N, >=L, D) has each caption of ``batch`` with its image at its row and the
+    batch's dataset negatives with their images from row ``neg_start`` on. Every negative that
+    edits its caption word for word (``minimal_pairs``, ``first_only=False``) gives the MLM
+    ``head`` the true caption's tokens to predict at the edited positions, read from the
+    negative's row (correcting false words) and from the caption's row (keeping true ones) --
+    the latter only where ``caption_own_image`` (B,) bool says that row shows the caption's own
+    image (None: all do). Keys of ``edit_loss_and_accuracy``."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    neg = batch.get("neg_input_ids")
+    if neg is None or neg.shape[0] == 0:
+        return no_edit_pairs(states)
+    pairs = minimal_pairs(ids, mask, neg, batch["neg_attention_mask"], batch["neg_owner"],
+                          first_only=False, edits_caption=batch.get("neg_edits_caption"))
+    if pairs.rows.numel() == 0:
+        return no_edit_pairs(states)
+    edited = pairs.edited
+    if edited.shape[1] > states.shape[1]:
+        raise ValueError(f"edit_from_pass: the pass holds {states.shape[1]} text positions, the "
+                         f"pairs {edited.shape[1]}")
+    at = states[:, :edited.shape[1]]
+    own = torch.ones_like(pairs.rows, dtype=torch.bool) if caption_own_image is None \
+        else caption_own_image.to(pairs.rows.device)[pairs.rows]
+    false_states = at[neg_start + pairs.neg_rows][edited]
+    true_states = at[pairs.rows[own]][edited[own]]
+    target = torch.cat([pairs.ids[edited], pairs.ids[own][edited[own]]])
+    false_shown = torch.arange(target.shape[0], device=target.device) < false_states.shape[0]
+    return edit_loss_and_accuracy(head(torch.cat([false_states, true_states])), target, false_shown)
+
+
 def edit_loss_and_accuracy(logits: torch.Tensor, target: torch.Tensor, false_shown: torch.Tensor) -> dict:
     """Replaced-word correction: cross-entropy of ``logits`` (M, vocab) at the M edited
     positions of minimal pairs against the true caption's tokens, and the accuracy of correcting

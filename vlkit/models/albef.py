@@ -42,8 +42,8 @@ from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostN
                       Transformer, directional_mask, padding_mask, sincos_2d)
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
 from ..losses.matching import itm_accuracy, itm_loss
-from ..losses.mlm import (edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs,
-                          no_edit_pairs)
+from ..losses.mlm import (edit_from_pass, edit_loss_and_accuracy, lowest_word_logprob, mask_tokens,
+                          minimal_pairs, no_edit_pairs)
 from ..losses.grounding import (GroundedPasses, attention_guides, check_grounding_settings, grounding_losses,
                                mask_relation_words, require_grounding, require_relations)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
@@ -500,8 +500,10 @@ class ALBEF(VLModel):
 
         losses = [out["itc_loss"], out["itm_loss"], out["mlm_loss"]]
         if cfg.edit_weight > 0:
+            # "itm": the ITM pass holds the B captions with their images in its first rows and
+            # the dataset negatives with theirs from row 3B on (``_itm``)
             out.update(self._edit_loss(batch, image_tokens, generator, g) if cfg.edit_pass == "separate"
-                       else self._edit_from_itm(batch, itm_fused))
+                       else edit_from_pass(self.mlm_head, itm_fused, batch, 3 * ids.shape[0]))
             losses.append(cfg.edit_weight * out["edit_loss"])
         if "vqa_targets" in batch:
             if grounded and "question_grounding" in batch and self.vqa_head is not None:
@@ -577,26 +579,6 @@ class ALBEF(VLModel):
         fused = self.fuse(self._text(shown, pairs.mask)[0], pairs.mask, image_tokens[pairs.rows])
         logits = self.mlm_head(fused[edited])  # (M, vocab)
         return edit_loss_and_accuracy(logits, pairs.ids[edited], show_false[:, None].expand_as(edited)[edited])
-
-    def _edit_from_itm(self, batch, fused) -> dict:
-        """Replaced-word correction read off the ITM pass (``edit_pass="itm"``): ``fused`` holds
-        the B captions with their images in its first rows and the dataset negatives with their
-        images from row 3B on. For every negative that edits its caption word for word, the MLM
-        head predicts the caption's tokens at the edited positions from both rows: correcting
-        the false words, keeping the true ones. Same keys as ``_edit_loss``."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        if batch.get("neg_input_ids") is None or batch["neg_input_ids"].shape[0] == 0:
-            return no_edit_pairs(fused)
-        pairs = minimal_pairs(ids, mask, batch["neg_input_ids"], batch["neg_attention_mask"],
-                              batch["neg_owner"], first_only=False,
-                              edits_caption=batch.get("neg_edits_caption"))
-        if pairs.rows.numel() == 0:
-            return no_edit_pairs(fused)
-        edited, at = pairs.edited, fused[:, :pairs.edited.shape[1]]
-        states = torch.cat([at[3 * ids.shape[0] + pairs.neg_rows][edited], at[pairs.rows][edited]])
-        target = pairs.ids[edited]
-        false_shown = torch.arange(2 * target.shape[0], device=target.device) < target.shape[0]
-        return edit_loss_and_accuracy(self.mlm_head(states), target.repeat(2), false_shown)
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

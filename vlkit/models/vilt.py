@@ -20,10 +20,11 @@ from torch import nn
 from ..layers import (BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormBlock, Transformer,
                       directional_mask, padding_mask)
 from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
-from ..losses.mlm import (edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs,
+from ..losses.mlm import (edit_from_pass, edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs,
                           mlm_loss, no_edit_pairs)
 from ..losses.grounding import (GroundedPasses, attention_guides, check_grounding_settings,
-                               grounding_losses, mask_relation_words, require_grounding, require_relations)
+                               grounding_losses, mask_relation_words, relation_heads, require_grounding,
+                               require_relations)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from .base import Output, VLModel, register, source_vision_tower
 from .vit import _init_weights
@@ -84,6 +85,11 @@ class ViLTConfig:
     # they differ; match_score="itm+edit" then scores a pair by the ITM head and the least likely
     # word the text shows (vlkit.losses.mlm.lowest_word_logprob)
     edit_weight: float = 0.0
+    # where the correction reads the pairs: "separate" (a pass of its own over each caption's
+    # first minimal-pair negative, shown false or true at random) or "itm" (the ITM pass, which
+    # holds every dataset negative with its image and the captions left with their own image:
+    # every minimal pair read both ways at no extra cost; needs the "itm" objective)
+    edit_pass: str = "separate"
     match_score: str = "itm"
     # the share of captions whose relation words (grounding entries with a role) are all masked
     # in the MLM pass, on top of mlm_prob (needs grounding)
@@ -95,9 +101,10 @@ class ViLTConfig:
     # supervised heads read the image through their targets, mixed into their own attention at a
     # share falling linearly from 1 to 0 over this many optimiser steps
     attention_forcing_steps: int = 0
-    # self-attention head 0 of every layer lets a text token see only the text at or before it,
-    # head 1 only the text at or after it (both see the image): a relation word tells its
-    # subject from its object by the mask instead of learned positions
+    # the last two self-attention heads of every layer let a text token see only the text at or
+    # before it (the second-to-last head) or at or after it (the last), and no image token: a
+    # relation word tells its subject from its object by the mask instead of learned positions
+    # (the grounding and relation heads come first, so they need two heads more than they use)
     directional_heads: bool = False
 
 
@@ -149,12 +156,26 @@ class ViLT(VLModel):
         if cfg.answer_names and len(cfg.answer_names) != cfg.num_answers:
             raise ValueError(f"{len(cfg.answer_names)} answer_names for num_answers={cfg.num_answers}")
         check_grounding_settings(cfg, cfg.depth, "backbone")
-        if cfg.directional_heads and cfg.heads < 2:
-            raise ValueError(f"directional_heads needs at least 2 attention heads, got heads={cfg.heads}")
+        if cfg.directional_heads:
+            if cfg.heads < 2:
+                raise ValueError(f"directional_heads needs at least 2 attention heads, got heads={cfg.heads}")
+            # the last two heads read text only: the supervised heads must come before them
+            supervised = cfg.grounding_heads if cfg.grounding_weight > 0 else 0
+            if cfg.relation_weight > 0:
+                supervised = max(supervised, relation_heads(cfg.grounding_layer, cfg.grounding_heads,
+                                                            cfg.relation_layer) + 2)
+            if supervised > cfg.heads - 2:
+                raise ValueError(f"directional_heads: heads {cfg.heads - 2} and {cfg.heads - 1} read "
+                                 f"text only, but grounding and relation supervise heads 0 to "
+                                 f"{supervised - 1}: use at least {supervised + 2} heads")
         if cfg.edit_weight < 0 or (cfg.edit_weight > 0 and not (cfg.hard_negatives and cfg.mlm_head)):
             raise ValueError(f"edit_weight={cfg.edit_weight}: needs to be >= 0, and > 0 needs "
                              "hard_negatives (--hard-negatives: the dataset's negative captions) "
                              "and the MLM head")
+        if cfg.edit_pass not in ("separate", "itm") or (cfg.edit_pass == "itm" and cfg.edit_weight > 0
+                                                         and not (cfg.itm_head and "itm" in cfg.objectives)):
+            raise ValueError(f"edit_pass must be 'separate' or 'itm' (which needs the ITM head and "
+                             f"objective), got {cfg.edit_pass!r}")
         if cfg.match_score not in ("itm", "itm+edit") or (cfg.match_score == "itm+edit" and not cfg.mlm_head):
             raise ValueError(f"match_score must be 'itm' or 'itm+edit' (which needs the MLM head), "
                              f"got {cfg.match_score!r}")
@@ -290,16 +311,20 @@ class ViLT(VLModel):
 
     def _joint_mask(self, mask: torch.Tensor, text_len: int) -> torch.Tensor:
         """The self-attention mask of the joint sequence (text first): padding, and with
-        ``directional_heads`` the text rows of head 0 see the text at or before them and those
-        of head 1 the text at or after them (``layers.directional_mask``); every row sees the
-        whole image and the image rows see everything."""
+        ``directional_heads`` the text rows of the last two heads see only text -- the
+        second-to-last head the text at or before them, the last the text at or after them
+        (``layers.directional_mask``) -- as a text encoder's layer would: what precedes a
+        relation word (its subject) and what follows it (its object) reach it apart, undiluted
+        by the image tokens. The other heads' text rows and every image row see everything."""
         keys = padding_mask(mask)
         if not self.cfg.directional_heads:
             return keys
-        full = keys.expand(-1, self.cfg.heads, mask.shape[1], -1)
-        text = directional_mask(mask[:, :text_len], self.cfg.heads)
-        top = torch.cat([text, full[:, :, :text_len, text_len:]], dim=3)
-        return torch.cat([top, full[:, :, text_len:]], dim=2)
+        heads, n = self.cfg.heads, text_len
+        full = keys.expand(-1, heads, mask.shape[1], -1)
+        text = torch.cat([directional_mask(mask[:, :n], 2),
+                          torch.zeros_like(full[:, :2, :n, n:])], dim=3)  # (B, 2, n, L)
+        top = torch.cat([full[:, :heads - 2, :n], text], dim=1)
+        return torch.cat([top, full[:, :, n:]], dim=2)
 
     @property
     def grounding_grid(self) -> tuple[int, int] | None:
@@ -452,7 +477,14 @@ class ViLT(VLModel):
                                          own_rows(batch["grounding_roles"]) if relations else None)
                 logits = self.itm_head(self.pooler(features))
             else:
-                logits = self.itm_head(self(itm_pixels, itm_ids, itm_mask).pooled)
+                result = self(itm_pixels, itm_ids, itm_mask)
+                features, logits = result.features, self.itm_head(result.pooled)
+            if self.cfg.edit_weight > 0 and self.cfg.edit_pass == "itm":
+                # rows 0..B-1: the captions, with their own image where not swapped; the dataset
+                # negatives, each with its own image, from row B on
+                own = index == torch.arange(ids.shape[0], device=index.device)
+                out.update(edit_from_pass(self.mlm_head, features[:, :itm_ids.shape[1]], batch,
+                                          ids.shape[0], own))
             out["itm_loss"] = itm_loss(logits, labels)
             out["itm_acc"] = itm_accuracy(logits.detach(), labels)
             losses.append(out["itm_loss"])
@@ -490,7 +522,8 @@ class ViLT(VLModel):
                 out["vqa_loss"] = batch_vqa_loss(self, batch, pixels, ids, mask)
             losses.append(out["vqa_loss"])
         if self.cfg.edit_weight > 0 and self.mlm_head is not None:
-            out.update(self._edit_loss(batch, pixels))
+            if self.cfg.edit_pass == "separate":
+                out.update(self._edit_loss(batch, pixels))
             losses.append(self.cfg.edit_weight * out["edit_loss"])
         losses.extend(grounded.losses(out))
         if not losses:

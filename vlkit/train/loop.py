@@ -307,7 +307,9 @@ class Trainer:
         accuracy at evaluation. Only the exported weights change; the checkpoints keep the
         training state as it was, so a resumed run is unaffected. (``training_losses`` must not
         change state besides BatchNorm buffers; models with feature queues skip this.) Under a
-        process group every rank runs its slices and the statistics are the global batch's."""
+        process group every rank runs its slices and the statistics are the global batch's. The
+        passes run in fp32 whatever the training precision: the statistics are those of the
+        activations the exported weights produce in evaluation (fp32)."""
         norms = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         if not norms or getattr(self.model, "has_queues", False):
             return
@@ -322,8 +324,7 @@ class Trainer:
             batch = next(data)
             batch.pop("_bad_samples", None)  # calibration reads are not training reads
             batch = to_device(batch, self.device)
-            with autocast(self.device, self.precision):
-                self.engine(batch)  # no gradient: DDP does not prepare a reduction
+            self.engine(batch)  # no gradient: DDP does not prepare a reduction; fp32 (see above)
         self.model.train(was_training)
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
