@@ -155,6 +155,38 @@ def test_inference_reuses_stacked_projections_until_a_weight_changes():
         assert not torch.allclose(attn(x), changed)
 
 
+def test_evaluation_between_fused_optimizer_steps_sees_the_new_weights():
+    """The fused AdamW kernel updates parameters in place without bumping their version
+    counters, so the inference cache must not outlive a return to training mode: a model
+    evaluated, trained one fused step and evaluated again (a learning curve) gives what a fresh
+    copy of the new weights gives; training-mode passes without autograd do not cache."""
+    from vlkit.layers import Attention
+    torch.manual_seed(0)
+    attn = Attention(16, 2)
+    opt = torch.optim.AdamW(attn.parameters(), lr=0.1, fused=True)
+    x = torch.randn(2, 5, 16)
+    for _ in range(2):
+        attn.eval()
+        with torch.no_grad():
+            before = attn(x)
+        assert attn._stacked
+        attn.train()
+        assert attn._stacked == {}
+        attn(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            attn(x)
+        assert attn._stacked == {}  # training mode, autograd off: no cache
+        attn.eval()
+        fresh = Attention(16, 2).eval()
+        fresh.load_state_dict(attn.state_dict())
+        with torch.no_grad():
+            after = attn(x)
+            assert not torch.allclose(after, before)
+            torch.testing.assert_close(after, fresh(x), rtol=0, atol=1e-6)
+
+
 def test_attention_inference_traces_as_one_graph():
     """Under torch.compile the stacked q/k/v weights are built in the graph, not taken from the
     inference cache (whose pointer checks would break the graph, and whose tensor could be a

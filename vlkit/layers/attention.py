@@ -130,12 +130,15 @@ class Attention(nn.Module):
         self._stacked: dict = {}  # inference cache of stacked projection weights (see _project)
 
     def _project(self, x: torch.Tensor, name: str, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
-        """``layer(x)`` for each layer as one product over their stacked weights. With autograd
-        off (inference) the stacked weights are kept until a parameter changes (its version
-        counter, storage or dtype), so inference does not copy them on every call. Under
+        """``layer(x)`` for each layer as one product over their stacked weights. In inference
+        (eval mode, autograd off) the stacked weights are kept until a parameter changes (its
+        version counter, storage or dtype) or the module changes mode, so inference does not copy
+        them on every call. The mode switch matters: the fused AdamW kernel updates parameters in
+        place without bumping their version counters, so a cache kept across a training step
+        would serve stale weights (a model evaluated between steps, as learning curves do). Under
         ``torch.compile`` the weights are stacked in the graph: the cache's pointer checks would
         break it, and a cached tensor could be a CUDA-graph output that a later replay overwrites."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return _project(x, _stack(layers), layers)
         params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
         key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
@@ -144,6 +147,10 @@ class Attention(nn.Module):
             hit = (key, _stack(layers))
             self._stacked[name] = hit
         return _project(x, hit[1], layers)
+
+    def train(self, mode: bool = True):
+        self._stacked.clear()  # see _project: weights may change while in training mode
+        return super().train(mode)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
