@@ -171,3 +171,27 @@ def test_cider_properties():
     # word order matters through higher n-grams
     shuffled = ["square blue a of left circle red a"] + exact[1:]
     assert cider(shuffled, refs) < cider(exact, refs)
+
+
+def test_class_embeddings_follow_new_weights():
+    """The zero-shot class-embedding cache is rebuilt when other weights are loaded into the
+    pipeline's model (and reused while they stay)."""
+    import vlkit
+    from vlkit.eval.zeroshot import class_embeddings
+    from vlkit.pipeline import Pipeline
+    from vlkit.tokenizers import build_wordpiece_vocab
+    torch.manual_seed(0)
+    small = {"vision.image_size": 32, "vision.patch_size": 16, "vision.dim": 32, "vision.depth": 1,
+             "vision.heads": 2, "vision.mlp_dim": 64, "text.dim": 32, "text.depth": 1, "text.heads": 2,
+             "text.mlp_dim": 64, "embed_dim": 16}
+    tok = build_wordpiece_vocab(["a red circle", "a blue square", "a small red circle"], vocab_size=60)
+    small.update({"text.vocab_size": tok.vocab_size, "text.eot_token_id": tok.eos_token_id})
+    model, other = (vlkit.create_model("clip", "tiny", **small) for _ in range(2))
+    pipe = Pipeline(model, tok)
+    first = class_embeddings(pipe, ["red circle", "blue square"])
+    assert class_embeddings(pipe, ["red circle", "blue square"]) is first  # cached
+    model.load_state_dict(other.state_dict())
+    again = class_embeddings(pipe, ["red circle", "blue square"])
+    assert not torch.allclose(again, first)
+    torch.testing.assert_close(again, class_embeddings(Pipeline(other, tok),
+                                                       ["red circle", "blue square"]))

@@ -18,7 +18,10 @@ TEMPLATES = (
 def class_embeddings(pipe, labels, templates=None, batch_size: int = 256) -> torch.Tensor:
     """(C, E): for each label the normalised mean of its normalised template embeddings."""
     templates = tuple(templates or TEMPLATES)
-    key = (tuple(labels), templates)
+    # the cache holds while the model's weights do: new weights loaded into pipe.model (copy_
+    # bumps each parameter's version) or swapped in (new storage) rebuild it
+    weights = tuple((p._version, p.data_ptr()) for p in pipe.model.parameters())
+    key = (tuple(labels), templates, id(pipe.model), weights)
     cache = getattr(pipe, "_class_cache", None)
     if cache is not None and cache[0] == key:
         return cache[1]
