@@ -668,3 +668,35 @@ def test_itm_plus_edit_score_is_the_product_of_the_two_heads():
         assert torch.allclose(model.score(batch["pixel_values"], ids, mask), out.logits.softmax(-1)[:, 1])
     with pytest.raises(ValueError, match="match_score"):
         vlkit.create_model("albef", "tiny", **SMALL, match_score="mlm")
+
+
+def test_pair_head_reads_both_images_and_learns():
+    """pair_classes: the logits are the head on the two fused [CLS] states (first image first);
+    the order of the images matters, a model without the head says so, and a few steps on a
+    fixed batch fit a two-image label (are the two images the same?)."""
+    torch.manual_seed(0)
+    model = vlkit.create_model("albef", "tiny", **SMALL, pair_classes=2).eval()
+    b = _batch(b=4)
+    ids, mask, first = b["input_ids"], b["attention_mask"], b["pixel_values"]
+    second = torch.cat([first[:2], first[2:].flip(0)])  # rows 0, 1 the same image; 2, 3 not
+    with torch.no_grad():
+        got = model.pair_logits(first, second, ids, mask)
+        hidden = model._text(ids, mask)[0]
+        want = model.pair_head(torch.cat([model.fuse(hidden, mask, model._image(p)[0])[:, 0]
+                                          for p in (first, second)], dim=-1))
+        swapped = model.pair_logits(second, first, ids, mask)
+    torch.testing.assert_close(got, want)
+    assert got.shape == (4, 2) and not torch.allclose(swapped[2:], got[2:])
+    with pytest.raises(AttributeError, match="pair head"):
+        vlkit.create_model("albef", "tiny", **SMALL).pair_logits(first, second, ids, mask)
+    model.train()
+    labels = torch.tensor([1, 1, 0, 0])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = F.cross_entropy(model.pair_logits(first, second, ids, mask), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 < losses[0]

@@ -22,7 +22,8 @@ negatives and MLM masks are drawn for the global batch from a generator seeded b
 global batch: W processes train as one process does on the same global batch (without dropout,
 whose masks are drawn per process).
 Optional: a VQA classifier over an answer vocabulary on the fused [CLS] (``num_answers``) —
-a classification head, not the paper's answer decoder. Also optional, for compositional
+a classification head, not the paper's answer decoder; a pair classifier (NLVR2: one
+statement, two images; ``pair_classes``, ``pair_logits``) on the two fused [CLS] states. Also optional, for compositional
 matching: replaced-word correction (``edit_weight``, ``edit_pass``, ``match_score``), phrase and
 relation grounding of the cross-attention (``grounding_weight``, ``relation_weight``,
 ``relation_mask_prob``, ``geometry_weight``), attention forcing of the grounded heads
@@ -78,6 +79,11 @@ class ALBEFConfig:
     momentum: float = 0.995
     num_answers: int = 0            # >0: VQA classifier over answer_names
     answer_names: list[str] = field(default_factory=list)
+    # >0: pair classification (NLVR2: one statement, two images): the text is fused with each
+    # image in turn and the two fused [CLS] states, concatenated, go to a classifier (the paper
+    # instead gives each fusion layer two cross-attentions; this keeps the pretrained weights as
+    # they are and adds only the head)
+    pair_classes: int = 0
     text_init: str = ""             # "minilm" or a Hugging Face BERT folder (see init_pretrained)
     vision_init: str = ""           # a ViT or CLIP run (or HF folder) whose image tower fits ``vision``
     # "sincos": fixed 2-D position codes added to the image tokens the fusion layers attend to,
@@ -180,7 +186,7 @@ class ALBEF(VLModel):
     presets = PRESETS
     task = "fusion"
     # may be missing from an --init source (added for --vqa, or for geometry_weight)
-    optional_heads = ("vqa_head", "geometry_head")
+    optional_heads = ("vqa_head", "geometry_head", "pair_head")
     has_queues = True  # the trainer skips BatchNorm recalibration (training_losses fills queues)
 
     def __init__(self, cfg: ALBEFConfig):
@@ -221,6 +227,9 @@ class ALBEF(VLModel):
         self.mlm_head = MLMHead(d, cfg.vocab_size, cfg.eps, cfg.act)
         self.geometry_head = nn.Linear(d, 2) if cfg.geometry_weight > 0 else None
         self.vqa_head = classifier(d, 2 * d, cfg.num_answers) if cfg.num_answers else None
+        if cfg.pair_classes < 0:
+            raise ValueError(f"pair_classes must be >= 0, got {cfg.pair_classes}")
+        self.pair_head = classifier(2 * d, 2 * d, cfg.pair_classes) if cfg.pair_classes else None
         self.apply(_init_weights)
         for emb in (self.text_embed.word, self.text_embed.position, self.text_embed.token_type):
             nn.init.normal_(emb.weight, std=0.02)
@@ -412,6 +421,17 @@ class ALBEF(VLModel):
         best = self.vqa_logits(pixel_values, input_ids, attention_mask).argmax(-1).tolist()
         names = self.cfg.answer_names or [str(i) for i in range(self.cfg.num_answers)]
         return [names[i] for i in best]
+
+    def pair_logits(self, pixel_values_1, pixel_values_2, input_ids, attention_mask=None) -> torch.Tensor:
+        """(B, pair_classes): does the statement hold of the two images? The text is encoded
+        once and fused with each image; the two fused [CLS] states, concatenated (first image
+        first), go to the pair classifier."""
+        if self.pair_head is None:
+            raise AttributeError("this ALBEF has no pair head (pair_classes=0)")
+        hidden = self._text(input_ids, attention_mask)[0]
+        pooled = [self.fuse(hidden, attention_mask, self._image(p)[0])[:, 0]
+                  for p in (pixel_values_1, pixel_values_2)]
+        return self.pair_head(torch.cat(pooled, dim=-1))
 
     # -- training ---------------------------------------------------------------------------------
     def alpha(self) -> float:
