@@ -29,15 +29,17 @@ def _negative_weights(text: str | None) -> dict | None:
     """--negative-weights attribute_swap=3,relation_flip=2 -> {kind: weight}."""
     if not text:
         return None
+    from .data.collate import check_negative_weights
     from .data.synthetic import NEGATIVE_KINDS
     out = {}
     for item in text.split(","):
         kind, eq, value = item.strip().partition("=")
         try:
             weight = float(value)
+            check_negative_weights({kind: weight})
         except ValueError:
             weight = None
-        if not eq or not kind or weight is None or not weight >= 0 or weight == float("inf"):
+        if not eq or not kind or weight is None:
             raise UsageError(f"--negative-weights takes KIND=W pairs (W a number >= 0), got {item!r}")
         if kind not in NEGATIVE_KINDS:  # a user's data may have kinds of its own: allowed, but said
             print(f"note: --negative-weights kind {kind!r} is not one of the synthetic world's "

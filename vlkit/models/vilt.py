@@ -458,6 +458,7 @@ class ViLT(VLModel):
 
         if self.itm_head is not None and "itm" in objectives:
             index, labels = itm_batch_from_swaps(ids.shape[0], self.cfg.itm_swap_prob, device=ids.device)
+            own = index == torch.arange(ids.shape[0], device=index.device)  # rows with their own image
             itm_pixels, itm_ids, itm_mask = pixels[index], ids, mask
             neg_ids = batch.get("neg_input_ids")
             if self.cfg.hard_negatives and neg_ids is not None and neg_ids.shape[0] > 0:
@@ -468,7 +469,7 @@ class ViLT(VLModel):
                 labels = torch.cat([labels, torch.zeros_like(owner)])
             if grounding and not (self.mlm_head is not None and "mlm" in objectives):
                 # the true pairs (their own image, first in the ITM batch) carry the grounding
-                n, own = ids.shape[0], index == torch.arange(ids.shape[0], device=index.device)
+                n = ids.shape[0]
                 def own_rows(t):  # padded to the ITM text length, zero but for the true pairs
                     t = F.pad(t, (0, 0, 0, itm_ids.shape[1] - ids.shape[1]))
                     keep = own.view(-1, *[1] * (t.dim() - 1)).to(t.dtype)
@@ -482,7 +483,6 @@ class ViLT(VLModel):
             if self.cfg.edit_weight > 0 and self.cfg.edit_pass == "itm":
                 # rows 0..B-1: the captions, with their own image where not swapped; the dataset
                 # negatives, each with its own image, from row B on
-                own = index == torch.arange(ids.shape[0], device=index.device)
                 out.update(edit_from_pass(self.mlm_head, features[:, :itm_ids.shape[1]], batch,
                                           ids.shape[0], own))
             out["itm_loss"] = itm_loss(logits, labels)

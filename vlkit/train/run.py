@@ -374,9 +374,10 @@ def train(args: RunArgs) -> dict:
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) is not a multiple of "
                          f"the {world} processes")
+    saved = {} if fresh else read_run_config(run)  # a resumed run keeps its data settings
     groups = args.groups
-    if groups is None and not fresh:
-        groups = read_run_config(run).get("groups")
+    if groups is None:
+        groups = saved.get("groups")
     if groups is None:  # off by default: groups did not speed up learning (benchmarks/sample_efficiency.py)
         groups = 1
     groups = int(groups) if args.data == "synthetic" and model.task != "classification" else 1
@@ -384,11 +385,11 @@ def train(args: RunArgs) -> dict:
         raise ValueError(f"--groups {groups}: each process's batch ({cfg.batch_size // world}) must "
                          "be a multiple of the group size")
     hard = bool(getattr(model.cfg, "hard_negatives", False))
-    negatives, weights = args.negatives, args.negative_weights
-    if not fresh:
-        saved = read_run_config(run)
-        negatives = saved.get("negatives") if negatives is None else negatives
-        weights = saved.get("negative_weights") if weights is None else weights
+    from ..data.collate import check_negative_weights
+    negatives = saved.get("negatives") if args.negatives is None else args.negatives
+    # checked before the run folder is written (the collate checks them again for its own callers)
+    weights = check_negative_weights(saved.get("negative_weights") if args.negative_weights is None
+                                     else args.negative_weights)
     if (args.negatives is not None or args.negative_weights) and not hard:
         raise ValueError("--negatives / --negative-weights choose among the data's negative captions: "
                          "they need --hard-negatives")
