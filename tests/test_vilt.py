@@ -232,6 +232,33 @@ def test_patch_sampling_train_only_and_seeded():
     assert (runs[0] - runs[2]).abs().max() > 1e-6                 # another seed, other patches
 
 
+def test_sincos_image_positions():
+    """image_pos="sincos" adds each patch's row and column codes to its token, and nothing to
+    [CLS] or the text; with a padded image its valid patches keep their codes."""
+    from vlkit.layers import sincos_2d
+    plain = vlkit.create_model("vilt", "tiny", **SMALL).eval()
+    coded = vlkit.create_model("vilt", "tiny", **SMALL, image_pos="sincos").eval()
+    coded.load_state_dict(plain.state_dict())
+    b = _batch(2, 6)
+    args = (b["pixel_values"], b["input_ids"], b["attention_mask"])
+    with torch.no_grad():
+        x0, m0 = plain.embed(*args)
+        x1, m1 = coded.embed(*args)
+        pixel_mask = torch.ones(2, 64, 64, dtype=torch.long)
+        pixel_mask[1, :, 40:] = 0  # the second image: 5 of 8 patch columns valid
+        p0, _ = plain.embed_image(b["pixel_values"], pixel_mask)
+        p1, _ = coded.embed_image(b["pixel_values"], pixel_mask)
+    codes = sincos_2d((8, 8), 32)  # zeros for [CLS]
+    assert torch.equal(m0, m1)
+    torch.testing.assert_close(x1[:, :6], x0[:, :6], atol=0, rtol=0)  # the text is untouched
+    torch.testing.assert_close(x1[:, 6:] - x0[:, 6:], codes.expand(2, -1, -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(p1 - p0, codes.expand(2, -1, -1), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="image_pos"):
+        vlkit.create_model("vilt", "tiny", **SMALL, image_pos="learned")
+    with pytest.raises(ValueError, match="image_pos"):
+        vlkit.create_model("vilt", "tiny", **{**SMALL, "dim": 30, "heads": 3}, image_pos="sincos")
+
+
 def test_joint_padding_mask():
     """Extra padded text positions change nothing for the real tokens (text or image)."""
     model = vlkit.create_model("vilt", "tiny", **SMALL).eval()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import (BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormBlock, Transformer,
-                      directional_mask, padding_mask)
+                      directional_mask, padding_mask, sincos_2d)
 from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
 from ..losses.mlm import (edit_from_pass, edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs,
                           mlm_loss, no_edit_pairs)
@@ -50,6 +50,10 @@ class ViLTConfig:
     type_vocab_size: int = 2        # BERT segment ids of the text
     modality_types: int = 2         # text 0, image 1 (and 2: second image, needs 3)
     max_image_tokens: int = 0       # >0: training keeps at most this many random patches per image
+    # "sincos": fixed 2-D sine-cosine codes of each patch's row and column added to the patch
+    # tokens on top of the learned position embeddings, so every layer can read where a patch is
+    # (a ViT trained to classify keeps its learned positions only weakly; spatial relations need them)
+    image_pos: str = ""
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     # heads
@@ -179,6 +183,9 @@ class ViLT(VLModel):
         if cfg.match_score not in ("itm", "itm+edit") or (cfg.match_score == "itm+edit" and not cfg.mlm_head):
             raise ValueError(f"match_score must be 'itm' or 'itm+edit' (which needs the MLM head), "
                              f"got {cfg.match_score!r}")
+        if cfg.image_pos not in ("", "sincos") or (cfg.image_pos and cfg.dim % 4):
+            raise ValueError(f"image_pos must be '' or 'sincos' (which needs dim divisible by 4), "
+                             f"got {cfg.image_pos!r} with dim={cfg.dim}")
         if cfg.grounding_weight > 0 and cfg.max_image_tokens > 0:
             raise ValueError("grounding needs every image patch in place (max_image_tokens=0)")
         unknown = [o for o in cfg.objectives if o not in OBJECTIVES]
@@ -257,6 +264,8 @@ class ViLT(VLModel):
         else:  # nearest-neighbour downsampling of the pixel mask to the patch grid
             valid = F.interpolate(pixel_mask[:, None].float(), size=grid)[:, 0] > 0.5
             x = x + self._grid_pos(valid.sum(1)[:, 0].tolist(), valid.sum(2)[:, 0].tolist(), grid)
+        if self.cfg.image_pos:  # row and column codes; a padded image's valid patches keep theirs
+            x = x + sincos_2d(grid, d, num_prefix=0, device=x.device, dtype=x.dtype)
         keep = valid.flatten(1)  # (B, N)
         limit = self.cfg.max_image_tokens
         if self.training and limit > 0:
