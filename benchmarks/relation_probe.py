@@ -7,7 +7,7 @@ follows left and right only). With ``--visible`` it also reports the choice when
 left in place, and when it is flipped to its opposite (how often the head puts the true word
 back: what ``match_score="itm+edit"`` relies on to reject a relation flip).
 
-    python benchmarks/relation_probe.py RUN [--images 300] [--heads]
+    python benchmarks/relation_probe.py RUN [--images 300] [--heads] [--positions]
 
 Works for ViLT and ALBEF runs (any run whose pipeline has ``mlm_logits``).
 
@@ -16,6 +16,12 @@ look from the relation words, over the training split's relation phrases: the ma
 head and the object head put on the subject's patches and on the object's, with the words shown
 and masked. Heads that put the same mass on both objects have found the objects the caption
 names but not which one is the subject: the relation's direction cannot be read yet.
+
+``--positions`` (runs trained with grounding) measures how well a linear map reads each object
+patch's row and column off its token, at the input of every layer of a ViLT (for ALBEF: the
+image tokens the fusion layers attend to): ridge regression fitted on half of the object
+patches of the first N training images, R^2 and mean error (in patches) on the other half. A
+relation head can only tell left from right through what this map finds.
 """
 from __future__ import annotations
 
@@ -36,6 +42,8 @@ def main():
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--heads", action="store_true", help="where the relation heads look")
+    p.add_argument("--positions", action="store_true",
+                   help="how linearly the image tokens encode their patch's position")
     args = p.parse_args()
     pipe = vlkit.load(args.run)
     model, tok = pipe.model.eval(), pipe.tokenizer
@@ -73,6 +81,8 @@ def main():
         print(f"  {name:8s} {k / n:.3f}")
     if args.heads:
         relation_head_mass(pipe, args.images, args.batch_size)
+    if args.positions:
+        position_readout(pipe, args.images)
 
 
 def relation_head_mass(pipe, images: int, batch_size: int) -> None:
@@ -126,6 +136,55 @@ def relation_head_mass(pipe, images: int, batch_size: int) -> None:
         m = mass / max(words, 1)
         print(f"  words {'masked' if masked else 'shown '}: subject head {m[0, 0]:.2f} / {m[0, 1]:.2f}, "
               f"object head {m[1, 0]:.2f} / {m[1, 1]:.2f}  ({words} relation tokens)")
+
+
+def position_readout(pipe, images: int) -> None:
+    """R^2 of a ridge regression from object patches' tokens to their (row, column)."""
+    import random
+
+    from vlkit.data.collate import ImageTextCollate
+    from vlkit.data.transforms import ImageTransform
+
+    model, tok = pipe.model, pipe.tokenizer
+    grid = model.grounding_grid
+    if grid is None:
+        raise SystemExit("--positions: this run was not trained with grounding (no object boxes)")
+    spec = model.image_spec()
+    world = synthetic_world(spec["size"])
+    records = [world.sample(i, "train") for i in range(images)]
+    collate = ImageTextCollate(ImageTransform(spec["size"], spec["mean"], spec["std"], train=False), tok,
+                               max_length=40, grounding_grid=grid)
+    batch = collate(records, [random.Random(i) for i in range(images)])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    objects = batch["grounding"].sum(1) > 0  # (B, P): patches some word names
+    with torch.no_grad():
+        if hasattr(model, "fusion_layers"):  # ALBEF: the image tokens the fusion layers read
+            tokens = model.forward_features(batch["pixel_values"])
+            if model.cfg.fusion_pos:
+                tokens = tokens + model._fusion_pos(tokens)
+            stages = [("fusion input", tokens[:, 1:])]
+        else:  # ViLT: the patch tokens at the input of each layer
+            x, joint = model.embed(batch["pixel_values"], ids, mask)
+            n, stages = ids.shape[1], []
+            attn_mask = model._joint_mask(joint, n)
+            for i, block in enumerate(model.encoder.blocks):
+                stages.append((f"layer {i} input", x[:, n + 1:]))
+                x = block(x, mask=attn_mask)
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    where = torch.stack([rows.flatten(), cols.flatten()], 1).float()  # (P, 2)
+    target = where.expand(objects.shape[0], -1, -1)[objects]
+    half = target.shape[0] // 2
+    print(f"patch position read linearly off the image tokens ({target.shape[0]} object patches, "
+          "fit on half, R^2 and mean error in patches on the rest; rows / columns):")
+    for name, states in stages:
+        x = states[objects].float()
+        x = torch.cat([x, torch.ones(x.shape[0], 1)], 1)
+        a = x[:half]
+        w = torch.linalg.solve(a.T @ a + 0.1 * torch.eye(a.shape[1]), a.T @ target[:half])
+        err = x[half:] @ w - target[half:]
+        r2 = 1 - err.pow(2).sum(0) / (target[half:] - target[half:].mean(0)).pow(2).sum(0)
+        mae = err.abs().mean(0)
+        print(f"  {name:14s} R^2 {r2[0]:.3f} / {r2[1]:.3f}   error {mae[0]:.2f} / {mae[1]:.2f}")
 
 
 if __name__ == "__main__":
