@@ -119,3 +119,28 @@ def test_clip_vision_init_takes_a_vit_runs_tower(tmp_path):
             assert torch.equal(mine[key], value), key
     with pytest.raises(ValueError, match="no ViT image tower|does not fit"):
         vlkit.create_model("clip", "tiny", vision_init=str(vit))  # the preset's tower is another shape
+
+
+def test_pipeline_in_bf16_weights():
+    """Pipeline.to(dtype=torch.bfloat16) casts the weights, feeds the images in bf16 and returns
+    fp32 embeddings close to the fp32 model's."""
+    import copy
+
+    import numpy as np
+    from PIL import Image
+
+    from vlkit.pipeline import Pipeline, image_transform
+    torch.manual_seed(0)
+    model = vlkit.create_model("clip", "tiny")
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+              for i in range(3)]
+    full = Pipeline(model, transform=image_transform(model))
+    half = Pipeline(copy.deepcopy(model), transform=image_transform(model)).to(dtype=torch.bfloat16)
+    assert full.dtype == torch.float32 and half.dtype == torch.bfloat16
+    assert half.pixels(images).dtype == torch.bfloat16
+    a, b = full.embed_images(images), half.embed_images(images)
+    assert b.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
+    assert (a - b).abs().max() > 0  # the weights did change precision
+    with pytest.raises(ValueError, match="floating-point"):
+        half.to(dtype=torch.int8)
