@@ -143,8 +143,8 @@ def main():
         # one graph per (precision, batch, grad mode): eight per function here
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         if device.type == "cpu":  # inference graphs take the weights as constants (prepacked)
-            import torch._inductor.config
-            torch._inductor.config.freezing = True
+            from torch._inductor import config as inductor_config
+            inductor_config.freezing = True
         twin.encode_image = torch.compile(twin.encode_image, dynamic=False, mode=args.compile_mode)
         twin.encode_text = torch.compile(twin.encode_text, dynamic=False, mode=args.compile_mode)
         impls["vlkit+compile"] = twin
