@@ -85,31 +85,43 @@ def main():
         position_readout(pipe, args.images)
 
 
-def relation_head_mass(pipe, images: int, batch_size: int) -> None:
-    """The relation heads' attention mass on the subject's and the object's patches."""
+def training_batches(pipe, images: int, batch_size: int):
+    """The first ``images`` training records of the synthetic world, collated with their
+    grounding targets in batches of ``batch_size`` (evaluation transform, fixed draws)."""
     import random
 
     from vlkit.data.collate import ImageTextCollate
     from vlkit.data.transforms import ImageTransform
+
+    spec = pipe.model.image_spec()
+    world = synthetic_world(spec["size"])
+    records = [world.sample(i, "train") for i in range(images)]
+    collate = ImageTextCollate(ImageTransform(spec["size"], spec["mean"], spec["std"], train=False),
+                               pipe.tokenizer, max_length=40, grounding_grid=pipe.model.grounding_grid)
+    for s in range(0, len(records), batch_size):
+        yield collate(records[s:s + batch_size], [random.Random(i) for i in range(s, s + batch_size)])
+
+
+def fusion_context(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """ALBEF: the image tokens its fusion layers attend to (with the ``fusion_pos`` codes)."""
+    tokens = model.forward_features(pixel_values)
+    return tokens + model._fusion_pos(tokens) if model.cfg.fusion_pos else tokens
+
+
+def relation_head_mass(pipe, images: int, batch_size: int) -> None:
+    """The relation heads' attention mass on the subject's and the object's patches."""
     from vlkit.losses.grounding import relation_heads
 
-    model, tok = pipe.model, pipe.tokenizer
+    model = pipe.model
     cfg = model.cfg
     if getattr(cfg, "relation_weight", 0) <= 0:
         raise SystemExit("--heads: this run was not trained with relation_weight")
-    spec = model.image_spec()
-    grid = model.grounding_grid
-    world = synthetic_world(spec["size"])
-    records = [world.sample(i, "train") for i in range(images)]
-    collate = ImageTextCollate(ImageTransform(spec["size"], spec["mean"], spec["std"], train=False), tok,
-                               max_length=40, grounding_grid=grid)
     first = relation_heads(cfg.grounding_layer, cfg.grounding_heads, cfg.relation_layer)
     print(f"relation heads {first} and {first + 1} of layer {cfg.relation_layer}: attention mass "
           "(rows: subject head, object head; columns: on the subject, on the object)")
     for masked in (False, True):
         mass, words = torch.zeros(2, 2), 0
-        for s in range(0, len(records), batch_size):
-            batch = collate(records[s:s + batch_size], [random.Random(i) for i in range(s, s + batch_size)])
+        for batch in training_batches(pipe, images, batch_size):
             roles = batch["grounding_roles"].float()  # (B, 2, L, P)
             ids, mask = batch["input_ids"], batch["attention_mask"]
             rel = (roles.sum(-1) > 0).all(1)  # (B, L): the relation words
@@ -117,12 +129,9 @@ def relation_head_mass(pipe, images: int, batch_size: int) -> None:
                 ids = ids.masked_fill(rel, cfg.mask_token_id)
             with torch.no_grad():
                 if hasattr(model, "fusion_layers"):  # ALBEF: the fusion layers' cross-attention
-                    tokens = model.forward_features(batch["pixel_values"])
-                    if cfg.fusion_pos:
-                        tokens = tokens + model._fusion_pos(tokens)
                     _, maps = model.fusion_layers.forward_with_maps_of(
                         model.text_features(ids, mask), [cfg.relation_layer], mask=model._self_mask(mask),
-                        context=tokens)
+                        context=fusion_context(model, batch["pixel_values"]))
                     att = maps[cfg.relation_layer]["cross"][..., 1:]
                 else:  # ViLT: the text rows of the joint self-attention over the patches
                     x, joint = model.embed(batch["pixel_values"], ids, mask)
@@ -140,29 +149,16 @@ def relation_head_mass(pipe, images: int, batch_size: int) -> None:
 
 def position_readout(pipe, images: int) -> None:
     """R^2 of a ridge regression from object patches' tokens to their (row, column)."""
-    import random
-
-    from vlkit.data.collate import ImageTextCollate
-    from vlkit.data.transforms import ImageTransform
-
-    model, tok = pipe.model, pipe.tokenizer
+    model = pipe.model
     grid = model.grounding_grid
     if grid is None:
         raise SystemExit("--positions: this run was not trained with grounding (no object boxes)")
-    spec = model.image_spec()
-    world = synthetic_world(spec["size"])
-    records = [world.sample(i, "train") for i in range(images)]
-    collate = ImageTextCollate(ImageTransform(spec["size"], spec["mean"], spec["std"], train=False), tok,
-                               max_length=40, grounding_grid=grid)
-    batch = collate(records, [random.Random(i) for i in range(images)])
+    batch = next(training_batches(pipe, images, images))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     objects = batch["grounding"].sum(1) > 0  # (B, P): patches some word names
     with torch.no_grad():
         if hasattr(model, "fusion_layers"):  # ALBEF: the image tokens the fusion layers read
-            tokens = model.forward_features(batch["pixel_values"])
-            if model.cfg.fusion_pos:
-                tokens = tokens + model._fusion_pos(tokens)
-            stages = [("fusion input", tokens[:, 1:])]
+            stages = [("fusion input", fusion_context(model, batch["pixel_values"])[:, 1:])]
         else:  # ViLT: the patch tokens at the input of each layer
             x, joint = model.embed(batch["pixel_values"], ids, mask)
             n, stages = ids.shape[1], []
