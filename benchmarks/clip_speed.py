@@ -3,23 +3,39 @@ importable), the same ViT-B/32 configuration, random weights, in one process, al
 
 Rows: training step (forward + backward + AdamW) in pairs/s and image embedding in images/s, for
 fp32 and bf16 autocast, batch 16 and 64, on the CPU (and CUDA when present). Printed: each
-implementation's rate and the ratios vlkit/HF and vlkit/open_clip.
+implementation's rate, the ratios vlkit/HF and vlkit/open_clip, and the MFU of vlkit and of the
+faster other (model FLOPs counted on the full input, over the best rate of a 2048³ matrix
+product in the row's dtype, measured in the same process).
+
+Captions: ``--text-tokens 8-40`` (the default) draws each caption's length uniformly from 8 to
+40 tokens, start and end tokens included, and pads it with zeros to the full context (77), as
+open_clip's tokenizer always does and Hugging Face's does with ``padding="max_length"``; every
+implementation gets the same ids and mask. vlkit's text tower runs only the positions up to the
+batch's last end-of-text token (rounded up to a multiple of 8) and its towers' last blocks only
+for the pooled token, which gives the same embeddings. ``--text-tokens full`` makes every
+caption fill the context, so nothing is skipped.
 
 open_clip needs torchvision, which does not import beside torch 2.13; to include it, use a
 separate environment, e.g. ``python -m venv /tmp/oc && /tmp/oc/bin/pip install torch==2.14.1
 torchvision==0.29.1 open_clip_torch transformers && /tmp/oc/bin/pip install -e .`` and run this
 script with that interpreter. open_clip is never a dependency of vlkit.
 
-    python benchmarks/clip_speed.py [--batches 16 64] [--precisions fp32 bf16] [--repeats 3] [--small] [--compile]
+    python benchmarks/clip_speed.py [--batches 16 64] [--precisions fp32 bf16] [--repeats 3]
+        [--text-tokens 8-40|full] [--small] [--compile [--compile-mode MODE]]
 
-``--compile`` adds a column of vlkit's fastest settings and its ratio to the faster of the
-others: the towers under ``torch.compile`` (mode ``--compile-mode``, e.g. ``reduce-overhead`` for
-CUDA graphs; on the CPU with inductor's freezing, which takes the weights of inference graphs as
-constants and prepacks them), training with the optimizer ``vlkit train`` builds (fused AdamW),
-and in the bf16 rows image embedding on a bf16 copy of the weights (what
-``Pipeline.to(dtype=torch.bfloat16)`` gives) instead of autocast, which casts every weight on
-every call. Every other column, the plain vlkit one included, steps the same unfused
-``torch.optim.AdamW`` and runs bf16 as autocast over fp32 weights.
+``--compile`` adds two columns of vlkit's faster settings, with their ratios to the faster of
+the others:
+- ``compiled``: the row's precision, the towers under ``torch.compile`` (mode
+  ``--compile-mode``, e.g. ``reduce-overhead`` for CUDA graphs; on the CPU with inductor's
+  freezing, which takes the weights of inference graphs as constants and prepacks them),
+  training with the optimizer ``vlkit train`` builds (fused AdamW), and in the bf16 rows image
+  embedding on a bf16 copy of the weights (what ``Pipeline.to(dtype=torch.bfloat16)`` gives)
+  instead of autocast, which casts every weight on every call;
+- ``bf16+compiled`` (fp32 rows only; in the bf16 rows it is the compiled column): the same
+  compiled model trained under bf16 autocast and embedding on the bf16 weights — what a user
+  who asks for the fastest setting gets (``--precision bf16``), set against the others in fp32.
+Every other column, the plain vlkit one included, steps the same unfused ``torch.optim.AdamW``
+and runs bf16 as autocast over fp32 weights.
 """
 from __future__ import annotations
 
@@ -118,16 +134,68 @@ def timed_rounds(calls: dict, repeats: int = 3) -> dict:
     return best
 
 
+def model_flops(cfg, text_tokens: int) -> tuple[float, float]:
+    """(image forward, text forward) FLOPs of one example, counting every matrix product
+    (2 FLOPs a multiply-add; attention as full N×N, the causal text half included) on the
+    full input: the same count for every implementation, whatever work it skips."""
+    def tower(d, mlp, depth, n):
+        return depth * (2 * n * (4 * d * d + 2 * d * mlp) + 4 * n * n * d)
+    v, t = cfg.vision, cfg.text
+    patches = (v.image_size // v.patch_size) ** 2
+    image = 2 * patches * 3 * v.patch_size ** 2 * v.dim + tower(v.dim, v.mlp_dim, v.depth, patches + 1) \
+        + 2 * v.dim * cfg.embed_dim
+    text = tower(t.dim, t.mlp_dim, t.depth, text_tokens) + 2 * t.dim * cfg.embed_dim
+    return image, text
+
+
+def matmul_peak(device, dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of an n×n×n matrix product in ``dtype``: the MFU denominator."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def captions(batch: int, context: int, vocab: int, tokens: str, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask as a CLIP tokenizer gives them: start token, words, end token (the
+    largest id), zeros to the full context. ``tokens``: "full" (every caption fills the context)
+    or "LO-HI" (lengths drawn uniformly, start and end tokens included)."""
+    if tokens == "full":
+        lengths = torch.full((batch,), context)
+    else:
+        lo, hi = (int(x) for x in tokens.split("-"))
+        if not 2 <= lo <= hi:
+            raise SystemExit(f"--text-tokens {tokens}: need 2 <= LO <= HI")
+        lo, hi = min(lo, context), min(hi, context)
+        lengths = torch.randint(lo, hi + 1, (batch,), generator=generator)
+    ids = torch.zeros(batch, context, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths.tolist()):
+        ids[i, 1:n - 1] = torch.randint(1, vocab - 2, (n - 2,), generator=generator)
+        ids[i, 0], ids[i, n - 1] = vocab - 2, vocab - 1
+        mask[i, :n] = 1
+    return ids, mask
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--small", action="store_true", help="the tiny preset instead of ViT-B/32 (a quick check)")
+    ap.add_argument("--text-tokens", default="8-40",
+                    help="caption lengths in tokens, padded to the full context as open_clip's "
+                         "tokenizer pads: LO-HI drawn uniformly (default 8-40, mean 24), or 'full'")
     ap.add_argument("--compile", action="store_true",
-                    help="add a column: vlkit under torch.compile (same weights as the vlkit column)")
+                    help="add the columns of vlkit's faster settings (same weights as the vlkit column)")
     ap.add_argument("--compile-mode", default="default",
-                    help="torch.compile mode of that column (default, reduce-overhead, max-autotune)")
+                    help="torch.compile mode of those columns (default, reduce-overhead, max-autotune)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ours = vlkit_model(args.small).to(device)
@@ -136,62 +204,76 @@ def main():
     if oc is not None:
         impls["open_clip"] = oc.to(device)
     fns = {k: step_fns(k, m) for k, m in impls.items()}
+    references = list(fns)[1:]
     if args.compile:
         import copy
         twin = copy.deepcopy(ours)
         from vlkit.train.optim import make_optimizer
-        # one graph per (precision, batch, grad mode): eight per function here
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        # one graph per (precision, batch, grad mode, text length): many per function here
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         if device.type == "cpu":  # inference graphs take the weights as constants (prepacked)
             from torch._inductor import config as inductor_config
             inductor_config.freezing = True
-        twin.encode_image = torch.compile(twin.encode_image, dynamic=False, mode=args.compile_mode)
-        twin.encode_text = torch.compile(twin.encode_text, dynamic=False, mode=args.compile_mode)
-        impls["vlkit+compile"] = twin
+        # the towers (the text one breaks its graph where it reads how many positions to run)
+        twin.vision = torch.compile(twin.vision, dynamic=False, mode=args.compile_mode)
+        twin.text = torch.compile(twin.text, dynamic=False, mode=args.compile_mode)
         train_fn, embed_fn = step_fns("vlkit", twin, make_optimizer(twin, 1e-5))
-        # bf16 rows: inference on a bf16 copy of the weights (Pipeline.to(dtype=torch.bfloat16))
+        # inference on a bf16 copy of the weights (Pipeline.to(dtype=torch.bfloat16))
         half = copy.deepcopy(ours).to(torch.bfloat16).eval()
         half_embed = torch.compile(half.encode_image, dynamic=False, mode=args.compile_mode)
 
-        def fastest_embed(px):
-            if not torch.is_autocast_enabled(device.type):
-                return embed_fn(px)
+        def bf16_embed(px):
             with torch.autocast(device.type, enabled=False):
                 return half_embed(px.to(torch.bfloat16))
-        fns["vlkit+compile"] = (train_fn, fastest_embed)
+
+        def bf16_train(px, ids, mask):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                train_fn(px, ids, mask)
+
+        def compiled_embed(px):  # in the bf16 rows, the bf16 weights rather than autocast
+            return bf16_embed(px) if torch.is_autocast_enabled(device.type) else embed_fn(px)
+        fns["compiled"] = (train_fn, compiled_embed)
+        fns["bf16+compiled"] = (bf16_train, bf16_embed)
     v, t = ours.cfg.vision, ours.cfg.text
+    text_tokens = t.context_length if oc is not None else min(t.context_length, 20)
+    flops = model_flops(ours.cfg, text_tokens)
     print(f"device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}; "
           f"open_clip: {'yes' if oc is not None else 'not importable (see the docstring)'}"
-          + (f"; compile mode {args.compile_mode}" if args.compile else ""))
-    header = f"{'row':28s}" + "".join(f"{k:>14s}" for k in impls) + f"{'vlkit/hf':>10s}" + \
+          + (f"; compile mode {args.compile_mode}" if args.compile else "")
+          + f"; captions {args.text_tokens} tokens padded to {text_tokens}")
+    peaks = {p: matmul_peak(device, torch.float32 if p == "fp32" else torch.bfloat16) for p in args.precisions}
+    print("matmul peak (2048³): " + ", ".join(f"{p} {peaks[p] / 1e9:.0f} GFLOP/s" for p in args.precisions))
+    columns = [k for k in fns if k != "bf16+compiled"]
+    header = f"{'row':28s}" + "".join(f"{k:>14s}" for k in columns) + f"{'vlkit/hf':>10s}" + \
         (f"{'vlkit/oc':>10s}" if oc is not None else "") + \
-        (f"{'compiled/best':>14s}" if args.compile else "")
+        (f"{'compiled/best':>14s}{'bf16+c/best':>12s}" if args.compile else "") + f"{'MFU vlkit':>10s}{'MFU best':>9s}"
     print(header)
+    generator = torch.Generator().manual_seed(0)
     for precision in args.precisions:
         ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" \
             else (lambda: torch.autocast(device.type, enabled=False))
         for b in args.batches:
             px = torch.randn(b, 3, v.image_size, v.image_size, device=device)
-            # the full context (77 for b32), as open_clip always takes; every implementation alike
-            length = t.context_length if oc is not None else min(t.context_length, 20)
-            ids = torch.randint(1, t.vocab_size - 1, (b, length), device=device)
-            ids[:, -1] = t.vocab_size - 1
-            mask = torch.ones_like(ids)
-            for row, make in (("train pairs/s", lambda f: (f[0], (px, ids, mask))),
-                              ("embed images/s", lambda f: (f[1], (px,)))):
-                calls = {k: make(f) for k, f in fns.items()}
+            ids, mask = captions(b, text_tokens, t.vocab_size, args.text_tokens, generator)
+            ids, mask = ids.to(device), mask.to(device)
+            for row, make, per_item in (("train pairs/s", lambda f: (f[0], (px, ids, mask)), 3 * sum(flops)),
+                                        ("embed images/s", lambda f: (f[1], (px,)), flops[0])):
+                # the bf16 column of a bf16 row is the compiled one
+                calls = {k: make(f) for k, f in fns.items() if not (k == "bf16+compiled" and precision == "bf16")}
                 grad = torch.no_grad() if row.startswith("embed") else contextlib.nullcontext()
                 with ctx(), grad:  # implementations alternate within a row
                     secs = timed_rounds(calls, args.repeats)
                 rates = {k: b / sec for k, sec in secs.items()}
-                line = f"{f'{row} {precision} b{b}':28s}" + "".join(f"{rates[k]:14.1f}" for k in impls)
+                best = max(rates[k] for k in references)
+                line = f"{f'{row} {precision} b{b}':28s}" + "".join(f"{rates[k]:14.1f}" for k in columns)
                 line += f"{rates['vlkit'] / rates['hf']:10.2f}"
                 if oc is not None:
                     line += f"{rates['vlkit'] / rates['open_clip']:10.2f}"
                 if args.compile:
-                    others = max(rates[k] for k in impls if k not in ("vlkit", "vlkit+compile"))
-                    line += f"{rates['vlkit+compile'] / others:14.2f}"
+                    fastest = max(rates["compiled"], rates.get("bf16+compiled", 0.0))
+                    line += f"{rates['compiled'] / best:14.2f}{fastest / best:12.2f}"
+                line += f"{rates['vlkit'] * per_item / peaks[precision]:10.1%}{best * per_item / peaks[precision]:9.1%}"
                 print(line, flush=True)
 
 

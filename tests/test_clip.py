@@ -144,3 +144,45 @@ def test_pipeline_in_bf16_weights():
     assert (a - b).abs().max() > 0  # the weights did change precision
     with pytest.raises(ValueError, match="floating-point"):
         half.to(dtype=torch.int8)
+
+
+@pytest.mark.parametrize("pool,causal", [("eot", True), ("eot", False), ("mean", True)])
+def test_text_tower_runs_only_the_positions_that_decide_its_output(pool, causal):
+    """TextTransformer.forward trims padding after the last caption's end (to a multiple of 8)
+    and runs the last block for the end-of-text token only: the pooled features and their
+    gradients equal pooling the full-length forward_features (in float64, where the only
+    difference, the order of summation, stays below 1e-10)."""
+    torch.manual_seed(0)
+    model = vlkit.create_model("clip", "tiny", **{"text.pool": pool, "text.causal": causal}).text.double()
+    ids = torch.randint(1, 400, (3, 32))
+    lengths = [5, 11, 3]  # the longest caption ends at position 10: 16 positions run
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, n - 1] = 511  # the end-of-text token has the largest id
+        ids[i, n:] = 0
+        mask[i, :n] = 1
+    index = torch.tensor(lengths) - 1
+    assert model.needed_length(ids, mask, index if pool == "eot" else None) == 16
+    full = model.forward_features(ids, mask)
+    ref = full[torch.arange(3), index] if pool == "eot" else (full * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    seen = []
+    hook = model.encoder.blocks[0].register_forward_hook(lambda m, a, o: seen.append(o.shape[1]))
+    out = model(ids, mask)
+    hook.remove()
+    assert seen == [16]
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    g_out = torch.autograd.grad(out.square().sum(), model.embed.word.weight)[0]
+    g_ref = torch.autograd.grad(ref.square().sum(), model.embed.word.weight)[0]
+    torch.testing.assert_close(g_out, g_ref, atol=1e-10, rtol=0)
+
+
+def test_image_tower_runs_its_last_block_for_the_cls_token_only():
+    torch.manual_seed(0)
+    vision = vlkit.create_model("clip", "tiny").vision.eval()
+    px = torch.randn(2, 3, 64, 64)
+    seen = []
+    hook = vision.encoder.blocks[-1].mlp.register_forward_hook(lambda m, a, o: seen.append(o.shape[1]))
+    out = vision(px)
+    hook.remove()
+    assert seen == [1]
+    torch.testing.assert_close(out, vision.forward_features(px)[:, 0], atol=1e-5, rtol=0)

@@ -239,3 +239,33 @@ def test_attention_guide_forces_the_chosen_heads_and_rows():
     torch.testing.assert_close(maps[0]["cross"], own_maps[0]["cross"])
     with pytest.raises(ValueError, match="guides for layers"):
         stack.forward_with_maps_of(x, [0], context=ctx, guides={1: {"cross": guide}})
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("causal,padded,cross", [(False, False, False), (True, False, False),
+                                                 (True, True, False), (False, True, True)])
+def test_forward_at_equals_the_full_stack_at_those_positions(fused, causal, padded, cross):
+    """Transformer.forward_at: the last block for one position per row only, with the same
+    output and the same gradients as running the whole stack and reading that position."""
+    torch.manual_seed(1)
+    ctx_dim = 24 if cross else None
+    stack = Transformer([PreNormBlock(32, 4, 64, context_dim=ctx_dim) for _ in range(3)])
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    kw = {}
+    if padded:
+        kw["mask"] = padding_mask(_pad_mask(3, 7, [7, 5, 3]))
+    if cross:
+        kw["context"] = torch.randn(3, 4, 24)
+    index = torch.tensor([6, 4, 2])
+    with fused_attention(fused):
+        full = stack(x, causal=causal, **kw)[torch.arange(3), index]
+        at = stack.forward_at(x, index, causal=causal, **kw)
+        cls = stack.forward_at(x, 0, causal=causal, **kw)
+    assert at.shape == (3, 1, 32)
+    torch.testing.assert_close(at[:, 0], full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cls[:, 0], stack(x, causal=causal, **kw)[:, 0], atol=1e-5, rtol=0)
+    g_full, = torch.autograd.grad(full.square().sum(), x)
+    g_at, = torch.autograd.grad(at.square().sum(), x)
+    torch.testing.assert_close(g_at, g_full, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="cross-attention"):
+        Attention(32, 4, context_dim=24).forward_at(x, 0)

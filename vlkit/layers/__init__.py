@@ -7,13 +7,13 @@ from .embeddings import (BertEmbeddings, ImageEmbeddings, PatchEmbed, TextEmbedd
                          interpolate_pos_embed, sincos_2d)
 from .mlp import Mlp, ModalityExperts, QuickGELU, activation
 from .momentum import FeatureQueue, MomentumCopy
-from .pooling import MLMHead, Pooler, pool_cls, pool_eot, pool_mean
+from .pooling import MLMHead, Pooler, eot_positions, pool_cls, pool_eot, pool_mean
 
 __all__ = [
     "Attention", "AttentionGuide", "KVCache", "causal_mask", "combine_masks", "directional_mask", "fused_attention",
     "fused_attention_enabled", "padding_mask", "plain_attention", "set_fused_attention",
     "PostNormBlock", "PreNormBlock", "Transformer", "DropPath", "BertEmbeddings",
     "ImageEmbeddings", "PatchEmbed", "TextEmbeddings", "interpolate_pos_embed", "sincos_2d", "Mlp",
-    "ModalityExperts", "QuickGELU", "activation", "MLMHead", "Pooler", "pool_cls", "pool_eot",
+    "ModalityExperts", "QuickGELU", "activation", "MLMHead", "Pooler", "eot_positions", "pool_cls", "pool_eot",
     "pool_mean", "FeatureQueue", "MomentumCopy",
 ]

@@ -202,6 +202,31 @@ class Attention(nn.Module):
         return (out, attn) if return_attention else out
 
 
+    def forward_at(self, x: torch.Tensor, index, mask: torch.Tensor | None = None,
+                   causal: bool = False) -> torch.Tensor:
+        """Self-attention output at one query position per row, (B, 1, D): the query from
+        ``x[b, index[b]]`` (``index`` an int, the same position in every row, or a (B,) tensor),
+        keys and values from every position of x (B, N, D). ``causal`` masks the keys after the
+        query's position. Equal to ``forward(x, mask=mask, causal=causal)`` at those positions,
+        for 1/N of the query-side work (what a model pooling one token needs of its last block)."""
+        if self.is_cross:
+            raise ValueError("forward_at is self-attention; this module is cross-attention")
+        b, n, _ = x.shape
+        rows = torch.arange(b, device=x.device)
+        picked = x[:, index:index + 1] if isinstance(index, int) else x[rows, index].unsqueeze(1)
+        q = self._heads(self.q(picked))  # (B, heads, 1, head_dim)
+        k, v = (self._heads(t) for t in self._project(x, "kv", self.k, self.v))
+        if causal:
+            position = torch.full((b,), index, device=x.device) if isinstance(index, int) else index
+            mask = combine_masks(mask, (torch.arange(n, device=x.device) <= position[:, None])[:, None, None, :])
+        drop = self.attn_drop if self.training else 0.0
+        if _FUSED:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        else:
+            out = plain_attention(q, k, v, mask, drop, self.training)[0]
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, 1, -1)))
+
+
 def _stack(layers) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layers' weights (and biases) stacked along the output dimension."""
     weight = torch.cat([layer.weight for layer in layers])

@@ -65,6 +65,24 @@ class PreNormBlock(_Block):
         return (x, maps) if return_attention else x
 
 
+    def forward_at(self, x: torch.Tensor, index, mask: torch.Tensor | None = None, causal: bool = False,
+                   context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                   modality=None) -> torch.Tensor:
+        """The block's output at one position per row, (B, 1, D) (``index``: an int or a (B,)
+        tensor): equal to ``forward(x, ...)`` there, with the attention queries, the residual
+        stream and the MLP computed for that position only."""
+        self._check_context(context)
+        h = self.norm1(x)
+        if isinstance(index, int):
+            x = x[:, index:index + 1]
+        else:
+            x = x[torch.arange(x.shape[0], device=x.device), index].unsqueeze(1)
+        x = x + self.drop_path(self.attn.forward_at(h, index, mask=mask, causal=causal))
+        if self.has_cross:
+            x = x + self.drop_path(self.cross_attn(self.norm_cross(x), context=context, mask=context_mask))
+        return x + self.drop_path(self.mlp(self.norm2(x), modality=modality))
+
+
 class PostNormBlock(_Block):
     """norm(x + attn(x)) [-> norm(x + cross(x, context))] -> norm(x + mlp(x)) (BERT)."""
 
@@ -106,6 +124,14 @@ class Transformer(nn.Module):
             x, m = block(x, return_attention=True, **kwargs)
             maps.append(m)
         return x, maps
+
+    def forward_at(self, x: torch.Tensor, index, **kwargs) -> torch.Tensor:
+        """The stack's output at one position per row, (B, 1, D) (``index``: an int or a (B,)
+        tensor): every block but the last runs on the whole sequence, the last only where its
+        output is read (``PreNormBlock.forward_at``). For a model that pools one token (CLS,
+        end-of-text), the same result as ``forward`` for about 1/depth less work."""
+        x = self._run(self.blocks[:-1], x, **kwargs)
+        return self.blocks[-1].forward_at(x, index, **kwargs)
 
     def _run(self, blocks, x: torch.Tensor, **kwargs) -> torch.Tensor:
         for block in blocks:

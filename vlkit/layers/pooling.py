@@ -19,16 +19,20 @@ def pool_mean(x: torch.Tensor, mask: torch.Tensor | None = None, skip_prefix: in
     return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
 
-def pool_eot(x: torch.Tensor, input_ids: torch.Tensor, eot_token_id: int | None = None) -> torch.Tensor:
-    """Token at the end-of-text position: the first ``eot_token_id`` in each row, or, when None,
-    the position of the largest id (original CLIP, whose end token has the largest id)."""
+def eot_positions(input_ids: torch.Tensor, eot_token_id: int | None = None) -> torch.Tensor:
+    """(B,) end-of-text position of each row: the first ``eot_token_id``, or, when None, the
+    position of the largest id (original CLIP, whose end token has the largest id)."""
     if eot_token_id is None:
-        index = input_ids.argmax(dim=-1)
-    else:
-        hits = (input_ids == eot_token_id).int()
-        if not bool(hits.any(dim=-1).all()):
-            raise ValueError(f"a text has no end-of-text token (id {eot_token_id})")
-        index = hits.argmax(dim=-1)
+        return input_ids.argmax(dim=-1)
+    hits = (input_ids == eot_token_id).int()
+    if not bool(hits.any(dim=-1).all()):
+        raise ValueError(f"a text has no end-of-text token (id {eot_token_id})")
+    return hits.argmax(dim=-1)
+
+
+def pool_eot(x: torch.Tensor, input_ids: torch.Tensor, eot_token_id: int | None = None) -> torch.Tensor:
+    """Token at the end-of-text position (``eot_positions``)."""
+    index = eot_positions(input_ids, eot_token_id)
     return x[torch.arange(x.shape[0], device=x.device), index]
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import PreNormBlock, TextEmbeddings, Transformer, padding_mask, pool_eot, pool_mean
+from ..layers import PreNormBlock, TextEmbeddings, Transformer, eot_positions, padding_mask, pool_mean
 from ..losses.contrastive import ContrastiveLoss
 from .base import Output, VLModel, image_spec, load_vision_tower, register
 from .vit import ViTConfig, VisionTransformer, _init_weights
@@ -82,17 +82,44 @@ class TextTransformer(nn.Module):
 
     def forward_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         x = self.embed(input_ids)  # (B, L, D)
+        return self.norm(self.encoder(x, mask=self._mask(attention_mask), causal=self.cfg.causal))  # (B, L, D)
+
+    @staticmethod
+    def _mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         # no padding in the batch: no mask, so causal attention takes the kernel's causal mode.
         # Under torch.compile the mask is always used: the check would break the graph
         pad = attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all()))
-        mask = padding_mask(attention_mask) if pad else None
-        return self.norm(self.encoder(x, mask=mask, causal=self.cfg.causal))  # (B, L, D)
+        return padding_mask(attention_mask) if pad else None
+
+    def needed_length(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      index: torch.Tensor | None) -> int:
+        """How many leading positions decide the pooled feature: up to the last end-of-text
+        token in a causal tower (a position sees only those before it), else up to the last
+        unmasked position (a masked key is never attended). Rounded up to a multiple of 8 so
+        that batches of similar lengths share kernels (and compiled graphs)."""
+        length = input_ids.shape[1]
+        if self.cfg.causal and index is not None:
+            needed = int(index.max()) + 1
+        elif attention_mask is not None:
+            needed = int(attention_mask.any(dim=0).nonzero().max()) + 1 if bool(attention_mask.any()) else length
+        else:
+            return length
+        return min(length, -(-needed // 8) * 8)
 
     def forward(self, input_ids, attention_mask=None) -> torch.Tensor:
-        x = self.forward_features(input_ids, attention_mask)
+        """The pooled feature (B, D), computed on the leading positions that decide it
+        (``needed_length``): padding after the last caption's end is never run through the
+        tower, and with end-of-text pooling the last block runs for that token only
+        (``Transformer.forward_at``). The same result as pooling ``forward_features``."""
+        index = eot_positions(input_ids, self.cfg.eot_token_id) if self.cfg.pool == "eot" else None
+        keep = self.needed_length(input_ids, attention_mask, index)
+        input_ids = input_ids[:, :keep]
+        attention_mask = attention_mask[:, :keep] if attention_mask is not None else None
         if self.cfg.pool == "mean":
-            return pool_mean(x, attention_mask)
-        return pool_eot(x, input_ids, self.cfg.eot_token_id)
+            return pool_mean(self.forward_features(input_ids, attention_mask), attention_mask)
+        x = self.embed(input_ids)  # (B, keep, D)
+        x = self.encoder.forward_at(x, index, mask=self._mask(attention_mask), causal=self.cfg.causal)
+        return self.norm(x)[:, 0]
 
 
 @register("clip")

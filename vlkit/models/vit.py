@@ -100,7 +100,12 @@ class VisionTransformer(nn.Module):
         return pool_cls(features) if self.cfg.pool == "cls" else pool_mean(features, skip_prefix=1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.forward_features(pixel_values))  # (B, D)
+        """The pooled feature (B, D). With CLS pooling the last block runs for the CLS token
+        only (``Transformer.forward_at``): the other tokens' last outputs are never read."""
+        if self.cfg.pool != "cls":
+            return self.pool(self.forward_features(pixel_values))
+        x = self.norm_pre(self.drop_patches(self.embed(pixel_values)))
+        return self.norm(self.encoder.forward_at(x, 0))[:, 0]  # (B, D)
 
 
 @register("vit")
