@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file
 
+from .layers import quantize_int8
 from .models import build_model
 from .train.checkpoint import WEIGHTS, read_run_config
 
@@ -43,6 +44,18 @@ class Pipeline:
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point dtype (e.g. torch.bfloat16), got {dtype}")
         self.model.to(device=device, dtype=dtype)
+        return self
+
+    def quantize(self, kind: str = "int8") -> "Pipeline":
+        """Int8 inference (``vlkit.layers.quantize_int8``): the linear layers' weights in int8
+        with one scale per output channel, their inputs quantized per row on every call, the
+        products in int32. About twice bf16's speed on a CPU with VNNI (1.6× bf16 weights for
+        CLIP ViT-B/32 image embedding on an AVX-512 CPU, ``benchmarks/clip_speed.py``);
+        embeddings stay within a cosine of about 1e-3 of the float model's. In place and one-way:
+        load again for the float model."""
+        if kind != "int8":
+            raise ValueError(f"quantize: {kind!r} is not a known kind (int8)")
+        quantize_int8(self.model)
         return self
 
     # -- inputs --------------------------------------------------------------------------------

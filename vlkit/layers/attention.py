@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .int8 import Int8Linear, Int8Weights, int8_linear, stack_int8
+
 _FUSED = True
 
 
@@ -138,9 +140,12 @@ class Attention(nn.Module):
         would serve stale weights (a model evaluated between steps, as learning curves do). Under
         ``torch.compile`` the weights are stacked in the graph: the cache's pointer checks would
         break it, and a cached tensor could be a CUDA-graph output that a later replay overwrites."""
+        if not (all(type(layer) is nn.Linear for layer in layers)
+                or all(isinstance(layer, Int8Linear) for layer in layers)):
+            return tuple(layer(x) for layer in layers)  # a mix: one product each
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return _project(x, _stack(layers), layers)
-        params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+        params = [p for layer in layers for p in _tensors(layer)]
         key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params)
         hit = self._stacked.get(name)
         if hit is None or hit[0] != key:
@@ -227,8 +232,17 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, 1, -1)))
 
 
-def _stack(layers) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layers' weights (and biases) stacked along the output dimension."""
+def _tensors(layer) -> list[torch.Tensor]:
+    if isinstance(layer, Int8Linear):
+        return [t for t in (layer.weight_int8, layer.weight_scale, layer.bias) if t is not None]
+    return [p for p in (layer.weight, layer.bias) if p is not None]
+
+
+def _stack(layers):
+    """The layers' weights (and biases) stacked along the output dimension: (weight, bias), or
+    ``Int8Weights`` for int8 layers."""
+    if isinstance(layers[0], Int8Linear):
+        return stack_int8(layers)
     weight = torch.cat([layer.weight for layer in layers])
     biases = [layer.bias for layer in layers]
     if all(b is None for b in biases):
@@ -240,8 +254,11 @@ def _stack(layers) -> tuple[torch.Tensor, torch.Tensor | None]:
 def _project(x: torch.Tensor, stacked, layers) -> tuple[torch.Tensor, ...]:
     """One matrix product over stacked weights, split back per layer (the weights stay separate
     parameters); on a CPU one wide product is much faster than three in training."""
-    weight, bias = stacked
-    return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+    if isinstance(stacked, Int8Weights):
+        out = int8_linear(x, stacked)
+    else:
+        out = F.linear(x, *stacked)
+    return out.split([layer.out_features for layer in layers], dim=-1)
 
 
 class AttentionGuide(NamedTuple):

@@ -91,6 +91,7 @@ class TextTransformer(nn.Module):
         pad = attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all()))
         return padding_mask(attention_mask) if pad else None
 
+    @torch.compiler.disable  # reads a length off the data: compiled code breaks its graph here
     def needed_length(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       index: torch.Tensor | None) -> int:
         """How many leading positions decide the pooled feature: up to the last end-of-text
