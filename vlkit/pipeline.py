@@ -49,9 +49,10 @@ class Pipeline:
     def quantize(self, kind: str = "int8") -> "Pipeline":
         """Int8 inference (``vlkit.layers.quantize_int8``): the linear layers' weights in int8
         with one scale per output channel, their inputs quantized per row on every call, the
-        products in int32. About twice bf16's speed on a CPU with VNNI (1.6× bf16 weights for
-        CLIP ViT-B/32 image embedding on an AVX-512 CPU, ``benchmarks/clip_speed.py``);
-        embeddings stay within a cosine of about 1e-3 of the float model's. In place and one-way:
+        products in int32, which a CPU with VNNI runs at twice the bf16 rate. CLIP ViT-B/32 image
+        embedding under ``torch.compile`` on a 2-core AVX-512 CPU: 1.4× the bf16-weights model
+        and 1.65× bf16 autocast (``benchmarks/clip_speed.py``). Embeddings stay within a cosine
+        of about 1e-3 of the float model's. In place and one-way:
         load again for the float model."""
         if kind != "int8":
             raise ValueError(f"quantize: {kind!r} is not a known kind (int8)")
