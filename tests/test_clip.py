@@ -3,6 +3,7 @@ import torch
 
 import vlkit
 from vlkit.convert.common import ConversionError
+from vlkit.layers import Int8Linear
 
 transformers = pytest.importorskip("transformers")
 
@@ -121,9 +122,8 @@ def test_clip_vision_init_takes_a_vit_runs_tower(tmp_path):
         vlkit.create_model("clip", "tiny", vision_init=str(vit))  # the preset's tower is another shape
 
 
-def test_pipeline_in_bf16_weights():
-    """Pipeline.to(dtype=torch.bfloat16) casts the weights, feeds the images in bf16 and returns
-    fp32 embeddings close to the fp32 model's."""
+def _tiny_clip_pipelines(n_images: int = 3):
+    """(a function giving a fresh Pipeline over a copy of one random tiny CLIP, n random images)."""
     import copy
 
     import numpy as np
@@ -133,9 +133,15 @@ def test_pipeline_in_bf16_weights():
     torch.manual_seed(0)
     model = vlkit.create_model("clip", "tiny")
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8))
-              for i in range(3)]
-    full = Pipeline(model, transform=image_transform(model))
-    half = Pipeline(copy.deepcopy(model), transform=image_transform(model)).to(dtype=torch.bfloat16)
+              for i in range(n_images)]
+    return (lambda: Pipeline(copy.deepcopy(model), transform=image_transform(model))), images
+
+
+def test_pipeline_in_bf16_weights():
+    """Pipeline.to(dtype=torch.bfloat16) casts the weights, feeds the images in bf16 and returns
+    fp32 embeddings close to the fp32 model's."""
+    pipeline, images = _tiny_clip_pipelines()
+    full, half = pipeline(), pipeline().to(dtype=torch.bfloat16)
     assert full.dtype == torch.float32 and half.dtype == torch.bfloat16
     assert half.pixels(images).dtype == torch.bfloat16
     a, b = full.embed_images(images), half.embed_images(images)
@@ -186,3 +192,19 @@ def test_image_tower_runs_its_last_block_for_the_cls_token_only():
     hook.remove()
     assert seen == [1]
     torch.testing.assert_close(out, vision.forward_features(px)[:, 0], atol=1e-5, rtol=0)
+
+
+def test_pipeline_quantize_int8_and_after_bf16():
+    """Pipeline.quantize(): int8 linear layers under the float (or bf16) rest of the model;
+    fp32 embeddings close to the float model's."""
+    pipeline, images = _tiny_clip_pipelines()
+    full, q, qh = pipeline(), pipeline().quantize(), pipeline().to(dtype=torch.bfloat16).quantize("int8")
+    a = full.embed_images(images)
+    for p, floor in ((q, 0.999), (qh, 0.99)):
+        b = p.embed_images(images)
+        assert b.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(a, b).min() > floor
+        assert any(isinstance(m, Int8Linear) for m in p.model.modules())
+    assert qh.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="int4"):
+        q.quantize("int4")

@@ -68,28 +68,3 @@ def test_quantize_leaves_odd_sizes_float_and_refuses_a_model_with_nothing_to_qua
     with pytest.raises(ValueError, match="no linear layer"):
         quantize_int8(nn.Sequential(nn.Linear(5, 3)))
 
-
-def test_pipeline_quantize_int8_and_after_bf16():
-    """Pipeline.quantize(): int8 linear layers under the float (or bf16) rest of the model;
-    fp32 embeddings close to the float model's."""
-    import copy
-
-    import numpy as np
-    from PIL import Image
-
-    from vlkit.pipeline import Pipeline, image_transform
-    torch.manual_seed(0)
-    model = vlkit.create_model("clip", "tiny")
-    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8))
-              for i in range(3)]
-    full = Pipeline(model, transform=image_transform(model))
-    q = Pipeline(copy.deepcopy(model), transform=image_transform(model)).quantize()
-    qh = Pipeline(copy.deepcopy(model), transform=image_transform(model)).to(dtype=torch.bfloat16).quantize("int8")
-    a = full.embed_images(images)
-    for p, floor in ((q, 0.999), (qh, 0.99)):
-        b = p.embed_images(images)
-        assert b.dtype == torch.float32
-        assert torch.nn.functional.cosine_similarity(a, b).min() > floor
-    assert qh.dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="int4"):
-        q.quantize("int4")
