@@ -28,6 +28,10 @@ def test_int8_linear_is_the_quantized_product_computed_exactly():
         assert out.dtype == x.dtype and out.shape == (2, 5, 40)
         assert q(x.bfloat16()).dtype == torch.bfloat16
     assert q.weight_int8.dtype == torch.int8 and q.weight_int8.abs().max() == 127
+    q.to(torch.bfloat16)  # a cast after quantizing keeps the scales and the bias in fp32
+    assert q.weight_scale.dtype == q.bias.dtype == torch.float32 and q.weight_int8.dtype == torch.int8
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), out)
     with pytest.raises(RuntimeError, match="inference"):
         q(x.requires_grad_())
 

@@ -206,7 +206,6 @@ class Attention(nn.Module):
         out = self.proj_drop(self.proj(out))
         return (out, attn) if return_attention else out
 
-
     def forward_at(self, x: torch.Tensor, index, mask: torch.Tensor | None = None,
                    causal: bool = False) -> torch.Tensor:
         """Self-attention output at one query position per row, (B, 1, D): the query from
@@ -217,9 +216,7 @@ class Attention(nn.Module):
         if self.is_cross:
             raise ValueError("forward_at is self-attention; this module is cross-attention")
         b, n, _ = x.shape
-        rows = torch.arange(b, device=x.device)
-        picked = x[:, index:index + 1] if isinstance(index, int) else x[rows, index].unsqueeze(1)
-        q = self._heads(self.q(picked))  # (B, heads, 1, head_dim)
+        q = self._heads(self.q(pick_rows(x, index)))  # (B, heads, 1, head_dim)
         k, v = (self._heads(t) for t in self._project(x, "kv", self.k, self.v))
         if causal:
             position = torch.full((b,), index, device=x.device) if isinstance(index, int) else index
@@ -230,6 +227,14 @@ class Attention(nn.Module):
         else:
             out = plain_attention(q, k, v, mask, drop, self.training)[0]
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, 1, -1)))
+
+
+def pick_rows(x: torch.Tensor, index) -> torch.Tensor:
+    """(B, N, D) -> (B, 1, D): position ``index`` of every row (an int), or ``index[b]`` of row b
+    (a (B,) tensor)."""
+    if isinstance(index, int):
+        return x[:, index:index + 1]
+    return x[torch.arange(x.shape[0], device=x.device), index].unsqueeze(1)
 
 
 def _tensors(layer) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import Attention, KVCache
+from .attention import Attention, KVCache, pick_rows
 from .drop import DropPath
 from .mlp import Mlp
 
@@ -64,7 +64,6 @@ class PreNormBlock(_Block):
         x = x + self.drop_path(self.mlp(self.norm2(x), modality=modality))
         return (x, maps) if return_attention else x
 
-
     def forward_at(self, x: torch.Tensor, index, mask: torch.Tensor | None = None, causal: bool = False,
                    context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                    modality=None) -> torch.Tensor:
@@ -73,11 +72,7 @@ class PreNormBlock(_Block):
         stream and the MLP computed for that position only."""
         self._check_context(context)
         h = self.norm1(x)
-        if isinstance(index, int):
-            x = x[:, index:index + 1]
-        else:
-            x = x[torch.arange(x.shape[0], device=x.device), index].unsqueeze(1)
-        x = x + self.drop_path(self.attn.forward_at(h, index, mask=mask, causal=causal))
+        x = pick_rows(x, index) + self.drop_path(self.attn.forward_at(h, index, mask=mask, causal=causal))
         if self.has_cross:
             x = x + self.drop_path(self.cross_attn(self.norm_cross(x), context=context, mask=context_mask))
         return x + self.drop_path(self.mlp(self.norm2(x), modality=modality))
