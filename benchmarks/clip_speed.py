@@ -228,7 +228,7 @@ def main():
         half = copy.deepcopy(ours).to(torch.bfloat16).eval()
         half_embed = torch.compile(half.encode_image, dynamic=False, mode=args.compile_mode)
         # and with int8 linear layers over it (Pipeline.quantize()); inductor's freezing is left
-        # off for this graph: it stalled on the int8 weights here
+        # off for this graph: with it, compiling did not finish in 15 minutes here
         int8 = copy.deepcopy(half)
         quantize_int8(int8)
         int8_embed = torch.compile(int8.encode_image, dynamic=False, mode=args.compile_mode)
