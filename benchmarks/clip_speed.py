@@ -4,8 +4,8 @@ importable), the same ViT-B/32 configuration, random weights, in one process, al
 Rows: training step (forward + backward + AdamW) in pairs/s and image embedding in images/s, for
 fp32 and bf16 autocast, batch 16 and 64, on the CPU (and CUDA when present). Printed: each
 implementation's rate, the ratios vlkit/HF and vlkit/open_clip, and the MFU of vlkit and of the
-faster other (model FLOPs counted on the full input, over the best rate of a 2048³ matrix
-product in the row's dtype, measured in the same process).
+faster other (model FLOPs counted on the full input, over the best matrix-product rate of the
+row's dtype, measured in the same process on a 2048³ product and ViT-B's MLP shapes).
 
 Captions: ``--text-tokens 8-40`` (the default) draws each caption's length uniformly from 8 to
 40 tokens, start and end tokens included, and pads it with zeros to the full context (77), as

@@ -238,9 +238,8 @@ def pick_rows(x: torch.Tensor, index) -> torch.Tensor:
 
 
 def _tensors(layer) -> list[torch.Tensor]:
-    if isinstance(layer, Int8Linear):
-        return [t for t in (layer.weight_int8, layer.weight_scale, layer.bias) if t is not None]
-    return [p for p in (layer.weight, layer.bias) if p is not None]
+    tensors = layer.weights if isinstance(layer, Int8Linear) else (layer.weight, layer.bias)
+    return [t for t in tensors if t is not None]
 
 
 def _stack(layers):
