@@ -37,7 +37,7 @@ def _batches(batch: int, rank: int, world: int, image_size: int = 64, length: in
 
 def _run(rank: int, world: int, threads: int, port: int, args, out: str) -> None:
     import vlkit
-    from vlkit.train import distributed as vdist
+    from vlkit import collective as vdist
     from vlkit.train.loop import TrainConfig, Trainer
     torch.set_num_threads(threads)
     if world > 1:

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from vlkit.losses import (ContrastiveLoss, contrastive_loss, local_contrastive_loss,
                           siglip_loss)
 from vlkit.losses.contrastive import _ChunkedBlockCE, _ChunkedSigLIP
-from vlkit.train import distributed as vdist
+from vlkit import collective as vdist
 
 
 def _feats(b, d, k=0, seed=0, dtype=torch.float32):

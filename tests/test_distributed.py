@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import vlkit
-from vlkit.train import distributed as vdist
+from vlkit import collective as vdist
 from vlkit.train.checkpoint import checkpoint_dirs
 from vlkit.train.loop import TrainConfig, Trainer
 

@@ -99,7 +99,7 @@ def cmd_train(args) -> int:
                   fsdp=args.fsdp, groups=args.groups, eval_every=args.eval_every,
                   eval_size=args.eval_size, negatives=args.negatives,
                   negative_weights=_negative_weights(args.negative_weights))
-    from .train import distributed as vdist
+    from . import collective as vdist
     try:
         result = train(run)
     finally:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..train.distributed import all_gather_no_grad
+from ..collective import all_gather_no_grad
 
 
 class MomentumCopy(nn.Module):

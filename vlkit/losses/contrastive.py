@@ -11,7 +11,7 @@ Conventions
 - InfoNCE: logits = exp(t) * I @ T^T, labels arange(B), loss = (CE_i2t + CE_t2i) / 2.
   `extra_text_emb` (K, D) adds negative texts to the image->text softmax only.
 - SigLIP: -(1/B) * sum_ij log sigmoid(z_ij * (exp(t) * x_i . y_j + b)), z_ij = 1 iff i == j.
-- Distributed: see `vlkit.train.distributed` for the gradient convention (each rank's loss
+- Distributed: see `vlkit.collective` for the gradient convention (each rank's loss
   over its local rows; DDP averages; the mean of the rank losses is the global loss).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from vlkit.train.distributed import (all_gather_sizes, all_gather_with_grad, is_dist, rank,
+from ..collective import (all_gather_sizes, all_gather_with_grad, is_dist, rank,
                                      world_size)
 
 __all__ = ["contrastive_loss", "local_contrastive_loss", "siglip_loss", "local_siglip_loss",

@@ -48,7 +48,7 @@ from ..losses.mlm import (edit_from_pass, edit_loss_and_accuracy, lowest_word_lo
 from ..losses.grounding import (GroundedPasses, attention_guides, check_grounding_settings, grounding_losses,
                                mask_relation_words, require_grounding, require_relations)
 from ..losses.vqa import batch_vqa_loss, vqa_loss
-from ..train.distributed import (all_gather_no_grad, all_gather_padded, all_gather_sizes,
+from ..collective import (all_gather_no_grad, all_gather_padded, all_gather_sizes,
                                  all_gather_with_grad, global_generator, global_mean_scale, is_dist,
                                  rank, world_size)
 from .base import Output, VLModel, image_spec, load_vision_tower, register

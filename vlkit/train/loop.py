@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from . import distributed as vdist
+from .. import collective as vdist
 from .checkpoint import (WEIGHTS, atomic_save_tensors, latest_checkpoint, load_checkpoint,
                          model_state, save_checkpoint)
 from .optim import lr_at, make_optimizer

@@ -348,7 +348,7 @@ def train(args: RunArgs) -> dict:
         raise ValueError("give --steps or --minutes")
     if not args.resume and latest_checkpoint(run) is not None:
         raise ValueError(f"{run} already holds a run; use --resume to continue it or another --out")
-    from . import distributed as vdist
+    from .. import collective as vdist
     vdist.init_from_env()  # under torchrun: join the process group (gloo on CPU, NCCL on CUDA)
     rank, world = vdist.rank(), vdist.world_size()
     seed_everything(args.seed)  # the same initial weights on every rank
