@@ -83,41 +83,105 @@ def cmd_synth(args) -> int:
     return 0
 
 
+# command-line options that differ from their RunArgs field in name or form
+_NOT_RUN_ARGS = {"command", "func", "recipe", "set", "no_eval", "no_progress", "negative_weights"}
+
+
+def _run_options(args) -> dict:
+    """The RunArgs fields given on the command line (options left unset are None and dropped,
+    so RunArgs' defaults, or a recipe's values, apply)."""
+    import dataclasses
+
+    from .train.run import RunArgs
+    fields = {f.name for f in dataclasses.fields(RunArgs)}
+    given = {k: v for k, v in vars(args).items() if k not in _NOT_RUN_ARGS and v is not None and v is not False}
+    unknown = sorted(set(given) - fields)
+    assert not unknown, f"train options without a RunArgs field: {unknown}"
+    if args.negative_weights:
+        given["negative_weights"] = _negative_weights(args.negative_weights)
+    return given
+
+
 def cmd_train(args) -> int:
-    from .eval.run import ALL_TASKS, evaluate, print_metrics, write_eval
-    from .pipeline import load
-    from .train.run import RunArgs, train
-    if args.data != "synthetic" and not Path(args.data).is_dir():
-        raise UsageError(f"--data {args.data}: no such folder (or use 'synthetic')")
-    run = RunArgs(model=args.model, data=args.data, preset=args.preset, out=args.out,
-                  minutes=args.minutes, steps=args.steps, seed=args.seed, resume=args.resume,
-                  init=args.init, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
-                  hard_negatives=args.hard_negatives, vqa=args.vqa, workers=args.workers,
-                  on_bad_sample=args.on_bad_sample, overrides=_kv(args.set),
-                  progress=not args.no_progress, max_skip_rate=args.max_skip_rate,
-                  ckpt_every=args.ckpt_every, grad_checkpointing=args.grad_checkpointing,
-                  fsdp=args.fsdp, groups=args.groups, eval_every=args.eval_every,
-                  eval_size=args.eval_size, negatives=args.negatives,
-                  negative_weights=_negative_weights(args.negative_weights))
     from . import collective as vdist
-    try:
-        result = train(run)
-    finally:
-        vdist.destroy()  # under torchrun; the evaluation below runs on rank 0 alone
+    from .train.run import RunArgs, train
+    options = _run_options(args)
+    if args.recipe or (args.resume and not args.model):
+        if args.model:
+            raise UsageError(f"give a model ({args.model}) or --recipe, not both: the recipe names its models")
+        result = _train_recipe(args, options)
+    else:
+        if not args.model:
+            raise UsageError("give a model to train (see vlkit list-models) or --recipe NAME (see vlkit recipes)")
+        args.data = options.setdefault("data", "synthetic")
+        if args.data != "synthetic" and not Path(args.data).is_dir():
+            raise UsageError(f"--data {args.data}: no such folder (or use 'synthetic')")
+        try:
+            result = train(RunArgs(overrides=_kv(args.set), progress=not args.no_progress, **options))
+        finally:
+            vdist.destroy()  # under torchrun; the evaluation below runs on rank 0 alone
     if not vdist.is_main_env():
         return 0
     print(f"trained {result['step']} steps ({result['samples']} samples) in {result['elapsed']:.0f} s; "
           f"final loss {result.get('loss', float('nan')):.4f}")
+    data = result.get("data", args.data)
     if result.get("stopped") and not args.no_eval:
         print(f"stopped by a signal: evaluation skipped (vlkit eval {args.out}, or continue with --resume)")
-    elif not args.no_eval and args.data != "synthetic" and not (Path(args.data) / "test.jsonl").is_file():
-        print(f"no {Path(args.data) / 'test.jsonl'}: evaluation skipped (vlkit eval {args.out} --data "
+    elif not args.no_eval and data != "synthetic" and not (Path(data) / "test.jsonl").is_file():
+        print(f"no {Path(data) / 'test.jsonl'}: evaluation skipped (vlkit eval {args.out} --data "
               "a dataset folder with a test split)")
     elif not args.no_eval:
-        pipe = load(args.out)
-        res = evaluate(pipe, args.data, "test", ALL_TASKS)
+        from .eval.run import ALL_TASKS, evaluate, print_metrics, write_eval
+        from .pipeline import load
+        res = evaluate(load(args.out), data, "test", ALL_TASKS)
         write_eval(res, Path(args.out) / "eval.json")
         print_metrics(res)
+    return 0
+
+
+def _train_recipe(args, options: dict) -> dict:
+    """``vlkit train --recipe``: command-line options override the recipe's last stage."""
+    from . import collective as vdist
+    from .train.recipe import load_recipe, resolve, run_recipe
+    options.pop("out")
+    resume = options.pop("resume", False)
+    seed = options.pop("seed", None)
+    minutes = options.pop("minutes", None)
+    recipe = None
+    if args.recipe:
+        recipe = resolve(load_recipe(args.recipe), seed=seed, sets=_kv(args.set), flags=options, minutes=minutes)
+    elif seed is not None or minutes is not None or args.set or options:
+        raise UsageError("--resume without --recipe continues the run as it started: give no other "
+                         "options (or the same --recipe and options it was started with)")
+    try:
+        result = run_recipe(recipe, args.out, resume=resume, progress=not args.no_progress)
+    finally:
+        vdist.destroy()
+    if "step" not in result:  # every stage had finished before: the last one's summary
+        result.update(json.loads((Path(args.out) / "train_summary.json").read_text()))
+    from .train.checkpoint import read_run_config
+    result["data"] = read_run_config(args.out).get("data", "synthetic")
+    return result
+
+
+def cmd_recipes(args) -> int:
+    from .train.recipe import load_recipe, recipe_names, recipe_path
+    if args.action == "show":
+        if not args.name:
+            raise UsageError("vlkit recipes show NAME")
+        print(recipe_path(args.name).read_text(encoding="utf-8"), end="")
+        return 0
+    if args.action is not None:
+        raise UsageError(f"vlkit recipes [show NAME], got {args.action!r}")
+    for name in recipe_names():
+        recipe = load_recipe(name)
+        stages = " -> ".join(f"{s['name']} {s['steps']}" for s in recipe["stage"])
+        print(f"{name:16s} {recipe.get('summary', '')}")
+        print(f"{'':16s} steps: {stages}")
+        for m in recipe.get("measured", []):
+            figures = ", ".join(f"{k} {v:.3f}" for k, v in (m.get("results") or {}).items())
+            when = f"{m['minutes']:g} min" if "minutes" in m else "time not recorded"
+            print(f"{'':16s} {when} on {m['machine']}, seed {m.get('seed', 0)}: {figures}")
     return 0
 
 
@@ -169,29 +233,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=64)
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("train", help="train a model and evaluate it on the test split")
-    s.add_argument("model", help="model name (see list-models)")
-    s.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder")
-    s.add_argument("--preset", default="tiny")
+    s = sub.add_parser("train", help="train a model (or run a recipe) and evaluate it on the test split")
+    s.add_argument("model", nargs="?", help="model name (see list-models); not with --recipe")
+    s.add_argument("--recipe", metavar="NAME_OR_FILE",
+                   help="run a recipe (see vlkit recipes): its stages in RUN/stages/, its model in RUN; "
+                        "the options below override its last stage, --set STAGE:KEY=VALUE another stage")
+    s.add_argument("--data", help="'synthetic' (the default) or a dataset folder")
+    s.add_argument("--preset", help="architecture preset (default tiny)")
     s.add_argument("--out", required=True, help="run folder")
-    s.add_argument("--minutes", type=float, help="training time budget")
+    s.add_argument("--minutes", type=float,
+                   help="training time budget (with --recipe: for all its stages, shared as they were measured)")
     s.add_argument("--steps", type=int, help="optimiser steps")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    s.add_argument("--seed", type=int, help="random seed (default 0; with --recipe: every stage's)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out (a recipe run: in the stage where it stopped)")
     s.add_argument("--init", help="start from the weights of a run or Hugging Face folder")
     s.add_argument("--batch-size", type=int)
     s.add_argument("--lr", type=float)
-    s.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    s.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="default auto")
     s.add_argument("--hard-negatives", action="store_true", help="train with the data's negative captions")
     s.add_argument("--vqa", action="store_true",
                    help="train question answering on the data's 'qa' pairs: a VQA head over the training "
                         "answers, trained alone (--set objectives=... to add others); with --init RUN it "
                         "fine-tunes a pretraining run")
-    s.add_argument("--workers", type=int, default=1, help="data loader worker processes")
-    s.add_argument("--on-bad-sample", default="error", choices=["error", "skip"])
-    s.add_argument("--max-skip-rate", type=float, default=0.1, metavar="R",
+    s.add_argument("--workers", type=int, help="data loader worker processes (default 1)")
+    s.add_argument("--on-bad-sample", choices=["error", "skip"], help="default error")
+    s.add_argument("--max-skip-rate", type=float, metavar="R",
                    help="with --on-bad-sample skip: stop when more than this fraction of the samples "
-                        "is bad (checked after the first 100)")
+                        "is bad (checked after the first 100; default 0.1)")
     s.add_argument("--ckpt-every", type=int, metavar="N", help="optimiser steps between checkpoints")
     s.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each Transformer block in the backward pass (less memory)")
@@ -209,12 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-every", type=int, metavar="N",
                    help="learning curve: evaluate on the test split every N steps (curve.jsonl; the "
                         "time spent does not count against --minutes)")
-    s.add_argument("--eval-size", type=int, default=300, metavar="N",
+    s.add_argument("--eval-size", type=int, metavar="N",
                    help="test records per learning-curve point (default 300)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a model config field (with --recipe also a run option, and STAGE:KEY=VALUE "
+                        "for a stage other than the last)")
     s.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("recipes", help="the named training recipes; 'recipes show NAME' prints one")
+    s.add_argument("action", nargs="?", metavar="show", help="show: print a recipe's file")
+    s.add_argument("name", nargs="?", help="recipe name")
+    s.set_defaults(func=cmd_recipes)
 
     s = sub.add_parser("eval", help="evaluate a run (or Hugging Face folder) on a dataset")
     s.add_argument("run", help="run folder")
