@@ -30,7 +30,7 @@ import argparse
 import torch
 
 import vlkit
-from vlkit.train.run import synthetic_world
+from vlkit.data.synthetic import synthetic_world
 
 WORDS = ("left", "right", "above", "below")
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}

@@ -17,7 +17,8 @@ import torch
 from vlkit.models import create_model
 from vlkit.data.synthetic import class_names
 from vlkit.data.loader import SyntheticSource, batch_loader
-from vlkit.train.run import make_collate, build_tokenizer, synthetic_world
+from vlkit.data.synthetic import synthetic_world
+from vlkit.train.run import build_tokenizer, make_collate
 from vlkit.train.optim import make_optimizer, lr_at
 from vlkit.pipeline import Pipeline, image_transform
 from vlkit.eval.run import eval_itm, eval_retrieval, eval_zeroshot, load_records

@@ -312,7 +312,7 @@ def tiny_run(tmp_path_factory):
     from vlkit.data.synthetic import SyntheticWorld
     from vlkit.data.transforms import ImageTransform
     from vlkit.tokenizers import build_wordpiece_vocab
-    from vlkit.train.checkpoint import save_run_config
+    from vlkit.checkpoint import save_run_config
     from vlkit.train.loop import TrainConfig, Trainer
     run = tmp_path_factory.mktemp("albef_run")
     records = SyntheticWorld(seed=0, image_size=64).records("train", 32)
@@ -353,7 +353,7 @@ def test_training_run_loss_falls(tiny_run):
 
 
 def test_checkpoint_round_trip_keeps_queues_and_momentum(tiny_run):
-    from vlkit.train.checkpoint import latest_checkpoint, load_checkpoint
+    from vlkit.checkpoint import latest_checkpoint, load_checkpoint
     from vlkit.train.optim import make_optimizer
     path = latest_checkpoint(tiny_run["run"])
     assert path.name == "step-00000030"
@@ -446,7 +446,7 @@ def test_explain_cli(tiny_run, tmp_path, capsys):
 
 
 def test_vision_init_copies_a_clip_image_tower_into_both_encoders(tmp_path):
-    from vlkit.train.checkpoint import WEIGHTS, atomic_save_tensors, model_state, save_run_config
+    from vlkit.checkpoint import WEIGHTS, atomic_save_tensors, model_state, save_run_config
     vision = {k: v for k, v in SMALL.items() if k.startswith("vision.")}
     clip = vlkit.create_model("clip", "tiny", **vision, **{"text.dim": 32, "text.depth": 1, "text.heads": 2,
                                                           "text.mlp_dim": 64, "embed_dim": 16})

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import vlkit
 from vlkit import collective as vdist
-from vlkit.train.checkpoint import checkpoint_dirs
+from vlkit.checkpoint import checkpoint_dirs
 from vlkit.train.loop import TrainConfig, Trainer
 
 WORLD = 2

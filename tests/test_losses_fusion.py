@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from vlkit.losses.matching import (itm_batch_from_swaps, itm_loss, other_index,
                                    sample_hard_negatives)
 from vlkit.losses.mlm import mask_tokens, mlm_loss
-from vlkit.losses.vqa import build_answer_vocab, vqa_loss, vqa_soft_scores
+from vlkit.data.answers import build_answer_vocab, vqa_soft_scores
+from vlkit.losses.vqa import vqa_loss
 
 SPECIAL = (0, 1, 2, 3, 4)  # [PAD] [UNK] [CLS] [SEP] [MASK]
 VOCAB = 500

@@ -538,7 +538,7 @@ def test_negatives_drawn_by_kind_weight():
 def test_train_records_negative_weights(tmp_path):
     """--negatives and --negative-weights reach the run's config, so a resumed run draws alike."""
     from vlkit.train.run import RunArgs, train
-    from vlkit.train.checkpoint import read_run_config
+    from vlkit.checkpoint import read_run_config
     out = tmp_path / "run"
     small = {"vision.image_size": 32, "vision.dim": 32, "vision.depth": 1, "vision.heads": 2,
              "vision.mlp_dim": 64, "dim": 32, "text_layers": 1, "fusion_layers": 1, "heads": 2,

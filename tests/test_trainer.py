@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import vlkit
-from vlkit.train.checkpoint import checkpoint_dirs, latest_checkpoint
+from vlkit.checkpoint import checkpoint_dirs, latest_checkpoint
 from vlkit.train.loop import TrainConfig, Trainer, TrainingAborted
 from vlkit.train.optim import lr_at, param_groups
 

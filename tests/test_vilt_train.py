@@ -102,7 +102,7 @@ def test_objectives_choose_the_losses():
 
 
 def _clip_run(folder):
-    from vlkit.train.checkpoint import WEIGHTS, atomic_save_tensors, model_state, save_run_config
+    from vlkit.checkpoint import WEIGHTS, atomic_save_tensors, model_state, save_run_config
     clip = vlkit.create_model("clip", "tiny", **{"vision.depth": 1, "text.depth": 1})
     folder.mkdir()
     save_run_config(folder, "clip", clip.config_dict())

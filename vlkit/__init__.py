@@ -1,7 +1,6 @@
 """vlkit: vision-language models from one library of shared layers."""
+from ._version import __version__
 from .models import create_model, list_models
-
-__version__ = "0.1.0"
 
 
 def load(path, **kwargs):

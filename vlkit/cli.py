@@ -159,7 +159,7 @@ def _train_recipe(args, options: dict) -> dict:
         vdist.destroy()
     if "step" not in result:  # every stage had finished before: the last one's summary
         result.update(json.loads((Path(args.out) / "train_summary.json").read_text()))
-    from .train.checkpoint import read_run_config
+    from .checkpoint import read_run_config
     result["data"] = read_run_config(args.out).get("data", "synthetic")
     return result
 

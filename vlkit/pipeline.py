@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from .layers import quantize_int8
 from .models import build_model
-from .train.checkpoint import WEIGHTS, read_run_config
+from .checkpoint import WEIGHTS, read_run_config
 
 
 class Unsupported(NotImplementedError):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..losses.vqa import vqa_soft_scores
+from .answers import vqa_soft_scores
 from .transforms import as_pil
 
 

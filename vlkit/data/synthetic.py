@@ -895,3 +895,11 @@ def write_dataset(out_dir, num: int = 1000, seed: int = 0, image_size: int = 64,
     with open(os.path.join(out_dir, "world.json"), "w", encoding="utf-8") as fh:
         json.dump(meta, fh, indent=1)
     return written
+
+
+DEFAULT_SEED = 0  # the built-in world's seed (``--data synthetic``): the same world and test split everywhere
+
+
+def synthetic_world(image_size: int, group_size: int = 1) -> "SyntheticWorld":
+    """The built-in world of ``--data synthetic`` at an image size."""
+    return SyntheticWorld(seed=DEFAULT_SEED, image_size=image_size, group_size=group_size)

@@ -30,7 +30,7 @@ RERANK_K = 16  # ITC candidates re-scored by ITM per query (models with both)
 def load_records(data: str, split: str, image_size: int):
     """(image-text records, single-object records) of a split."""
     if data == "synthetic":
-        from ..train.run import synthetic_world
+        from ..data.synthetic import synthetic_world
         world = synthetic_world(image_size)
         return (world.records(split, SYNTHETIC_TEST_PAIRS),
                 world.records(split, SYNTHETIC_TEST_SINGLE, single_object=True))
@@ -267,7 +267,7 @@ def default_tasks(model) -> list[str]:
 
 
 def write_eval(result: dict, path: str | Path) -> None:
-    from ..train.checkpoint import atomic_write_json
+    from ..checkpoint import atomic_write_json
     atomic_write_json(path, result)
 
 

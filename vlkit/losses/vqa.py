@@ -1,32 +1,15 @@
 """VQA as multi-label classification over an answer vocabulary (ViLT, ALBEF-style heads).
 
-Targets are the standard VQA soft scores: an answer given by k of the annotators scores
-min(1, k/3). The loss is binary cross-entropy with logits averaged over all entries, times the
+Targets are the standard VQA soft scores (``vlkit.data.answers.vqa_soft_scores``). The loss is binary cross-entropy with logits averaged over all entries, times the
 number of answers (as ViLT, after BAN: equivalent to summing over answers, averaging over
 questions).
 """
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-
 import torch
 import torch.nn.functional as F
 
-__all__ = ["vqa_soft_scores", "vqa_loss", "batch_vqa_loss", "build_answer_vocab"]
-
-
-def vqa_soft_scores(answers_per_question: Sequence[Sequence[str]],
-                    answer_to_index: Mapping[str, int]) -> torch.Tensor:
-    """(N, A) float targets: entry (q, a) = min(1, count of answer a among question q's
-    annotator answers / 3). Answers outside the vocabulary are dropped."""
-    out = torch.zeros(len(answers_per_question), len(answer_to_index))
-    for q, answers in enumerate(answers_per_question):
-        for answer, count in Counter(answers).items():
-            index = answer_to_index.get(answer)
-            if index is not None:
-                out[q, index] = min(1.0, count / 3.0)
-    return out
+__all__ = ["vqa_loss", "batch_vqa_loss"]
 
 
 def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -34,13 +17,6 @@ def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if logits.shape != targets.shape:
         raise ValueError(f"VQA logits {tuple(logits.shape)} do not fit targets {tuple(targets.shape)}")
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float()) * targets.shape[1]
-
-
-def build_answer_vocab(answers: Iterable[str], min_count: int = 1) -> list[str]:
-    """Answers seen at least ``min_count`` times, most frequent first (ties alphabetical)."""
-    counts = Counter(answers)
-    kept = [a for a, c in counts.items() if c >= min_count]
-    return sorted(kept, key=lambda a: (-counts[a], a))
 
 
 def batch_vqa_loss(model, batch: dict, pixel_values: torch.Tensor, input_ids: torch.Tensor,

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import torch
 
 from .. import collective as vdist
-from .checkpoint import (WEIGHTS, atomic_save_tensors, latest_checkpoint, load_checkpoint,
+from ..checkpoint import (WEIGHTS, atomic_save_tensors, latest_checkpoint, load_checkpoint,
                          model_state, save_checkpoint)
 from .optim import lr_at, make_optimizer
 
@@ -247,7 +247,7 @@ class Trainer:
     def _load_sharded(self, path: Path) -> dict:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
-        from .checkpoint import read_checkpoint
+        from ..checkpoint import read_checkpoint
         weights, optim, state = read_checkpoint(path, rank=self.rank)
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, weights, options=opts)
@@ -494,7 +494,7 @@ class Trainer:
 
 
 def _rng_state() -> dict:
-    from .checkpoint import rng_state
+    from ..checkpoint import rng_state
     return rng_state()
 
 

@@ -26,7 +26,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from .checkpoint import CONFIG, WEIGHTS, atomic_write_bytes, latest_checkpoint
+from ..checkpoint import CONFIG, WEIGHTS, atomic_write_bytes, latest_checkpoint
 from .run import RunArgs
 
 SCHEMA = 1

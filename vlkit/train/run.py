@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.synthetic import synthetic_world
 from ..models import build_model, model_class
 from ..models.base import config_from_dict, merge_config
-from .checkpoint import CONFIG, latest_checkpoint, read_run_config, save_run_config
+from ..checkpoint import CONFIG, latest_checkpoint, read_run_config, save_run_config
 from .loop import TrainConfig, Trainer
 
 # Per-model defaults for the tiny presets on the synthetic world (a 2-core CPU). A model without
@@ -27,7 +28,6 @@ TRAIN_DEFAULTS = {
     "fusion": dict(batch_size=64, lr=3e-4, weight_decay=0.01, warmup_steps=50, min_lr_ratio=0.1),
     "vilt": dict(batch_size=64, lr=1e-3, weight_decay=0.01, warmup_steps=50, min_lr_ratio=0.1),
 }
-SYNTHETIC_SEED = 0  # the built-in world's default seed: the same world and test split everywhere
 
 
 @dataclass
@@ -71,11 +71,6 @@ def seed_everything(seed: int) -> None:
 
 # ---- data -------------------------------------------------------------------------------------
 
-def synthetic_world(image_size: int, group_size: int = 1):
-    from ..data.synthetic import SyntheticWorld
-    return SyntheticWorld(seed=SYNTHETIC_SEED, image_size=image_size, group_size=group_size)
-
-
 def corpus_texts(records) -> list[str]:
     texts = []
     for rec in records:
@@ -106,7 +101,7 @@ def build_tokenizer(data: str, image_size: int, jsonl=None, records: list[dict] 
 def answer_vocabulary(records: list[dict]) -> list[str]:
     """The answers of the records' ``qa`` entries (``answer``, or each of ``answers``), most
     frequent first."""
-    from ..losses.vqa import build_answer_vocab
+    from ..data.answers import build_answer_vocab
     answers = []
     for rec in records:
         for qa in rec.get("qa") or []:

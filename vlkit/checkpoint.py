@@ -75,7 +75,7 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_run_config(run: Path, model_name: str, model_config: dict, extra: dict | None = None) -> None:
-    from .. import __version__
+    from ._version import __version__
     obj = {"model": model_name, "config": model_config, "vlkit_version": __version__}
     obj.update(extra or {})
     atomic_write_json(run / CONFIG, obj)

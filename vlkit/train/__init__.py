@@ -1,0 +1,1 @@
+"""Training: the run (``vlkit train``), the loop, checkpoints, optimiser and recipes."""
