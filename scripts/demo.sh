@@ -1,20 +1,18 @@
 #!/usr/bin/env bash
-# Set up and run the main job on the CPU, 10 minutes of training in all: a ViT (tiny) learns the
-# synthetic world's labelled single-object images for 3 minutes, then CLIP (tiny) starts its
-# image tower from that ViT and trains for 7 minutes on the image-caption pairs (LiT-style), is
-# evaluated on the fixed test split, and the metrics are printed. FROM_SCRATCH=1 trains CLIP
-# alone, from random weights, for the whole 10 minutes instead.
+# Set up and run the main job on the CPU: the clip-world recipe (a ViT stage learns the synthetic
+# world's labelled single-object images, then CLIP starts its image tower from it and trains on
+# the image-caption pairs; 10 minutes on a 2-core AVX-512-bf16 CPU, about 20 on an AVX2 one),
+# evaluated on the fixed test split, then on the 1,000-pair retrieval protocol.
+# FROM_SCRATCH=1 trains CLIP alone, from random weights, for 10 minutes instead.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 OUT=${OUT:-runs/demo}
 rm -rf "$OUT"
 if [ -n "${FROM_SCRATCH:-}" ]; then
-  .venv/bin/vlkit train clip --data synthetic --preset tiny --minutes 10 --out "$OUT/clip"
+  .venv/bin/vlkit train clip --data synthetic --preset tiny --minutes 10 --out "$OUT"
 else
-  .venv/bin/vlkit train vit --data synthetic --preset tiny --minutes 3 --out "$OUT/vit"
-  .venv/bin/vlkit train clip --data synthetic --preset tiny --minutes 7 --batch-size 256 --lr 1.4e-3 \
-    --set vision_init="$OUT/vit" \
-    --out "$OUT/clip"
+  .venv/bin/vlkit train --recipe clip-world --out "$OUT"
 fi
-# the issue's 1,000-pair protocol as well: the first 1,000 test images, each with its first caption
-.venv/bin/vlkit eval "$OUT/clip" --data synthetic --tasks retrieval --retrieval-size 1000 \
-  --out "$OUT/clip/eval-1000-pairs.json"
+# the 1,000-pair protocol: the first 1,000 test images, each with its first caption
+.venv/bin/vlkit eval "$OUT" --data synthetic --tasks retrieval --retrieval-size 1000 \
+  --out "$OUT/eval-1000-pairs.json"
+echo "the run: $OUT (vlkit eval $OUT, or vlkit.load(\"$OUT\") in Python)"
