@@ -6,7 +6,7 @@ from .drop import DropPath
 from .embeddings import (BertEmbeddings, ImageEmbeddings, PatchEmbed, TextEmbeddings,
                          interpolate_pos_embed, sincos_2d)
 from .int8 import Int8Linear, quantize_int8
-from .mlp import Mlp, ModalityExperts, QuickGELU, activation
+from .mlp import Mlp, QuickGELU, activation
 from .momentum import FeatureQueue, MomentumCopy
 from .pooling import MLMHead, Pooler, eot_positions, pool_cls, pool_eot, pool_mean
 
@@ -15,6 +15,6 @@ __all__ = [
     "fused_attention_enabled", "padding_mask", "plain_attention", "set_fused_attention",
     "PostNormBlock", "PreNormBlock", "Transformer", "DropPath", "BertEmbeddings",
     "ImageEmbeddings", "PatchEmbed", "TextEmbeddings", "interpolate_pos_embed", "sincos_2d", "Mlp",
-    "Int8Linear", "quantize_int8", "ModalityExperts", "QuickGELU", "activation", "MLMHead", "Pooler", "eot_positions", "pool_cls", "pool_eot",
+    "Int8Linear", "quantize_int8", "QuickGELU", "activation", "MLMHead", "Pooler", "eot_positions", "pool_cls", "pool_eot",
     "pool_mean", "FeatureQueue", "MomentumCopy",
 ]

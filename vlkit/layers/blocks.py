@@ -1,7 +1,7 @@
 """Transformer blocks: pre-norm (ViT, CLIP, ViLT, VLMo) and post-norm (BERT: ALBEF, BLIP text).
 
 A block gains cross-attention when given ``context_dim``; the MLP may be replaced by any module
-taking ``(x, modality=...)`` (e.g. :class:`ModalityExperts`). Nothing else varies.
+taking ``(x, modality=...)`` (a router over modality experts). Nothing else varies.
 """
 from __future__ import annotations
 
