@@ -164,6 +164,12 @@ def _train_recipe(args, options: dict) -> dict:
     return result
 
 
+_SHORT = {"itm.compositional_acc": "compositional", "itm.attribute_swap_acc": "swap",
+          "itm.relation_flip_acc": "flip", "zeroshot.top1": "zero-shot", "zeroshot.top1_heldout": "held-out",
+          "classification.top1_seen": "top-1", "vqa.acc": "VQA",
+          "retrieval_1000_pairs.t2i_r1": "t2i R@1 (1,000 pairs)", "retrieval_1000_pairs.i2t_r1": "i2t R@1"}
+
+
 def cmd_recipes(args) -> int:
     from .train.recipe import load_recipe, recipe_names, recipe_path
     if args.action == "show":
@@ -176,12 +182,15 @@ def cmd_recipes(args) -> int:
     for name in recipe_names():
         recipe = load_recipe(name)
         stages = " -> ".join(f"{s['name']} {s['steps']}" for s in recipe["stage"])
-        print(f"{name:16s} {recipe.get('summary', '')}")
-        print(f"{'':16s} steps: {stages}")
+        print(f"{name:15s} {stages + ' steps':26s} {recipe.get('summary', '')}")
+        by_machine: dict = {}
         for m in recipe.get("measured", []):
-            figures = ", ".join(f"{k} {v:.3f}" for k, v in (m.get("results") or {}).items())
-            when = f"{m['minutes']:g} min" if "minutes" in m else "time not recorded"
-            print(f"{'':16s} {when} on {m['machine']}, seed {m.get('seed', 0)}: {figures}")
+            figures = ", ".join(f"{_SHORT.get(k, k)} {v:.3f}" for k, v in (m.get("results") or {}).items())
+            minutes = f"{m['minutes']:g} min, " if "minutes" in m else ""
+            by_machine.setdefault(m["machine"], []).append(f"seed {m.get('seed', 0)}: {minutes}{figures}")
+        for machine, runs in by_machine.items():
+            print(f"{'':15s} {machine}: {'; '.join(runs)}")
+    print("\nvlkit train --recipe NAME --out RUN runs one; vlkit recipes show NAME prints its file")
     return 0
 
 
