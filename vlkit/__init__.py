@@ -1,5 +1,6 @@
 """vlkit: vision-language models from one library of shared layers."""
-from .models import create_model, list_models
+from .factory import create_model
+from .models import list_models
 
 __version__ = "0.1.0"
 
