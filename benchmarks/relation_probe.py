@@ -110,13 +110,13 @@ def fusion_context(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 def relation_head_mass(pipe, images: int, batch_size: int) -> None:
     """The relation heads' attention mass on the subject's and the object's patches."""
-    from vlkit.losses.grounding import relation_heads
+    from vlkit.objectives.relation import relation_heads
 
     model = pipe.model
     cfg = model.cfg
     if getattr(cfg, "relation_weight", 0) <= 0:
         raise SystemExit("--heads: this run was not trained with relation_weight")
-    first = relation_heads(cfg.grounding_layer, cfg.grounding_heads, cfg.relation_layer)
+    first = relation_heads(cfg)
     print(f"relation heads {first} and {first + 1} of layer {cfg.relation_layer}: attention mass "
           "(rows: subject head, object head; columns: on the subject, on the object)")
     for masked in (False, True):

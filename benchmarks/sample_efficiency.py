@@ -14,7 +14,7 @@ Results are printed as JSON lines and appended to $OUT/sweep.jsonl (default /tmp
 import copy, json, os, sys, time
 sys.path.insert(0, os.getcwd())
 import torch
-from vlkit.models import create_model
+from vlkit import create_model
 from vlkit.data.synthetic import class_names
 from vlkit.data.loader import SyntheticSource, batch_loader
 from vlkit.data.synthetic import synthetic_world

@@ -241,6 +241,24 @@ def test_transformer_maps_of_one_block_match_the_full_pass():
         stack.forward_with_maps_of(x, 3)
 
 
+def _tapped(model, *args, targets, roles=None):
+    """One tapped pass (``fuse_tapped`` / ``forward_tapped``) with the model's objectives:
+    (output, grounding (loss, mass), relation (loss, mass) or None)."""
+    from vlkit.objectives import Step
+    step = Step(model.objectives, {"grounding": targets, "grounding_roles": roles}, model.training)
+    run = model.fuse_tapped if hasattr(model, "fuse_tapped") else model.forward_tapped
+    out = run(*args, step, {"names": targets, "roles": roles})
+    related = step.state.get("related") or [None]
+    return out, step.state["grounded"][0], related[0]
+
+
+def _guides(model, targets, roles):
+    """Attention forcing's guides now: ({layer: (first head, target (B, h, L, P))}, weight) or None."""
+    from vlkit.objectives import Step
+    step = Step(model.objectives, {"grounding": targets, "grounding_roles": roles}, model.training)
+    return step.guides({"names": targets, "roles": roles})
+
+
 def _albef(**kw):
     from vlkit.models.albef import ALBEF
     args = dict(dim=32, heads=2, mlp_dim=64, text_layers=1, fusion_layers=2, vocab_size=60,
@@ -264,14 +282,14 @@ def test_albef_grounding_reads_the_chosen_cross_attention():
     targets[1, 1, 15] = 1
     tokens = model.forward_features(pixels)
     hidden = model.text_features(ids, mask)
-    fused, (loss, mass), related = model._fuse_grounded(hidden, mask, tokens, targets)
+    fused, (loss, mass), related = _tapped(model, hidden, mask, tokens, targets=targets)
     assert related is None
     plain, maps = model.fuse(hidden, mask, tokens, return_attention=True)
     assert torch.allclose(fused, plain, atol=1e-6)
     want, want_mass = grounding_loss(maps[1]["cross"][:, :1, :, 1:], targets)
     assert torch.allclose(loss, want) and torch.allclose(mass, want_mass)
     with pytest.raises(ValueError, match="covers? 9 patches|cover 9 patches"):
-        model._fuse_grounded(hidden, mask, tokens, torch.zeros(2, 6, 9))
+        _tapped(model, hidden, mask, tokens, targets=torch.zeros(2, 6, 9))
 
 
 def test_albef_trains_with_grounding_and_checks_its_settings():
@@ -306,6 +324,7 @@ def test_cli_trains_grounding_on_the_synthetic_world(tmp_path, model_name):
     tiny = {"vilt": ["--set", "dim=32", "--set", "depth=2", "--set", "heads=4", "--set", "mlp_dim=64"],
             "albef": ["--set", "dim=32", "--set", "heads=4", "--set", "mlp_dim=64",
                       "--set", "text_layers=1", "--set", "fusion_layers=1", "--set", "queue_size=64",
+                      "--set", "relation_layer=0",
                       "--set", "vision.dim=32", "--set", "vision.depth=1", "--set", "vision.heads=2",
                       "--set", "vision.mlp_dim=64"]}[model_name]
     out = tmp_path / "run"
@@ -341,8 +360,8 @@ def test_vilt_grounds_the_true_pairs_of_itm_when_it_trains_no_mlm():
     index, _ = itm_batch_from_swaps(4, model.cfg.itm_swap_prob, device=ids.device)
     own = index == torch.arange(4)
     assert 0 < int(own.sum()) < 4  # this seed swaps some images, not all
-    _, (loss, _), _ = model._grounded(batch["pixel_values"][index], ids, batch["attention_mask"],
-                                      targets * own[:, None, None])
+    _, (loss, _), _ = _tapped(model, batch["pixel_values"][index], ids, batch["attention_mask"],
+                              targets=targets * own[:, None, None])
     assert torch.allclose(out["grounding_loss"], loss)
     out["loss"].backward()
 
@@ -422,7 +441,7 @@ def test_vilt_relation_heads_and_settings():
     pixels, ids = torch.randn(2, 3, 32, 32), torch.randint(5, 60, (2, 6))
     mask = torch.ones_like(ids)
     targets, roles = _roles_batch()
-    features, named, related = model._grounded(pixels, ids, mask, targets, roles)
+    features, named, related = _tapped(model, pixels, ids, mask, targets=targets, roles=roles)
     x, joint = model.embed(pixels, ids, mask)
     plain, maps = model.encoder(x, return_attention=True, mask=padding_mask(joint))
     assert torch.allclose(features, model.norm(plain), atol=1e-5)
@@ -436,7 +455,7 @@ def test_vilt_relation_heads_and_settings():
         _vilt(heads=2, relation_weight=1.0, relation_layer=0)
     _vilt(heads=2, relation_weight=1.0, relation_layer=1)  # another layer: heads 0 and 1
     same = _vilt(heads=4, relation_weight=1.0, relation_layer=0).eval()
-    _, _, related = same._grounded(pixels, ids, mask, targets, roles)
+    _, _, related = _tapped(same, pixels, ids, mask, targets=targets, roles=roles)
     x, joint = same.embed(pixels, ids, mask)
     _, maps = same.encoder(x, return_attention=True, mask=padding_mask(joint))
     assert torch.allclose(related[0], grounding_loss(maps[0]["self"][:, 1:3, :6, 7:], roles)[0])
@@ -458,7 +477,7 @@ def test_albef_relation_heads():
     targets, roles = _roles_batch()
     tokens = model.forward_features(pixels)
     hidden = model.text_features(ids, mask)
-    fused, named, related = model._fuse_grounded(hidden, mask, tokens, targets, roles)
+    fused, named, related = _tapped(model, hidden, mask, tokens, targets=targets, roles=roles)
     plain, maps = model.fuse(hidden, mask, tokens, return_attention=True)
     assert torch.allclose(fused, plain, atol=1e-6)
     want = grounding_loss(maps[1]["cross"][:, 0:2, :, 1:], roles)
@@ -482,14 +501,19 @@ def test_albef_masks_whole_relation_phrases():
     mask = torch.ones_like(ids)
     _, roles = _roles_batch(64)
     roles[:, :, 3] = roles[:, :, 2]  # a two-token phrase: tokens 2 and 3
-    g = {"sizes": [64], "row_start": 0}
-    batch = {"grounding_roles": roles, "attention_mask": mask}
+    batch = {"grounding": roles[:, 0], "grounding_roles": roles, "attention_mask": mask}
     labels = torch.full_like(ids, -100)
-    masked, out = model._mask_relations(batch, ids, ids.clone(), labels, torch.Generator().manual_seed(0), g)
+
+    def mask_relations():
+        from vlkit.objectives import Step
+        g = torch.Generator().manual_seed(0)
+        step = Step(model.objectives, batch, True, draw=lambda rows: torch.rand(64, generator=g)[rows])
+        return step.mask_words(ids, mask, ids.clone(), labels)
+    masked, out = mask_relations()
     assert (masked[:, 2:4] == model.cfg.mask_token_id).all() and torch.equal(out[:, 2:4], ids[:, 2:4])
     assert torch.equal(masked[:, [0, 1, 4, 5]], ids[:, [0, 1, 4, 5]]) and (out[:, [0, 1, 4, 5]] == -100).all()
     model.cfg.relation_mask_prob = 0.5
-    masked, _ = model._mask_relations(batch, ids, ids.clone(), labels, torch.Generator().manual_seed(0), g)
+    masked, _ = mask_relations()
     hit = masked[:, 2:4] == model.cfg.mask_token_id
     assert torch.equal(hit[:, 0], hit[:, 1]) and 16 < int(hit[:, 0].sum()) < 48
     with pytest.raises(ValueError, match="relation_mask_prob"):
@@ -531,7 +555,7 @@ def test_geometry_head_trains_in_the_grounded_passes(name):
     out = model.training_losses(batch)
     assert out["geometry_loss"] > 0
     out["loss"].backward()
-    assert model.geometry_head.weight.grad.abs().sum() > 0
+    assert model.relation_grounding.geometry_head.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="geometry_weight"):
         (_vilt if name == "vilt" else _albef)(geometry_weight=1.0)
 
@@ -556,24 +580,24 @@ def test_albef_attention_forcing():
     image through the grounding and relation targets (a different output; the weight falls
     linearly); the losses stay on the heads' own maps; in evaluation and afterwards nothing changes."""
     torch.manual_seed(0)
-    model = _albef(heads=4, relation_weight=1.0, attention_forcing_steps=4)
+    model = _albef(heads=4, relation_weight=1.0, relation_layer=0, attention_forcing_steps=4)
     pixels, ids = torch.randn(2, 3, 64, 64), torch.randint(5, 60, (2, 6))
     mask = torch.ones_like(ids)
     targets, roles = _roles_batch()
     tokens = model.forward_features(pixels).detach()
     hidden = model.text_features(ids, mask).detach()
-    guides = model._attention_guides(targets, roles)
-    (guide,) = guides[0].values()
-    assert guide.first_head == 0 and guide.weight == 1.0 and guide.target.shape == (2, 3, 6, 17)
-    assert torch.equal(guide.target[:, 1:, :, 1:], roles) and torch.equal(guide.target[:, 0, :, 1:], targets)
-    plain = _forcing_changes_the_pass_only(model, lambda: model._fuse_grounded(hidden, mask, tokens, targets, roles))
-    model.steps_done.fill_(3)
-    assert model._attention_guides(targets, roles)[0]["cross"].weight == pytest.approx(0.25)
-    model.steps_done.fill_(4)
-    assert model._attention_guides(targets, roles) is None
-    torch.testing.assert_close(model._fuse_grounded(hidden, mask, tokens, targets, roles)[0], plain)
+    guides, weight = _guides(model, targets, roles)
+    first, target = guides[0]
+    assert first == 0 and weight == 1.0 and target.shape == (2, 3, 6, 16)
+    assert torch.equal(target[:, 1:], roles) and torch.equal(target[:, 0], targets)
+    plain = _forcing_changes_the_pass_only(model, lambda: _tapped(model, hidden, mask, tokens, targets=targets, roles=roles))
+    model.attention_forcing.steps_done.fill_(3)
+    assert _guides(model, targets, roles)[1] == pytest.approx(0.25)
+    model.attention_forcing.steps_done.fill_(4)
+    assert _guides(model, targets, roles) is None
+    torch.testing.assert_close(_tapped(model, hidden, mask, tokens, targets=targets, roles=roles)[0], plain)
     other = _albef(heads=4, relation_weight=1.0, relation_layer=1, attention_forcing_steps=4)
-    assert sorted(other._attention_guides(targets, roles)) == [0, 1]
+    assert sorted(_guides(other, targets, roles)[0]) == [0, 1]
     with pytest.raises(ValueError, match="attention_forcing_steps"):
         _albef(grounding_weight=0.0, attention_forcing_steps=4)
 
@@ -620,11 +644,11 @@ def test_vilt_attention_forcing():
     pixels, ids = torch.randn(2, 3, 32, 32), torch.randint(5, 60, (2, 6))
     mask = torch.ones_like(ids)
     targets, roles = _roles_batch()
-    plain = _forcing_changes_the_pass_only(model, lambda: model._grounded(pixels, ids, mask, targets, roles))
+    plain = _forcing_changes_the_pass_only(model, lambda: _tapped(model, pixels, ids, mask, targets=targets, roles=roles))
     model.after_step(0)
     model.after_step(1)
-    assert int(model.state_dict()["forcing_steps_done"]) == 2
-    torch.testing.assert_close(model._grounded(pixels, ids, mask, targets, roles)[0], plain)
+    assert int(model.state_dict()["attention_forcing.steps_done"]) == 2
+    torch.testing.assert_close(_tapped(model, pixels, ids, mask, targets=targets, roles=roles)[0], plain)
     with pytest.raises(ValueError, match="attention_forcing_steps"):
         _vilt(attention_forcing_steps=-1)
 

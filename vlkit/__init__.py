@@ -1,6 +1,7 @@
 """vlkit: vision-language models from one library of shared layers."""
 from ._version import __version__
-from .models import create_model, list_models
+from .factory import create_model
+from .models import list_models
 
 
 def load(path, **kwargs):

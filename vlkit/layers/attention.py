@@ -53,17 +53,32 @@ def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.bool()[:, None, None, :]
 
 
-def directional_mask(attention_mask: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, heads, L, L) self-attention mask over a padded sequence in which head 0 sees only the
-    keys at or before its query and head 1 only those at or after it (the others see every
-    real token): a token can tell what precedes it from what follows it (the subject of a
-    relation from its object) from the first step. Every query sees itself."""
+def check_directional_heads(heads: int, first: int) -> int:
+    """The first directional head (``directional_head_index`` made non-negative), or a clear
+    error when a layer of ``heads`` heads has no room for the two."""
+    if heads < 2:
+        raise ValueError(f"directional_heads needs at least 2 attention heads, got heads={heads}")
+    index = first % heads if first < 0 else first
+    if not -heads <= first < heads or index + 2 > heads:
+        raise ValueError(f"directional_head_index {first}: heads {index} and {index + 1} do not fit "
+                         f"a layer of {heads} heads")
+    return index
+
+
+def directional_mask(attention_mask: torch.Tensor, heads: int, first: int = 0) -> torch.Tensor:
+    """(B, heads, L, L) self-attention mask over a padded sequence in which head ``first``
+    (negative: counted from the end) sees only the keys at or before its query and the next
+    head only those at or after it (the others see every real token): a token can tell what
+    precedes it from what follows it (the subject of a relation from its object) from the first
+    step. Every query sees itself."""
     if heads < 2:
         raise ValueError(f"directional heads need at least 2 attention heads, got {heads}")
+    first = check_directional_heads(heads, first)
     n, device = attention_mask.shape[1], attention_mask.device
     i = torch.arange(n, device=device)
     back, ahead = i[None, :] <= i[:, None], i[None, :] >= i[:, None]
-    per_head = torch.stack([back, ahead] + [torch.ones(n, n, dtype=torch.bool, device=device)] * (heads - 2))
+    full = torch.ones(n, n, dtype=torch.bool, device=device)
+    per_head = torch.stack([full] * first + [back, ahead] + [full] * (heads - first - 2))
     return (padding_mask(attention_mask) & per_head[None]) | torch.eye(n, dtype=torch.bool, device=device)
 
 

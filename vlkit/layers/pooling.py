@@ -60,3 +60,9 @@ class MLMHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.norm(self.act(self.dense(x))))
+
+
+def classifier(dim: int, hidden: int, out: int) -> nn.Sequential:
+    """ViLT's VQA / NLVR2 head (ALBEF's too): Linear, LayerNorm (PyTorch's default eps 1e-5),
+    GELU, Linear."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["mask_tokens", "mlm_loss", "minimal_pairs", "MinimalPairs", "IGNORE_INDEX", "no_edit_pairs",
-           "lowest_word_logprob", "edit_loss_and_accuracy"]
+           "lowest_word_logprob", "edit_loss_and_accuracy", "edit_from_pass"]
 
 IGNORE_INDEX = -100
 
@@ -124,16 +124,15 @@ def no_edit_pairs(like: torch.Tensor) -> dict:
     return {"edit_loss": zero, "edit_fix_acc": nan, "edit_keep_acc": nan}
 
 
-def edit_from_pass(head, states: torch.Tensor, batch: dict, neg_start: int,
-                   caption_own_image: torch.Tensor | None = None) -> dict:
+def edit_from_pass(head, states: torch.Tensor, batch: dict, caption_rows: torch.Tensor,
+                   negative_rows: torch.Tensor) -> dict:
     """Replaced-word correction read off a fused pass that already holds the minimal pairs:
-    ``states`` (N, >=L, D) has each caption of ``batch`` with its image at its row and the
-    batch's dataset negatives with their images from row ``neg_start`` on. Every negative that
-    edits its caption word for word (``minimal_pairs``, ``first_only=False``) gives the MLM
-    ``head`` the true caption's tokens to predict at the edited positions, read from the
-    negative's row (correcting false words) and from the caption's row (keeping true ones) --
-    the latter only where ``caption_own_image`` (B,) bool says that row shows the caption's own
-    image (None: all do). Keys of ``edit_loss_and_accuracy``."""
+    ``states`` (N, >=L, D) holds caption i of ``batch`` with its own image at row
+    ``caption_rows[i]`` (-1: not with its own image) and dataset negative k with its image at
+    row ``negative_rows[k]``. Every negative that edits its caption word for word
+    (``minimal_pairs``, ``first_only=False``) gives the MLM ``head`` the true caption's tokens to
+    predict at the edited positions, read from the negative's row (correcting false words) and
+    from the caption's row (keeping true ones). Keys of ``edit_loss_and_accuracy``."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     neg = batch.get("neg_input_ids")
     if neg is None or neg.shape[0] == 0:
@@ -147,10 +146,10 @@ def edit_from_pass(head, states: torch.Tensor, batch: dict, neg_start: int,
         raise ValueError(f"edit_from_pass: the pass holds {states.shape[1]} text positions, the "
                          f"pairs {edited.shape[1]}")
     at = states[:, :edited.shape[1]]
-    own = torch.ones_like(pairs.rows, dtype=torch.bool) if caption_own_image is None \
-        else caption_own_image.to(pairs.rows.device)[pairs.rows]
-    false_states = at[neg_start + pairs.neg_rows][edited]
-    true_states = at[pairs.rows[own]][edited[own]]
+    caption_rows = caption_rows.to(pairs.rows.device)
+    own = caption_rows[pairs.rows] >= 0
+    false_states = at[negative_rows.to(pairs.rows.device)[pairs.neg_rows]][edited]
+    true_states = at[caption_rows[pairs.rows[own]]][edited[own]]
     target = torch.cat([pairs.ids[edited], pairs.ids[own][edited[own]]])
     false_shown = torch.arange(target.shape[0], device=target.device) < false_states.shape[0]
     return edit_loss_and_accuracy(head(torch.cat([false_states, true_states])), target, false_shown)

@@ -23,11 +23,10 @@ global batch: W processes train as one process does on the same global batch (wi
 whose masks are drawn per process).
 Optional: a VQA classifier over an answer vocabulary on the fused [CLS] (``num_answers``) —
 a classification head, not the paper's answer decoder; a pair classifier (NLVR2: one
-statement, two images; ``pair_classes``, ``pair_logits``) on the two fused [CLS] states. Also optional, for compositional
-matching: replaced-word correction (``edit_weight``, ``edit_pass``, ``match_score``), phrase and
-relation grounding of the cross-attention (``grounding_weight``, ``relation_weight``,
-``relation_mask_prob``, ``geometry_weight``), attention forcing of the grounded heads
-(``attention_forcing_steps``) and directional self-attention heads (``directional_heads``).
+statement, two images; ``pair_classes``, ``pair_logits``) on the two fused [CLS] states.
+Auxiliary objectives (``vlkit.objectives``: phrase and relation grounding, replaced-word
+correction, attention forcing) read the fusion cross-attention and the fused states through the
+taps of ``training_losses``. Architecture variants: ``fusion_pos``, ``directional_heads``.
 """
 from __future__ import annotations
 
@@ -39,28 +38,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostNormBlock,
-                      Transformer, directional_mask, padding_mask, sincos_2d)
+from ..layers import (AttentionGuide, BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostNormBlock,
+                      Transformer, check_directional_heads, classifier, directional_mask, init_weights, padding_mask, sincos_2d)
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
 from ..losses.matching import itm_accuracy, itm_loss
-from ..losses.mlm import (edit_from_pass, edit_loss_and_accuracy, lowest_word_logprob, mask_tokens,
-                          minimal_pairs, no_edit_pairs)
-from ..losses.grounding import (GroundedPasses, attention_guides, check_grounding_settings, grounding_losses,
-                               mask_relation_words, require_grounding, require_relations)
+from ..losses.mlm import mask_tokens
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from ..collective import (all_gather_no_grad, all_gather_padded, all_gather_sizes,
                                  all_gather_with_grad, global_generator, global_mean_scale, is_dist,
                                  rank, world_size)
-from .base import Output, VLModel, image_spec, load_vision_tower, register
+from ..objectives import FusionSpec, ObjectiveOptions, Step, build_objectives
+from .base import Output, VLModel, image_spec, register
 from .clip import PRESETS as CLIP_PRESETS
-from .vilt import classifier
-from .vit import ViTConfig, VisionTransformer, _init_weights
+from .vit import ViTConfig, VisionTransformer
 
 BERT_IDS = dict(mask_token_id=103, pad_token_id=0, special_token_ids=(0, 100, 101, 102, 103))
 
 
 @dataclass
-class ALBEFConfig:
+class ALBEFConfig(ObjectiveOptions):
+    """The objectives' options (``grounding_weight`` ...) come from ``ObjectiveOptions``."""
     vision: ViTConfig = field(default_factory=ViTConfig)
     dim: int = 768                  # text width (BERT hidden size)
     text_layers: int = 6            # self-attention only: the text encoder
@@ -97,45 +94,11 @@ class ALBEFConfig:
     itm_hard_negatives: bool = True  # similarity-sampled in-batch negatives (else uniform)
     hard_negatives: bool = False    # the dataset's negative captions join ITM
     mlm_prob: float = 0.15
-    # >0 (with hard_negatives): replaced-word correction. For a caption and the dataset negative
-    # that edits it word for word (a swapped colour, a flipped relation), the fusion layers read
-    # the image with either text -- the false one half of the time -- and the MLM head predicts
-    # the true words at the edited positions: the words a caption states are checked against
-    # the image where they stand, which [CLS]-pooled ITM does not learn for swaps and flips.
-    edit_weight: float = 0.0
-    # where replaced-word correction reads the pairs: "separate" (a fusion pass of its own over
-    # each caption's first minimal-pair negative, shown false or true at random) or "itm" (the
-    # ITM pass's fused states, which already hold every dataset negative with its image and every
-    # caption with its image: each minimal pair is read both ways, at no extra fusion cost)
-    edit_pass: str = "separate"
-    # how ``score`` rates a pair: "itm" (the ITM head's match probability) or "itm+edit" (that,
-    # times the MLM head's probability of the least likely word of the caption as it stands,
-    # read from the same fused forward pass: a word the image contradicts lowers the score)
-    match_score: str = "itm"
-    # phrase grounding (vlkit.losses.grounding): the cross-attention of words that name an object
-    # (boxes in the data) is pulled onto its patches, in the MLM pass and the VQA questions
-    grounding_weight: float = 0.0
-    grounding_layer: int = 0        # the fusion layer whose cross-attention is supervised
-    grounding_heads: int = 1        # its first heads are supervised, the others stay free
-    # relation phrases ("left of"): in fusion layer relation_layer, one cross-attention head looks
-    # from the relation words at the first object, the next at the second (grounding entries
-    # with a role): the two after the grounding heads in grounding_layer, else heads 0 and 1
-    relation_weight: float = 0.0
-    relation_layer: int = 0
-    # the share of captions whose relation words (grounding entries with a role) are all masked
-    # in the MLM pass, on top of mlm_prob: more practice at reading a relation off the image
-    relation_mask_prob: float = 0.0
-    # a linear head on the relation words' output states regresses the subject's centre minus the
-    # object's (from the relation targets' patches), in every grounded pass (needs relation_weight)
-    geometry_weight: float = 0.0
-    # >0: attention forcing, a curriculum for the supervised heads (grounding and relation): in
-    # the grounded passes they read the image through their targets, mixed with their own
-    # attention at a share falling linearly from 1 to 0 over this many optimiser steps
-    attention_forcing_steps: int = 0
-    # self-attention head 0 of every text and fusion layer sees only the tokens at or before its
-    # query, head 1 only those at or after it: what precedes a relation word (its subject) and
-    # what follows it (its object) are told apart by the mask instead of learned positions
+    # architecture variant: in every text and fusion layer, self-attention head
+    # directional_head_index (negative: from the end) sees only the tokens at or before its
+    # query, the next head only those at or after it (``layers.directional_mask``)
     directional_heads: bool = False
+    directional_head_index: int = -2
     whole_word_mask: bool = False   # needs batch["word_ids"]
     mask_token_id: int = 4          # vlkit's WordPiece ids ([PAD]=0 ... [MASK]=4)
     pad_token_id: int = 0
@@ -185,8 +148,8 @@ class ALBEF(VLModel):
     config_class = ALBEFConfig
     presets = PRESETS
     task = "fusion"
-    # may be missing from an --init source (added for --vqa, or for geometry_weight)
-    optional_heads = ("vqa_head", "geometry_head", "pair_head")
+    # may be missing from an --init source (added for --vqa, or by an objective)
+    optional_heads = ("vqa_head", "pair_head", "relation_grounding", "attention_forcing")
     has_queues = True  # the trainer skips BatchNorm recalibration (training_losses fills queues)
 
     def __init__(self, cfg: ALBEFConfig):
@@ -195,18 +158,8 @@ class ALBEF(VLModel):
             raise ValueError(f"{len(cfg.answer_names)} answer_names for num_answers={cfg.num_answers}")
         if cfg.fusion_pos not in ("", "sincos"):
             raise ValueError(f"fusion_pos must be '' or 'sincos', got {cfg.fusion_pos!r}")
-        if cfg.edit_weight < 0 or (cfg.edit_weight > 0 and not cfg.hard_negatives):
-            raise ValueError(f"edit_weight={cfg.edit_weight}: needs to be >= 0, and > 0 needs "
-                             "hard_negatives (--hard-negatives: the dataset's negative captions)")
-        if cfg.edit_pass not in ("separate", "itm"):
-            raise ValueError(f"edit_pass must be 'separate' or 'itm', got {cfg.edit_pass!r}")
-        if cfg.match_score not in ("itm", "itm+edit"):
-            raise ValueError(f"match_score must be 'itm' or 'itm+edit', got {cfg.match_score!r}")
-        check_grounding_settings(cfg, cfg.fusion_layers, "fusion stack")
-        if cfg.directional_heads and cfg.heads < 2:
-            raise ValueError(f"directional_heads needs at least 2 attention heads, got heads={cfg.heads}")
-        if cfg.grounding_weight > 0 and cfg.vision.patch_dropout:
-            raise ValueError("grounding needs every patch token (set vision.patch_dropout=0)")
+        if cfg.directional_heads:
+            check_directional_heads(cfg.heads, cfg.directional_head_index)
         if cfg.fusion_pos and cfg.vision.patch_dropout:
             raise ValueError("fusion_pos needs every patch token (set vision.patch_dropout=0)")
         self.cfg = cfg
@@ -225,12 +178,17 @@ class ALBEF(VLModel):
         self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
         self.itm_head = nn.Linear(d, 2)
         self.mlm_head = MLMHead(d, cfg.vocab_size, cfg.eps, cfg.act)
-        self.geometry_head = nn.Linear(d, 2) if cfg.geometry_weight > 0 else None
+        spec = FusionSpec("fusion stack", cfg.fusion_layers, cfg.heads, d, tuple(self.vision.embed.grid),
+                          all_patches="set vision.patch_dropout=0" if cfg.vision.patch_dropout else "",
+                          hard_negatives=cfg.hard_negatives)
+        self.objectives = build_objectives(cfg, spec)  # each registered under its name: weights in the run
+        for objective in self.objectives:
+            self.add_module(objective.name, objective)
         self.vqa_head = classifier(d, 2 * d, cfg.num_answers) if cfg.num_answers else None
         if cfg.pair_classes < 0:
             raise ValueError(f"pair_classes must be >= 0, got {cfg.pair_classes}")
         self.pair_head = classifier(2 * d, 2 * d, cfg.pair_classes) if cfg.pair_classes else None
-        self.apply(_init_weights)
+        self.apply(init_weights)
         for emb in (self.text_embed.word, self.text_embed.position, self.text_embed.token_type):
             nn.init.normal_(emb.weight, std=0.02)
         # momentum encoders (everything ITC and MLM distillation read) and the feature queues
@@ -245,16 +203,17 @@ class ALBEF(VLModel):
     def image_spec(self) -> dict:
         return image_spec(self.cfg.vision)
 
-    def init_pretrained(self) -> None:
-        """Load ``cfg.text_init`` (a BERT) into the text + fusion stack and ``cfg.vision_init``
-        (the image tower of a ViT or CLIP run) into the image encoder; momentum copies follow."""
-        if self.cfg.text_init:
-            from ..convert.hf_bert import load_bert_text
-            load_bert_text(self, self.cfg.text_init)
-        if self.cfg.vision_init:
-            load_vision_tower(self.vision, self.cfg.vision_init)
-        if self.cfg.text_init or self.cfg.vision_init:
-            self.momentum.reset()
+    @classmethod
+    def upgrade_config(cls, data: dict) -> dict:
+        """Runs saved before ``directional_head_index`` used heads 0 and 1."""
+        if data.get("directional_heads") and "directional_head_index" not in data:
+            data["directional_head_index"] = 0
+        return data
+
+    def pretrained_loaded(self) -> None:
+        """After ``vlkit.factory.init_pretrained`` (``text_init``, ``vision_init``): the momentum
+        copies start from the loaded weights."""
+        self.momentum.reset()
 
     def _part(self, name: str, momentum: bool) -> nn.Module:
         return self.momentum[name] if momentum else self.momentum.online[name]
@@ -294,45 +253,32 @@ class ALBEF(VLModel):
         """The patch grid grounding targets are made for, when this model trains grounding."""
         return tuple(self.vision.embed.grid) if self.cfg.grounding_weight > 0 else None
 
-    def _fuse_grounded(self, text_hidden, attention_mask, image_tokens, targets, roles=None):
-        """(fused (B, L, D), grounding (loss, attention mass), relation (loss, mass) or None):
-        the fusion layers, with the cross-attention of ``cfg.grounding_layer`` over the patches
-        (after the image [CLS]) held against ``targets`` (B, L, patches), and with relation
-        targets ``roles`` (B, 2, L, patches) that of the relation heads of ``cfg.relation_layer``
-        (``losses.grounding.relation_heads``) against the subjects and the objects."""
-        if targets.shape[:2] != attention_mask.shape:
-            raise ValueError(f"grounding targets {tuple(targets.shape)} do not fit the text "
-                             f"{tuple(attention_mask.shape)}")
-        if targets.shape[2] != image_tokens.shape[1] - 1:
-            raise ValueError(f"grounding targets cover {targets.shape[2]} patches, the image has "
-                             f"{image_tokens.shape[1] - 1}")
+    def fuse_tapped(self, text_hidden, attention_mask, image_tokens, step: Step, targets: dict):
+        """The fusion layers as ``fuse``, tapped for the objectives (``vlkit.objectives.base``):
+        the cross-attention of the layers they read, text over the patches (after the image
+        [CLS]), (B, heads, L, P), and attention forcing of those layers in training."""
+        from ..objectives.grounding import check_targets
+        check_targets(targets["names"], attention_mask.shape, image_tokens.shape[1] - 1)
         if self.cfg.fusion_pos:
             image_tokens = image_tokens + self._fusion_pos(image_tokens)
-        cfg = self.cfg
-        layers = [cfg.grounding_layer] + ([cfg.relation_layer] if roles is not None else [])
+        targets = {k: None if v is None else v.to(image_tokens.device) for k, v in targets.items()}
+        forced, guides = step.guides(targets), None
+        if forced is not None:
+            dtype = self.text_proj.weight.dtype
+            guides = {layer: {"cross": AttentionGuide(first, F.pad(t.to(dtype), (1, 0)), forced[1])}
+                      for layer, (first, t) in forced[0].items()}
         fused, maps = self.fusion_layers.forward_with_maps_of(
-            text_hidden, layers, mask=self._self_mask(attention_mask), context=image_tokens,
-            guides=self._attention_guides(targets.to(image_tokens.device),
-                                          None if roles is None else roles.to(image_tokens.device)))
-        named, related = grounding_losses(
-            cfg, lambda layer, heads: maps[layer]["cross"][:, heads, :, 1:], targets.to(fused.device),
-            None if roles is None else roles.to(fused.device))
-        return fused, named, related
+            text_hidden, step.attention_layers(), mask=self._self_mask(attention_mask), context=image_tokens,
+            guides=guides)
+        step.read("text", lambda layer, heads: maps[layer]["cross"][:, heads, :, 1:], fused, targets)
+        return fused
 
     def _self_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """The text self-attention mask: padding, and with ``directional_heads`` one head that
         looks back and one that looks ahead (``layers.directional_mask``)."""
         if self.cfg.directional_heads:
-            return directional_mask(attention_mask, self.cfg.heads)
+            return directional_mask(attention_mask, self.cfg.heads, self.cfg.directional_head_index)
         return padding_mask(attention_mask)
-
-    def _attention_guides(self, targets, roles) -> dict | None:
-        """Attention forcing in training (``attention_forcing_steps``; ``losses.grounding.
-        attention_guides``): targets over the patches, none on the image [CLS]."""
-        if not self.training:
-            return None
-        return attention_guides(self.cfg, int(self.steps_done), targets, roles,
-                                lambda t: ("cross", F.pad(t.to(self.text_proj.weight.dtype), (1, 0))))
 
     def _fusion_pos(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """The (1+N, Dv) position codes of a square grid of N patch tokens after [CLS]."""
@@ -372,20 +318,13 @@ class ALBEF(VLModel):
         return self(pixel_values, input_ids, attention_mask).logits
 
     def score(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
-        """(B,) probability that each zipped pair matches: the ITM head's, times the least
-        likely word's MLM probability with ``match_score="itm+edit"``."""
+        """(B,) log-probability that each zipped pair matches (``VLModel`` documents ``score``):
+        the ITM head's, adjusted by the objectives (``match_score="itm+edit"``)."""
         out = self(pixel_values, input_ids, attention_mask)
-        p = out.logits.float().softmax(-1)[:, 1]
-        if self.cfg.match_score == "itm+edit":
-            p = p * self.word_check(out.features, input_ids, attention_mask).exp()
-        return p
-
-    def word_check(self, fused, input_ids, attention_mask=None) -> torch.Tensor:
-        """(B,) the lowest log-probability the MLM head gives a word of the text where it
-        stands (no [MASK]), over the non-special tokens, from fused text states (B, L, D)."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        return lowest_word_logprob(self.mlm_head(fused), input_ids, attention_mask, self.cfg.special_token_ids)
+        logp = out.logits.float().log_softmax(-1)[:, 1]
+        for objective in self.objectives:
+            logp = objective.log_score(logp, lambda: self.mlm_head(out.features), input_ids, attention_mask)
+        return logp
 
     def mlm_logits(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
         """(B, L, vocab) predictions for every text position, conditioned on the image."""
@@ -462,6 +401,12 @@ class ALBEF(VLModel):
         image_ids = batch.get("image_ids")
         alpha, temp = self.alpha(), self.temp.clamp(0.001, 0.5)
         generator = self._generator(ids.device)
+
+        def draw(rows):  # uniform draws for rows of this batch, made for the global batch
+            u = torch.rand(sum(g["sizes"]), generator=generator, device=ids.device)
+            return u[g["row_start"]:g["row_start"] + ids.shape[0]][rows]
+        step = Step(self.objectives, batch, self.training, word_logits=self.mlm_head, draw=draw,
+                    fuse=lambda rows, t, m: self.fuse(self._text(t, m)[0], m, image_tokens[rows]))
         image_tokens, image_feat = self._image(pixels)  # (B, 1+N, Dv), (B, E)
         text_hidden, text_feat = self._text(ids, mask)  # (B, L, D), (B, E)
         with torch.no_grad():
@@ -476,7 +421,7 @@ class ALBEF(VLModel):
             alpha, cfg.distill, g["ids"], self.queue.ids if image_ids is not None else None,
             row_start=g["row_start"])}
 
-        logits, labels, itm_fused = self._itm(batch, g, image_tokens, temp, generator)
+        logits, labels = self._itm(batch, g, image_tokens, temp, generator, step)
         scale = global_mean_scale(labels.shape[0], mask.device)  # the mean over all processes' pairs
         out["itm_loss"] = itm_loss(logits, labels) * scale
         out["itm_acc"] = itm_accuracy(logits.detach(), labels)
@@ -492,20 +437,10 @@ class ALBEF(VLModel):
             cfg.vocab_size, cfg.mlm_prob, generator=generator,
             word_ids=None if word_ids is None else all_gather_padded(word_ids, length, -1, g["sizes"]))
         masked, mlm_labels = masked[rows, :ids.shape[1]], mlm_labels[rows, :ids.shape[1]]
-        if cfg.relation_mask_prob > 0:
-            masked, mlm_labels = self._mask_relations(batch, ids, masked, mlm_labels, generator, g)
+        masked, mlm_labels = step.mask_words(ids, mask, masked, mlm_labels)
         hit = mlm_labels != -100  # the head runs on the masked positions only
-        grounded = GroundedPasses(cfg, self.geometry_head, tuple(self.vision.embed.grid))
-        relations = cfg.relation_weight > 0
-
-        def fuse_grounded(hidden, m, targets, roles):
-            fused, named, rel = self._fuse_grounded(hidden, m, image_tokens, targets, roles)
-            grounded.add(fused, named, rel, roles)
-            return fused
-
-        if cfg.grounding_weight > 0:
-            fused = fuse_grounded(self._text(masked, mask)[0], mask, require_grounding(batch),
-                                  require_relations(batch) if relations else None)
+        if step.taps_attention:
+            fused = self.fuse_tapped(self._text(masked, mask)[0], mask, image_tokens, step, step.targets("caption"))
         else:
             fused = self.fuse(self._text(masked, mask)[0], mask, image_tokens)
         mlm_logits = self.mlm_head(fused[hit])
@@ -519,34 +454,27 @@ class ALBEF(VLModel):
         out["mlm_loss"] = mlm_distill_loss(mlm_logits, mlm_labels[hit], mlm_logits_m, alpha) * scale
 
         losses = [out["itc_loss"], out["itm_loss"], out["mlm_loss"]]
-        if cfg.edit_weight > 0:
-            # "itm": the ITM pass holds the B captions with their images in its first rows and
-            # the dataset negatives with theirs from row 3B on (``_itm``)
-            out.update(self._edit_loss(batch, image_tokens, generator, g) if cfg.edit_pass == "separate"
-                       else edit_from_pass(self.mlm_head, itm_fused, batch, 3 * ids.shape[0]))
-            losses.append(cfg.edit_weight * out["edit_loss"])
         if "vqa_targets" in batch:
-            if grounded and "question_grounding" in batch and self.vqa_head is not None:
+            if step.taps_attention and "question_grounding" in batch and self.vqa_head is not None:
                 q_ids, q_mask = batch["question_input_ids"], batch["question_attention_mask"]
-                fused = fuse_grounded(self._text(q_ids, q_mask)[0], q_mask, batch["question_grounding"],
-                                      require_relations(batch, "question_grounding_roles")
-                                      if relations else None)
+                fused = self.fuse_tapped(self._text(q_ids, q_mask)[0], q_mask, image_tokens, step,
+                                         step.targets("question"))
                 out["vqa_loss"] = vqa_loss(self.vqa_head(fused[:, 0]), batch["vqa_targets"])
             else:
                 out["vqa_loss"] = batch_vqa_loss(self, batch, pixels, ids, mask)
             losses.append(out["vqa_loss"])
-        losses.extend(grounded.losses(out))
+        losses.extend(step.finish(out))
         if self.training:
             self.queue.enqueue(ids=image_ids, image=image_feat_m, text=text_feat_m)
         out["loss"] = torch.stack([l.float() for l in losses]).sum()
         out["alpha"] = torch.tensor(alpha)
         return out
 
-    def _itm(self, batch, g, image_tokens, temp, generator):
-        """ITM logits, labels and the fused states they come from: B positives, B (text,
-        negative image), B (image, negative text), then (image, dataset negative caption) pairs
-        with ``hard_negatives``. The negatives are drawn for every row of the global batch ``g``
-        (``_gather_global``), then this process's rows are kept."""
+    def _itm(self, batch, g, image_tokens, temp, generator, step: Step):
+        """ITM logits and labels: B positives, B (text, negative image), B (image, negative
+        text), then (image, dataset negative caption) pairs with ``hard_negatives``. The
+        negatives are drawn for every row of the global batch ``g`` (``_gather_global``), then
+        this process's rows are kept. The fused states go to the objectives with their pairing."""
         b, mask = image_tokens.shape[0], g["local_mask"]
         with torch.no_grad():
             img, txt = g["image_feat"], g["text_feat"]  # (N, E)
@@ -558,6 +486,7 @@ class ALBEF(VLModel):
         texts = torch.cat([text_p, text_p, g["text_hidden"][neg_text]])
         masks = torch.cat([mask_p, mask_p, g["mask"][neg_text]])
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(mask.device)
+        negative_rows = torch.zeros(0, dtype=torch.long, device=mask.device)
         neg_ids = batch.get("neg_input_ids")
         if self.cfg.hard_negatives and neg_ids is not None and neg_ids.shape[0] > 0:
             owner = batch["neg_owner"].to(mask.device)
@@ -565,40 +494,10 @@ class ALBEF(VLModel):
             texts, masks = _pad_cat(texts, masks, neg_hidden, batch["neg_attention_mask"])
             images = torch.cat([images, image_tokens[owner]])
             labels = torch.cat([labels, torch.zeros_like(owner)])
+            negative_rows = 3 * b + torch.arange(owner.shape[0], device=mask.device)
         fused = self.fuse(texts, masks, images)
-        return self.itm_head(fused[:, 0]), labels, fused
-
-    def _mask_relations(self, batch, ids, masked, labels, generator, g):
-        """``relation_mask_prob``: in that share of the captions (one draw per row of the global
-        batch), every relation word (a token with a role in ``grounding_roles``) is replaced by
-        [MASK] and becomes an MLM target."""
-        draw = torch.rand(sum(g["sizes"]), generator=generator, device=ids.device)
-        pick = draw[g["row_start"]:g["row_start"] + ids.shape[0]] < self.cfg.relation_mask_prob
-        return mask_relation_words(require_relations(batch), ids, batch["attention_mask"], masked, labels,
-                                   pick, self.cfg.mask_token_id)
-
-    def _edit_loss(self, batch, image_tokens, generator, g) -> dict:
-        """Replaced-word correction (``edit_weight``): for each minimal pair of the batch (a
-        caption and its first negative, differing in 1-3 tokens), the fusion layers read the
-        image with the negative (the edited words visible, no [MASK]) or, with probability 1/2,
-        with the caption itself; the MLM head predicts the caption's tokens at the edited
-        positions. Reported: the loss, and the accuracy of correcting a false word and of
-        keeping a true one (NaN in a batch without such words)."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        neg_ids = batch.get("neg_input_ids")
-        if neg_ids is None or neg_ids.shape[0] == 0:
-            return no_edit_pairs(image_tokens)
-        pairs = minimal_pairs(ids, mask, neg_ids, batch["neg_attention_mask"], batch["neg_owner"])
-        edited = pairs.edited
-        # one draw per row of the global batch, so the choice does not depend on the process count
-        show_false = torch.rand(sum(g["sizes"]), generator=generator, device=ids.device)
-        show_false = (show_false[g["row_start"]:g["row_start"] + ids.shape[0]] < 0.5)[pairs.rows]
-        if pairs.rows.numel() == 0:
-            return no_edit_pairs(image_tokens)
-        shown = torch.where(show_false[:, None], pairs.neg_ids, pairs.ids)
-        fused = self.fuse(self._text(shown, pairs.mask)[0], pairs.mask, image_tokens[pairs.rows])
-        logits = self.mlm_head(fused[edited])  # (M, vocab)
-        return edit_loss_and_accuracy(logits, pairs.ids[edited], show_false[:, None].expand_as(edited)[edited])
+        step.itm_rows(fused, torch.arange(b, device=mask.device), negative_rows)
+        return self.itm_head(fused[:, 0]), labels
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
@@ -607,6 +506,8 @@ class ALBEF(VLModel):
         self.momentum.update()
         self.temp.clamp_(0.001, 0.5)
         self.steps_done += 1
+        for objective in self.objectives:
+            objective.after_step()
 
 
 def _gather_global(image_tokens, text_hidden, mask, image_feat, text_feat, ids) -> dict:

@@ -12,7 +12,7 @@ _REGISTRY: dict[str, type["VLModel"]] = {}
 
 
 def register(name: str):
-    """Class decorator: make a model reachable by ``create_model(name)``."""
+    """Class decorator: make a model reachable by ``model_class(name)`` (and ``vlkit.create_model``)."""
     def wrap(cls):
         cls.model_name = name
         _REGISTRY[name] = cls
@@ -53,6 +53,21 @@ class VLModel(nn.Module):
 
     def training_losses(self, batch: dict) -> dict:
         raise NotImplementedError
+
+    @classmethod
+    def upgrade_config(cls, data: dict) -> dict:
+        """A saved config dict brought up to date (fields added since keep what the run used)."""
+        return data
+
+    # ``score(pixel_values, input_ids, attention_mask=None) -> (B,)``, on every model that rates
+    # image-text pairs: a log-score that each zipped (image, text) pair matches, higher = a
+    # better match, comparable between captions of one image and between images of one caption.
+    # Fusion models (ViLT, ALBEF) return log P(match) from the ITM head (<= 0); with
+    # ``match_score="itm+edit"`` the log of that probability times the MLM head's probability of
+    # the text's least likely word (``vlkit.objectives.word_edit``). CLIP, which has no match
+    # head, returns its logit: the temperature-scaled cosine, whose softmax over candidate
+    # captions (or images) is CLIP's probability of each, i.e. a log-probability up to the
+    # normaliser of the candidate set. ``Pipeline.match`` stays a probability (ITM softmax).
 
     def image_spec(self) -> dict:
         """Image size and normalisation the model expects (drives the pipeline's transform)."""
@@ -130,39 +145,12 @@ def model_class(name: str) -> type[VLModel]:
     return _REGISTRY[name]
 
 
-def source_vision_tower(path: str) -> nn.Module:
-    """The ViT image tower (a ``VisionTransformer``) of a run or Hugging Face folder: a ViT
-    classifier's or a CLIP's; a clear error for a model without one (``vision_init``)."""
-    from ..pipeline import load
-    from .vit import VisionTransformer
-    source = load(path).model
-    tower = getattr(source, "vision", None)
-    if not isinstance(tower, VisionTransformer):
-        raise ValueError(f"vision_init {path}: a {source.model_name} model has no ViT image tower")
-    return tower
-
-
-def load_vision_tower(tower: nn.Module, path: str) -> None:
-    """Copy the ViT image tower of a run or Hugging Face folder (see ``source_vision_tower``)
-    into ``tower``; every key and shape must match (``vlkit train`` gives the model the source
-    tower's architecture first)."""
-    from ..convert.common import load_strict
-    load_strict(tower, source_vision_tower(path).state_dict(), f"vision_init {path}")
-
-
-def create_model(name: str, preset: str = "tiny", **overrides) -> VLModel:
-    """``create_model("clip", preset="tiny", dim=256)``: a freshly initialised model."""
-    cls = model_class(name)
-    model = cls(cls.make_config(preset, **overrides))
-    if hasattr(model, "init_pretrained"):  # e.g. a text tower initialised from a BERT checkpoint
-        model.init_pretrained()
-    return model
-
-
 def build_model(name: str, config: dict) -> VLModel:
-    """A model from its name and a config dict (as stored in a run folder's config.json)."""
+    """A model from its name and a config dict (as stored in a run folder's config.json; a
+    saved config from before an option existed gets the value that reproduces it,
+    ``VLModel.upgrade_config``)."""
     cls = model_class(name)
-    return cls(config_from_dict(cls.config_class, config))
+    return cls(config_from_dict(cls.config_class, cls.upgrade_config(dict(config))))
 
 
 def _import_all() -> None:

@@ -13,8 +13,9 @@ from torch import nn
 
 from ..layers import PreNormBlock, TextEmbeddings, Transformer, eot_positions, padding_mask, pool_mean
 from ..losses.contrastive import ContrastiveLoss
-from .base import Output, VLModel, image_spec, load_vision_tower, register
-from .vit import ViTConfig, VisionTransformer, _init_weights
+from .base import Output, VLModel, image_spec, register
+from ..layers.init import init_weights as _init_weights
+from .vit import ViTConfig, VisionTransformer
 
 
 @dataclass
@@ -146,12 +147,6 @@ class CLIP(VLModel):
     def image_spec(self) -> dict:
         return image_spec(self.cfg.vision)
 
-    def init_pretrained(self) -> None:
-        """``cfg.vision_init``: the image tower from a ViT classifier's (or a CLIP's) run, trained
-        on from there with the text tower (LiT, Zhai et al. 2022, without the lock)."""
-        if self.cfg.vision_init:
-            load_vision_tower(self.vision, self.cfg.vision_init)
-
     # -- towers ---------------------------------------------------------------------------------
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision.forward_features(pixel_values)  # (B, 1+N, Dv)
@@ -174,8 +169,10 @@ class CLIP(VLModel):
         return Output(image_embeds=img, text_embeds=txt, logits=logits)
 
     def score(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
-        """Similarity of zipped (image, text) pairs: the compositional matching score."""
-        return (self.encode_image(pixel_values) * self.encode_text(input_ids, attention_mask)).sum(-1)
+        """(B,) log-score of zipped (image, text) pairs (``VLModel`` documents ``score``): the
+        logit ``exp(t) * cos``, CLIP's log-probability up to the candidate set's normaliser."""
+        sim = (self.encode_image(pixel_values) * self.encode_text(input_ids, attention_mask)).sum(-1)
+        return self.logit_scale.clamp(max=self.cfg.logit_scale_max).exp() * sim
 
     # -- training -------------------------------------------------------------------------------
     def training_losses(self, batch: dict) -> dict:

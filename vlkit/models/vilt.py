@@ -17,21 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import (BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormBlock, Transformer,
-                      directional_mask, padding_mask, sincos_2d)
+from ..layers import (AttentionGuide, BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormBlock, Transformer,
+                      check_directional_heads, classifier, directional_mask, init_weights, padding_mask,
+                      sincos_2d)
 from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
-from ..losses.mlm import (edit_from_pass, edit_loss_and_accuracy, lowest_word_logprob, mask_tokens, minimal_pairs,
-                          mlm_loss, no_edit_pairs)
-from ..losses.grounding import (GroundedPasses, attention_guides, check_grounding_settings,
-                               grounding_losses, mask_relation_words, relation_heads, require_grounding,
-                               require_relations)
+from ..losses.mlm import mask_tokens, mlm_loss
 from ..losses.vqa import batch_vqa_loss, vqa_loss
-from .base import Output, VLModel, register, source_vision_tower
-from .vit import _init_weights
+from ..objectives import FusionSpec, ObjectiveOptions, Step, build_objectives
+from .base import Output, VLModel, register
+
+__all__ = ["ViLT", "ViLTConfig", "PRESETS", "classifier"]
 
 
 @dataclass
-class ViLTConfig:
+class ViLTConfig(ObjectiveOptions):
+    """The objectives' options (``grounding_weight`` ...) come from ``ObjectiveOptions``."""
     image_size: int = 384
     patch_size: int = 32
     in_chans: int = 3
@@ -73,44 +73,12 @@ class ViLTConfig:
     pad_token_id: int = 0
     special_token_ids: tuple[int, ...] = (0, 1, 2, 3, 4)
     vision_init: str = ""           # a ViT run (or HF folder): patch embeddings and first blocks
-    # phrase grounding (vlkit.losses.grounding): words that name an object attend to its patches
-    grounding_weight: float = 0.0   # >0: needs batches with grounding targets (boxes in the data)
-    grounding_layer: int = 0        # the block whose self-attention is supervised
-    grounding_heads: int = 1        # its first heads are supervised, the others stay free
-    # relation phrases ("left of"): in block relation_layer, one head attends from the relation
-    # words to the first object and the next head to the second (grounding entries with a role):
-    # heads 0 and 1, or the two after the grounding heads when it is grounding_layer; by default
-    # a later block than grounding_layer, so the words can first read the phrases
-    relation_weight: float = 0.0
-    relation_layer: int = 1
-    # replaced-word correction (needs hard_negatives and the MLM head): for each caption and its
-    # first negative, when they differ word for word, the model reads the negative (or, half of
-    # the time, the caption) with the image and the MLM head predicts the caption's words where
-    # they differ; match_score="itm+edit" then scores a pair by the ITM head and the least likely
-    # word the text shows (vlkit.losses.mlm.lowest_word_logprob)
-    edit_weight: float = 0.0
-    # where the correction reads the pairs: "separate" (a pass of its own over each caption's
-    # first minimal-pair negative, shown false or true at random) or "itm" (the ITM pass, which
-    # holds every dataset negative with its image and the captions left with their own image:
-    # every minimal pair read both ways at no extra cost; needs the "itm" objective)
-    edit_pass: str = "separate"
-    match_score: str = "itm"
-    # the share of captions whose relation words (grounding entries with a role) are all masked
-    # in the MLM pass, on top of mlm_prob (needs grounding)
-    relation_mask_prob: float = 0.0
-    # a linear head on the relation words' output states regresses the subject's centre minus the
-    # object's (from the relation targets' patches), in every grounded pass (needs relation_weight)
-    geometry_weight: float = 0.0
-    # >0: attention forcing (vlkit.losses.grounding.attention_guides): in the grounded passes the
-    # supervised heads read the image through their targets, mixed into their own attention at a
-    # share falling linearly from 1 to 0 over this many optimiser steps
-    attention_forcing_steps: int = 0
-    # the last two self-attention heads of every layer let a text token see only the text at or
-    # before it (the second-to-last head) or at or after it (the last), and no image token: a
-    # relation word tells its subject from its object by the mask instead of learned positions
-    # (the grounding and relation heads come first, so they need two heads more than they use)
+    # architecture variant: in every layer the text rows of self-attention head
+    # directional_head_index (negative: from the end) see only the text at or before them, of
+    # the next head only the text at or after them, and neither sees the image
+    # (``layers.directional_mask``); grounding and relation heads must come before them
     directional_heads: bool = False
-
+    directional_head_index: int = -2
 
 OBJECTIVES = ("itm", "mlm", "vqa")
 
@@ -125,11 +93,6 @@ PRESETS = {
                 max_text_len=40, max_image_tokens=200, mask_token_id=103,
                 special_token_ids=(0, 100, 101, 102, 103)),
 }
-
-
-def classifier(dim: int, hidden: int, out: int) -> nn.Sequential:
-    """ViLT's VQA / NLVR2 head: Linear, LayerNorm (PyTorch's default eps 1e-5), GELU, Linear."""
-    return nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out))
 
 
 def _with_head(*heads: str):
@@ -150,8 +113,8 @@ class ViLT(VLModel):
     presets = PRESETS
     task = "fusion"
     # task heads that ``vlkit train --init`` may initialise afresh when the source lacks them
-    optional_heads = ("itm_head", "rank_head", "mlm_head", "vqa_head", "pair_head", "geometry_head",
-                      "forcing_steps_done")
+    optional_heads = ("itm_head", "rank_head", "mlm_head", "vqa_head", "pair_head", "relation_grounding",
+                      "attention_forcing")
 
     def __init__(self, cfg: ViLTConfig):
         super().__init__()
@@ -159,35 +122,13 @@ class ViLT(VLModel):
             raise ValueError("pair classification needs modality_types=3 (text, image 1, image 2)")
         if cfg.answer_names and len(cfg.answer_names) != cfg.num_answers:
             raise ValueError(f"{len(cfg.answer_names)} answer_names for num_answers={cfg.num_answers}")
-        check_grounding_settings(cfg, cfg.depth, "backbone")
+        blind = ()
         if cfg.directional_heads:
-            if cfg.heads < 2:
-                raise ValueError(f"directional_heads needs at least 2 attention heads, got heads={cfg.heads}")
-            # the last two heads read text only: the supervised heads must come before them
-            supervised = cfg.grounding_heads if cfg.grounding_weight > 0 else 0
-            if cfg.relation_weight > 0:
-                supervised = max(supervised, relation_heads(cfg.grounding_layer, cfg.grounding_heads,
-                                                            cfg.relation_layer) + 2)
-            if supervised > cfg.heads - 2:
-                raise ValueError(f"directional_heads: heads {cfg.heads - 2} and {cfg.heads - 1} read "
-                                 f"text only, but grounding and relation supervise heads 0 to "
-                                 f"{supervised - 1}: use at least {supervised + 2} heads")
-        if cfg.edit_weight < 0 or (cfg.edit_weight > 0 and not (cfg.hard_negatives and cfg.mlm_head)):
-            raise ValueError(f"edit_weight={cfg.edit_weight}: needs to be >= 0, and > 0 needs "
-                             "hard_negatives (--hard-negatives: the dataset's negative captions) "
-                             "and the MLM head")
-        if cfg.edit_pass not in ("separate", "itm") or (cfg.edit_pass == "itm" and cfg.edit_weight > 0
-                                                         and not (cfg.itm_head and "itm" in cfg.objectives)):
-            raise ValueError(f"edit_pass must be 'separate' or 'itm' (which needs the ITM head and "
-                             f"objective), got {cfg.edit_pass!r}")
-        if cfg.match_score not in ("itm", "itm+edit") or (cfg.match_score == "itm+edit" and not cfg.mlm_head):
-            raise ValueError(f"match_score must be 'itm' or 'itm+edit' (which needs the MLM head), "
-                             f"got {cfg.match_score!r}")
+            first = check_directional_heads(cfg.heads, cfg.directional_head_index)
+            blind = (first, first + 1)
         if cfg.image_pos not in ("", "sincos") or (cfg.image_pos and cfg.dim % 4):
             raise ValueError(f"image_pos must be '' or 'sincos' (which needs dim divisible by 4), "
                              f"got {cfg.image_pos!r} with dim={cfg.dim}")
-        if cfg.grounding_weight > 0 and cfg.max_image_tokens > 0:
-            raise ValueError("grounding needs every image patch in place (max_image_tokens=0)")
         unknown = [o for o in cfg.objectives if o not in OBJECTIVES]
         if unknown or not cfg.objectives:
             raise ValueError(f"objectives {list(cfg.objectives)}: choose from {', '.join(OBJECTIVES)}")
@@ -207,12 +148,16 @@ class ViLT(VLModel):
         self.itm_head = nn.Linear(d, 2) if cfg.itm_head else None
         self.rank_head = nn.Linear(d, 1) if cfg.rank_head else None
         self.mlm_head = MLMHead(d, cfg.vocab_size, cfg.eps, cfg.act) if cfg.mlm_head else None
-        self.geometry_head = nn.Linear(d, 2) if cfg.geometry_weight > 0 else None
+        spec = FusionSpec("backbone", cfg.depth, cfg.heads, d, tuple(self.image_embed.grid),
+                          all_patches="set max_image_tokens=0" if cfg.max_image_tokens > 0 else "",
+                          blind_heads=blind, blind_reason="directional_heads", mlm_head=cfg.mlm_head,
+                          itm_pass=cfg.itm_head and "itm" in cfg.objectives, hard_negatives=cfg.hard_negatives)
+        self.objectives = build_objectives(cfg, spec)  # each registered under its name: weights in the run
+        for objective in self.objectives:
+            self.add_module(objective.name, objective)
         self.vqa_head = classifier(d, 2 * d, cfg.num_answers) if cfg.num_answers else None
         self.pair_head = classifier(2 * d, 2 * d, cfg.pair_classes) if cfg.pair_classes else None
-        if cfg.attention_forcing_steps > 0:  # the schedule's clock, saved with the weights
-            self.register_buffer("forcing_steps_done", torch.zeros((), dtype=torch.long))
-        self.apply(_init_weights)
+        self.apply(init_weights)
         for emb in (self.text_embed.word, self.text_embed.position, self.modality_embed,
                     self.text_embed.token_type):
             nn.init.normal_(emb.weight, std=0.02)
@@ -230,23 +175,17 @@ class ViLT(VLModel):
             eps=tower.eps, qkv_bias=tower.qkv_bias, mean=tuple(tower.mean), std=tuple(tower.std),
             depth=max(cfg.depth, tower.depth))
 
-    def init_pretrained(self) -> None:
-        """ViLT starts from a ViT (the paper: ImageNet ViT-B/32): ``cfg.vision_init``'s patch
-        embeddings ([CLS], positions), its Transformer blocks as the first blocks of the backbone
-        and its final LayerNorm; text embeddings, the later blocks and the heads start fresh."""
-        if not self.cfg.vision_init:
-            return
-        from ..convert.common import check_fit
-        tower = source_vision_tower(self.cfg.vision_init)
+    def vision_init_state(self, tower_state: dict, label: str) -> dict:
+        """ViLT starts from a ViT (the paper: ImageNet ViT-B/32): a tower's state under this
+        model's names -- its patch embeddings ([CLS], positions), its Transformer blocks as the
+        first blocks of the backbone and its final LayerNorm (``vlkit.factory.init_pretrained``
+        loads it); text embeddings, the later blocks and the heads start fresh."""
         state = {}
-        for key, value in tower.state_dict().items():
+        for key, value in tower_state.items():
             if key.startswith("norm_pre."):
-                raise ValueError(f"vision_init {self.cfg.vision_init}: a tower with a pre-encoder "
-                                 "LayerNorm (CLIP) does not fit ViLT")
+                raise ValueError(f"{label}: a tower with a pre-encoder LayerNorm (CLIP) does not fit ViLT")
             state[("image_embed." + key[len("embed."):]) if key.startswith("embed.") else key] = value
-        own = self.state_dict()
-        check_fit(own, state, f"vision_init {self.cfg.vision_init}", "this ViLT", needed=())
-        self.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+        return state
 
     # -- embeddings -----------------------------------------------------------------------------
     def embed_image(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None):
@@ -332,7 +271,8 @@ class ViLT(VLModel):
         full = keys.expand(-1, heads, mask.shape[1], -1)
         text = torch.cat([directional_mask(mask[:, :n], 2),
                           torch.zeros_like(full[:, :2, :n, n:])], dim=3)  # (B, 2, n, L)
-        top = torch.cat([full[:, :heads - 2, :n], text], dim=1)
+        first = check_directional_heads(heads, self.cfg.directional_head_index)
+        top = torch.cat([full[:, :first, :n], text, full[:, first + 2:, :n]], dim=1)
         return torch.cat([top, full[:, :, n:]], dim=2)
 
     @property
@@ -340,31 +280,26 @@ class ViLT(VLModel):
         """The patch grid grounding targets are made for, when this model trains grounding."""
         return tuple(self.image_embed.grid) if self.cfg.grounding_weight > 0 else None
 
-    def _grounded(self, pixel_values, input_ids, attention_mask, targets, roles=None):
-        """(features after the final norm, grounding (loss, attention mass), relation (loss,
-        mass) or None): one pass in which ``cfg.grounding_layer`` (and, given the relation
-        targets ``roles`` (B, 2, L, P), ``cfg.relation_layer``) also returns its attention, read
-        from the text rows over the image patches (after the image [CLS])."""
-        if targets.shape[:2] != input_ids.shape:
-            raise ValueError(f"grounding targets {tuple(targets.shape)} do not fit the text "
-                             f"{tuple(input_ids.shape)}")
-        cfg = self.cfg
+    def forward_tapped(self, pixel_values, input_ids, attention_mask, step: Step, targets: dict):
+        """Features after the final norm, as ``forward``, tapped for the objectives
+        (``vlkit.objectives.base``): the self-attention of the layers they read, text rows over
+        the image patches (after the image [CLS]), (B, heads, L, P), and attention forcing of
+        those layers in training."""
+        from ..objectives.grounding import check_targets
         x, mask = self.embed(pixel_values, input_ids, attention_mask)
-        layers = [cfg.grounding_layer] + ([cfg.relation_layer] if roles is not None else [])
         n, length = input_ids.shape[1], x.shape[1]
-        cells = targets.shape[2]
-        if length - n - 1 != cells:
-            raise ValueError(f"grounding targets cover {cells} patches, the image has {length - n - 1}")
-        guides = None
-        if self.training and cfg.attention_forcing_steps > 0:  # text rows over the patches
-            guides = attention_guides(cfg, int(self.forcing_steps_done), targets.to(x.device),
-                                      None if roles is None else roles.to(x.device),
-                                      lambda t: ("self", F.pad(t.to(x.dtype), (n + 1, 0, 0, length - n))))
-        x, maps = self.encoder.forward_with_maps_of(x, layers, mask=self._joint_mask(mask, n), guides=guides)
-        named, related = grounding_losses(
-            cfg, lambda layer, heads: maps[layer]["self"][:, heads, :n, n + 1:], targets.to(x.device),
-            None if roles is None else roles.to(x.device))
-        return self.norm(x), named, related
+        check_targets(targets["names"], input_ids.shape, length - n - 1)
+        targets = {k: None if v is None else v.to(x.device) for k, v in targets.items()}
+        forced, guides = step.guides(targets), None
+        if forced is not None:  # text rows over the patches
+            guides = {layer: {"self": AttentionGuide(first, F.pad(t.to(x.dtype), (n + 1, 0, 0, length - n)),
+                                                     forced[1])}
+                      for layer, (first, t) in forced[0].items()}
+        x, maps = self.encoder.forward_with_maps_of(x, step.attention_layers(), mask=self._joint_mask(mask, n),
+                                                    guides=guides)
+        x = self.norm(x)
+        step.read("text", lambda layer, heads: maps[layer]["self"][:, heads, :n, n + 1:], x[:, :n], targets)
+        return x
 
     @_with_head("itm_head", "rank_head")
     def match(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> torch.Tensor:
@@ -380,18 +315,14 @@ class ViLT(VLModel):
 
     @_with_head("itm_head", "rank_head")
     def score(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> torch.Tensor:
-        """(B,) log-probability that each zipped pair matches: the ITM head's, plus, with
-        ``match_score="itm+edit"``, the MLM head's lowest log-probability of a word of the text
-        where it stands (one forward pass serves both)."""
-        if self.cfg.match_score != "itm+edit":
-            return self.match(pixel_values, input_ids, attention_mask, pixel_mask).log_softmax(-1)[:, 1]
+        """(B,) log-probability that each zipped pair matches (``VLModel`` documents ``score``):
+        the ITM head's, adjusted by the objectives (``match_score="itm+edit"``)."""
         out = self(pixel_values, input_ids, attention_mask, pixel_mask=pixel_mask)
-        logits = self._match_logits(out.pooled)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        words = self.mlm_head(out.features[:, :input_ids.shape[1]])
-        return logits.float().log_softmax(-1)[:, 1] + lowest_word_logprob(
-            words, input_ids, attention_mask, self.cfg.special_token_ids)
+        logp = self._match_logits(out.pooled).float().log_softmax(-1)[:, 1]
+        for objective in self.objectives:
+            logp = objective.log_score(logp, lambda: self.mlm_head(out.features[:, :input_ids.shape[1]]),
+                                       input_ids, attention_mask)
+        return logp
 
     @_with_head("mlm_head")
     def mlm_logits(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> torch.Tensor:
@@ -422,53 +353,27 @@ class ViLT(VLModel):
     # -- training -------------------------------------------------------------------------------
     @torch.no_grad()
     def after_step(self, step: int) -> None:
-        """After each optimiser step: the clock of attention forcing, when it is on."""
-        if self.cfg.attention_forcing_steps > 0:
-            self.forcing_steps_done += 1
-
-    def _edit_loss(self, batch: dict, pixels: torch.Tensor) -> dict:
-        """Replaced-word correction (``edit_weight``) on the batch's minimal pairs: the negative
-        shown (or, with probability 1/2, the caption), the caption's words the target where the
-        two differ (``vlkit.losses.mlm.edit_loss_and_accuracy``)."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        neg_ids = batch.get("neg_input_ids")
-        if neg_ids is None or neg_ids.shape[0] == 0:
-            return no_edit_pairs(pixels)
-        pairs = minimal_pairs(ids, mask, neg_ids, batch["neg_attention_mask"], batch["neg_owner"])
-        if pairs.rows.numel() == 0:
-            return no_edit_pairs(pixels)
-        show_false = torch.rand(pairs.rows.shape[0], device=ids.device) < 0.5
-        shown = torch.where(show_false[:, None], pairs.neg_ids, pairs.ids)
-        features = self(pixels[pairs.rows], shown, pairs.mask).features[:, :shown.shape[1]]
-        logits = self.mlm_head(features[pairs.edited])
-        return edit_loss_and_accuracy(logits, pairs.ids[pairs.edited],
-                                      show_false[:, None].expand_as(pairs.edited)[pairs.edited])
+        """After each optimiser step: the objectives' clocks (attention forcing)."""
+        for objective in self.objectives:
+            objective.after_step()
 
     def training_losses(self, batch: dict) -> dict:
         """The config's ``objectives`` among: ITM (in-batch image swaps, + the batch's negative
         captions with ``hard_negatives``), MLM on the captions of the true pairs, and VQA when the
-        batch has ``vqa_targets``. Each needs its head."""
+        batch has ``vqa_targets``. Each needs its head. The auxiliary objectives read the tapped
+        passes: the MLM pass, the VQA questions, and the ITM pass when no MLM is trained."""
         pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
         out, losses = {}, []
         objectives = self.cfg.objectives
-        grounding = self.cfg.grounding_weight > 0
-        relations = self.cfg.relation_weight > 0
-        if grounding:
-            require_grounding(batch)
-        if relations:
-            require_relations(batch)
-        grounded = GroundedPasses(self.cfg, self.geometry_head, tuple(self.image_embed.grid))
-
-        def grounded_pass(p, i, m, targets, roles):
-            roles = roles if relations else None
-            features, named, rel = self._grounded(p, i, m, targets, roles)
-            grounded.add(features[:, :i.shape[1]], named, rel, roles)
-            return features
-
+        step = Step(self.objectives, batch, self.training, word_logits=self.mlm_head,
+                    draw=lambda rows: torch.rand(rows.shape[0], device=ids.device),
+                    fuse=lambda rows, t, m: self(pixels[rows], t, m).features[:, :t.shape[1]])
+        mlm = self.mlm_head is not None and "mlm" in objectives
         if self.itm_head is not None and "itm" in objectives:
             index, labels = itm_batch_from_swaps(ids.shape[0], self.cfg.itm_swap_prob, device=ids.device)
             own = index == torch.arange(ids.shape[0], device=index.device)  # rows with their own image
             itm_pixels, itm_ids, itm_mask = pixels[index], ids, mask
+            negative_rows = torch.zeros(0, dtype=torch.long, device=ids.device)
             neg_ids = batch.get("neg_input_ids")
             if self.cfg.hard_negatives and neg_ids is not None and neg_ids.shape[0] > 0:
                 owner = batch["neg_owner"].to(ids.device)
@@ -476,41 +381,40 @@ class ViLT(VLModel):
                 itm_ids, itm_mask = _pad_cat(ids, mask, neg_ids, batch["neg_attention_mask"],
                                              self.cfg.pad_token_id)
                 labels = torch.cat([labels, torch.zeros_like(owner)])
-            if grounding and not (self.mlm_head is not None and "mlm" in objectives):
-                # the true pairs (their own image, first in the ITM batch) carry the grounding
+                negative_rows = ids.shape[0] + torch.arange(owner.shape[0], device=ids.device)
+            if step.taps_attention and not mlm:
+                # the true pairs (their own image, first in the ITM batch) carry the targets
                 n = ids.shape[0]
+
                 def own_rows(t):  # padded to the ITM text length, zero but for the true pairs
+                    if t is None:
+                        return None
                     t = F.pad(t, (0, 0, 0, itm_ids.shape[1] - ids.shape[1]))
                     keep = own.view(-1, *[1] * (t.dim() - 1)).to(t.dtype)
                     return torch.cat([t * keep, t.new_zeros(itm_ids.shape[0] - n, *t.shape[1:])])
-                features = grounded_pass(itm_pixels, itm_ids, itm_mask, own_rows(batch["grounding"]),
-                                         own_rows(batch["grounding_roles"]) if relations else None)
+                targets = {k: own_rows(v) for k, v in step.targets("caption").items()}
+                features = self.forward_tapped(itm_pixels, itm_ids, itm_mask, step, targets)
                 logits = self.itm_head(self.pooler(features))
             else:
                 result = self(itm_pixels, itm_ids, itm_mask)
                 features, logits = result.features, self.itm_head(result.pooled)
-            if self.cfg.edit_weight > 0 and self.cfg.edit_pass == "itm":
-                # rows 0..B-1: the captions, with their own image where not swapped; the dataset
-                # negatives, each with its own image, from row B on
-                out.update(edit_from_pass(self.mlm_head, features[:, :itm_ids.shape[1]], batch,
-                                          ids.shape[0], own))
+            # rows 0..B-1: the captions, with their own image where not swapped; the dataset
+            # negatives, each with its own image, from row B on
+            caption_rows = torch.where(own, torch.arange(ids.shape[0], device=own.device), -1)
+            step.itm_rows(features[:, :itm_ids.shape[1]], caption_rows, negative_rows)
             out["itm_loss"] = itm_loss(logits, labels)
             out["itm_acc"] = itm_accuracy(logits.detach(), labels)
             losses.append(out["itm_loss"])
-        if self.mlm_head is not None and "mlm" in objectives:
+        if mlm:
             word_ids = batch.get("word_ids") if self.cfg.whole_word_mask else None
             if self.cfg.whole_word_mask and word_ids is None:
                 raise ValueError("whole_word_mask needs batch['word_ids'] "
                                  "(tokenize with return_word_ids=True)")
             masked, labels = mask_tokens(ids, mask, self.cfg.special_token_ids, self.cfg.mask_token_id,
                                          self.cfg.vocab_size, self.cfg.mlm_prob, word_ids=word_ids)
-            if self.cfg.relation_mask_prob > 0:
-                pick = torch.rand(ids.shape[0], device=ids.device) < self.cfg.relation_mask_prob
-                masked, labels = mask_relation_words(require_relations(batch), ids, mask, masked, labels,
-                                                     pick, self.cfg.mask_token_id)
-            if grounding:
-                features = grounded_pass(pixels, masked, mask, batch["grounding"],
-                                         batch.get("grounding_roles"))
+            masked, labels = step.mask_words(ids, mask, masked, labels)
+            if step.taps_attention:
+                features = self.forward_tapped(pixels, masked, mask, step, step.targets("caption"))
             else:
                 features = self(pixels, masked, mask).features
             hit = labels != -100  # the head runs on the masked positions only
@@ -520,21 +424,14 @@ class ViLT(VLModel):
                 if bool(hit.any()) else logits.new_zeros(())
             losses.append(out["mlm_loss"])
         if "vqa_targets" in batch and "vqa" in objectives:
-            if grounding and "question_grounding" in batch and self.vqa_head is not None:
+            if step.taps_attention and "question_grounding" in batch and self.vqa_head is not None:
                 q_ids, q_mask = batch["question_input_ids"], batch["question_attention_mask"]
-                if relations:
-                    require_relations(batch, "question_grounding_roles")
-                features = grounded_pass(pixels, q_ids, q_mask, batch["question_grounding"],
-                                         batch.get("question_grounding_roles"))
+                features = self.forward_tapped(pixels, q_ids, q_mask, step, step.targets("question"))
                 out["vqa_loss"] = vqa_loss(self.vqa_head(self.pooler(features)), batch["vqa_targets"])
             else:
                 out["vqa_loss"] = batch_vqa_loss(self, batch, pixels, ids, mask)
             losses.append(out["vqa_loss"])
-        if self.cfg.edit_weight > 0 and self.mlm_head is not None:
-            if self.cfg.edit_pass == "separate":
-                out.update(self._edit_loss(batch, pixels))
-            losses.append(self.cfg.edit_weight * out["edit_loss"])
-        losses.extend(grounded.losses(out))
+        losses.extend(step.finish(out))
         if not losses:
             raise ValueError(f"nothing to train: objectives {list(objectives)} need their heads "
                              "(and VQA needs vqa_targets in the batch)")

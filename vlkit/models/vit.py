@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import ImageEmbeddings, PreNormBlock, Transformer, pool_cls, pool_mean
+from ..layers.init import init_weights as _init_weights
 from .base import Output, VLModel, register
 
 
@@ -175,13 +176,3 @@ class ViT(VLModel):
             loss = loss + self.cfg.dense_weight * dense
         result["loss"] = loss
         return result
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..data.synthetic import synthetic_world
+from ..factory import init_pretrained
 from ..models import build_model, model_class
 from ..models.base import config_from_dict, merge_config
 from ..checkpoint import CONFIG, latest_checkpoint, read_run_config, save_run_config
@@ -230,8 +231,8 @@ def prepare_model(args: RunArgs, run: Path):
     model = cls(cfg)
     if source is not None:
         init_weights(model, source, args.init)
-    elif hasattr(model, "init_pretrained"):  # e.g. ALBEF's text stack from a BERT checkpoint
-        model.init_pretrained()
+    else:  # what the config names: vision_init, text_init
+        init_pretrained(model)
     return model, tok
 
 
@@ -257,7 +258,7 @@ def curve_evaluator(model, tok, data: str, size: int):
 def vision_tower_config(path: str):
     """The ViT config of the image tower of a run or Hugging Face folder (a ViT's own config,
     without its classifier head, or a CLIP's ``vision``), for ``vision_init``."""
-    from ..models.base import source_vision_tower
+    from ..factory import source_vision_tower
     return dataclasses.replace(source_vision_tower(path).cfg, num_classes=0, class_names=[])
 
 
