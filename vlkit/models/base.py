@@ -154,13 +154,13 @@ def build_model(name: str, config: dict) -> VLModel:
 
 
 def _import_all() -> None:
+    """Import every model file in this package: each registers its model."""
     import importlib
-    for module in ("vit", "clip", "vilt", "albef", "vlmo", "blip"):
-        try:
-            importlib.import_module(f"vlkit.models.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"vlkit.models.{module}":
-                raise
+    import pkgutil
+    from pathlib import Path
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if info.name not in ("base", "__init__"):
+            importlib.import_module(f"{__package__}.{info.name}")
 
 
 def image_spec(cfg) -> dict:
