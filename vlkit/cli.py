@@ -65,7 +65,8 @@ def cmd_shard(args) -> int:
     if not present:
         raise UsageError(f"{args.dataset}: none of {', '.join(f'{s}.jsonl' for s in splits)} found")
     for split in present:
-        res = write_shards(args.dataset, args.out, split, args.shard_size, args.on_bad_sample)
+        res = write_shards(args.dataset, args.out, split, args.shard_size, args.on_bad_sample,
+                           allow_outside=args.allow_outside_paths)
         skipped = sum(res["skipped"].values())
         print(f"{split}: {res['samples']} samples in {len(res['shards'])} shards"
               + (f" ({skipped} skipped: {res['skipped']})" if skipped else ""))
@@ -98,7 +99,8 @@ def cmd_train(args) -> int:
                   ckpt_every=args.ckpt_every, grad_checkpointing=args.grad_checkpointing,
                   fsdp=args.fsdp, groups=args.groups, eval_every=args.eval_every,
                   eval_size=args.eval_size, negatives=args.negatives,
-                  negative_weights=_negative_weights(args.negative_weights))
+                  negative_weights=_negative_weights(args.negative_weights),
+                  allow_outside_paths=args.allow_outside_paths)
     from . import collective as vdist
     try:
         result = train(run)
@@ -115,7 +117,7 @@ def cmd_train(args) -> int:
               "a dataset folder with a test split)")
     elif not args.no_eval:
         pipe = load(args.out)
-        res = evaluate(pipe, args.data, "test", ALL_TASKS)
+        res = evaluate(pipe, args.data, "test", ALL_TASKS, allow_outside=args.allow_outside_paths)
         write_eval(res, Path(args.out) / "eval.json")
         print_metrics(res)
     return 0
@@ -128,7 +130,8 @@ def cmd_eval(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else default_tasks(pipe.model)
     if args.retrieval_size is not None and args.retrieval_size < 2:
         raise UsageError(f"--retrieval-size must be at least 2, got {args.retrieval_size}")
-    res = evaluate(pipe, args.data, args.split, tasks, retrieval_size=args.retrieval_size)
+    res = evaluate(pipe, args.data, args.split, tasks, retrieval_size=args.retrieval_size,
+                   allow_outside=args.allow_outside_paths)
     out = args.out or str(Path(args.run) / "eval.json")
     write_eval(res, out)
     print_metrics(res)
@@ -147,6 +150,13 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def _allow_outside_paths(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--allow-outside-paths", action="store_true",
+                   help="read image paths that lead out of the dataset folder (absolute paths, '..', "
+                        "symbolic links elsewhere); without it such a line is an error, or is skipped "
+                        "with --on-bad-sample skip")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlkit", description="Vision-language models: train, evaluate, convert.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -160,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per shard")
     s.add_argument("--splits", default="train", help="comma-separated splits to shard")
     s.add_argument("--on-bad-sample", default="error", choices=["error", "skip"])
+    _allow_outside_paths(s)
     s.set_defaults(func=cmd_shard)
 
     s = sub.add_parser("synth", help="write the synthetic world to a dataset folder")
@@ -214,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     s.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     s.add_argument("--no-progress", action="store_true")
+    _allow_outside_paths(s)
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="evaluate a run (or Hugging Face folder) on a dataset")
@@ -226,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retrieval among the first N images of the split, each with its first caption "
                         "(default: the whole split for dual encoders, 100 images for fusion models, "
                         "which score every image-text pair)")
+    _allow_outside_paths(s)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("explain", help="per-word cross-attention over an image, as a heat-map PNG")
@@ -246,7 +259,18 @@ def _one_line(e: BaseException) -> str:
     if "Original Traceback" in text:
         last = [line for line in text.splitlines() if line.strip()][-1]
         text = last.split(": ", 1)[1] if ": " in last else last
-    return text
+    text = "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text or type(e).__name__
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are a message for the user, not a bug: vlkit's own (bad data, weights,
+    configs, options: ValueError subclasses), a model asked for what it cannot do, a training
+    run that had to stop, and the operating system's (a missing file, no permission, a full
+    disk). Anything else (a TypeError, a KeyError ...) keeps its traceback: it is a bug."""
+    from .pipeline import Unsupported
+    from .train.loop import TrainingAborted
+    return (UsageError, ValueError, OSError, Unsupported, TrainingAborted)
 
 
 def main(argv=None) -> int:
@@ -255,11 +279,9 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .convert.common import ConversionError
     try:
         return args.func(args)
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, ConversionError,
-            PermissionError) as e:
+    except _user_errors() as e:
         print(f"vlkit: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file
 
 from .layers import quantize_int8
 from .models import build_model
@@ -187,10 +186,12 @@ def image_transform(model, overrides: dict | None = None):
 
 
 def load_weights(model, path: Path) -> None:
-    from .convert.common import load_strict
+    """Weights from a vlkit safetensors file: an unreadable or corrupt file (checksum), NaN or
+    infinite values, or keys and shapes that do not fit are errors naming the file."""
+    from .convert.common import load_strict, read_weights
     if not path.is_file():
         raise FileNotFoundError(f"{path.parent}: no {WEIGHTS}")
-    load_strict(model, load_file(str(path)), str(path))
+    load_strict(model, read_weights(path, check=False), str(path))
 
 
 def load(path: str | Path, device: str | torch.device | None = None) -> Pipeline:

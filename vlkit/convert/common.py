@@ -1,6 +1,7 @@
 """Reading Hugging Face model folders and renaming their weights with strict checks."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -11,6 +12,72 @@ from safetensors.torch import load_file
 
 class ConversionError(ValueError):
     """A checkpoint does not fit the model it is loaded into."""
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used: unreadable, corrupt (its checksum does not match) or
+    holding NaN or infinite values. The message names the file (and the tensor)."""
+
+
+CHECKSUM_KEY = "vlkit_sha256"  # safetensors metadata: the digest of the weights' names and bytes
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes (in name order)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def nonfinite(tensors: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """(name, non-finite count, size) of the first floating-point tensor holding NaN or
+    infinite values, in name order; None when all are finite."""
+    for k in sorted(tensors):
+        t = tensors[k]
+        if t.is_floating_point() or t.is_complex():
+            bad = int((~torch.isfinite(t.detach())).sum())
+            if bad:
+                return k, bad, t.numel()
+    return None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a `WeightsError` naming ``source`` and the first tensor with NaN or inf values."""
+    found = nonfinite(tensors)
+    if found is not None:
+        name, bad, n = found
+        raise WeightsError(f"{source}: tensor {name} holds {bad} NaN or infinite value(s) of {n} "
+                           "(diverged or corrupt weights); refusing to use them")
+
+
+def read_weights(path: str | Path, check: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a file that is missing, empty, truncated or not
+    safetensors, whose checksum (written by `save_weights`) does not match, or (``check``)
+    that holds NaN or infinite values, is a `WeightsError` naming it."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path}: empty file (0 bytes), not safetensors weights")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own and several builtin errors
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WeightsError(f"{path}: not a readable safetensors file (truncated or corrupt: "
+                           f"{detail})") from None
+    digest = metadata.get(CHECKSUM_KEY)
+    if digest is not None and tensors_digest(tensors) != digest:
+        raise WeightsError(f"{path}: the weights do not match the checksum written with them "
+                           "(the file is corrupt)")
+    if check:
+        check_finite(tensors, str(path))
+    return tensors
 
 
 def read_hf_config(folder: str | Path) -> dict:
@@ -31,12 +98,16 @@ def read_hf_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     legacy = folder / "pytorch_model.bin"
     if single.is_file():
-        return load_file(str(single))
+        return read_weights(single, check=False)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise ConversionError(f"{index}: not a safetensors index (needs a \"weight_map\" "
+                                  "object of file names)") from None
         out = {}
         for shard in shards:
-            out.update(load_file(str(folder / shard)))
+            out.update(read_weights(folder / shard, check=False))
         return out
     if legacy.is_file():
         try:
@@ -91,6 +162,7 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
     """Load converted weights, asserting that every key exists on both sides with equal shapes."""
     expected = model.state_dict()
     check_fit(expected, state, source)
+    check_finite(state, source)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 

@@ -22,6 +22,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..convert.common import (CHECKSUM_KEY, WeightsError, check_finite, nonfinite,  # noqa: F401
+                              read_weights, tensors_digest)
+
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 
@@ -39,14 +42,29 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file or folder left by a failed write (e.g. a full disk)."""
+    try:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a folder in the way ...: the old file stays as it was
+        _discard(tmp)
+        raise
     fsync_dir(path.parent)
 
 
@@ -57,11 +75,22 @@ def atomic_write_json(path: str | Path, obj) -> None:
 def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata=None) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)
+        raise
     fsync_dir(path.parent)
+
+
+def save_weights(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write model weights atomically, with their checksum in the file's metadata; NaN or
+    infinite weights are refused (never exported or checkpointed as a result)."""
+    check_finite(tensors, str(path))
+    atomic_save_tensors(path, tensors, {CHECKSUM_KEY: tensors_digest(tensors)})
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -182,21 +211,25 @@ def save_checkpoint(run: str | Path, step: int, model: torch.nn.Module, optimize
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    tensors: dict[str, torch.Tensor] = {}
-    full_state = dict(state)
-    full_state["optimizer"] = _split_state(optimizer.state_dict() if optimizer_state is None
-                                           else optimizer_state, "opt", tensors)
-    full_state["rng"] = _split_state(rng_state(), "rng", tensors)
-    if "rng_ranks" in full_state:
-        full_state["rng_ranks"] = _split_state(full_state["rng_ranks"], "rngr", tensors)
-    atomic_save_tensors(tmp / WEIGHTS, model_state(model) if model_tensors is None else model_tensors)
-    atomic_save_tensors(tmp / "optimizer.safetensors", tensors)
-    atomic_write_json(tmp / "state.json", full_state)
-    manifest = {name: _sha256(tmp / name) for name in (WEIGHTS, "optimizer.safetensors", "state.json")}
-    atomic_write_json(tmp / "manifest.json", manifest)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:  # a failed write (a full disk, NaN weights) leaves no temporary folder and no new checkpoint
+        tensors: dict[str, torch.Tensor] = {}
+        full_state = dict(state)
+        full_state["optimizer"] = _split_state(optimizer.state_dict() if optimizer_state is None
+                                               else optimizer_state, "opt", tensors)
+        full_state["rng"] = _split_state(rng_state(), "rng", tensors)
+        if "rng_ranks" in full_state:
+            full_state["rng_ranks"] = _split_state(full_state["rng_ranks"], "rngr", tensors)
+        save_weights(tmp / WEIGHTS, model_state(model) if model_tensors is None else model_tensors)
+        atomic_save_tensors(tmp / "optimizer.safetensors", tensors)
+        atomic_write_json(tmp / "state.json", full_state)
+        manifest = {name: _sha256(tmp / name) for name in (WEIGHTS, "optimizer.safetensors", "state.json")}
+        atomic_write_json(tmp / "manifest.json", manifest)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        _discard(tmp)
+        raise
     fsync_dir(root)
     for old in checkpoint_dirs(run)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -235,7 +268,7 @@ def latest_checkpoint(run: str | Path) -> Path | None:
 def read_checkpoint(path: Path, rank: int = 0) -> tuple[dict, dict, dict]:
     """(model tensors, optimizer state, rest of the state) of a checkpoint; sets this process's
     RNG state (rank ``rank``'s own where the checkpoint has one per rank)."""
-    weights = load_file(str(path / WEIGHTS))
+    weights = read_weights(path / WEIGHTS)
     tensors = load_file(str(path / "optimizer.safetensors"))
     state = json.loads((path / "state.json").read_text())
     optim = _join_state(state.pop("optimizer"), tensors)
