@@ -92,7 +92,8 @@ def eval_classification(pipe, singles):
     labels = torch.tensor([names.index(r["label"]) for r in singles])
     preds = []
     for chunk in _batches(singles, 256):
-        preds.append(pipe.model(pipe.pixels([r["image"] for r in chunk])).logits.argmax(-1).cpu())
+        logits = M.check_scores(pipe.model(pipe.pixels([r["image"] for r in chunk])).logits, "classification")
+        preds.append(logits.argmax(-1).cpu())
     correct = (torch.cat(preds) == labels).float()
     out = {"classification.top1": correct.mean().item()}
     held = torch.tensor([bool(r.get("heldout")) for r in singles])
