@@ -255,8 +255,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Pipeline
         raise FileNotFoundError(f"{path}: no such folder")
     raw = read_hf_config(path)
     if "model" in raw and "config" in raw:
-        cfg = read_run_config(path)
-        model = build_model(cfg["model"], cfg["config"])
+        model = build_saved_model(path, read_run_config(path))
         load_weights(model, path / WEIGHTS)
         tokenizer = _tokenizer(path / "tokenizer") if (path / "tokenizer").is_dir() else None
         transform = image_transform(model)
@@ -268,6 +267,19 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Pipeline
         raise ValueError(f"{path / 'config.json'}: neither a vlkit run nor a Hugging Face model config")
     pipe = Pipeline(model, tokenizer, transform, str(path))
     return pipe.to(device) if device is not None else pipe
+
+
+def build_saved_model(run: str | Path, saved: dict):
+    """The model a run folder's config (``read_run_config``) describes; a config that does not
+    build one (a field of the wrong type, null, a size no layer takes) is a ValueError naming
+    the file and the field."""
+    source = Path(run) / "config.json"
+    if not isinstance(saved.get("model"), str) or not isinstance(saved.get("config"), dict):
+        raise ValueError(f"{source}: \"model\" must be a model name and \"config\" an object")
+    try:
+        return build_model(saved["model"], saved["config"])
+    except (ValueError, RuntimeError) as e:  # torch refuses impossible sizes with a RuntimeError
+        raise ValueError(f"{source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def _tokenizer(folder: Path):

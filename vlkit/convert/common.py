@@ -85,9 +85,22 @@ def read_hf_config(folder: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (not a model folder)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_text(), object_hook=lambda d: HFConfig(d, path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
+class HFConfig(dict):
+    """A config.json object: a field the converters need but the file lacks is a
+    `ConversionError` naming the file and the field (not a KeyError)."""
+
+    def __init__(self, data: dict, path: Path):
+        super().__init__(data)
+        self.path = path
+
+    def __missing__(self, key):
+        raise ConversionError(f"{self.path}: no \"{key}\" field (a Hugging Face config of this "
+                              "model type needs it)")
 
 
 def read_hf_weights(folder: str | Path) -> dict[str, torch.Tensor]:

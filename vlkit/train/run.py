@@ -190,7 +190,8 @@ def prepare_model(args: RunArgs, run: Path):
         saved = read_run_config(run)
         if saved["model"] != args.model:
             raise ValueError(f"{run} holds a {saved['model']} run, not {args.model}")
-        model = build_model(saved["model"], saved["config"])
+        from ..pipeline import build_saved_model
+        model = build_saved_model(run, saved)
         tok = load_tokenizer(run / "tokenizer") if (run / "tokenizer").is_dir() else None
         return model, tok
     cls = model_class(args.model)
