@@ -48,6 +48,15 @@ def _negative_weights(text: str | None) -> dict | None:
     return out
 
 
+def _check_out_file(out: str, option: str) -> None:
+    """Before any work: an output file's place must be a file name in an existing folder."""
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"{option} {out}: is a folder; give a file name (e.g. {path / 'eval.json'})")
+    if not path.parent.is_dir():
+        raise UsageError(f"{option} {out}: folder {path.parent} does not exist")
+
+
 def cmd_list_models(args) -> int:
     from .models import list_models, model_class
     for name in list_models():
@@ -126,6 +135,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .eval.run import default_tasks, evaluate, print_metrics, write_eval
     from .pipeline import load
+    _check_out_file(args.out or str(Path(args.run) / "eval.json"), "--out")
     pipe = load(args.run)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else default_tasks(pipe.model)
     if args.retrieval_size is not None and args.retrieval_size < 2:
@@ -145,6 +155,7 @@ def cmd_explain(args) -> int:
         raise UsageError(f"{args.image}: no such image file")
     if args.panel < 16:
         raise UsageError(f"--panel must be at least 16 pixels, got {args.panel}")
+    _check_out_file(args.out, "--out")
     res = explain(args.run, args.image, args.caption, layer=args.layer, out=args.out, panel=args.panel)
     print(f"wrote {args.out}: {len(res['words'])} words ({' '.join(res['words'])})")
     return 0

@@ -155,6 +155,47 @@ def check_inside(root: str, image: str, where: str) -> None:
                               "(--allow-outside-paths to read it anyway)")
 
 
+def check_optional_fields(rec: dict, where: str) -> None:
+    """The optional fields that training and evaluation read (DESIGN.md's dataset format) must
+    have their shapes, or the line is bad (reason "bad field"), named with file, line and field:
+    ``captions`` a list of non-empty strings, ``negatives`` a list of {"caption": str,
+    "kind": str}, ``qa`` a list of {"question": str, "answer": str (or "answers": [str]),
+    "type": str (optional)}, ``label`` a non-empty string. A string where a list belongs would
+    be read letter by letter."""
+    def bad(field: str, want: str, got) -> DatasetError:
+        return _error("bad field", f"{where}: \"{field}\" must be {want}, got "
+                                   f"{type(got).__name__} {json.dumps(got)[:40]}")
+
+    def text(value) -> bool:
+        return isinstance(value, str) and bool(value.strip())
+    captions = rec.get("captions")
+    if captions is not None:
+        if not isinstance(captions, list) or not all(text(c) for c in captions):
+            raise bad("captions", "a list of non-empty strings", captions)
+    negatives = rec.get("negatives")
+    if negatives is not None:
+        if not isinstance(negatives, list):
+            raise bad("negatives", "a list", negatives)
+        for i, n in enumerate(negatives):
+            if not isinstance(n, dict) or not text(n.get("caption")) or not text(n.get("kind")):
+                raise bad(f"negatives[{i}]", 'an object with "caption" and "kind" strings', n)
+    qa = rec.get("qa")
+    if qa is not None:
+        if not isinstance(qa, list):
+            raise bad("qa", "a list", qa)
+        for i, q in enumerate(qa):
+            answers = q.get("answers") if isinstance(q, dict) else None
+            ok = isinstance(q, dict) and text(q.get("question")) and (
+                isinstance(q.get("answer"), str) or (isinstance(answers, list) and answers
+                                                     and all(isinstance(a, str) for a in answers)))
+            if not ok or (isinstance(q, dict) and q.get("type") is not None and not text(q.get("type"))):
+                raise bad(f"qa[{i}]", 'an object with "question" and "answer" strings '
+                                      '(or an "answers" list)', q)
+    label = rec.get("label")
+    if label is not None and not text(label):
+        raise bad("label", "a non-empty string", label)
+
+
 def check_caption(caption, where: str) -> None:
     """A caption must be a non-empty string; the message says which of the two it is not."""
     if caption is None:
@@ -231,6 +272,7 @@ class JsonlDataset(_SkipCounter, Dataset):
         if not self.allow_outside:
             check_inside(self.root, image, where)
         check_caption(rec.get("caption"), where)
+        check_optional_fields(rec, where)
         return rec
 
     def __len__(self) -> int:

@@ -31,7 +31,8 @@ from typing import Iterator
 
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .jsonl import DatasetError, JsonlDataset, _error, _SkipCounter, check_caption
+from .jsonl import (DatasetError, JsonlDataset, _error, _SkipCounter, check_caption,
+                    check_optional_fields)
 from .transforms import ImageError, load_image
 
 SHARD_FORMAT = "{split}-{index:06d}.tar"
@@ -192,6 +193,7 @@ class ShardDataset(_SkipCounter, Dataset):
         if not isinstance(rec, dict):
             raise _error("bad json", f"{where}.json: expected a JSON object")
         check_caption(rec.get("caption"), f"{where}.json")
+        check_optional_fields(rec, f"{where}.json")
         images = [m for ext, m in group.items() if ext != "json"]
         if not images:
             raise _error("missing image", f"{where}: sample has no image member")

@@ -57,6 +57,9 @@ def load_image(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     """
     label = name or path
     try:
+        if isinstance(path, (str, os.PathLike)) and os.path.exists(path) and not os.path.isdir(path) \
+                and not os.path.isfile(path):  # a FIFO or device would block or never end
+            raise ImageError(f"{label}: not a regular file", "corrupt image")
         if isinstance(path, (str, os.PathLike)) and os.path.isfile(path) and os.path.getsize(path) == 0 \
                 or hasattr(path, "getbuffer") and path.getbuffer().nbytes == 0:
             raise ImageError(f"{label}: empty file (0 bytes)", "empty image file")

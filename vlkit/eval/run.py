@@ -199,8 +199,8 @@ def eval_vqa(pipe, records):
         for qa in r.get("qa") or []:
             images.append(r["image"])
             questions.append(qa["question"])
-            answers.append(qa["answer"])
-            types.append(qa["type"])
+            answers.append(qa["answer"] if "answer" in qa else qa["answers"])
+            types.append(qa.get("type") or "other")
     if not questions:
         return None
     preds = []

@@ -427,8 +427,8 @@ class Trainer:
                 self.skipped_steps += 1
                 if self.bad_steps >= cfg.max_bad_steps:
                     self.optimizer.zero_grad(set_to_none=True)
-                    raise TrainingAborted(f"{self.bad_steps} steps in a row had a non-finite loss; "
-                                          f"stopped at step {self.step}, last checkpoint kept")
+                    raise TrainingAborted(f"{self.bad_steps} steps in a row had a NaN or infinite loss; "
+                                          f"stopped at step {self.step}; {self._kept()}")
             self.optimizer.zero_grad(set_to_none=True)
             if hasattr(self.model, "after_step"):
                 self.model.after_step(self.step)
@@ -466,13 +466,13 @@ class Trainer:
             if bar is not None:
                 bar.total = self.total_steps or cfg.steps
                 bar.update(1)
-            if self.step % cfg.ckpt_every == 0:
+            if self.step % cfg.ckpt_every == 0 and not self.bad_steps:  # not weights whose loss is NaN
                 self.checkpoint()
             if self.evaluator is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
                 self.curve_point()
         if self.bad_steps:  # the weights as they are give a non-finite loss: not a result
             self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingAborted(f"the loss was not finite at the last {self.bad_steps} step(s) "
+            raise TrainingAborted(f"the loss was NaN or infinite at the last {self.bad_steps} step(s) "
                                   f"(the training diverged; is the learning rate {cfg.lr:g} too "
                                   f"high?): weights not exported; {self._kept()}")
         return last
