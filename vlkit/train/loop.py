@@ -427,7 +427,7 @@ class Trainer:
                 self.skipped_steps += 1
                 if self.bad_steps >= cfg.max_bad_steps:
                     self.optimizer.zero_grad(set_to_none=True)
-                    raise TrainingAborted(f"{self.bad_steps} steps in a row had a NaN or infinite loss; "
+                    raise TrainingAborted(f"{self.bad_steps} steps in a row had a non-finite (NaN or infinite) loss; "
                                           f"stopped at step {self.step}; {self._kept()}")
             self.optimizer.zero_grad(set_to_none=True)
             if hasattr(self.model, "after_step"):
@@ -472,7 +472,7 @@ class Trainer:
                 self.curve_point()
         if self.bad_steps:  # the weights as they are give a non-finite loss: not a result
             self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingAborted(f"the loss was NaN or infinite at the last {self.bad_steps} step(s) "
+            raise TrainingAborted(f"the loss was non-finite (NaN or infinite) at the last {self.bad_steps} step(s) "
                                   f"(the training diverged; is the learning rate {cfg.lr:g} too "
                                   f"high?): weights not exported; {self._kept()}")
         return last
