@@ -135,7 +135,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .eval.run import default_tasks, evaluate, print_metrics, write_eval
     from .pipeline import load
-    _check_out_file(args.out or str(Path(args.run) / "eval.json"), "--out")
+    if args.out:  # (the default, RUN/eval.json, lies in the run folder load() checks)
+        _check_out_file(args.out, "--out")
     pipe = load(args.run)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else default_tasks(pipe.model)
     if args.retrieval_size is not None and args.retrieval_size < 2:

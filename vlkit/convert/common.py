@@ -130,6 +130,18 @@ def read_hf_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
 
 
+def checked_config(cfg, folder: str | Path):
+    """A config built from a Hugging Face config.json, with every field's type checked (as a
+    vlkit run's config is): a value of the wrong type (``"hidden_size": "768"``, null) is a
+    `ConversionError` naming the file and the field, not a TypeError deep in a layer."""
+    from ..models.base import config_from_dict, config_to_dict
+    try:
+        config_from_dict(type(cfg), config_to_dict(cfg))
+    except ValueError as e:
+        raise ConversionError(f"{Path(folder) / 'config.json'}: {e}") from None
+    return cfg
+
+
 def rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]],
            ignore: list[str] = ()) -> dict[str, torch.Tensor]:
     """Apply the first matching ``(regex, replacement)`` rule to every key. A key that no rule
