@@ -9,6 +9,7 @@ the sample position).
 from __future__ import annotations
 
 import atexit
+import multiprocessing.util  # noqa: F401 - its exit handler is registered before ours
 import random
 import signal
 import weakref
