@@ -22,8 +22,75 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used: unreadable, corrupt (its checksum does not match) or
+    holding NaN or infinite values. The message names the file (and the tensor)."""
+
+
+CHECKSUM_KEY = "vlkit_sha256"  # safetensors metadata: the digest of the weights' names and bytes
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes (in name order)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def nonfinite(tensors: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """(name, non-finite count, size) of the first floating-point tensor holding NaN or
+    infinite values, in name order; None when all are finite."""
+    for k in sorted(tensors):
+        t = tensors[k]
+        if t.is_floating_point() or t.is_complex():
+            bad = int((~torch.isfinite(t.detach())).sum())
+            if bad:
+                return k, bad, t.numel()
+    return None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a `WeightsError` naming ``source`` and the first tensor with NaN or inf values."""
+    found = nonfinite(tensors)
+    if found is not None:
+        name, bad, n = found
+        raise WeightsError(f"{source}: tensor {name} holds {bad} NaN or infinite value(s) of {n} "
+                           "(diverged or corrupt weights); refusing to use them")
+
+
+def read_weights(path: str | Path, check: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a file that is missing, empty, truncated or not
+    safetensors, whose checksum (written by `save_weights`) does not match, or (``check``)
+    that holds NaN or infinite values, is a `WeightsError` naming it."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path}: empty file (0 bytes), not safetensors weights")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own and several builtin errors
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WeightsError(f"{path}: not a readable safetensors file (truncated or corrupt: "
+                           f"{detail})") from None
+    digest = metadata.get(CHECKSUM_KEY)
+    if digest is not None and tensors_digest(tensors) != digest:
+        raise WeightsError(f"{path}: the weights do not match the checksum written with them "
+                           "(the file is corrupt)")
+    if check:
+        check_finite(tensors, str(path))
+    return tensors
 
 
 def fsync_dir(path: Path) -> None:
@@ -39,14 +106,29 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file or folder left by a failed write (e.g. a full disk)."""
+    try:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a folder in the way ...: the old file stays as it was
+        _discard(tmp)
+        raise
     fsync_dir(path.parent)
 
 
@@ -57,11 +139,22 @@ def atomic_write_json(path: str | Path, obj) -> None:
 def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata=None) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)
+        raise
     fsync_dir(path.parent)
+
+
+def save_weights(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write model weights atomically, with their checksum in the file's metadata; NaN or
+    infinite weights are refused (never exported or checkpointed as a result)."""
+    check_finite(tensors, str(path))
+    atomic_save_tensors(path, tensors, {CHECKSUM_KEY: tensors_digest(tensors)})
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -182,21 +275,25 @@ def save_checkpoint(run: str | Path, step: int, model: torch.nn.Module, optimize
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    tensors: dict[str, torch.Tensor] = {}
-    full_state = dict(state)
-    full_state["optimizer"] = _split_state(optimizer.state_dict() if optimizer_state is None
-                                           else optimizer_state, "opt", tensors)
-    full_state["rng"] = _split_state(rng_state(), "rng", tensors)
-    if "rng_ranks" in full_state:
-        full_state["rng_ranks"] = _split_state(full_state["rng_ranks"], "rngr", tensors)
-    atomic_save_tensors(tmp / WEIGHTS, model_state(model) if model_tensors is None else model_tensors)
-    atomic_save_tensors(tmp / "optimizer.safetensors", tensors)
-    atomic_write_json(tmp / "state.json", full_state)
-    manifest = {name: _sha256(tmp / name) for name in (WEIGHTS, "optimizer.safetensors", "state.json")}
-    atomic_write_json(tmp / "manifest.json", manifest)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:  # a failed write (a full disk, NaN weights) leaves no temporary folder and no new checkpoint
+        tensors: dict[str, torch.Tensor] = {}
+        full_state = dict(state)
+        full_state["optimizer"] = _split_state(optimizer.state_dict() if optimizer_state is None
+                                               else optimizer_state, "opt", tensors)
+        full_state["rng"] = _split_state(rng_state(), "rng", tensors)
+        if "rng_ranks" in full_state:
+            full_state["rng_ranks"] = _split_state(full_state["rng_ranks"], "rngr", tensors)
+        save_weights(tmp / WEIGHTS, model_state(model) if model_tensors is None else model_tensors)
+        atomic_save_tensors(tmp / "optimizer.safetensors", tensors)
+        atomic_write_json(tmp / "state.json", full_state)
+        manifest = {name: _sha256(tmp / name) for name in (WEIGHTS, "optimizer.safetensors", "state.json")}
+        atomic_write_json(tmp / "manifest.json", manifest)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        _discard(tmp)
+        raise
     fsync_dir(root)
     for old in checkpoint_dirs(run)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -235,7 +332,7 @@ def latest_checkpoint(run: str | Path) -> Path | None:
 def read_checkpoint(path: Path, rank: int = 0) -> tuple[dict, dict, dict]:
     """(model tensors, optimizer state, rest of the state) of a checkpoint; sets this process's
     RNG state (rank ``rank``'s own where the checkpoint has one per rank)."""
-    weights = load_file(str(path / WEIGHTS))
+    weights = read_weights(path / WEIGHTS)
     tensors = load_file(str(path / "optimizer.safetensors"))
     state = json.loads((path / "state.json").read_text())
     optim = _join_state(state.pop("optimizer"), tensors)

@@ -48,6 +48,15 @@ def _negative_weights(text: str | None) -> dict | None:
     return out
 
 
+def _check_out_file(out: str, option: str) -> None:
+    """Before any work: an output file's place must be a file name in an existing folder."""
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"{option} {out}: is a folder; give a file name (e.g. {path / 'eval.json'})")
+    if not path.parent.is_dir():
+        raise UsageError(f"{option} {out}: folder {path.parent} does not exist")
+
+
 def cmd_list_models(args) -> int:
     from .models import list_models, model_class
     for name in list_models():
@@ -65,7 +74,8 @@ def cmd_shard(args) -> int:
     if not present:
         raise UsageError(f"{args.dataset}: none of {', '.join(f'{s}.jsonl' for s in splits)} found")
     for split in present:
-        res = write_shards(args.dataset, args.out, split, args.shard_size, args.on_bad_sample)
+        res = write_shards(args.dataset, args.out, split, args.shard_size, args.on_bad_sample,
+                           allow_outside=args.allow_outside_paths)
         skipped = sum(res["skipped"].values())
         print(f"{split}: {res['samples']} samples in {len(res['shards'])} shards"
               + (f" ({skipped} skipped: {res['skipped']})" if skipped else ""))
@@ -133,7 +143,7 @@ def cmd_train(args) -> int:
     elif not args.no_eval:
         from .eval.run import ALL_TASKS, evaluate, print_metrics, write_eval
         from .pipeline import load
-        res = evaluate(load(args.out), data, "test", ALL_TASKS)
+        res = evaluate(load(args.out), data, "test", ALL_TASKS, allow_outside=args.allow_outside_paths)
         write_eval(res, Path(args.out) / "eval.json")
         print_metrics(res)
     return 0
@@ -197,11 +207,14 @@ def cmd_recipes(args) -> int:
 def cmd_eval(args) -> int:
     from .eval.run import default_tasks, evaluate, print_metrics, write_eval
     from .pipeline import load
+    if args.out:  # (the default, RUN/eval.json, lies in the run folder load() checks)
+        _check_out_file(args.out, "--out")
     pipe = load(args.run)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else default_tasks(pipe.model)
     if args.retrieval_size is not None and args.retrieval_size < 2:
         raise UsageError(f"--retrieval-size must be at least 2, got {args.retrieval_size}")
-    res = evaluate(pipe, args.data, args.split, tasks, retrieval_size=args.retrieval_size)
+    res = evaluate(pipe, args.data, args.split, tasks, retrieval_size=args.retrieval_size,
+                   allow_outside=args.allow_outside_paths)
     out = args.out or str(Path(args.run) / "eval.json")
     write_eval(res, out)
     print_metrics(res)
@@ -215,9 +228,17 @@ def cmd_explain(args) -> int:
         raise UsageError(f"{args.image}: no such image file")
     if args.panel < 16:
         raise UsageError(f"--panel must be at least 16 pixels, got {args.panel}")
+    _check_out_file(args.out, "--out")
     res = explain(args.run, args.image, args.caption, layer=args.layer, out=args.out, panel=args.panel)
     print(f"wrote {args.out}: {len(res['words'])} words ({' '.join(res['words'])})")
     return 0
+
+
+def _allow_outside_paths(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--allow-outside-paths", action="store_true",
+                   help="read image paths that lead out of the dataset folder (absolute paths, '..', "
+                        "symbolic links elsewhere); without it such a line is an error, or is skipped "
+                        "with --on-bad-sample skip")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per shard")
     s.add_argument("--splits", default="train", help="comma-separated splits to shard")
     s.add_argument("--on-bad-sample", default="error", choices=["error", "skip"])
+    _allow_outside_paths(s)
     s.set_defaults(func=cmd_shard)
 
     s = sub.add_parser("synth", help="write the synthetic world to a dataset folder")
@@ -294,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "for a stage other than the last)")
     s.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     s.add_argument("--no-progress", action="store_true")
+    _allow_outside_paths(s)
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("recipes", help="the named training recipes; 'recipes show NAME' prints one")
@@ -311,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retrieval among the first N images of the split, each with its first caption "
                         "(default: the whole split for dual encoders, 100 images for fusion models, "
                         "which score every image-text pair)")
+    _allow_outside_paths(s)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("explain", help="per-word cross-attention over an image, as a heat-map PNG")
@@ -331,7 +355,18 @@ def _one_line(e: BaseException) -> str:
     if "Original Traceback" in text:
         last = [line for line in text.splitlines() if line.strip()][-1]
         text = last.split(": ", 1)[1] if ": " in last else last
-    return text
+    text = "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text or type(e).__name__
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are a message for the user, not a bug: vlkit's own (bad data, weights,
+    configs, options: ValueError subclasses), a model asked for what it cannot do, a training
+    run that had to stop, and the operating system's (a missing file, no permission, a full
+    disk). Anything else (a TypeError, a KeyError ...) keeps its traceback: it is a bug."""
+    from .pipeline import Unsupported
+    from .train.loop import TrainingAborted
+    return (UsageError, ValueError, OSError, Unsupported, TrainingAborted)
 
 
 def main(argv=None) -> int:
@@ -340,11 +375,9 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .convert.common import ConversionError
     try:
         return args.func(args)
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, ConversionError,
-            PermissionError) as e:
+    except _user_errors() as e:
         print(f"vlkit: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file
 
 from .layers import quantize_int8
 from .models import build_model
@@ -64,10 +63,7 @@ class Pipeline:
         """PIL images, paths or arrays -> (B, 3, H, W) on the model's device."""
         if self.transform is None:
             raise Unsupported(f"{self.model.model_name} has no image transform")
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        if not images:
-            raise ValueError("no images given")
+        images = _as_list(images, "images")
         return torch.stack([self.transform(img)[0] for img in images]).to(self.device, self.dtype)
 
     def tokens(self, texts) -> dict:
@@ -75,12 +71,17 @@ class Pipeline:
         from .data.collate import max_text_length
         if self.tokenizer is None:
             raise Unsupported(f"{self.model.model_name} has no tokenizer")
-        if isinstance(texts, str):
-            texts = [texts]
-        if not texts:
-            raise ValueError("no texts given")
+        texts = _as_list(texts, "texts")
+        for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"texts must be strings, got {type(t).__name__} {t!r:.40}")
         batch = self.tokenizer(list(texts), max_length=max_text_length(self.model.cfg))
         return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _checked(self, scores: torch.Tensor, what: str) -> torch.Tensor:
+        """The model's outputs, refused when NaN or infinite (see `metrics.check_scores`)."""
+        from .eval.metrics import check_scores
+        return check_scores(scores, f"{self.model.model_name} {what}")
 
     def _need(self, name: str, task: str | None = None):
         if not hasattr(self.model, name):
@@ -91,10 +92,12 @@ class Pipeline:
     @torch.no_grad()
     def classify(self, images, top_k: int = 1) -> list[list[tuple[str, float]]]:
         """Image classification with the model's own head: [(label, probability)] per image."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"classify: top_k must be a whole number >= 1, got {top_k!r}")
         out = self.model(self.pixels(images))
         if out.logits is None:
             raise Unsupported(f"{self.model.model_name} has no classification head")
-        probs = out.logits.float().softmax(-1)
+        probs = self._checked(out.logits.float(), "class logits").softmax(-1)
         names = getattr(self.model.cfg, "class_names", None) or [str(i) for i in range(probs.shape[1])]
         values, index = probs.topk(min(top_k, probs.shape[1]), dim=-1)
         return [[(names[j], float(p)) for p, j in zip(vs.tolist(), ix.tolist())]
@@ -102,17 +105,24 @@ class Pipeline:
 
     @torch.no_grad()
     def embed_images(self, images) -> torch.Tensor:
-        return self._need("encode_image")(self.pixels(images)).float()
+        return self._checked(self._need("encode_image")(self.pixels(images)).float(), "image embeddings")
 
     @torch.no_grad()
     def embed_texts(self, texts) -> torch.Tensor:
         t = self.tokens(texts)
-        return self._need("encode_text")(t["input_ids"], t["attention_mask"]).float()
+        return self._checked(self._need("encode_text")(t["input_ids"], t["attention_mask"]).float(),
+                             "text embeddings")
 
     @torch.no_grad()
     def zero_shot(self, images, labels: Sequence[str], templates: Sequence[str] | None = None):
         """Class probabilities (B, C) over ``labels`` from prompt templates averaged per class."""
         from .eval.zeroshot import class_embeddings
+        labels = _as_list(labels, "labels", strings=True)
+        if templates is not None:
+            templates = _as_list(templates, "templates", strings=True)
+            bad = [t for t in templates if "{}" not in t]
+            if bad:
+                raise ValueError(f"zero_shot: each template needs a {{}} for the label, got {bad[0]!r}")
         classes = class_embeddings(self, labels, templates)
         scale = self.model.logit_scale.exp().clamp(max=100) if hasattr(self.model, "logit_scale") else 100.0
         return (scale * self.embed_images(images) @ classes.T).softmax(-1)
@@ -121,8 +131,10 @@ class Pipeline:
     def match(self, images, texts) -> torch.Tensor:
         """Probability that each (image, text) pair matches, from the ITM head (pairs zipped)."""
         fn = self._need("match", "image-text matching")
+        images, texts = _zipped(images, texts, "match", "texts")
         t = self.tokens(texts)
-        return fn(self.pixels(images), t["input_ids"], t["attention_mask"]).float().softmax(-1)[:, 1]
+        logits = self._checked(fn(self.pixels(images), t["input_ids"], t["attention_mask"]).float(), "ITM logits")
+        return logits.softmax(-1)[:, 1]
 
     @torch.no_grad()
     def retrieve(self, query, candidates, k: int = 5, rerank: int = 0) -> list[tuple[int, float]]:
@@ -130,13 +142,20 @@ class Pipeline:
         or, for a fusion model without embeddings, by its pair ``score`` (one pass per pair).
         ``rerank > 0`` (embeddings + ITM head, e.g. ALBEF): the top ``rerank`` by similarity are
         re-scored by ITM log-odds and ranked first (``vlkit.eval.rerank``)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"retrieve: k must be a whole number >= 1, got {k!r}")
+        if isinstance(rerank, bool) or not isinstance(rerank, int) or rerank < 0:
+            raise ValueError(f"retrieve: rerank must be a whole number >= 0, got {rerank!r}")
+        candidates = _as_list(candidates, "candidates", strings=not isinstance(query, str))
+        if isinstance(query, str) and not query.strip():
+            raise ValueError("retrieve: the query text is empty")
         if rerank > 0:
             from .eval.rerank import rerank_query
             self._need("match", "ITM re-ranking")
             is_text = isinstance(query, str)
             q = self.tokens([query]) if is_text else {"pixel_values": self.pixels([query])}
             c = {"pixel_values": self.pixels(list(candidates))} if is_text else self.tokens(list(candidates))
-            scores = rerank_query(self.model, is_text, q, c, k=rerank)
+            scores = self._checked(rerank_query(self.model, is_text, q, c, k=rerank), "retrieval scores")
             values, index = scores.topk(min(k, len(candidates)))
             return list(zip(index.tolist(), values.tolist()))
         if not (hasattr(self.model, "encode_image") and hasattr(self.model, "encode_text")) \
@@ -147,7 +166,8 @@ class Pipeline:
             else:
                 images, texts = [query] * len(candidates), candidates
             t = self.tokens(texts)
-            scores = self.model.score(self.pixels(images), t["input_ids"], t["attention_mask"]).float()
+            scores = self._checked(self.model.score(self.pixels(images), t["input_ids"],
+                                                    t["attention_mask"]).float(), "pair scores")
             values, index = scores.topk(min(k, len(candidates)))
             return list(zip(index.tolist(), values.tolist()))
         if isinstance(query, str):
@@ -167,16 +187,48 @@ class Pipeline:
     def answer(self, images, questions) -> list[str]:
         """The answer to each (image, question) pair (zipped): the model's ``answer``, else the
         best of its ``vqa_logits`` over the config's ``answer_names``."""
-        if isinstance(questions, str):
-            questions = [questions]
+        images, questions = _zipped(images, questions, "answer", "questions")
         t = self.tokens(questions)
         if hasattr(self.model, "answer"):
             return self.model.answer(self.pixels(images), t["input_ids"], t["attention_mask"])
-        logits = self._need("vqa_logits", "question answering")(self.pixels(images), t["input_ids"],
-                                                                t["attention_mask"])
+        logits = self._checked(self._need("vqa_logits", "question answering")(
+            self.pixels(images), t["input_ids"], t["attention_mask"]), "VQA logits")
         names = list(getattr(self.model.cfg, "answer_names", None) or [])
         best = logits.argmax(-1).tolist()
         return [names[i] if i < len(names) else str(i) for i in best]
+
+
+def _as_list(items, what: str, strings: bool | None = False) -> list:
+    """One item or a sequence of them -> a non-empty list. ``strings``: True, every item must
+    be a non-empty string (a bare string is refused: it would be iterated as characters)."""
+    from PIL import Image
+    if strings and isinstance(items, str):
+        raise TypeError(f"{what}: a list of strings, got one string {items!r:.40} "
+                        f"(write [{items!r:.40}])")
+    if isinstance(items, (str, Path, Image.Image)) or not hasattr(items, "__iter__") \
+            or hasattr(items, "shape"):  # one image (a path, PIL image, array) or text
+        items = [items]
+    items = list(items)
+    if not items:
+        raise ValueError(f"no {what} given (an empty list)")
+    if strings:
+        for x in items:
+            if not isinstance(x, str) or not x.strip():
+                raise ValueError(f"{what}: each must be a non-empty string, got {x!r:.40}")
+    return items
+
+
+def _zipped(images, texts, call: str, what: str) -> tuple[list, list]:
+    """Pairs zipped: the same number of images and texts (one image or text goes with all)."""
+    images, texts = _as_list(images, "images"), _as_list(texts, what)
+    if len(images) == 1 and len(texts) > 1:
+        images = images * len(texts)
+    elif len(texts) == 1 and len(images) > 1:
+        texts = texts * len(images)
+    if len(images) != len(texts):
+        raise ValueError(f"{call}: {len(images)} images and {len(texts)} {what}; pairs are zipped, "
+                         "so give as many of each (or one of either)")
+    return images, texts
 
 
 def image_transform(model, overrides: dict | None = None):
@@ -187,10 +239,12 @@ def image_transform(model, overrides: dict | None = None):
 
 
 def load_weights(model, path: Path) -> None:
-    from .convert.common import load_strict
+    """Weights from a vlkit safetensors file: an unreadable or corrupt file (checksum), NaN or
+    infinite values, or keys and shapes that do not fit are errors naming the file."""
+    from .convert.common import load_strict, read_weights
     if not path.is_file():
         raise FileNotFoundError(f"{path.parent}: no {WEIGHTS}")
-    load_strict(model, load_file(str(path)), str(path))
+    load_strict(model, read_weights(path, check=False), str(path))
 
 
 def load(path: str | Path, device: str | torch.device | None = None) -> Pipeline:
@@ -201,8 +255,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Pipeline
         raise FileNotFoundError(f"{path}: no such folder")
     raw = read_hf_config(path)
     if "model" in raw and "config" in raw:
-        cfg = read_run_config(path)
-        model = build_model(cfg["model"], cfg["config"])
+        model = build_saved_model(path, read_run_config(path))
         load_weights(model, path / WEIGHTS)
         tokenizer = _tokenizer(path / "tokenizer") if (path / "tokenizer").is_dir() else None
         transform = image_transform(model)
@@ -214,6 +267,19 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Pipeline
         raise ValueError(f"{path / 'config.json'}: neither a vlkit run nor a Hugging Face model config")
     pipe = Pipeline(model, tokenizer, transform, str(path))
     return pipe.to(device) if device is not None else pipe
+
+
+def build_saved_model(run: str | Path, saved: dict):
+    """The model a run folder's config (``read_run_config``) describes; a config that does not
+    build one (a field of the wrong type, null, a size no layer takes) is a ValueError naming
+    the file and the field."""
+    source = Path(run) / "config.json"
+    if not isinstance(saved.get("model"), str) or not isinstance(saved.get("config"), dict):
+        raise ValueError(f"{source}: \"model\" must be a model name and \"config\" an object")
+    try:
+        return build_model(saved["model"], saved["config"])
+    except (ValueError, RuntimeError) as e:  # torch refuses impossible sizes with a RuntimeError
+        raise ValueError(f"{source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def _tokenizer(folder: Path):

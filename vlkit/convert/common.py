@@ -6,7 +6,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+
+from ..checkpoint import (CHECKSUM_KEY, WeightsError, check_finite, nonfinite, read_weights,  # noqa: F401
+                          tensors_digest)
 
 
 class ConversionError(ValueError):
@@ -18,9 +20,22 @@ def read_hf_config(folder: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (not a model folder)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_text(), object_hook=lambda d: HFConfig(d, path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
+class HFConfig(dict):
+    """A config.json object: a field the converters need but the file lacks is a
+    `ConversionError` naming the file and the field (not a KeyError)."""
+
+    def __init__(self, data: dict, path: Path):
+        super().__init__(data)
+        self.path = path
+
+    def __missing__(self, key):
+        raise ConversionError(f"{self.path}: no \"{key}\" field (a Hugging Face config of this "
+                              "model type needs it)")
 
 
 def read_hf_weights(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -31,12 +46,16 @@ def read_hf_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     legacy = folder / "pytorch_model.bin"
     if single.is_file():
-        return load_file(str(single))
+        return read_weights(single, check=False)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise ConversionError(f"{index}: not a safetensors index (needs a \"weight_map\" "
+                                  "object of file names)") from None
         out = {}
         for shard in shards:
-            out.update(load_file(str(folder / shard)))
+            out.update(read_weights(folder / shard, check=False))
         return out
     if legacy.is_file():
         try:
@@ -44,6 +63,18 @@ def read_hf_weights(folder: str | Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # noqa: BLE001 - any unpickling failure is reported the same way
             raise ConversionError(f"{legacy}: cannot be read as plain tensors ({e})") from None
     raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
+
+
+def checked_config(cfg, folder: str | Path):
+    """A config built from a Hugging Face config.json, with every field's type checked (as a
+    vlkit run's config is): a value of the wrong type (``"hidden_size": "768"``, null) is a
+    `ConversionError` naming the file and the field, not a TypeError deep in a layer."""
+    from ..models.base import config_from_dict, config_to_dict
+    try:
+        config_from_dict(type(cfg), config_to_dict(cfg))
+    except ValueError as e:
+        raise ConversionError(f"{Path(folder) / 'config.json'}: {e}") from None
+    return cfg
 
 
 def rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]],
@@ -91,6 +122,7 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
     """Load converted weights, asserting that every key exists on both sides with equal shapes."""
     expected = model.state_dict()
     check_fit(expected, state, source)
+    check_finite(state, source)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..models.clip import CLIP, CLIPConfig, TextConfig
 from ..models.vit import ViTConfig
-from .common import ConversionError, load_strict, read_hf_weights, rename
+from .common import ConversionError, checked_config, load_strict, read_hf_weights, rename
 
 _ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
         "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -73,7 +73,7 @@ def config_from_hf(hf: dict) -> CLIPConfig:
 
 
 def load_hf_clip(folder: str | Path, hf_config: dict) -> CLIP:
-    model = CLIP(config_from_hf(hf_config))
+    model = CLIP(checked_config(config_from_hf(hf_config), folder))
     state = rename(read_hf_weights(folder), RULES, IGNORE)
     if "vision.embed.cls_token" in state:
         state["vision.embed.cls_token"] = state["vision.embed.cls_token"].reshape(1, 1, -1)

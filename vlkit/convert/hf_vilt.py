@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..models.vilt import ViLT, ViLTConfig
 from .hf_vit import layer_rules
-from .common import ConversionError, load_strict, read_hf_weights, rename, strip_prefix
+from .common import ConversionError, checked_config, load_strict, read_hf_weights, rename, strip_prefix
 
 _L = r"encoder\.layer\.(\d+)\."
 _B = r"encoder.blocks.\1."
@@ -100,7 +100,7 @@ def load_hf_vilt(folder: str | Path, hf_config: dict) -> ViLT:
     folder = Path(folder)
     state = rename(strip_prefix(read_hf_weights(folder), "vilt."), RULES, IGNORE)
     out = state.get("CLASSIFIER.3.weight")
-    cfg = config_from_hf(hf_config, folder, None if out is None else out.shape[0])
+    cfg = checked_config(config_from_hf(hf_config, folder, None if out is None else out.shape[0]), folder)
     head = "vqa_head" if cfg.num_answers else "pair_head"
     state = {k.replace("CLASSIFIER.", f"{head}.") if k.startswith("CLASSIFIER.") else k: v
              for k, v in state.items()}

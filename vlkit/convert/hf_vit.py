@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..models.vit import ViT, ViTConfig
-from .common import ConversionError, load_strict, read_hf_weights, rename, strip_prefix
+from .common import ConversionError, checked_config, load_strict, read_hf_weights, rename, strip_prefix
 
 # Both the classic layout (what save_pretrained writes) and the renamed in-memory layout.
 _L = r"(?:encoder\.layer|layers)\.(\d+)\."
@@ -53,7 +53,7 @@ def config_from_hf(hf: dict) -> ViTConfig:
 
 
 def load_hf_vit(folder: str | Path, hf_config: dict) -> ViT:
-    cfg = config_from_hf(hf_config)
+    cfg = checked_config(config_from_hf(hf_config), folder)
     state = strip_prefix(read_hf_weights(folder), "vit.")
     model = ViT(cfg)
     load_strict(model, rename(state, RULES, IGNORE), str(folder))

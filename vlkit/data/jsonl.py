@@ -71,13 +71,25 @@ class _SkipCounter:
         image_rate = len(self.bad_samples) / self._checked if self._checked else 0.0
         return line_rate + (1 - line_rate) * image_rate
 
+    def known_bad_rate(self) -> float:
+        """The bad samples found so far (lines and images) over all samples: a lower bound of
+        the true rate, exact once every image was read."""
+        bad = sum(self.skipped_at_start.values()) + len(self.bad_samples)
+        return bad / self.total if self.total else 0.0
+
     def _check_rate(self) -> None:
+        """Stop when the bad samples found so far already exceed the allowed share of all the
+        samples (once the dataset has ``min_samples``), or when the rate estimated from the
+        images read exceeds it (once ``min_samples`` images were read: a few images read are
+        no estimate -- one missing image among the first read is not 100% bad)."""
         if self.max_skip_rate is None or self.on_bad_sample != "skip":
             return
-        if self.total < self.min_samples and self._checked < self.min_samples:
-            return
-        rate = self.skip_rate()
-        if rate > self.max_skip_rate:
+        rate = None
+        if self.total >= self.min_samples and self.known_bad_rate() > self.max_skip_rate:
+            rate = self.known_bad_rate()
+        elif self._checked >= self.min_samples and self.skip_rate() > self.max_skip_rate:
+            rate = self.skip_rate()
+        if rate is not None:
             raise TooManyBadSamples(
                 f"{self._source}: {rate:.1%} of the samples are bad, more than the allowed "
                 f"{self.max_skip_rate:.1%} (max_skip_rate); {self.summary()}")
@@ -127,6 +139,74 @@ def _error(reason: str, message: str) -> DatasetError:
     return e
 
 
+OUTSIDE = "image outside the dataset"
+
+
+def check_inside(root: str, image: str, where: str) -> None:
+    """Refuse an image path that leads out of the dataset folder ``root``: an absolute path,
+    ``..`` components, or a symbolic link (of the path or of any folder on it) resolving
+    elsewhere. A dataset is often someone else's: its lines must not make vlkit read (train on,
+    pack into shards) any file the user can read. ``--allow-outside-paths`` (``allow_outside``)
+    turns the check off for datasets that really keep their images elsewhere."""
+    base = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(root, image))
+    if os.path.commonpath([base, path]) != base:
+        raise _error(OUTSIDE, f"{where}: image {image!r} lies outside the dataset folder {root} "
+                              "(--allow-outside-paths to read it anyway)")
+
+
+def check_optional_fields(rec: dict, where: str) -> None:
+    """The optional fields that training and evaluation read (DESIGN.md's dataset format) must
+    have their shapes, or the line is bad (reason "bad field"), named with file, line and field:
+    ``captions`` a list of non-empty strings, ``negatives`` a list of {"caption": str,
+    "kind": str}, ``qa`` a list of {"question": str, "answer": str (or "answers": [str]),
+    "type": str (optional)}, ``label`` a non-empty string. A string where a list belongs would
+    be read letter by letter."""
+    def bad(field: str, want: str, got) -> DatasetError:
+        return _error("bad field", f"{where}: \"{field}\" must be {want}, got "
+                                   f"{type(got).__name__} {json.dumps(got)[:40]}")
+
+    def text(value) -> bool:
+        return isinstance(value, str) and bool(value.strip())
+    captions = rec.get("captions")
+    if captions is not None:
+        if not isinstance(captions, list) or not all(text(c) for c in captions):
+            raise bad("captions", "a list of non-empty strings", captions)
+    negatives = rec.get("negatives")
+    if negatives is not None:
+        if not isinstance(negatives, list):
+            raise bad("negatives", "a list", negatives)
+        for i, n in enumerate(negatives):
+            if not isinstance(n, dict) or not text(n.get("caption")) or not text(n.get("kind")):
+                raise bad(f"negatives[{i}]", 'an object with "caption" and "kind" strings', n)
+    qa = rec.get("qa")
+    if qa is not None:
+        if not isinstance(qa, list):
+            raise bad("qa", "a list", qa)
+        for i, q in enumerate(qa):
+            answers = q.get("answers") if isinstance(q, dict) else None
+            ok = isinstance(q, dict) and text(q.get("question")) and (
+                isinstance(q.get("answer"), str) or (isinstance(answers, list) and answers
+                                                     and all(isinstance(a, str) for a in answers)))
+            if not ok or (isinstance(q, dict) and q.get("type") is not None and not text(q.get("type"))):
+                raise bad(f"qa[{i}]", 'an object with "question" and "answer" strings '
+                                      '(or an "answers" list)', q)
+    label = rec.get("label")
+    if label is not None and not text(label):
+        raise bad("label", "a non-empty string", label)
+
+
+def check_caption(caption, where: str) -> None:
+    """A caption must be a non-empty string; the message says which of the two it is not."""
+    if caption is None:
+        raise _error("missing caption", f"{where}: record has no \"caption\"")
+    if not isinstance(caption, str):
+        raise _error("caption not a string", f"{where}: \"caption\" must be a string, got "
+                                             f"{type(caption).__name__} {json.dumps(caption)[:40]}")
+    if not caption.strip():
+        raise _error("empty caption", f"{where}: empty caption")
+
+
 class JsonlDataset(_SkipCounter, Dataset):
     """Records of `root/<split>.jsonl` (or of the .jsonl file `root` itself).
 
@@ -136,8 +216,9 @@ class JsonlDataset(_SkipCounter, Dataset):
 
     def __init__(self, root, split: str = "train", on_bad_sample: str = "error",
                  image_loader: Callable = load_image, max_skip_rate: float | None = None,
-                 min_samples: int = 100):
+                 min_samples: int = 100, allow_outside: bool = False):
         self._init_skips(on_bad_sample, max_skip_rate, min_samples)
+        self.allow_outside = allow_outside
         root = os.fspath(root)
         if root.endswith(".jsonl") and os.path.isfile(root):
             self.path, self.root = root, os.path.dirname(os.path.abspath(root))
@@ -181,13 +262,17 @@ class JsonlDataset(_SkipCounter, Dataset):
         if not isinstance(rec, dict):
             raise _error("bad json", f"{where}: expected a JSON object, got {type(rec).__name__}")
         image = rec.get("image")
+        if image is not None and not isinstance(image, str):
+            raise _error("no image field", f"{where}: \"image\" must be a path (a string), "
+                                           f"got {type(image).__name__}")
         if not isinstance(image, str) or not image.strip():
             raise _error("no image field", f"{where}: record has no \"image\" path")
-        caption = rec.get("caption")
-        if caption is None:
-            raise _error("missing caption", f"{where}: record has no \"caption\"")
-        if not isinstance(caption, str) or not caption.strip():
-            raise _error("empty caption", f"{where}: empty caption")
+        if "\0" in image:
+            raise _error("no image field", f"{where}: \"image\" path holds a NUL character")
+        if not self.allow_outside:
+            check_inside(self.root, image, where)
+        check_caption(rec.get("caption"), where)
+        check_optional_fields(rec, where)
         return rec
 
     def __len__(self) -> int:
@@ -222,7 +307,8 @@ class FolderDataset(_SkipCounter, Dataset):
     An image without a caption file or with an empty one is an error, or skipped and counted.
     """
 
-    def __init__(self, root, on_bad_sample: str = "error", image_loader: Callable = load_image):
+    def __init__(self, root, on_bad_sample: str = "error", image_loader: Callable = load_image,
+                 allow_outside: bool = False):
         self._init_skips(on_bad_sample)
         self.root = self._source = os.fspath(root)
         self.image_loader = image_loader
@@ -237,6 +323,9 @@ class FolderDataset(_SkipCounter, Dataset):
             path = os.path.join(self.root, name)
             txt = os.path.join(self.root, stem + ".txt")
             try:
+                if not allow_outside:  # a symbolic link out of the folder
+                    check_inside(self.root, name, path)
+                    check_inside(self.root, stem + ".txt", txt)
                 if not os.path.isfile(txt):
                     raise _error("missing caption", f"{path}: no caption file {txt}")
                 with open(txt, encoding="utf-8", errors="replace") as fh:

@@ -8,8 +8,11 @@ the sample position).
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # noqa: F401 - its exit handler is registered before ours
 import random
 import signal
+import weakref
 from typing import Callable
 
 import torch
@@ -115,10 +118,54 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     """Workers ignore SIGTERM and SIGINT. A scheduler (or ``kill -- -PGID``, or Ctrl-C in a
     terminal) signals the whole process group; a worker that died of it would make the main
     process raise in the middle of a step, before the trainer could write the checkpoint it was
-    asked for. The main process stops its workers itself when it closes the loader, and a worker
-    whose parent died exits on its own."""
+    asked for. The main process stops its workers itself when it closes the loader
+    (`close_loader`), and kills any left at interpreter exit (`_kill_workers_at_exit`): a
+    SIGTERM, which is what multiprocessing sends them then, would be waited on for ever. A
+    worker whose parent died exits on its own."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# the worker processes of this process's loaders (they ignore SIGTERM; see above)
+_WORKERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+class _Loader(DataLoader):
+    """A DataLoader that records its worker processes in ``_WORKERS``."""
+
+    def _get_iterator(self):
+        it = super()._get_iterator()
+        _WORKERS.update(getattr(it, "_workers", ()))
+        return it
+
+
+def _kill(workers) -> None:
+    for w in list(workers):
+        try:
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
+        except (AssertionError, ValueError, OSError):  # not our child any more, or closed
+            pass
+
+
+@atexit.register
+def _kill_workers_at_exit() -> None:
+    """Registered after multiprocessing's exit handler, so it runs first: workers still alive
+    at exit (a loader not closed because an error went past it) are killed, not terminated by
+    a SIGTERM they ignore and then joined for ever."""
+    _kill(_WORKERS)
+
+
+def close_loader(batches) -> None:
+    """Stop the worker processes of a DataLoader iterator (if it has any) now, not at garbage
+    collection: torch does not shut down an iterator collected at interpreter exit. Workers
+    still alive after torch's shutdown are killed. Safe to call twice or on any iterable."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is None:
+        return
+    shutdown()
+    _kill(getattr(batches, "_workers", ()))
 
 
 def batch_loader(source, collate, batch_size: int, start: int = 0, seed: int = 0,
@@ -129,7 +176,7 @@ def batch_loader(source, collate, batch_size: int, start: int = 0, seed: int = 0
     stream = BatchStream(source, collate, batch_size, start, seed, limit, rank, world)
     # a generator of its own: starting an iterator (which draws the workers' base seed) leaves
     # the global RNG untouched, so a resumed run's RNG stream matches an uninterrupted one's
-    return DataLoader(stream, batch_size=None, num_workers=num_workers,
+    return _Loader(stream, batch_size=None, num_workers=num_workers,
                       generator=torch.Generator().manual_seed(seed),
                       worker_init_fn=_leave_stop_signals_to_the_trainer if num_workers else None,
                       prefetch_factor=4 if num_workers else None,

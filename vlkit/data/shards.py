@@ -31,7 +31,8 @@ from typing import Iterator
 
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .jsonl import DatasetError, JsonlDataset, _error, _SkipCounter
+from .jsonl import (DatasetError, JsonlDataset, _error, _SkipCounter, check_caption,
+                    check_optional_fields)
 from .transforms import ImageError, load_image
 
 SHARD_FORMAT = "{split}-{index:06d}.tar"
@@ -59,16 +60,17 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 
 
 def write_shards(dataset, out, split: str = "train", shard_size: int = 1000,
-                 on_bad_sample: str = "error") -> dict:
+                 on_bad_sample: str = "error", allow_outside: bool = False) -> dict:
     """Write the JSONL dataset folder ``dataset``'s split as tar shards into ``out``.
 
     Returns {"shards": [paths], "samples": n, "skipped": {reason: n}}. Lines that fail the
     dataset's checks, and records whose image file is missing or empty, are an error naming
     file and line, or skipped and counted with ``on_bad_sample="skip"`` (images are not
-    decoded here; the reader checks them)."""
+    decoded here; the reader checks them). Image paths that lead out of the dataset folder are
+    refused like bad lines unless ``allow_outside`` (see `vlkit.data.jsonl.check_inside`)."""
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
-    ds = JsonlDataset(dataset, split, on_bad_sample=on_bad_sample)
+    ds = JsonlDataset(dataset, split, on_bad_sample=on_bad_sample, allow_outside=allow_outside)
     with open(ds.path, "rb") as fh:
         raw_lines = fh.read().splitlines()
     out = Path(out)
@@ -190,11 +192,8 @@ class ShardDataset(_SkipCounter, Dataset):
             raise _error("bad json", f"{where}.json: invalid JSON ({e.msg})") from None
         if not isinstance(rec, dict):
             raise _error("bad json", f"{where}.json: expected a JSON object")
-        caption = rec.get("caption")
-        if caption is None:
-            raise _error("missing caption", f"{where}.json: record has no \"caption\"")
-        if not isinstance(caption, str) or not caption.strip():
-            raise _error("empty caption", f"{where}.json: empty caption")
+        check_caption(rec.get("caption"), f"{where}.json")
+        check_optional_fields(rec, f"{where}.json")
         images = [m for ext, m in group.items() if ext != "json"]
         if not images:
             raise _error("missing image", f"{where}: sample has no image member")

@@ -57,6 +57,9 @@ def load_image(path: PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     """
     label = name or path
     try:
+        if isinstance(path, (str, os.PathLike)) and os.path.exists(path) and not os.path.isdir(path) \
+                and not os.path.isfile(path):  # a FIFO or device would block or never end
+            raise ImageError(f"{label}: not a regular file", "corrupt image")
         if isinstance(path, (str, os.PathLike)) and os.path.isfile(path) and os.path.getsize(path) == 0 \
                 or hasattr(path, "getbuffer") and path.getbuffer().nbytes == 0:
             raise ImageError(f"{label}: empty file (0 bytes)", "empty image file")
@@ -124,10 +127,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def as_pil(img: ImageInput) -> Image.Image:
-    """PIL image (any mode), numpy uint8 HxW / HxWx3 / HxWx4 array or path -> RGB PIL image."""
+    """PIL image (any mode), numpy uint8 HxW / HxWx3 / HxWx4 array or path -> RGB PIL image.
+    An image without pixels (0 wide or 0 high) is an `ImageError`."""
     if isinstance(img, Image.Image):
+        if img.width < 1 or img.height < 1:
+            raise ImageError(f"image of {img.width}x{img.height} pixels has no content", "corrupt image")
         return to_rgb(img)
     if isinstance(img, np.ndarray):
+        if img.size == 0:
+            raise ImageError(f"image array of shape {img.shape} has no pixels", "corrupt image")
         if img.dtype != np.uint8:
             raise TypeError(f"numpy images must be uint8, got {img.dtype}")
         if img.ndim == 2 or (img.ndim == 3 and img.shape[2] in (1, 3, 4)):

@@ -13,7 +13,26 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = ["retrieval_recall", "retrieval_recall_from_scores", "zero_shot_accuracy",
-           "compositional_accuracy", "vqa_accuracy", "bleu4", "cider", "cider_scores"]
+           "compositional_accuracy", "vqa_accuracy", "bleu4", "cider", "cider_scores",
+           "NonFiniteScores", "check_scores"]
+
+
+class NonFiniteScores(ValueError):
+    """Scores (similarities, logits, probabilities) with NaN or infinite values: a NaN compares
+    false with everything, so ranks and argmaxes over it are meaningless (a broken model would
+    score perfect recall); every metric refuses them."""
+
+
+def check_scores(scores: torch.Tensor, what: str) -> torch.Tensor:
+    """``scores`` unchanged if all finite, else a `NonFiniteScores` error naming ``what``."""
+    scores = torch.as_tensor(scores)
+    if scores.is_floating_point():
+        bad = int((~torch.isfinite(scores)).sum())
+        if bad:
+            raise NonFiniteScores(f"{what}: {bad} of {scores.numel()} scores are NaN or infinite "
+                                  "(the model's outputs are not finite: diverged or corrupt "
+                                  "weights?); refusing to score them")
+    return scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,7 +80,7 @@ def retrieval_recall_from_scores(score_fn: Callable[[int, int], torch.Tensor], n
     pos = None  # (n_texts,) score of each caption with its own image
     for pass_ in (1, 2):
         for i0 in range(0, n_images, chunk_size):
-            s = score_fn(i0, min(i0 + chunk_size, n_images)).float()  # (m, n_texts)
+            s = check_scores(score_fn(i0, min(i0 + chunk_size, n_images)), "retrieval").float()  # (m, n_texts)
             m, dev = s.shape[0], s.device
             if pos is None:
                 pos = torch.empty(n_texts, device=dev)
@@ -94,7 +113,7 @@ def zero_shot_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels:
                        groups: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Top-1 of argmax_c image_emb @ class_emb^T against labels; one "top1_<name>" per group
     mask (BoolTensor over images). Empty groups are left out."""
-    pred = (image_emb @ class_emb.to(image_emb.device).T).argmax(1).cpu()
+    pred = check_scores(image_emb @ class_emb.to(image_emb.device).T, "zero-shot").argmax(1).cpu()
     hit = (pred == torch.as_tensor(labels).cpu().long()).double()
     out = {"top1": hit.mean().item()}
     for name, mask in (groups or {}).items():
@@ -111,6 +130,7 @@ def compositional_accuracy(pos_scores, neg_scores, kinds: Sequence[str]) -> dict
     neg = torch.as_tensor(neg_scores, dtype=torch.float64).flatten().cpu()
     if not (pos.numel() == neg.numel() == len(kinds)):
         raise ValueError("pos_scores, neg_scores and kinds must have the same length")
+    check_scores(torch.cat([pos, neg]), "compositional matching")
     hit = (pos > neg).tolist()
     out = {"compositional_acc": sum(hit) / len(hit) if hit else float("nan")}
     out.update(_accuracy_by_group(hit, kinds))

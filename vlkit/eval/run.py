@@ -27,15 +27,16 @@ FUSION_RETRIEVAL_SIZE = 100  # images (and as many captions) when every pair cos
 RERANK_K = 16  # ITC candidates re-scored by ITM per query (models with both)
 
 
-def load_records(data: str, split: str, image_size: int):
-    """(image-text records, single-object records) of a split."""
+def load_records(data: str, split: str, image_size: int, allow_outside: bool = False):
+    """(image-text records, single-object records) of a split (image paths inside the dataset
+    folder unless ``allow_outside``)."""
     if data == "synthetic":
         from ..data.synthetic import synthetic_world
         world = synthetic_world(image_size)
         return (world.records(split, SYNTHETIC_TEST_PAIRS),
                 world.records(split, SYNTHETIC_TEST_SINGLE, single_object=True))
     from ..data.jsonl import JsonlDataset
-    ds = JsonlDataset(data, split)
+    ds = JsonlDataset(data, split, allow_outside=allow_outside)
     records = [ds[i] for i in range(len(ds))]
     return records, [r for r in records if r.get("label")]
 
@@ -91,7 +92,8 @@ def eval_classification(pipe, singles):
     labels = torch.tensor([names.index(r["label"]) for r in singles])
     preds = []
     for chunk in _batches(singles, 256):
-        preds.append(pipe.model(pipe.pixels([r["image"] for r in chunk])).logits.argmax(-1).cpu())
+        logits = M.check_scores(pipe.model(pipe.pixels([r["image"] for r in chunk])).logits, "classification")
+        preds.append(logits.argmax(-1).cpu())
     correct = (torch.cat(preds) == labels).float()
     out = {"classification.top1": correct.mean().item()}
     held = torch.tensor([bool(r.get("heldout")) for r in singles])
@@ -197,8 +199,8 @@ def eval_vqa(pipe, records):
         for qa in r.get("qa") or []:
             images.append(r["image"])
             questions.append(qa["question"])
-            answers.append(qa["answer"])
-            types.append(qa["type"])
+            answers.append(qa["answer"] if "answer" in qa else qa["answers"])
+            types.append(qa.get("type") or "other")
     if not questions:
         return None
     preds = []
@@ -232,14 +234,14 @@ RUNNERS = {"classification": eval_classification, "zeroshot": eval_zeroshot,
 
 def evaluate(pipe, data: str = "synthetic", split: str = "test", tasks=ALL_TASKS,
              retrieval_size: int | None = None, records: tuple[list, list] | None = None,
-             rerank_k: int = RERANK_K) -> dict:
+             rerank_k: int = RERANK_K, allow_outside: bool = False) -> dict:
     """Metrics of ``tasks`` on a split; ``retrieval_size``: see the module docstring.
     ``records``: (image-text records, single-object records) to use instead of loading the split."""
     unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(ALL_TASKS)}")
     records, singles = records if records is not None else \
-        load_records(data, split, pipe.model.image_spec()["size"])
+        load_records(data, split, pipe.model.image_spec()["size"], allow_outside)
     out: dict = {"metrics": {}, "unsupported": [], "no_data": [], "data": data, "split": split,
                  "model": pipe.model.model_name}
     for task in tasks:

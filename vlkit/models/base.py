@@ -115,8 +115,12 @@ def config_to_dict(cfg) -> dict:
     return out
 
 
-def config_from_dict(cls, data: dict):
-    """Rebuild a (possibly nested) config dataclass from JSON, rejecting unknown fields."""
+def config_from_dict(cls, data: dict, where: str = ""):
+    """Rebuild a (possibly nested) config dataclass from JSON, rejecting unknown fields and
+    values of the wrong type (a ValueError naming the field, e.g. ``vision.depth``)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config{' field ' + where if where else ''}: expected an object of "
+                         f"{cls.__name__} fields, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -125,12 +129,63 @@ def config_from_dict(cls, data: dict):
     kwargs = {}
     for name, value in data.items():
         hint = hints.get(name)
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = config_from_dict(hint, value)
-        elif isinstance(value, list) and typing.get_origin(hint) is tuple:
-            value = tuple(value)
+        field = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            value = config_from_dict(hint, value, field)
+        else:
+            check_config_value(hint, value, field)
+            if isinstance(value, list) and typing.get_origin(hint) is tuple:
+                value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def check_config_value(hint, value, field: str) -> None:
+    """Raise a ValueError naming ``field`` unless ``value`` (as read from JSON) fits the type
+    ``hint`` (bool, int, float, str, ``X | None``, ``list[X]``, ``tuple[X, ...]``)."""
+    import math
+    if hint is None or hint is typing.Any:
+        return
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                check_config_value(arg, value, field)
+                return
+            except ValueError:
+                pass
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            item = args[0] if args else None
+            for i, x in enumerate(value):
+                check_config_value(item, x, f"{field}[{i}]")
+            return
+    elif hint is bool:
+        if isinstance(value, bool):
+            return
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"config field {field}: must be a finite number, got {value}")
+            return
+    elif isinstance(hint, type):
+        if isinstance(value, hint):
+            return
+    else:
+        return  # a type this check does not know: left to the model
+    raise ValueError(f"config field {field}: expected {_type_name(hint)}, got "
+                     f"{type(value).__name__} {value!r:.40}")
 
 
 def list_models() -> list[str]:

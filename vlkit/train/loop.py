@@ -14,8 +14,9 @@ from typing import Callable, Iterable
 import torch
 
 from .. import collective as vdist
-from ..checkpoint import (WEIGHTS, atomic_save_tensors, latest_checkpoint, load_checkpoint,
-                         model_state, save_checkpoint)
+from ..data.loader import close_loader
+from ..checkpoint import (WEIGHTS, latest_checkpoint, load_checkpoint, model_state, nonfinite,
+                          save_checkpoint, save_weights)
 from .optim import lr_at, make_optimizer
 
 
@@ -295,7 +296,7 @@ class Trainer:
         self.recalibrate_batchnorm()
         weights = self._full_model_state()
         if self.rank == 0:
-            atomic_save_tensors(self.run / WEIGHTS, weights)
+            save_weights(self.run / WEIGHTS, weights)
         vdist.barrier()
         return {"step": self.step, "samples": self.samples, "elapsed": self.elapsed,
                 "stopped": self._stop_agreed, **last}
@@ -320,11 +321,14 @@ class Trainer:
         was_training = self.model.training
         self.model.train()
         data = iter(self.batches(self.samples))
-        for _ in range(batches):
-            batch = next(data)
-            batch.pop("_bad_samples", None)  # calibration reads are not training reads
-            batch = to_device(batch, self.device)
-            self.engine(batch)  # no gradient: DDP does not prepare a reduction; fp32 (see above)
+        try:
+            for _ in range(batches):
+                batch = next(data)
+                batch.pop("_bad_samples", None)  # calibration reads are not training reads
+                batch = to_device(batch, self.device)
+                self.engine(batch)  # no gradient: DDP does not prepare a reduction; fp32 (see above)
+        finally:
+            close_loader(data)
         self.model.train(was_training)
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
@@ -377,8 +381,14 @@ class Trainer:
         return losses, finite
 
     def _loop(self, metrics_file, bar) -> dict:
-        cfg = self.cfg
         data = iter(self.batches(self.samples))
+        try:
+            return self._steps(data, metrics_file, bar)
+        finally:  # on an error too: workers left to the interpreter's exit would be waited on
+            close_loader(data)
+
+    def _steps(self, data, metrics_file, bar) -> dict:
+        cfg = self.cfg
         last: dict = {}
         window_samples, window_start = 0, time.perf_counter()
         calib_steps = 25
@@ -410,14 +420,15 @@ class Trainer:
                 if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
                     grad_norm = grad_norm.full_tensor()
                 self.optimizer.step()
+                self._check_weights(lr)
                 self.bad_steps = 0
             else:
                 self.bad_steps += 1
                 self.skipped_steps += 1
                 if self.bad_steps >= cfg.max_bad_steps:
                     self.optimizer.zero_grad(set_to_none=True)
-                    raise TrainingAborted(f"{self.bad_steps} steps in a row had a non-finite loss; "
-                                          f"stopped at step {self.step}, last checkpoint kept")
+                    raise TrainingAborted(f"{self.bad_steps} steps in a row had a non-finite (NaN or infinite) loss; "
+                                          f"stopped at step {self.step}; {self._kept()}")
             self.optimizer.zero_grad(set_to_none=True)
             if hasattr(self.model, "after_step"):
                 self.model.after_step(self.step)
@@ -455,11 +466,40 @@ class Trainer:
             if bar is not None:
                 bar.total = self.total_steps or cfg.steps
                 bar.update(1)
-            if self.step % cfg.ckpt_every == 0:
+            if self.step % cfg.ckpt_every == 0 and not self.bad_steps:  # not weights whose loss is NaN
                 self.checkpoint()
             if self.evaluator is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
                 self.curve_point()
+        if self.bad_steps:  # the weights as they are give a non-finite loss: not a result
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingAborted(f"the loss was non-finite (NaN or infinite) at the last {self.bad_steps} step(s) "
+                                  f"(the training diverged; is the learning rate {cfg.lr:g} too "
+                                  f"high?): weights not exported; {self._kept()}")
         return last
+
+    def _kept(self) -> str:
+        newest = latest_checkpoint(self.run) if self.rank == 0 else None
+        return f"last good checkpoint kept: {newest}" if newest else "no checkpoint was written"
+
+    def _check_weights(self, lr: float) -> None:
+        """Stop at once when an optimiser step left NaN or infinite weights: no later step can
+        repair them, and they must never be checkpointed or exported as a result."""
+        local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach()
+                 for p in self.model.parameters() if p.is_floating_point()]
+        if not local:
+            return
+        bad = ~torch.isfinite(torch.stack(torch._foreach_norm(local, float("inf")))).all()
+        if self.cfg.fsdp:  # each rank holds a shard of the weights
+            bad = vdist.all_reduce_sum(bad.double()) > 0
+        if not bool(bad):
+            return
+        found = nonfinite({k: (v.to_local() if hasattr(v, "to_local") else v)
+                           for k, v in self.model.named_parameters()})
+        where = f" (tensor {found[0]}: {found[1]} of {found[2]} values)" if found else ""
+        self.optimizer.zero_grad(set_to_none=True)
+        raise TrainingAborted(f"step {self.step + 1}: the optimiser step made the weights NaN or "
+                              f"infinite{where}; is the learning rate ({self.cfg.lr:g}) too high? Weights not "
+                              f"exported; {self._kept()}")
 
     def curve_point(self) -> None:
         """Evaluate the model now and append the result to ``curve.jsonl`` (rank 0 evaluates;

@@ -62,6 +62,7 @@ class RunArgs:
     # run's), and their draw weighted by kind ({kind: weight}; None: uniform, or a resumed run's)
     negatives: int | None = None
     negative_weights: dict | None = None
+    allow_outside_paths: bool = False  # read dataset images outside the dataset folder
 
 
 def seed_everything(seed: int) -> None:
@@ -113,7 +114,7 @@ def answer_vocabulary(records: list[dict]) -> list[str]:
 
 def training_source(task: str, data: str, image_size: int, seed: int, on_bad_sample: str,
                     max_skip_rate: float | None = None, groups: int = 1,
-                    single_object: bool | float | None = None):
+                    single_object: bool | float | None = None, allow_outside: bool = False):
     """``single_object`` (synthetic world): True for labelled single-object images, a share in
     (0, 1) for a mix with images of several objects; default: True for classification."""
     from ..data.loader import EpochSource, SyntheticSource
@@ -121,7 +122,7 @@ def training_source(task: str, data: str, image_size: int, seed: int, on_bad_sam
         world = synthetic_world(image_size, groups if task != "classification" else 1)
         single = (task == "classification") if single_object is None else single_object
         return SyntheticSource(world, "train", single_object=single, offset=seed * 10_000_000)
-    dataset = open_dataset(data, "train", on_bad_sample, max_skip_rate)
+    dataset = open_dataset(data, "train", on_bad_sample, max_skip_rate, allow_outside)
     if hasattr(dataset, "shard_ranges"):  # shards: shuffled shard order, then within each shard
         from ..data.shards import ShardSource
         return ShardSource(dataset, seed=seed)
@@ -129,13 +130,15 @@ def training_source(task: str, data: str, image_size: int, seed: int, on_bad_sam
 
 
 def open_dataset(data: str, split: str, on_bad_sample: str = "error",
-                 max_skip_rate: float | None = None):
-    """A folder of webdataset shards (``{split}-000000.tar`` ...) or a JSONL dataset folder."""
+                 max_skip_rate: float | None = None, allow_outside: bool = False):
+    """A folder of webdataset shards (``{split}-000000.tar`` ...) or a JSONL dataset folder
+    (whose image paths must stay inside it unless ``allow_outside``)."""
     from ..data.shards import ShardDataset, is_shard_folder
     if is_shard_folder(data, split):
         return ShardDataset(data, split, on_bad_sample=on_bad_sample, max_skip_rate=max_skip_rate)
     from ..data.jsonl import JsonlDataset
-    return JsonlDataset(data, split, on_bad_sample=on_bad_sample, max_skip_rate=max_skip_rate)
+    return JsonlDataset(data, split, on_bad_sample=on_bad_sample, max_skip_rate=max_skip_rate,
+                        allow_outside=allow_outside)
 
 
 def make_collate(model, task: str, tokenizer, negatives: int, train: bool = True,
@@ -183,7 +186,8 @@ def prepare_model(args: RunArgs, run: Path):
         saved = read_run_config(run)
         if saved["model"] != args.model:
             raise ValueError(f"{run} holds a {saved['model']} run, not {args.model}")
-        model = build_model(saved["model"], saved["config"])
+        from ..pipeline import build_saved_model
+        model = build_saved_model(run, saved)
         tok = load_tokenizer(run / "tokenizer") if (run / "tokenizer").is_dir() else None
         return model, tok
     cls = model_class(args.model)
@@ -209,7 +213,8 @@ def prepare_model(args: RunArgs, run: Path):
     else:
         jsonl = None
         if args.data != "synthetic":
-            jsonl = open_dataset(args.data, "train", args.on_bad_sample, args.max_skip_rate)
+            jsonl = open_dataset(args.data, "train", args.on_bad_sample, args.max_skip_rate,
+                                 args.allow_outside_paths)
         records = vocabulary_records(args.data, image_size, jsonl)
         if source is not None and source.tokenizer is not None:
             tok = source.tokenizer
@@ -236,7 +241,7 @@ def prepare_model(args: RunArgs, run: Path):
     return model, tok
 
 
-def curve_evaluator(model, tok, data: str, size: int):
+def curve_evaluator(model, tok, data: str, size: int, allow_outside: bool = False):
     """evaluator(model) -> metrics on the first ``size`` test records (and single-object
     images), for learning curves: every task the model supports but captioning, and retrieval
     only for dual encoders, by embeddings alone (a fusion model's forward pass per pair, or
@@ -245,7 +250,7 @@ def curve_evaluator(model, tok, data: str, size: int):
     from ..pipeline import Pipeline, image_transform
     if data != "synthetic" and not (Path(data) / "test.jsonl").is_file():
         raise ValueError(f"--eval-every: {data} has no test.jsonl to evaluate on")
-    records, singles = load_records(data, "test", model.image_spec()["size"])
+    records, singles = load_records(data, "test", model.image_spec()["size"], allow_outside)
     records, singles = records[:size], singles[:size]
     tasks = [t for t in default_tasks(model) if t != "caption" and (t != "retrieval" or _is_dual(model))]
 
@@ -403,7 +408,8 @@ def train(args: RunArgs) -> dict:
     # a ViT with a per-patch head also sees images of several objects (half of its images)
     single = 0.5 if getattr(model, "patch_grid", 0) else None
     source = training_source(task, args.data, model.image_spec()["size"], args.seed, args.on_bad_sample,
-                             args.max_skip_rate, groups, single_object=single)
+                             args.max_skip_rate, groups, single_object=single,
+                             allow_outside=args.allow_outside_paths)
     collate = make_collate(model, task, tok, negatives, data=args.data, negative_weights=weights)
     from ..data.loader import batch_loader
     # augmentation draws from an RNG seeded by (seed, global sample position), so every sample
@@ -419,7 +425,7 @@ def train(args: RunArgs) -> dict:
     evaluator = None
     if args.eval_every:
         cfg.eval_every = args.eval_every
-        evaluator = curve_evaluator(model, tok, args.data, args.eval_size)
+        evaluator = curve_evaluator(model, tok, args.data, args.eval_size, args.allow_outside_paths)
     trainer = Trainer(model, batches, cfg, run, evaluator=evaluator)
     if rank == 0:
         millions = sum(p.numel() for p in model.parameters()) / 1e6
