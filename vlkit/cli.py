@@ -12,16 +12,14 @@ class UsageError(Exception):
 
 
 def _kv(items: list[str]) -> dict:
-    """--set key=value pairs (JSON values where they parse) for config overrides."""
+    """--set key=value pairs for config overrides; the values stay text, which the config
+    coerces to each field's declared type (``merge_config``)."""
     out = {}
     for item in items or []:
-        if "=" not in item:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
             raise UsageError(f"--set takes key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+        out[key.strip()] = value
     return out
 
 
@@ -48,6 +46,35 @@ def _negative_weights(text: str | None) -> dict | None:
     return out
 
 
+def _writable_output(path: str | Path, option: str, ours, kind: str, inputs=()) -> None:
+    """Refuse (one line) an output file that would overwrite an input of the same command or
+    an existing file that is not one this command wrote (``ours(path)``: it may be replaced)."""
+    path = Path(path)
+    for source in inputs:
+        if Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
+            raise UsageError(f"{option} {path}: is the command's own input {source}; give another file")
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a folder; give a file name")
+    if path.exists() and not ours(path):
+        raise UsageError(f"{option} {path}: exists and is not {kind}; it is left as it is (give another file)")
+
+
+def _is_eval_json(path: Path) -> bool:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and {"model", "metrics"} <= set(obj)
+
+
+def _is_png(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
+
+
 def cmd_list_models(args) -> int:
     from .models import list_models, model_class
     for name in list_models():
@@ -57,15 +84,21 @@ def cmd_list_models(args) -> int:
 
 
 def cmd_shard(args) -> int:
-    from .data.shards import write_shards
+    from .data.shards import shard_folder_strangers, write_shard_splits
     if not Path(args.dataset).is_dir():
         raise UsageError(f"{args.dataset}: no such dataset folder")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     present = [s for s in splits if (Path(args.dataset) / f"{s}.jsonl").is_file()]
     if not present:
         raise UsageError(f"{args.dataset}: none of {', '.join(f'{s}.jsonl' for s in splits)} found")
-    for split in present:
-        res = write_shards(args.dataset, args.out, split, args.shard_size, args.on_bad_sample)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: is a file, not a folder")
+    strangers = shard_folder_strangers(args.out)
+    if strangers:
+        raise UsageError(f"--out {args.out}: holds files that are not shards ({', '.join(strangers[:3])}"
+                         f"{' ...' if len(strangers) > 3 else ''}); give a new folder or one of shards only")
+    results = write_shard_splits(args.dataset, args.out, present, args.shard_size, args.on_bad_sample)
+    for split, res in results.items():
         skipped = sum(res["skipped"].values())
         print(f"{split}: {res['samples']} samples in {len(res['shards'])} shards"
               + (f" ({skipped} skipped: {res['skipped']})" if skipped else ""))
@@ -77,9 +110,41 @@ def cmd_shard(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from .data.synthetic import write_dataset
-    out = write_dataset(args.out, num=args.num, seed=args.seed, image_size=args.image_size)
-    print(f"wrote the synthetic world to {args.out}" + (f": {out}" if out else ""))
+    """The world is written to a hidden folder beside --out and renamed into place when whole;
+    an existing non-empty --out is refused, or with --overwrite replaced if it is a synthetic
+    world vlkit wrote (never another folder)."""
+    import os
+    import shutil
+    from .data.synthetic import is_synthetic_world, write_dataset
+    for name in ("num", "image_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be at least 0, got {args.seed}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file, not a folder")
+    replace = out.is_dir() and any(out.iterdir())
+    if replace and not args.overwrite:
+        raise UsageError(f"--out {out}: the folder is not empty; give a new folder (or --overwrite to "
+                         "replace a synthetic world written there)")
+    if replace and not is_synthetic_world(out):
+        raise UsageError(f"--overwrite: {out} is not a synthetic world written by vlkit synth (no "
+                         "vlkit world.json); it is left as it is")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.synth-{os.getpid()}"
+    try:
+        written = write_dataset(stage, num=args.num, seed=args.seed, image_size=args.image_size)
+        if out.is_dir():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(stage, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    print(f"wrote the synthetic world to {args.out}" + (f": {written}" if written else ""))
     return 0
 
 
@@ -87,8 +152,6 @@ def cmd_train(args) -> int:
     from .eval.run import ALL_TASKS, evaluate, print_metrics, write_eval
     from .pipeline import load
     from .train.run import RunArgs, train
-    if args.data != "synthetic" and not Path(args.data).is_dir():
-        raise UsageError(f"--data {args.data}: no such folder (or use 'synthetic')")
     run = RunArgs(model=args.model, data=args.data, preset=args.preset, out=args.out,
                   minutes=args.minutes, steps=args.steps, seed=args.seed, resume=args.resume,
                   init=args.init, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
@@ -114,23 +177,30 @@ def cmd_train(args) -> int:
         print(f"no {Path(args.data) / 'test.jsonl'}: evaluation skipped (vlkit eval {args.out} --data "
               "a dataset folder with a test split)")
     elif not args.no_eval:
-        pipe = load(args.out)
-        res = evaluate(pipe, args.data, "test", ALL_TASKS)
-        write_eval(res, Path(args.out) / "eval.json")
+        from .train.runfolder import run_lock
+        with run_lock(args.out):  # eval.json is the run's: one writer
+            pipe = load(args.out)
+            res = evaluate(pipe, args.data, "test", ALL_TASKS)
+            write_eval(res, Path(args.out) / "eval.json")
         print_metrics(res)
     return 0
 
 
 def cmd_eval(args) -> int:
+    import contextlib
     from .eval.run import default_tasks, evaluate, print_metrics, write_eval
     from .pipeline import load
-    pipe = load(args.run)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else default_tasks(pipe.model)
+    from .train.runfolder import is_vlkit_run, run_lock
     if args.retrieval_size is not None and args.retrieval_size < 2:
         raise UsageError(f"--retrieval-size must be at least 2, got {args.retrieval_size}")
-    res = evaluate(pipe, args.data, args.split, tasks, retrieval_size=args.retrieval_size)
     out = args.out or str(Path(args.run) / "eval.json")
-    write_eval(res, out)
+    _writable_output(out, "--out", _is_eval_json, "a vlkit evaluation result", inputs=[args.run])
+    into_run = is_vlkit_run(args.run) and Path(out).resolve().parent == Path(args.run).resolve()
+    with run_lock(args.run) if into_run else contextlib.nullcontext():  # one writer per run folder
+        pipe = load(args.run)
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else default_tasks(pipe.model)
+        res = evaluate(pipe, args.data, args.split, tasks, retrieval_size=args.retrieval_size)
+        write_eval(res, out)
     print_metrics(res)
     print(f"wrote {out}")
     return 0
@@ -142,13 +212,21 @@ def cmd_explain(args) -> int:
         raise UsageError(f"{args.image}: no such image file")
     if args.panel < 16:
         raise UsageError(f"--panel must be at least 16 pixels, got {args.panel}")
+    _writable_output(args.out, "--out", _is_png, "a PNG image", inputs=[args.image, args.run])
     res = explain(args.run, args.image, args.caption, layer=args.layer, out=args.out, panel=args.panel)
     print(f"wrote {args.out}: {len(res['words'])} words ({' '.join(res['words'])})")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``vlkit train: error: ...``), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlkit", description="Vision-language models: train, evaluate, convert.")
+    p = _Parser(prog="vlkit", description="Vision-language models: train, evaluate, convert.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("list-models", help="the models and their presets")
@@ -167,16 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num", type=int, default=1000, help="number of training samples (val/test smaller)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace a synthetic world already in --out (any other non-empty folder is refused)")
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("train", help="train a model and evaluate it on the test split")
     s.add_argument("model", help="model name (see list-models)")
     s.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder")
-    s.add_argument("--preset", default="tiny")
+    s.add_argument("--preset", help="architecture preset (default tiny; a resumed run keeps its own)")
     s.add_argument("--out", required=True, help="run folder")
     s.add_argument("--minutes", type=float, help="training time budget")
     s.add_argument("--steps", type=int, help="optimiser steps")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, help="default 0; a resumed run keeps its own")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     s.add_argument("--init", help="start from the weights of a run or Hugging Face folder")
     s.add_argument("--batch-size", type=int)
