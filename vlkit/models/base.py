@@ -147,9 +147,10 @@ def coerce_value(value, hint, label: str):
             if type(None) in args:
                 return None
             raise bad()
-        for arg in args:
-            if arg is type(None):
-                continue
+        kinds = [arg for arg in args if arg is not type(None)]
+        if len(kinds) == 1:  # Optional[X]: X's own message
+            return coerce_value(value, kinds[0], label)
+        for arg in kinds:
             try:
                 return coerce_value(value, arg, label)
             except ValueError:

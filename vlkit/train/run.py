@@ -127,6 +127,14 @@ def validate_run_args(args: RunArgs) -> RunArgs:
                          "(--set still applies)")
     if args.preset is not None and args.preset not in cls.presets:
         raise ValueError(f"unknown preset {args.preset!r} for {args.model}; presets: {', '.join(cls.presets)}")
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    if args.hard_negatives and "hard_negatives" not in fields:
+        raise ValueError(f"--hard-negatives: {args.model} does not train with negative captions")
+    if args.groups not in (None, 1) and (args.data != "synthetic" or cls.task == "classification"):
+        raise ValueError(f"--groups: minimal-pair groups are drawn from the synthetic world's image-text "
+                         f"data (--data synthetic), not {args.model} on {args.data}")
+    if args.overrides and not args.resume and not args.init:  # --set checked before anything is written
+        merge_config(cls.make_config(args.preset or "tiny"), args.overrides, cls.model_name)
     return args
 
 
@@ -471,11 +479,13 @@ def train(args: RunArgs) -> dict:
     trainer. Every problem found before the first write is a ValueError and leaves the folder
     as it was."""
     from .. import collective as vdist
-    from .runfolder import acquire, check_out_folder, clear_progress, release
+    from .runfolder import acquire, check_out_folder, clear_progress, release, remove_if_untouched
     args = validate_run_args(args)
     run = Path(args.out)
     vdist.init_from_env()  # under torchrun: join the process group (gloo on CPU, NCCL on CUDA)
-    problem, locked = None, False
+    if args.fsdp and vdist.world_size() < 2:
+        raise ValueError("--fsdp shards the model over processes: run under torchrun with more than one")
+    problem, locked, created = None, False, not run.exists()
     if vdist.rank() == 0:
         try:
             check_out_folder(run, args.resume)  # a refusal here writes nothing, not even the lock
@@ -498,6 +508,8 @@ def train(args: RunArgs) -> dict:
     finally:
         if locked:
             release(run)
+            if created:
+                remove_if_untouched(run)  # a run that failed before writing leaves no folder
 
 
 def _train(args: RunArgs, run: Path) -> dict:

@@ -101,6 +101,18 @@ def clear_progress(run: str | Path) -> None:
             path.unlink()
 
 
+def remove_if_untouched(run: str | Path) -> None:
+    """Remove a folder this process created that holds nothing but an unheld lock file."""
+    run = Path(run)
+    if os.path.realpath(run) in _held or not run.is_dir() or _contents(run):
+        return
+    try:
+        (run / LOCK).unlink(missing_ok=True)
+        run.rmdir()
+    except OSError:
+        pass
+
+
 # ---- the lock ---------------------------------------------------------------------------------
 
 _held: dict[str, list] = {}  # real path of the run -> [file descriptor, depth]
