@@ -76,7 +76,14 @@ def merge_config(cfg, overrides: dict, name: str = "model"):
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         if rest:
-            grouped.setdefault(head, {})[rest] = value
+            group = grouped.get(head, {})
+            if isinstance(group, str):  # vision='{"dim": 32}' then vision.depth=1
+                group = _json_or_none(group)
+            elif dataclasses.is_dataclass(group):
+                group = config_to_dict(group)
+            if not isinstance(group, dict):
+                raise ValueError(f"{name}.{head}: expected a JSON object of its fields, got {grouped[head]!r}")
+            grouped[head] = {**group, rest: value}
         else:
             grouped[head] = value
     fields = {f.name for f in dataclasses.fields(cfg)}
