@@ -239,7 +239,9 @@ def test_lock_is_reentrant_and_released(tmp_path):
     (["--lr", "0"], "--lr must be above 0"),
     (["--lr", "inf"], "--lr: expected a finite number"),
     (["--workers", "-1"], "--workers must be at least 0"),
-    (["--max-skip-rate", "1.5"], "--max-skip-rate must be between 0 and 1"),
+    (["--max-skip-rate", "1.5", "--on-bad-sample", "skip"], "--max-skip-rate must be between 0 and 1"),
+    (["--max-skip-rate", "0.5"], "--max-skip-rate applies with --on-bad-sample skip"),
+    (["--eval-size", "10"], "--eval-size"),
     (["--steps", "abc"], "--steps: invalid int value"),
     (["--set", "hard_negatives=maybe"], "hard_negatives: expected true or false"),
     (["--set", "embed_dim=abc"], "embed_dim: expected int"),
@@ -262,12 +264,17 @@ def test_resume_keeps_the_run_and_refuses_changes(finished, world, tmp_path):
         refused(vlkit("train", "clip", "--data", world, "--out", run, *TRAIN, "--resume", *extra,
                       cwd=tmp_path), needle)
     assert tree(run) == before
-    # the same --set as the run's own is accepted; the run's batch size and preset carry over
-    res = vlkit("train", "clip", "--data", world, "--out", run, "--steps", "2", "--workers", "0",
+    # the same --set as the run's own is accepted; the run's data, batch size and preset carry over
+    res = vlkit("train", "clip", "--out", run, "--steps", "2", "--workers", "0",
                 "--no-progress", "--no-eval", "--resume", *TINY, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "clip (tiny" in res.stderr and "batch 8" in res.stderr and "resumed from step 1" in res.stderr
+    assert "clip (tiny, " in res.stderr and f" on {world}," in res.stderr and "batch 8" in res.stderr
+    assert "resumed from step 1" in res.stderr
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # vlkit eval without --data evaluates on the run's own data, not the synthetic world
+    res = vlkit("eval", run, "--tasks", "retrieval", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"evaluating on {world}" in res.stderr and json.loads((run / "eval.json").read_text())["metrics"]
 
 
 # ---- unit level: config coercion and option checks -----------------------------------------------

@@ -75,6 +75,19 @@ def _is_png(path: Path) -> bool:
         return False
 
 
+def _run_data(run: str) -> str:
+    """The --data a vlkit run was trained on ("synthetic" for other folders)."""
+    try:
+        data = json.loads((Path(run) / "config.json").read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        return "synthetic"
+    if not isinstance(data, str) or data == "synthetic":
+        return "synthetic"
+    if not Path(data).is_dir():
+        raise UsageError(f"{run} was trained on {data}, which is not a folder from here; give --data")
+    return data
+
+
 def cmd_list_models(args) -> int:
     from .models import list_models, model_class
     for name in list_models():
@@ -152,15 +165,20 @@ def cmd_train(args) -> int:
     from .eval.run import ALL_TASKS, evaluate, print_metrics, write_eval
     from .pipeline import load
     from .train.run import RunArgs, train
+    if args.eval_size is not None and not args.eval_every:
+        raise UsageError("--eval-size sets the size of the learning-curve points: give --eval-every too")
+    if args.max_skip_rate is not None and args.on_bad_sample != "skip":
+        raise UsageError("--max-skip-rate applies with --on-bad-sample skip")
     run = RunArgs(model=args.model, data=args.data, preset=args.preset, out=args.out,
                   minutes=args.minutes, steps=args.steps, seed=args.seed, resume=args.resume,
                   init=args.init, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
                   hard_negatives=args.hard_negatives, vqa=args.vqa, workers=args.workers,
                   on_bad_sample=args.on_bad_sample, overrides=_kv(args.set),
-                  progress=not args.no_progress, max_skip_rate=args.max_skip_rate,
+                  progress=not args.no_progress,
+                  max_skip_rate=0.1 if args.max_skip_rate is None else args.max_skip_rate,
                   ckpt_every=args.ckpt_every, grad_checkpointing=args.grad_checkpointing,
                   fsdp=args.fsdp, groups=args.groups, eval_every=args.eval_every,
-                  eval_size=args.eval_size, negatives=args.negatives,
+                  eval_size=300 if args.eval_size is None else args.eval_size, negatives=args.negatives,
                   negative_weights=_negative_weights(args.negative_weights))
     from . import collective as vdist
     try:
@@ -169,18 +187,19 @@ def cmd_train(args) -> int:
         vdist.destroy()  # under torchrun; the evaluation below runs on rank 0 alone
     if not vdist.is_main_env():
         return 0
+    data = result.get("data") or args.data or "synthetic"  # a resumed run's own data
     print(f"trained {result['step']} steps ({result['samples']} samples) in {result['elapsed']:.0f} s; "
           f"final loss {result.get('loss', float('nan')):.4f}")
     if result.get("stopped") and not args.no_eval:
         print(f"stopped by a signal: evaluation skipped (vlkit eval {args.out}, or continue with --resume)")
-    elif not args.no_eval and args.data != "synthetic" and not (Path(args.data) / "test.jsonl").is_file():
-        print(f"no {Path(args.data) / 'test.jsonl'}: evaluation skipped (vlkit eval {args.out} --data "
+    elif not args.no_eval and data != "synthetic" and not (Path(data) / "test.jsonl").is_file():
+        print(f"no {Path(data) / 'test.jsonl'}: evaluation skipped (vlkit eval {args.out} --data "
               "a dataset folder with a test split)")
     elif not args.no_eval:
         from .train.runfolder import run_lock
         with run_lock(args.out):  # eval.json is the run's: one writer
             pipe = load(args.out)
-            res = evaluate(pipe, args.data, "test", ALL_TASKS)
+            res = evaluate(pipe, data, "test", ALL_TASKS)
             write_eval(res, Path(args.out) / "eval.json")
         print_metrics(res)
     return 0
@@ -196,10 +215,15 @@ def cmd_eval(args) -> int:
     out = args.out or str(Path(args.run) / "eval.json")
     _writable_output(out, "--out", _is_eval_json, "a vlkit evaluation result", inputs=[args.run])
     into_run = is_vlkit_run(args.run) and Path(out).resolve().parent == Path(args.run).resolve()
+    data = args.data
+    if data is None:  # the data the run was trained on (a dataset folder's test split), else synthetic
+        data = _run_data(args.run)
+        if data != "synthetic":
+            print(f"evaluating on {data} (the run's training data; --data to choose)", file=sys.stderr)
     with run_lock(args.run) if into_run else contextlib.nullcontext():  # one writer per run folder
         pipe = load(args.run)
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else default_tasks(pipe.model)
-        res = evaluate(pipe, args.data, args.split, tasks, retrieval_size=args.retrieval_size)
+        res = evaluate(pipe, data, args.split, tasks, retrieval_size=args.retrieval_size)
         write_eval(res, out)
     print_metrics(res)
     print(f"wrote {out}")
@@ -251,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train a model and evaluate it on the test split")
     s.add_argument("model", help="model name (see list-models)")
-    s.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder")
+    s.add_argument("--data", help="'synthetic' (the default) or a dataset folder; a resumed run keeps its own")
     s.add_argument("--preset", help="architecture preset (default tiny; a resumed run keeps its own)")
     s.add_argument("--out", required=True, help="run folder")
     s.add_argument("--minutes", type=float, help="training time budget")
@@ -269,9 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fine-tunes a pretraining run")
     s.add_argument("--workers", type=int, default=1, help="data loader worker processes")
     s.add_argument("--on-bad-sample", default="error", choices=["error", "skip"])
-    s.add_argument("--max-skip-rate", type=float, default=0.1, metavar="R",
+    s.add_argument("--max-skip-rate", type=float, metavar="R",
                    help="with --on-bad-sample skip: stop when more than this fraction of the samples "
-                        "is bad (checked after the first 100)")
+                        "is bad (checked after the first 100; default 0.1)")
     s.add_argument("--ckpt-every", type=int, metavar="N", help="optimiser steps between checkpoints")
     s.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each Transformer block in the backward pass (less memory)")
@@ -289,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-every", type=int, metavar="N",
                    help="learning curve: evaluate on the test split every N steps (curve.jsonl; the "
                         "time spent does not count against --minutes)")
-    s.add_argument("--eval-size", type=int, default=300, metavar="N",
+    s.add_argument("--eval-size", type=int, metavar="N",
                    help="test records per learning-curve point (default 300)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     s.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
@@ -298,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="evaluate a run (or Hugging Face folder) on a dataset")
     s.add_argument("run", help="run folder")
-    s.add_argument("--data", default="synthetic")
+    s.add_argument("--data", help="'synthetic' or a dataset folder (default: the run's own training "
+                                   "data, else synthetic)")
     s.add_argument("--split", default="test")
     s.add_argument("--tasks", help="comma-separated: classification,retrieval,zeroshot,itm,vqa,caption")
     s.add_argument("--out", help="eval JSON (default RUN/eval.json)")

@@ -34,7 +34,7 @@ SYNTHETIC_SEED = 0  # the built-in world's default seed: the same world and test
 @dataclass
 class RunArgs:
     model: str
-    data: str = "synthetic"
+    data: str | None = None         # None: "synthetic" for a new run, the run's own on --resume
     preset: str | None = None       # None: "tiny" for a new run, the run's own on --resume
     out: str = "runs/default"
     minutes: float | None = None
@@ -116,7 +116,7 @@ def validate_run_args(args: RunArgs) -> RunArgs:
         raise ValueError(f"--on-bad-sample must be error or skip, got {args.on_bad_sample!r}")
     if not args.out or not str(args.out).strip():
         raise ValueError("--out: give a run folder")
-    if args.data != "synthetic" and not Path(args.data).is_dir():
+    if args.data not in (None, "synthetic") and not Path(args.data).is_dir():
         raise ValueError(f"--data {args.data}: no such folder (or use 'synthetic')")
     cls = model_class(args.model)
     if args.resume and args.init:
@@ -130,7 +130,7 @@ def validate_run_args(args: RunArgs) -> RunArgs:
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     if args.hard_negatives and "hard_negatives" not in fields:
         raise ValueError(f"--hard-negatives: {args.model} does not train with negative captions")
-    if args.groups not in (None, 1) and (args.data != "synthetic" or cls.task == "classification"):
+    if args.groups not in (None, 1) and (args.data not in (None, "synthetic") or cls.task == "classification"):
         raise ValueError(f"--groups: minimal-pair groups are drawn from the synthetic world's image-text "
                          f"data (--data synthetic), not {args.model} on {args.data}")
     if args.overrides and not args.resume and not args.init:  # --set checked before anything is written
@@ -177,8 +177,12 @@ def resolve_resume(args: RunArgs, saved: dict) -> RunArgs:
             raise ValueError(f"{_option(name)} {given:g} with --resume: {run} trains with "
                              f"{_option(name)} {kept:g}; drop {_option(name)} (or start a new run "
                              f"with --init {run})")
-    if saved.get("data") not in (None, args.data):
+    changes["data"] = args.data or saved.get("data") or "synthetic"
+    if args.data is not None and saved.get("data") not in (None, args.data):
         print(f"note: {run} was trained on {saved['data']}; it continues on {args.data}", file=sys.stderr)
+    if args.groups not in (None, 1) and changes["data"] != "synthetic":
+        raise ValueError(f"--groups: minimal-pair groups are drawn from the synthetic world, and {run} "
+                         f"trains on {changes['data']}")
     return dataclasses.replace(args, **changes)
 
 
@@ -503,8 +507,11 @@ def train(args: RunArgs) -> dict:
             args = resolve_resume(args, read_run_config(run))
         else:
             args = dataclasses.replace(args, preset=None if args.init else (args.preset or "tiny"),
-                                       seed=0 if args.seed is None else args.seed)
-        return _train(args, run)
+                                       seed=0 if args.seed is None else args.seed,
+                                       data=args.data or "synthetic")
+        result = _train(args, run)
+        result["data"] = args.data
+        return result
     finally:
         if locked:
             release(run)
