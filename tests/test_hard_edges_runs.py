@@ -178,6 +178,18 @@ def test_eval_and_explain_do_not_write_over_other_files(finished, world, tmp_pat
     assert tree(data) == before
 
 
+@pytest.mark.parametrize("command", ["train", "synth", "shard", "eval"])
+def test_an_out_below_a_file_is_one_line(command, finished, world, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    argv = {"train": ["train", "clip", "--data", world, *TRAIN, "--out", notes / "run"],
+            "synth": ["synth", "--num", "10", "--out", notes / "world"],
+            "shard": ["shard", world, "--out", notes / "shards"],
+            "eval": ["eval", finished[0], "--data", world, "--out", notes / "eval.json"]}[command]
+    refused(vlkit(*argv, cwd=tmp_path), "notes.txt is a file, not a folder")
+    assert notes.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_a_run_stopped_before_its_first_checkpoint_starts_again(finished, tmp_path):
     from vlkit.train.runfolder import check_out_folder, clear_progress, is_vlkit_run
     run = tmp_path / "run"
@@ -217,6 +229,22 @@ def test_a_live_holder_blocks_a_second_writer(finished, world, tmp_path):
         for h in holders:
             h.kill()
             h.wait(timeout=30)
+
+
+def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops(world, tmp_path):
+    run = tmp_path / "run"
+    holder = _hold_lock(run, tmp_path)
+    try:
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "-m", "vlkit", "train", "clip", "--data", str(world), "--out", str(run),
+                              *map(str, TRAIN)], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=TIMEOUT)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert res.returncode != 0
+    assert res.stderr.count(f"in use by another vlkit process (PID {holder.pid}") == 2, res.stderr[-3000:]
+    assert sorted(p.name for p in run.iterdir()) == [".vlkit.lock"]
 
 
 def test_lock_is_reentrant_and_released(tmp_path):

@@ -49,7 +49,9 @@ def _negative_weights(text: str | None) -> dict | None:
 def _writable_output(path: str | Path, option: str, ours, kind: str, inputs=()) -> None:
     """Refuse (one line) an output file that would overwrite an input of the same command or
     an existing file that is not one this command wrote (``ours(path)``: it may be replaced)."""
+    from .train.runfolder import check_output_path
     path = Path(path)
+    check_output_path(path, option)
     for source in inputs:
         if Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
             raise UsageError(f"{option} {path}: is the command's own input {source}; give another file")
@@ -106,6 +108,8 @@ def cmd_shard(args) -> int:
         raise UsageError(f"{args.dataset}: none of {', '.join(f'{s}.jsonl' for s in splits)} found")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out}: is a file, not a folder")
+    from .train.runfolder import check_output_path
+    check_output_path(args.out)
     strangers = shard_folder_strangers(args.out)
     if strangers:
         raise UsageError(f"--out {args.out}: holds files that are not shards ({', '.join(strangers[:3])}"
@@ -137,6 +141,8 @@ def cmd_synth(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file, not a folder")
+    from .train.runfolder import check_output_path
+    check_output_path(out)
     replace = out.is_dir() and any(out.iterdir())
     if replace and not args.overwrite:
         raise UsageError(f"--out {out}: the folder is not empty; give a new folder (or --overwrite to "
@@ -224,6 +230,7 @@ def cmd_eval(args) -> int:
         pipe = load(args.run)
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else default_tasks(pipe.model)
         res = evaluate(pipe, data, args.split, tasks, retrieval_size=args.retrieval_size)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_eval(res, out)
     print_metrics(res)
     print(f"wrote {out}")

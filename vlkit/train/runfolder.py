@@ -61,6 +61,19 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
+def check_output_path(path: str | Path, option: str = "--out") -> None:
+    """A ValueError (one line) when ``path`` cannot be created: the nearest existing folder
+    above it is a file, or is not writable."""
+    path = Path(path)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"{option} {path}: {parent} is a file, not a folder")
+    if parent.is_dir() and not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: cannot write in {parent} (permission denied)")
+
+
 def check_out_folder(run: str | Path, resume: bool) -> bool:
     """Refuse (ValueError, one line) an ``--out`` a run may not write; returns True when the
     folder is a vlkit run that stopped before its first checkpoint (started again: its progress
@@ -68,6 +81,7 @@ def check_out_folder(run: str | Path, resume: bool) -> bool:
     run = Path(run)
     if run.exists() and not run.is_dir():
         raise ValueError(f"--out {run}: is a file, not a folder")
+    check_output_path(run)
     names = _contents(run)
     if resume:
         if not names:
