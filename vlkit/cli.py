@@ -150,6 +150,7 @@ def cmd_synth(args) -> int:
     if replace and not is_synthetic_world(out):
         raise UsageError(f"--overwrite: {out} is not a synthetic world written by vlkit synth (no "
                          "vlkit world.json); it is left as it is")
+    out = out.resolve()  # "." or "data/" name their folder too
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = out.parent / f".{out.name}.synth-{os.getpid()}"
     try:
