@@ -259,8 +259,8 @@ def test_lock_is_reentrant_and_released(tmp_path):
 # ---- 7: options that do what they say ---------------------------------------------------------
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--steps", "-5"], "--steps must be at least 1"),
+    (["--steps", "0"], "--steps: must be at least 1, got 0"),
+    (["--steps", "-5"], "--steps: must be at least 1, got -5"),
     (["--minutes", "-1"], "--minutes must be above 0"),
     (["--ckpt-every", "-1"], "--ckpt-every must be at least 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
@@ -340,7 +340,8 @@ def test_run_args_are_checked_and_typed():
     from vlkit.train.run import RunArgs, validate_run_args
     ok = validate_run_args(RunArgs(model="clip", steps="3", lr="1e-3", batch_size=8))
     assert ok.steps == 3 and ok.lr == 1e-3
-    for kw, message in (({"steps": 0}, "--steps must be at least 1"),
+    assert validate_run_args(RunArgs(model="clip", steps=0)).steps == 0  # Python: the untrained model exported
+    for kw, message in (({"steps": -1}, "--steps must be at least 0"),
                         ({"minutes": 0}, "--minutes must be above 0"),
                         ({"eval_every": 0}, "--eval-every must be at least 1"),
                         ({"eval_size": 0}, "--eval-size must be at least 1"),

@@ -23,6 +23,17 @@ def _kv(items: list[str]) -> dict:
     return out
 
 
+def _count(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _negative_weights(text: str | None) -> dict | None:
     """--negative-weights attribute_swap=3,relation_flip=2 -> {kind: weight}."""
     if not text:
@@ -287,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", help="architecture preset (default tiny; a resumed run keeps its own)")
     s.add_argument("--out", required=True, help="run folder")
     s.add_argument("--minutes", type=float, help="training time budget")
-    s.add_argument("--steps", type=int, help="optimiser steps")
+    s.add_argument("--steps", type=_count, help="optimiser steps")
     s.add_argument("--seed", type=int, help="default 0; a resumed run keeps its own")
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     s.add_argument("--init", help="start from the weights of a run or Hugging Face folder")

@@ -65,8 +65,9 @@ class RunArgs:
 
 
 # RunArgs fields and the least value each takes (``validate_run_args``)
-_AT_LEAST_1 = ("steps", "batch_size", "ckpt_every", "eval_every", "eval_size", "groups")  # --negatives: in _train
-_AT_LEAST_0 = ("workers", "seed")
+# (steps=0 from Python exports the initial model untrained; the command line asks for >= 1)
+_AT_LEAST_1 = ("batch_size", "ckpt_every", "eval_every", "eval_size", "groups")  # --negatives: in _train
+_AT_LEAST_0 = ("steps", "workers", "seed")
 _ABOVE_0 = ("minutes", "lr")
 # training settings a resumed run keeps from its config.json (an explicit different value is
 # refused: it would change the run's optimisation half way)
