@@ -356,8 +356,11 @@ def test_run_args_are_checked_and_typed():
                         ({"init": "x", "resume": True}, "--init with --resume"),
                         ({"data": "/no/such/folder"}, "--data /no/such/folder"),
                         ({"overrides": {"nosuch": 1}}, "unknown clip config field"),
-                        ({"steps": "ten"}, "--steps: expected int")):
+                        ({"steps": "ten"}, "--steps: expected int"),
+                        ({"overrides": {"text.vocab_size": "9"}}, "--set text.vocab_size: vlkit train sets it")):
         with pytest.raises(ValueError, match=message):
             validate_run_args(RunArgs(model="clip", **{"steps": 1, **kw}))
+    with pytest.raises(ValueError, match="--set class_names: vlkit train sets it from the class names"):
+        validate_run_args(RunArgs(model="vit", steps=1, overrides={"class_names": "a,b"}))
     with pytest.raises(ValueError, match="--hard-negatives"):
         validate_run_args(RunArgs(model="vit", steps=1, hard_negatives=True))

@@ -74,6 +74,11 @@ _ABOVE_0 = ("minutes", "lr")
 _KEPT_ON_RESUME = ("batch_size", "lr")
 
 
+# config fields ``prepare_model`` derives from the tokenizer or the class names
+_TOKENIZER_FIELDS = ("vocab_size", "eot_token_id", "pad_token_id", "special_token_ids", "mask_token_id")
+_CLASS_FIELDS = ("num_classes", "class_names")
+
+
 def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -134,6 +139,12 @@ def validate_run_args(args: RunArgs) -> RunArgs:
     if args.groups not in (None, 1) and (args.data not in (None, "synthetic") or cls.task == "classification"):
         raise ValueError(f"--groups: minimal-pair groups are drawn from the synthetic world's image-text "
                          f"data (--data synthetic), not {args.model} on {args.data}")
+    derived = sorted(k for k in args.overrides if k.rpartition(".")[2] in
+                     (_CLASS_FIELDS if cls.task == "classification" else _TOKENIZER_FIELDS))
+    if derived:  # prepare_model sets these from the data: a --set of them would be dropped
+        raise ValueError(f"--set {', '.join(derived)}: vlkit train sets "
+                         f"{'it' if len(derived) == 1 else 'them'} from the "
+                         f"{'class names' if cls.task == 'classification' else 'tokenizer it builds from the data'}")
     if args.overrides and not args.resume and not args.init:  # --set checked before anything is written
         merge_config(cls.make_config(args.preset or "tiny"), args.overrides, cls.model_name)
     return args
