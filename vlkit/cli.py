@@ -17,9 +17,12 @@ def _kv(items: list[str]) -> dict:
     out = {}
     for item in items or []:
         key, eq, value = item.partition("=")
-        if not eq or not key.strip():
+        key = key.strip()
+        if not eq or not key:
             raise UsageError(f"--set takes key=value, got {item!r}")
-        out[key.strip()] = value
+        if key in out and out[key] != value:
+            raise UsageError(f"--set {key} given twice ({out[key]!r} and {value!r})")
+        out[key] = value
     return out
 
 

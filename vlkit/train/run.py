@@ -189,6 +189,11 @@ def resolve_resume(args: RunArgs, saved: dict) -> RunArgs:
             raise ValueError(f"{_option(name)} {given:g} with --resume: {run} trains with "
                              f"{_option(name)} {kept:g}; drop {_option(name)} (or start a new run "
                              f"with --init {run})")
+    for name in ("groups", "negatives", "negative_weights"):  # the run's data draw
+        given, kept = getattr(args, name), saved.get(name)
+        if given is not None and kept is not None and given != kept:
+            raise ValueError(f"{_option(name)} {given} with --resume: {run} draws with {_option(name)} "
+                             f"{kept}; drop {_option(name)} (or start a new run with --init {run})")
     changes["data"] = args.data or saved.get("data") or "synthetic"
     if args.data is not None and saved.get("data") not in (None, args.data):
         print(f"note: {run} was trained on {saved['data']}; it continues on {args.data}", file=sys.stderr)
