@@ -159,6 +159,7 @@ def test_synth_refuses_a_non_empty_folder_and_overwrites_only_a_synthetic_world(
     (mine / "photo.png").write_bytes(b"not really a png")
     before_mine = tree(mine)
     refused(vlkit("synth", "--out", mine, "--num", "10", "--overwrite", cwd=tmp_path), "not a synthetic world")
+    refused(vlkit("synth", "--out", tmp_path / "huge", "--image-size", "100000", cwd=tmp_path), "--image-size")
     assert tree(mine) == before_mine
     res = vlkit("synth", "--out", data, "--num", "10", "--image-size", "32", "--overwrite", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
@@ -274,6 +275,7 @@ def test_lock_is_reentrant_and_released(tmp_path):
     (["--set", "hard_negatives=maybe"], "hard_negatives: expected true or false"),
     (["--set", "embed_dim=abc"], "embed_dim: expected int"),
     (["--groups", "4"], "--groups"),
+    (["--set", "embed_dim=16", "--set", "embed_dim=32"], "--set embed_dim given twice"),
 ])
 def test_bad_options_are_one_line_and_write_nothing(argv, needle, world, tmp_path):
     out = tmp_path / "run"

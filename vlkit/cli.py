@@ -150,6 +150,8 @@ def cmd_synth(args) -> int:
     for name in ("num", "image_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.image_size > 1024:  # a typo's 100000 would be 30 GB an image
+        raise UsageError(f"--image-size must be at most 1024, got {args.image_size}")
     if args.seed < 0:
         raise UsageError(f"--seed must be at least 0, got {args.seed}")
     out = Path(args.out)
@@ -256,8 +258,8 @@ def cmd_explain(args) -> int:
     from .explain import explain
     if not Path(args.image).is_file():
         raise UsageError(f"{args.image}: no such image file")
-    if args.panel < 16:
-        raise UsageError(f"--panel must be at least 16 pixels, got {args.panel}")
+    if not 16 <= args.panel <= 1024:
+        raise UsageError(f"--panel must be 16 to 1024 pixels, got {args.panel}")
     _writable_output(args.out, "--out", _is_png, "a PNG image", inputs=[args.image, args.run])
     res = explain(args.run, args.image, args.caption, layer=args.layer, out=args.out, panel=args.panel)
     print(f"wrote {args.out}: {len(res['words'])} words ({' '.join(res['words'])})")
