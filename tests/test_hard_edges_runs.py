@@ -288,7 +288,7 @@ def test_resume_keeps_the_run_and_refuses_changes(finished, world, tmp_path):
     run = _copy(finished[0], tmp_path / "run")
     before = tree(run)
     for extra, needle in ((["--preset", "small"], "--preset small with --resume"),
-                          (["--set", "embed_dim=32"], "--set embed_dim with --resume"),
+                          (["--set", "loss=siglip"], "--set loss with --resume"),
                           (["--batch-size", "16"], "--batch-size 16 with --resume"),
                           (["--init", finished[0]], "--init with --resume")):
         refused(vlkit("train", "clip", "--data", world, "--out", run, *TRAIN, "--resume", *extra,
