@@ -248,6 +248,17 @@ def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops(world, tmp_pa
     assert sorted(p.name for p in run.iterdir()) == [".vlkit.lock"]
 
 
+def test_a_lock_file_that_is_a_link_is_refused_not_written_through(tmp_path):
+    from vlkit.train.runfolder import LOCK, acquire
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / LOCK).symlink_to(target)
+    with pytest.raises(ValueError, match="symbolic link"):
+        acquire(tmp_path / "r")
+    assert target.read_text() == "keep me"
+
+
 def test_lock_is_reentrant_and_released(tmp_path):
     from vlkit.train.runfolder import LOCK, _held, acquire, release, run_lock
     with run_lock(tmp_path / "r"):

@@ -186,7 +186,12 @@ def acquire(run: str | Path) -> None:
         return
     run.mkdir(parents=True, exist_ok=True)
     path = run / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # never through a link: the holder's details are written into the file
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP or path.is_symlink():
+            raise ValueError(f"{path}: is a symbolic link, not vlkit's lock file; remove it") from None
+        raise
     try:
         import fcntl
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
