@@ -373,6 +373,18 @@ def test_run_args_are_checked_and_typed():
                         ({"overrides": {"text.vocab_size": "9"}}, "--set text.vocab_size: vlkit train sets it")):
         with pytest.raises(ValueError, match=message):
             validate_run_args(RunArgs(model="clip", **{"steps": 1, **kw}))
+    # --resume: the run's own preset, data, seed and budget where none is given; changes refused
+    from vlkit.train.run import resolve_resume
+    saved = {"model": "clip", "config": {}, "preset": "tiny", "data": "synthetic", "groups": 1,
+             "negatives": 0, "train": {"steps": 7, "minutes": None, "seed": 3, "batch_size": 8, "lr": 1e-3}}
+    got = resolve_resume(validate_run_args(RunArgs(model="clip", resume=True, out="x")), saved)
+    assert (got.steps, got.minutes, got.seed, got.preset, got.data) == (7, None, 3, "tiny", "synthetic")
+    assert resolve_resume(validate_run_args(RunArgs(model="clip", resume=True, out="x", steps=9)), saved).steps == 9
+    for kw, message in (({"seed": 4}, "--seed 4 with --resume"), ({"lr": 0.1}, "--lr 0.1 with --resume"),
+                        ({"groups": 2}, "--groups 2 with --resume"), ({"preset": "small"}, "--preset small"),
+                        ({"vqa": True}, "--vqa with --resume"), ({"model": "vit"}, "holds a clip run")):
+        with pytest.raises(ValueError, match=message):
+            resolve_resume(validate_run_args(RunArgs(**{"model": "clip", "resume": True, "out": "x", **kw})), saved)
     with pytest.raises(ValueError, match="--set class_names: vlkit train sets it from the class names"):
         validate_run_args(RunArgs(model="vit", steps=1, overrides={"class_names": "a,b"}))
     with pytest.raises(ValueError, match="--hard-negatives"):

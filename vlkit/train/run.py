@@ -114,7 +114,7 @@ def validate_run_args(args: RunArgs) -> RunArgs:
             raise ValueError(f"{_option(name)} must be above 0, got {value:g}")
     if not 0.0 <= args.max_skip_rate <= 1.0:
         raise ValueError(f"--max-skip-rate must be between 0 and 1, got {args.max_skip_rate:g}")
-    if args.steps is None and args.minutes is None:
+    if args.steps is None and args.minutes is None and not args.resume:  # a resumed run: its own
         raise ValueError("give --steps or --minutes")
     if args.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"--precision must be auto, bf16 or fp32, got {args.precision!r}")
@@ -183,6 +183,10 @@ def resolve_resume(args: RunArgs, saved: dict) -> RunArgs:
         raise ValueError(f"--seed {args.seed} with --resume: {run} was trained with --seed {saved_seed} "
                          "(its data order); drop --seed")
     changes["seed"] = saved_seed if args.seed is None else args.seed
+    if args.steps is None and args.minutes is None:  # the run's own budget
+        changes["steps"], changes["minutes"] = train_saved.get("steps"), train_saved.get("minutes")
+        if changes["steps"] is None and changes["minutes"] is None:
+            raise ValueError("give --steps or --minutes")
     for name in _KEPT_ON_RESUME:
         given, kept = getattr(args, name), train_saved.get(name)
         if given is not None and kept is not None and given != kept:
