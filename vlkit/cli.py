@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--minutes", type=float, help="training time budget")
     s.add_argument("--steps", type=_count, help="optimiser steps")
     s.add_argument("--seed", type=int, help="default 0; a resumed run keeps its own")
-    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out, with the run's own config, "
+                        "data, seed, batch size, learning rate and budget (a different one is refused)")
     s.add_argument("--init", help="start from the weights of a run or Hugging Face folder")
     s.add_argument("--batch-size", type=int)
     s.add_argument("--lr", type=float)
