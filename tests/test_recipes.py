@@ -46,8 +46,11 @@ def test_overrides_reach_the_stage_they_name():
     assert recipe["stage"][1]["lr"] == 1e-3     # the loaded recipe is left as it was
     with pytest.raises(RecipeError, match="no stage 'clip'"):
         resolve(recipe, sets={"clip:lr": 1.0})
-    with pytest.raises(RecipeError, match="lr must be"):
+    with pytest.raises(ValueError, match="--set lr: expected float"):
         resolve(recipe, sets={"lr": "fast"})
+    with pytest.raises(RecipeError, match="lr must be float"):
+        resolve(recipe, flags={"lr": "fast"})
+    assert resolve(recipe, sets={"vit:steps": "7"})["stage"][0]["steps"] == 7  # --set gives text
     with pytest.raises(RecipeError, match="unknown run option 'learning_rate'"):
         resolve(recipe, flags={"learning_rate": 1.0})
 

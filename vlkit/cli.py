@@ -12,17 +12,29 @@ class UsageError(Exception):
 
 
 def _kv(items: list[str]) -> dict:
-    """--set key=value pairs (JSON values where they parse) for config overrides."""
+    """--set key=value pairs for config overrides; the values stay text, which the config
+    coerces to each field's declared type (``merge_config``)."""
     out = {}
     for item in items or []:
-        if "=" not in item:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
             raise UsageError(f"--set takes key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+        if key in out and out[key] != value:
+            raise UsageError(f"--set {key} given twice ({out[key]!r} and {value!r})")
+        out[key] = value
     return out
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _negative_weights(text: str | None) -> dict | None:
@@ -48,13 +60,48 @@ def _negative_weights(text: str | None) -> dict | None:
     return out
 
 
-def _check_out_file(out: str, option: str) -> None:
-    """Before any work: an output file's place must be a file name in an existing folder."""
-    path = Path(out)
+def _writable_output(path: str | Path, option: str, ours, kind: str, inputs=()) -> None:
+    """Refuse (one line) an output file that would overwrite an input of the same command or
+    an existing file that is not one this command wrote (``ours(path)``: it may be replaced)."""
+    from .train.runfolder import check_output_path
+    path = Path(path)
+    check_output_path(path, option)
+    for source in inputs:
+        if Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
+            raise UsageError(f"{option} {path}: is the command's own input {source}; give another file")
     if path.is_dir():
-        raise UsageError(f"{option} {out}: is a folder; give a file name (e.g. {path / 'eval.json'})")
-    if not path.parent.is_dir():
-        raise UsageError(f"{option} {out}: folder {path.parent} does not exist")
+        raise UsageError(f"{option} {path}: is a folder; give a file name")
+    if path.exists() and not ours(path):
+        raise UsageError(f"{option} {path}: exists and is not {kind}; it is left as it is (give another file)")
+
+
+def _is_eval_json(path: Path) -> bool:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and {"model", "metrics"} <= set(obj)
+
+
+def _is_png(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
+
+
+def _run_data(run: str) -> str:
+    """The --data a vlkit run was trained on ("synthetic" for other folders)."""
+    try:
+        data = json.loads((Path(run) / "config.json").read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        return "synthetic"
+    if not isinstance(data, str) or data == "synthetic":
+        return "synthetic"
+    if not Path(data).is_dir():
+        raise UsageError(f"{run} was trained on {data}, which is not a folder from here; give --data")
+    return data
 
 
 def cmd_list_models(args) -> int:
@@ -66,16 +113,24 @@ def cmd_list_models(args) -> int:
 
 
 def cmd_shard(args) -> int:
-    from .data.shards import write_shards
+    from .data.shards import shard_folder_strangers, write_shard_splits
     if not Path(args.dataset).is_dir():
         raise UsageError(f"{args.dataset}: no such dataset folder")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     present = [s for s in splits if (Path(args.dataset) / f"{s}.jsonl").is_file()]
     if not present:
         raise UsageError(f"{args.dataset}: none of {', '.join(f'{s}.jsonl' for s in splits)} found")
-    for split in present:
-        res = write_shards(args.dataset, args.out, split, args.shard_size, args.on_bad_sample,
-                           allow_outside=args.allow_outside_paths)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: is a file, not a folder")
+    from .train.runfolder import check_output_path
+    check_output_path(args.out)
+    strangers = shard_folder_strangers(args.out)
+    if strangers:
+        raise UsageError(f"--out {args.out}: holds files that are not shards ({', '.join(strangers[:3])}"
+                         f"{' ...' if len(strangers) > 3 else ''}); give a new folder or one of shards only")
+    results = write_shard_splits(args.dataset, args.out, present, args.shard_size, args.on_bad_sample,
+                                 allow_outside=args.allow_outside_paths)
+    for split, res in results.items():
         skipped = sum(res["skipped"].values())
         print(f"{split}: {res['samples']} samples in {len(res['shards'])} shards"
               + (f" ({skipped} skipped: {res['skipped']})" if skipped else ""))
@@ -87,9 +142,46 @@ def cmd_shard(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from .data.synthetic import write_dataset
-    out = write_dataset(args.out, num=args.num, seed=args.seed, image_size=args.image_size)
-    print(f"wrote the synthetic world to {args.out}" + (f": {out}" if out else ""))
+    """The world is written to a hidden folder beside --out and renamed into place when whole;
+    an existing non-empty --out is refused, or with --overwrite replaced if it is a synthetic
+    world vlkit wrote (never another folder)."""
+    import os
+    import shutil
+    from .data.synthetic import is_synthetic_world, write_dataset
+    for name in ("num", "image_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.image_size > 1024:  # a typo's 100000 would be 30 GB an image
+        raise UsageError(f"--image-size must be at most 1024, got {args.image_size}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be at least 0, got {args.seed}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file, not a folder")
+    from .train.runfolder import check_output_path
+    check_output_path(out)
+    replace = out.is_dir() and any(out.iterdir())
+    if replace and not args.overwrite:
+        raise UsageError(f"--out {out}: the folder is not empty; give a new folder (or --overwrite to "
+                         "replace a synthetic world written there)")
+    if replace and not is_synthetic_world(out):
+        raise UsageError(f"--overwrite: {out} is not a synthetic world written by vlkit synth (no "
+                         "vlkit world.json); it is left as it is")
+    out = out.resolve()  # "." or "data/" name their folder too
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.synth-{os.getpid()}"
+    try:
+        written = write_dataset(stage, num=args.num, seed=args.seed, image_size=args.image_size)
+        if out.is_dir():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(stage, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    print(f"wrote the synthetic world to {args.out}" + (f": {written}" if written else ""))
     return 0
 
 
@@ -113,6 +205,10 @@ def _run_options(args) -> dict:
 
 
 def cmd_train(args) -> int:
+    if args.eval_size is not None and not args.eval_every:
+        raise UsageError("--eval-size sets the size of the learning-curve points: give --eval-every too")
+    if args.max_skip_rate is not None and args.on_bad_sample != "skip":
+        raise UsageError("--max-skip-rate applies with --on-bad-sample skip")
     from . import collective as vdist
     from .train.run import RunArgs, train
     options = _run_options(args)
@@ -123,18 +219,15 @@ def cmd_train(args) -> int:
     else:
         if not args.model:
             raise UsageError("give a model to train (see vlkit list-models) or --recipe NAME (see vlkit recipes)")
-        args.data = options.setdefault("data", "synthetic")
-        if args.data != "synthetic" and not Path(args.data).is_dir():
-            raise UsageError(f"--data {args.data}: no such folder (or use 'synthetic')")
         try:
             result = train(RunArgs(overrides=_kv(args.set), progress=not args.no_progress, **options))
         finally:
             vdist.destroy()  # under torchrun; the evaluation below runs on rank 0 alone
     if not vdist.is_main_env():
         return 0
+    data = result.get("data") or args.data or "synthetic"  # a resumed run's own data
     print(f"trained {result['step']} steps ({result['samples']} samples) in {result['elapsed']:.0f} s; "
           f"final loss {result.get('loss', float('nan')):.4f}")
-    data = result.get("data", args.data)
     if result.get("stopped") and not args.no_eval:
         print(f"stopped by a signal: evaluation skipped (vlkit eval {args.out}, or continue with --resume)")
     elif not args.no_eval and data != "synthetic" and not (Path(data) / "test.jsonl").is_file():
@@ -143,8 +236,10 @@ def cmd_train(args) -> int:
     elif not args.no_eval:
         from .eval.run import ALL_TASKS, evaluate, print_metrics, write_eval
         from .pipeline import load
-        res = evaluate(load(args.out), data, "test", ALL_TASKS, allow_outside=args.allow_outside_paths)
-        write_eval(res, Path(args.out) / "eval.json")
+        from .train.runfolder import run_lock
+        with run_lock(args.out):  # eval.json is the run's: one writer
+            res = evaluate(load(args.out), data, "test", ALL_TASKS, allow_outside=args.allow_outside_paths)
+            write_eval(res, Path(args.out) / "eval.json")
         print_metrics(res)
     return 0
 
@@ -205,18 +300,27 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import contextlib
     from .eval.run import default_tasks, evaluate, print_metrics, write_eval
     from .pipeline import load
-    if args.out:  # (the default, RUN/eval.json, lies in the run folder load() checks)
-        _check_out_file(args.out, "--out")
-    pipe = load(args.run)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else default_tasks(pipe.model)
+    from .train.runfolder import is_vlkit_run, run_lock
     if args.retrieval_size is not None and args.retrieval_size < 2:
         raise UsageError(f"--retrieval-size must be at least 2, got {args.retrieval_size}")
-    res = evaluate(pipe, args.data, args.split, tasks, retrieval_size=args.retrieval_size,
-                   allow_outside=args.allow_outside_paths)
     out = args.out or str(Path(args.run) / "eval.json")
-    write_eval(res, out)
+    _writable_output(out, "--out", _is_eval_json, "a vlkit evaluation result", inputs=[args.run])
+    into_run = is_vlkit_run(args.run) and Path(out).resolve().parent == Path(args.run).resolve()
+    data = args.data
+    if data is None:  # the data the run was trained on (a dataset folder's test split), else synthetic
+        data = _run_data(args.run)
+        if data != "synthetic":
+            print(f"evaluating on {data} (the run's training data; --data to choose)", file=sys.stderr)
+    with run_lock(args.run) if into_run else contextlib.nullcontext():  # one writer per run folder
+        pipe = load(args.run)
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else default_tasks(pipe.model)
+        res = evaluate(pipe, data, args.split, tasks, retrieval_size=args.retrieval_size,
+                       allow_outside=args.allow_outside_paths)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_eval(res, out)
     print_metrics(res)
     print(f"wrote {out}")
     return 0
@@ -226,9 +330,9 @@ def cmd_explain(args) -> int:
     from .explain import explain
     if not Path(args.image).is_file():
         raise UsageError(f"{args.image}: no such image file")
-    if args.panel < 16:
-        raise UsageError(f"--panel must be at least 16 pixels, got {args.panel}")
-    _check_out_file(args.out, "--out")
+    if not 16 <= args.panel <= 1024:
+        raise UsageError(f"--panel must be 16 to 1024 pixels, got {args.panel}")
+    _writable_output(args.out, "--out", _is_png, "a PNG image", inputs=[args.image, args.run])
     res = explain(args.run, args.image, args.caption, layer=args.layer, out=args.out, panel=args.panel)
     print(f"wrote {args.out}: {len(res['words'])} words ({' '.join(res['words'])})")
     return 0
@@ -241,8 +345,15 @@ def _allow_outside_paths(s: argparse.ArgumentParser) -> None:
                         "with --on-bad-sample skip")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``vlkit train: error: ...``), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlkit", description="Vision-language models: train, evaluate, convert.")
+    p = _Parser(prog="vlkit", description="Vision-language models: train, evaluate, convert.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("list-models", help="the models and their presets")
@@ -262,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num", type=int, default=1000, help="number of training samples (val/test smaller)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace a synthetic world already in --out (any other non-empty folder is refused)")
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("train", help="train a model (or run a recipe) and evaluate it on the test split")
@@ -274,10 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="run folder")
     s.add_argument("--minutes", type=float,
                    help="training time budget (with --recipe: for all its stages, shared as they were measured)")
-    s.add_argument("--steps", type=int, help="optimiser steps")
-    s.add_argument("--seed", type=int, help="random seed (default 0; with --recipe: every stage's)")
+    s.add_argument("--steps", type=_count, help="optimiser steps")
+    s.add_argument("--seed", type=int, help="random seed (default 0; a resumed run keeps its own; with --recipe: every stage's)")
     s.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --out (a recipe run: in the stage where it stopped)")
+                   help="continue from the newest checkpoint in --out, with the run's own config, data, seed, "
+                        "batch size, learning rate and budget (a different one is refused); a recipe run "
+                        "continues in the stage where it stopped")
     s.add_argument("--init", help="start from the weights of a run or Hugging Face folder")
     s.add_argument("--batch-size", type=int)
     s.add_argument("--lr", type=float)
@@ -326,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="evaluate a run (or Hugging Face folder) on a dataset")
     s.add_argument("run", help="run folder")
-    s.add_argument("--data", default="synthetic")
+    s.add_argument("--data", help="'synthetic' or a dataset folder (default: the run's own training "
+                                   "data, else synthetic)")
     s.add_argument("--split", default="test")
     s.add_argument("--tasks", help="comma-separated: classification,retrieval,zeroshot,itm,vqa,caption")
     s.add_argument("--out", help="eval JSON (default RUN/eval.json)")

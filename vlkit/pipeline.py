@@ -241,7 +241,8 @@ def image_transform(model, overrides: dict | None = None):
 def load_weights(model, path: Path) -> None:
     """Weights from a vlkit safetensors file: an unreadable or corrupt file (checksum), NaN or
     infinite values, or keys and shapes that do not fit are errors naming the file."""
-    from .convert.common import load_strict, read_weights
+    from .checkpoint import read_weights
+    from .convert.common import load_strict
     if not path.is_file():
         raise FileNotFoundError(f"{path.parent}: no {WEIGHTS}")
     load_strict(model, read_weights(path, check=False), str(path))

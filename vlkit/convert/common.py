@@ -7,8 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (CHECKSUM_KEY, WeightsError, check_finite, nonfinite, read_weights,  # noqa: F401
-                          tensors_digest)
+from ..checkpoint import check_finite, read_weights
 
 
 class ConversionError(ValueError):

@@ -59,9 +59,63 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
     return info, io.BytesIO(data)
 
 
+def shard_folder_strangers(out) -> list[str]:
+    """What a shard output folder holds besides shards (``*-NNNNNN.tar``) and vlkit's hidden
+    staging folders: ``vlkit shard`` refuses such a folder rather than mix shards into it."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir()
+                  if not p.name.startswith(".") and not (
+                      p.is_file() and p.suffix == ".tar" and p.stem.rpartition("-")[2].isdigit()))
+
+
+def write_shard_splits(dataset, out, splits, shard_size: int = 1000,
+                       on_bad_sample: str = "error", allow_outside: bool = False) -> dict:
+    """Write each of ``splits`` of the JSONL dataset folder ``dataset`` as tar shards into
+    ``out``: every split is written to a staging folder inside ``out`` first, and only when all
+    of them were read through without an error do their shards replace the old ones of the same
+    splits (shards of other splits stay). An error leaves ``out`` as it was.
+    Returns {split: write_shards' result}."""
+    import shutil
+    import tempfile
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a folder")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".shards-staging-", dir=out))
+    try:
+        results = {split: write_shards(dataset, stage, split, shard_size, on_bad_sample, allow_outside)
+                   for split in splits}
+        for split, res in results.items():
+            if not res["samples"]:
+                raise ValueError(f"{Path(dataset) / (split + '.jsonl')}: no samples to shard "
+                                 f"({res['skipped'] or 'the file is empty'})")
+        for split, res in results.items():  # the data checked out: replace the old shards
+            old = shard_paths(out, split)
+            new = [out / Path(p).name for p in res["shards"]]
+            for p in res["shards"]:
+                os.replace(p, out / Path(p).name)
+            for p in old:
+                if p not in new:
+                    p.unlink()
+            res["shards"] = [str(p) for p in new]
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+    return results
+
+
 def write_shards(dataset, out, split: str = "train", shard_size: int = 1000,
                  on_bad_sample: str = "error", allow_outside: bool = False) -> dict:
-    """Write the JSONL dataset folder ``dataset``'s split as tar shards into ``out``.
+    """Write the JSONL dataset folder ``dataset``'s split as tar shards into ``out`` (see
+    ``write_shard_splits`` for a rewrite that keeps the old shards until the new are whole).
 
     Returns {"shards": [paths], "samples": n, "skipped": {reason: n}}. Lines that fail the
     dataset's checks, and records whose image file is missing or empty, are an error naming

@@ -865,6 +865,16 @@ def record_to_json(rec: dict, image_path: str) -> dict:
     return out
 
 
+def is_synthetic_world(folder) -> bool:
+    """True when ``folder`` holds a dataset ``write_dataset`` wrote (its world.json says so)."""
+    try:
+        with open(os.path.join(folder, "world.json"), encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("generator") == "vlkit.data.synthetic"
+
+
 def write_dataset(out_dir, num: int = 1000, seed: int = 0, image_size: int = 64,
                   splits: Sequence[str] = ("train", "val", "test"),
                   fractions: Sequence[float] = (0.8, 0.1, 0.1), sizes: dict | None = None,

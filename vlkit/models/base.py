@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import types
 import typing
 from dataclasses import dataclass
 
@@ -80,27 +83,163 @@ class VLModel(nn.Module):
 
 def merge_config(cfg, overrides: dict, name: str = "model"):
     """``cfg`` with fields replaced; a nested config takes a dict (merged into it) or dotted keys
-    such as ``"vision.dim"``; unknown fields are an error naming them."""
+    such as ``"vision.dim"``; unknown fields are an error naming them. Each value is coerced to
+    its field's declared type (see ``coerce_value``): ``"false"`` for a bool field is False,
+    ``"64"`` for an int field is 64, and a value that is not of the type is a ValueError naming
+    the field and the type."""
     grouped: dict = {}
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         if rest:
-            grouped.setdefault(head, {})[rest] = value
+            group = grouped.get(head, {})
+            if isinstance(group, str):  # vision='{"dim": 32}' then vision.depth=1
+                group = _json_or_none(group)
+            elif dataclasses.is_dataclass(group):
+                group = config_to_dict(group)
+            if not isinstance(group, dict):
+                raise ValueError(f"{name}.{head}: expected a JSON object of its fields, got {grouped[head]!r}")
+            grouped[head] = {**group, rest: value}
         else:
             grouped[head] = value
     fields = {f.name for f in dataclasses.fields(cfg)}
     unknown = sorted(set(grouped) - fields)
     if unknown:
         raise ValueError(f"unknown {name} config field(s): {', '.join(unknown)}")
+    hints = _type_hints(type(cfg))
     changes = {}
     for key, value in grouped.items():
         current = getattr(cfg, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            value = merge_config(current, value, f"{name}.{key}")
-        elif isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(value)
+        if dataclasses.is_dataclass(current):
+            if isinstance(value, str):  # --set vision='{"dim": 32}'
+                value = _json_or_none(value)
+            if isinstance(value, dict):
+                value = merge_config(current, value, f"{name}.{key}")
+            elif not (dataclasses.is_dataclass(value) and type(value) is type(current)):
+                raise ValueError(f"{name}.{key}: expected a {type(current).__name__} "
+                                 f"(a JSON object of its fields), got {value!r}")
+        else:
+            value = coerce_value(value, hints.get(key, typing.Any), f"{name}.{key}")
         changes[key] = value
     return dataclasses.replace(cfg, **changes)
+
+
+def _type_hints(cls) -> dict:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve: leave those fields untyped
+        return {}
+
+
+def _json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _type_name(hint) -> str:
+    if hint is type(None):
+        return "null"
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    return getattr(hint, "__name__", str(hint))
+
+
+def coerce_value(value, hint, label: str):
+    """``value`` as the declared type ``hint`` of config field ``label``: bool (True/False, or
+    the strings true/false/1/0/yes/no/on/off), int (an integral number or its text), float (a
+    finite number or its text), str, list/tuple (a list, JSON text of one, or comma-separated
+    text; each element coerced), Optional (None, or "none"/"null"). Anything else is a one-line
+    ValueError naming the field and the expected type."""
+    def bad():
+        return ValueError(f"{label}: expected {_type_name(hint)}, got {value!r}")
+    if hint is typing.Any:
+        return value
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+            raise bad()
+        kinds = [arg for arg in args if arg is not type(None)]
+        if len(kinds) == 1:  # Optional[X]: X's own message
+            return coerce_value(value, kinds[0], label)
+        for arg in kinds:
+            try:
+                return coerce_value(value, arg, label)
+            except ValueError:
+                continue
+        raise bad()
+    if origin in (list, tuple) or hint in (list, tuple):
+        if isinstance(value, str):
+            text = value.strip()
+            parsed = _json_or_none(text) if text.startswith("[") else None
+            if isinstance(parsed, list):
+                value = parsed
+            else:
+                value = [v.strip() for v in text.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        elem = args[0] if args else typing.Any
+        if origin is tuple and len(args) > 1 and Ellipsis not in typing.get_args(hint):
+            if len(value) != len(args):
+                raise bad()
+            items = [coerce_value(v, a, f"{label}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            items = [coerce_value(v, elem, f"{label}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if (origin or hint) is tuple else list(items)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError(f"{label}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if hint is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise bad() from None
+        else:
+            raise bad()
+        if not math.isfinite(number):
+            raise ValueError(f"{label}: expected a finite number, got {value!r}")
+        return number
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise bad()
+    return value
 
 
 def config_to_dict(cfg) -> dict:
@@ -138,10 +277,6 @@ def config_from_dict(cls, data: dict, where: str = ""):
                 value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
-
-
-def _type_name(hint) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def check_config_value(hint, value, field: str) -> None:

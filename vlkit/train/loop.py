@@ -256,17 +256,20 @@ class Trainer:
         return state
 
     def _truncate_metrics(self, step: int) -> None:
-        path = self.run / "metrics.jsonl"
-        if not path.is_file():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash
-        path.write_text("".join(f"{line}\n" for line in keep))
+        """Drop the lines of steps after ``step`` from metrics.jsonl and curve.jsonl (written by
+        the run before it stopped; the resumed run writes them again)."""
+        for name in ("metrics.jsonl", "curve.jsonl"):
+            path = self.run / name
+            if not path.is_file():
+                continue
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        keep.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a crash
+            path.write_text("".join(f"{line}\n" for line in keep))
 
     # -- loop --------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:

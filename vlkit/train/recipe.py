@@ -26,13 +26,13 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from ..checkpoint import CONFIG, WEIGHTS, atomic_write_bytes, latest_checkpoint
+from ..checkpoint import WEIGHTS, atomic_write_bytes, latest_checkpoint
 from .run import RunArgs
+from .runfolder import LOCK, RECIPE_FILES, check_output_path, remove_if_untouched, run_lock
 
 SCHEMA = 1
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
-RESOLVED = "recipe.toml"
-STAGES = "stages"
+RESOLVED, STAGES = RECIPE_FILES
 STAGE_REF = "stage:"
 SUMMARY = "train_summary.json"
 # run options a stage may set (the rest of RunArgs is the command's own business)
@@ -162,6 +162,9 @@ def resolve(recipe: dict, seed: int | None = None, sets: dict | None = None, fla
                                   f"(stages: {', '.join(by_name)})")
             target = by_name[name]
         if key in RUN_OPTIONS:
+            if isinstance(value, str) and key not in ("data", "preset", "init", "precision", "on_bad_sample"):
+                from ..models.base import _type_hints, coerce_value  # --set gives text: the option's type
+                value = coerce_value(value, _type_hints(RunArgs)[key], f"--set {key}")
             check_run_option(key, value, f"--set {key}")
             target[key] = value
         else:
@@ -219,7 +222,7 @@ def stage_args(recipe: dict, stage: dict, out: Path, progress: bool = True) -> R
 
 def dump_toml(recipe: dict) -> str:
     """TOML text of a recipe (tables of scalars, lists and tables, arrays of tables)."""
-    lines = [f"# the recipe as run; repeat it with: vlkit train --recipe THIS_FILE --out RUN"]
+    lines = ["# the recipe as run; repeat it with: vlkit train --recipe THIS_FILE --out RUN"]
     scalars = {k: v for k, v in recipe.items() if not isinstance(v, list) or not v or not isinstance(v[0], dict)}
     lines += [f"{_key(k)} = {_value(v)}" for k, v in scalars.items()]
     for key, entries in recipe.items():
@@ -270,7 +273,7 @@ def begin(recipe: dict, out: Path, resume: bool) -> dict:
         return saved
     if recipe is None:
         raise RecipeError("give --recipe NAME_OR_FILE (or --resume to continue a recipe run)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name != LOCK for p in out.iterdir())):
         what = "a recipe run (continue it with --resume)" if saved_path.is_file() else "files"
         raise RecipeError(f"--out {out} already holds {what}; give a new or empty folder")
     text = dump_toml(recipe)
@@ -298,9 +301,19 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 def run_recipe(recipe: dict | None, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Run every stage that has not finished (resuming the one that stopped); returns the last
     stage's training result with ``"stages"``: each stage's name, folder and what happened."""
-    from .run import train
     out = Path(out)
-    recipe = begin(recipe, out, resume)
+    check_output_path(out)
+    if resume and not (out / RESOLVED).is_file():
+        raise RecipeError(f"--resume: {out} holds no recipe run (no {RESOLVED})")
+    try:
+        with run_lock(out):  # one writer for the whole recipe (each stage's train() takes it again)
+            return _run_stages(begin(recipe, out, resume), out, progress)
+    finally:
+        remove_if_untouched(out)  # a run refused before it wrote anything leaves no folder
+
+
+def _run_stages(recipe: dict, out: Path, progress: bool) -> dict:
+    from .run import train
     stages = recipe["stage"]
     done, result = [], {}
     for i, stage in enumerate(stages):
@@ -311,10 +324,8 @@ def run_recipe(recipe: dict | None, out: str | Path, resume: bool = False, progr
             print(f"stage {i + 1}/{len(stages)} {stage['name']}: finished before, kept ({run})", file=sys.stderr)
             done.append({"stage": stage["name"], "run": str(run), "status": "kept"})
             continue
+        # a stage stopped after a checkpoint resumes; one stopped before its first starts again
         args.resume = latest_checkpoint(run) is not None
-        if not args.resume:
-            for name in ("metrics.jsonl", "curve.jsonl", CONFIG):  # left by a start that died before its first checkpoint
-                (run / name).unlink(missing_ok=True)
         print(f"stage {i + 1}/{len(stages)} {stage['name']}: {stage['model']}, {budget}"
               f"{' (resumed)' if args.resume else ''} -> {run}", file=sys.stderr)
         result = train(args)

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import random
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import torch
 
 from ..data.synthetic import synthetic_world
 from ..factory import init_pretrained
-from ..models import build_model, model_class
-from ..models.base import config_from_dict, merge_config
-from ..checkpoint import CONFIG, latest_checkpoint, read_run_config, save_run_config
+from ..models import model_class
+from ..models.base import config_from_dict, config_to_dict, merge_config
+from ..checkpoint import CONFIG, read_run_config, save_run_config
 from .loop import TrainConfig, Trainer
 
 # Per-model defaults for the tiny presets on the synthetic world (a 2-core CPU). A model without
@@ -34,12 +35,12 @@ TRAIN_DEFAULTS = {
 @dataclass
 class RunArgs:
     model: str
-    data: str = "synthetic"
-    preset: str = "tiny"
+    data: str | None = None         # None: "synthetic" for a new run, the run's own on --resume
+    preset: str | None = None       # None: "tiny" for a new run, the run's own on --resume
     out: str = "runs/default"
     minutes: float | None = None
     steps: int | None = None
-    seed: int = 0
+    seed: int | None = None         # None: 0 for a new run, the run's own on --resume
     resume: bool = False
     init: str | None = None
     batch_size: int | None = None
@@ -63,6 +64,160 @@ class RunArgs:
     negatives: int | None = None
     negative_weights: dict | None = None
     allow_outside_paths: bool = False  # read dataset images outside the dataset folder
+
+
+# RunArgs fields and the least value each takes (``validate_run_args``)
+# (steps=0 from Python exports the initial model untrained; the command line asks for >= 1)
+_AT_LEAST_1 = ("batch_size", "ckpt_every", "eval_every", "eval_size", "groups")  # --negatives: in _train
+_AT_LEAST_0 = ("steps", "workers", "seed")
+_ABOVE_0 = ("minutes", "lr")
+# training settings a resumed run keeps from its config.json (an explicit different value is
+# refused: it would change the run's optimisation half way)
+_KEPT_ON_RESUME = ("batch_size", "lr")
+
+
+# config fields ``prepare_model`` derives from the tokenizer or the class names
+_TOKENIZER_FIELDS = ("vocab_size", "eot_token_id", "pad_token_id", "special_token_ids", "mask_token_id")
+_CLASS_FIELDS = ("num_classes", "class_names")
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate_run_args(args: RunArgs) -> RunArgs:
+    """``args`` with each field coerced to its declared type and checked (a ValueError naming
+    the option otherwise): counts at least 1, times and rates above 0, the skip rate in [0, 1],
+    the choices among theirs, the model, the data. Called at the start of ``train`` for every
+    caller (the command line, recipes, Python)."""
+    from ..models.base import _type_hints, coerce_value
+    hints = _type_hints(RunArgs)
+    changes = {}
+    for f in dataclasses.fields(RunArgs):
+        value = getattr(args, f.name)
+        hint = hints.get(f.name, typing.Any)
+        if hint in (dict, typing.Optional[dict]) or f.name == "negative_weights":
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{_option(f.name)}: expected a mapping, got {value!r}")
+            continue
+        changes[f.name] = coerce_value(value, hint, _option(f.name))
+    args = dataclasses.replace(args, **changes)
+    for name in _AT_LEAST_1:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{_option(name)} must be at least 1, got {value}")
+    for name in _AT_LEAST_0:
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise ValueError(f"{_option(name)} must be at least 0, got {value}")
+    for name in _ABOVE_0:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"{_option(name)} must be above 0, got {value:g}")
+    if not 0.0 <= args.max_skip_rate <= 1.0:
+        raise ValueError(f"--max-skip-rate must be between 0 and 1, got {args.max_skip_rate:g}")
+    if args.steps is None and args.minutes is None and not args.resume:  # a resumed run: its own
+        raise ValueError("give --steps or --minutes")
+    if args.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"--precision must be auto, bf16 or fp32, got {args.precision!r}")
+    if args.on_bad_sample not in ("error", "skip"):
+        raise ValueError(f"--on-bad-sample must be error or skip, got {args.on_bad_sample!r}")
+    if not args.out or not str(args.out).strip():
+        raise ValueError("--out: give a run folder")
+    if args.data not in (None, "synthetic") and not Path(args.data).is_dir():
+        raise ValueError(f"--data {args.data}: no such folder (or use 'synthetic')")
+    cls = model_class(args.model)
+    if args.resume and args.init:
+        raise ValueError(f"--init with --resume: a resumed run continues from its own checkpoint in "
+                         f"{args.out}; drop --init (or start a new run from {args.init} without --resume)")
+    if args.init and args.preset is not None:
+        raise ValueError(f"--preset with --init: the architecture comes from {args.init}; drop --preset "
+                         "(--set still applies)")
+    if args.preset is not None and args.preset not in cls.presets:
+        raise ValueError(f"unknown preset {args.preset!r} for {args.model}; presets: {', '.join(cls.presets)}")
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    if args.hard_negatives and "hard_negatives" not in fields:
+        raise ValueError(f"--hard-negatives: {args.model} does not train with negative captions")
+    if args.groups not in (None, 1) and (args.data not in (None, "synthetic") or cls.task == "classification"):
+        raise ValueError(f"--groups: minimal-pair groups are drawn from the synthetic world's image-text "
+                         f"data (--data synthetic), not {args.model} on {args.data}")
+    derived = sorted(k for k in args.overrides if k.rpartition(".")[2] in
+                     (_CLASS_FIELDS if cls.task == "classification" else _TOKENIZER_FIELDS))
+    if derived:  # prepare_model sets these from the data: a --set of them would be dropped
+        raise ValueError(f"--set {', '.join(derived)}: vlkit train sets "
+                         f"{'it' if len(derived) == 1 else 'them'} from the "
+                         f"{'class names' if cls.task == 'classification' else 'tokenizer it builds from the data'}")
+    if args.overrides and not args.resume and not args.init:  # --set checked before anything is written
+        merge_config(cls.make_config(args.preset or "tiny"), args.overrides, cls.model_name)
+    return args
+
+
+def resolve_resume(args: RunArgs, saved: dict) -> RunArgs:
+    """``args`` for continuing the run whose config.json is ``saved``: the run's own preset and
+    seed where none was given; a --preset, --set, --seed, --hard-negatives, --vqa, --batch-size
+    or --lr that would change the run is refused with one line (a resumed run keeps its
+    architecture and optimisation; a new run can start from its weights with --init)."""
+    run = args.out
+    if saved.get("model") != args.model:
+        raise ValueError(f"--resume: {run} holds a {saved.get('model')} run, not {args.model}")
+    if args.preset is not None and args.preset != saved.get("preset"):
+        raise ValueError(f"--preset {args.preset} with --resume: {run} is a "
+                         f"{saved.get('preset') or '--init'} run and keeps its architecture; drop "
+                         f"--preset (or train a new run with --init {run})")
+    cls = model_class(args.model)
+    if args.overrides:
+        current = config_from_dict(cls.config_class, saved["config"])
+        merged = config_to_dict(merge_config(current, args.overrides, cls.model_name))
+        changed = _changed_fields(saved["config"], merged)
+        if changed:
+            raise ValueError(f"--set {', '.join(changed)} with --resume: {run} keeps its config "
+                             f"({CONFIG}); drop --set (or train a new run with --init {run} --set ...)")
+    if args.hard_negatives and not saved["config"].get("hard_negatives", False):
+        raise ValueError(f"--hard-negatives with --resume: {run} was trained without them; train a new "
+                         f"run with --init {run} --hard-negatives")
+    if args.vqa and not saved.get("vqa"):
+        raise ValueError(f"--vqa with --resume: {run} was trained without VQA; fine-tune it as a new "
+                         f"run with --init {run} --vqa")
+    train_saved = saved.get("train") or {}
+    changes = {"preset": saved.get("preset")}
+    saved_seed = train_saved.get("seed")
+    if args.seed is not None and saved_seed is not None and args.seed != saved_seed:
+        raise ValueError(f"--seed {args.seed} with --resume: {run} was trained with --seed {saved_seed} "
+                         "(its data order); drop --seed")
+    changes["seed"] = saved_seed if args.seed is None else args.seed
+    if args.steps is None and args.minutes is None:  # the run's own budget
+        changes["steps"], changes["minutes"] = train_saved.get("steps"), train_saved.get("minutes")
+        if changes["steps"] is None and changes["minutes"] is None:
+            raise ValueError("give --steps or --minutes")
+    for name in _KEPT_ON_RESUME:
+        given, kept = getattr(args, name), train_saved.get(name)
+        if given is not None and kept is not None and given != kept:
+            raise ValueError(f"{_option(name)} {given:g} with --resume: {run} trains with "
+                             f"{_option(name)} {kept:g}; drop {_option(name)} (or start a new run "
+                             f"with --init {run})")
+    for name in ("groups", "negatives", "negative_weights"):  # the run's data draw
+        given, kept = getattr(args, name), saved.get(name)
+        if given is not None and kept is not None and given != kept:
+            raise ValueError(f"{_option(name)} {given} with --resume: {run} draws with {_option(name)} "
+                             f"{kept}; drop {_option(name)} (or start a new run with --init {run})")
+    changes["data"] = args.data or saved.get("data") or "synthetic"
+    if args.data is not None and saved.get("data") not in (None, args.data):
+        print(f"note: {run} was trained on {saved['data']}; it continues on {args.data}", file=sys.stderr)
+    if args.groups not in (None, 1) and changes["data"] != "synthetic":
+        raise ValueError(f"--groups: minimal-pair groups are drawn from the synthetic world, and {run} "
+                         f"trains on {changes['data']}")
+    return dataclasses.replace(args, **changes)
+
+
+def _changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            out += _changed_fields(before, value, f"{prefix}{key}.")
+        elif before != value:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -185,7 +340,7 @@ def prepare_model(args: RunArgs, run: Path):
     if args.resume and (run / CONFIG).is_file():
         saved = read_run_config(run)
         if saved["model"] != args.model:
-            raise ValueError(f"{run} holds a {saved['model']} run, not {args.model}")
+            raise ValueError(f"--resume: {run} holds a {saved['model']} run, not {args.model}")
         from ..pipeline import build_saved_model
         model = build_saved_model(run, saved)
         tok = load_tokenizer(run / "tokenizer") if (run / "tokenizer").is_dir() else None
@@ -344,13 +499,50 @@ def init_weights(model, source, label: str | None = None) -> list[str]:
 
 
 def train(args: RunArgs) -> dict:
-    run = Path(args.out)
-    if args.steps is None and args.minutes is None:
-        raise ValueError("give --steps or --minutes")
-    if not args.resume and latest_checkpoint(run) is not None:
-        raise ValueError(f"{run} already holds a run; use --resume to continue it or another --out")
+    """Train a run folder: the options checked (``validate_run_args``), the folder checked
+    (``runfolder.check_out_folder``: a new run never writes over files that are not a fresh
+    vlkit run's) and locked for the whole run (rank 0 holds ``RUN/.vlkit.lock``), then the
+    trainer. Every problem found before the first write is a ValueError and leaves the folder
+    as it was."""
     from .. import collective as vdist
+    from .runfolder import acquire, check_out_folder, clear_progress, release, remove_if_untouched
+    args = validate_run_args(args)
+    run = Path(args.out)
     vdist.init_from_env()  # under torchrun: join the process group (gloo on CPU, NCCL on CUDA)
+    if args.fsdp and vdist.world_size() < 2:
+        raise ValueError("--fsdp shards the model over processes: run under torchrun with more than one")
+    problem, locked, created = None, False, not run.exists()
+    if vdist.rank() == 0:
+        try:
+            check_out_folder(run, args.resume)  # a refusal here writes nothing, not even the lock
+            acquire(run)
+            locked = True
+            if check_out_folder(run, args.resume):  # again, now that no other process writes it
+                clear_progress(run)  # a run stopped before its first checkpoint starts again
+        except ValueError as e:
+            problem = str(e)
+    problem = vdist.broadcast_object(problem)  # every rank stops alike
+    try:
+        if problem:
+            raise ValueError(problem)
+        if args.resume:
+            args = resolve_resume(args, read_run_config(run))
+        else:
+            args = dataclasses.replace(args, preset=None if args.init else (args.preset or "tiny"),
+                                       seed=0 if args.seed is None else args.seed,
+                                       data=args.data or "synthetic")
+        result = _train(args, run)
+        result["data"] = args.data
+        return result
+    finally:
+        if locked:
+            release(run)
+            if created:
+                remove_if_untouched(run)  # a run that failed before writing leaves no folder
+
+
+def _train(args: RunArgs, run: Path) -> dict:
+    from .. import collective as vdist
     rank, world = vdist.rank(), vdist.world_size()
     seed_everything(args.seed)  # the same initial weights on every rank
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -360,13 +552,18 @@ def train(args: RunArgs) -> dict:
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
     defaults = TRAIN_DEFAULTS.get(args.model) or TRAIN_DEFAULTS.get(model.task) or TRAIN_DEFAULTS["clip"]
+    if not fresh:  # a resumed run keeps its optimisation settings (resolve_resume refused changes)
+        kept = {f.name for f in dataclasses.fields(TrainConfig)} - {"steps", "minutes", "seed", "progress",
+                                                                    "precision", "eval_every"}
+        defaults = {**defaults, **{k: v for k, v in (read_run_config(run).get("train") or {}).items()
+                                   if k in kept}}
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, seed=args.seed, precision=args.precision,
                       progress=args.progress, **defaults)
-    if args.batch_size:
+    if args.batch_size is not None:
         cfg.batch_size = args.batch_size
-    if args.lr:
+    if args.lr is not None:
         cfg.lr = args.lr
-    if args.ckpt_every:
+    if args.ckpt_every is not None:
         cfg.ckpt_every = args.ckpt_every
     cfg.grad_checkpointing, cfg.fsdp = args.grad_checkpointing, args.fsdp
     # fusion models may carry heads a run does not train (a VQA-only run, pair or rank heads):
@@ -429,7 +626,7 @@ def train(args: RunArgs) -> dict:
     trainer = Trainer(model, batches, cfg, run, evaluator=evaluator)
     if rank == 0:
         millions = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"training {args.model} ({args.preset}, {millions:.1f}M "
+        print(f"training {args.model} ({args.preset or 'from ' + str(args.init)}, {millions:.1f}M "
               f"parameters) on {args.data}, precision {trainer.precision}, batch {cfg.batch_size}"
               + (f" over {world} processes" if world > 1 else ""), file=sys.stderr)
     result = trainer.fit(resume=args.resume)
