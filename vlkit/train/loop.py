@@ -489,10 +489,10 @@ class Trainer:
         repair them, and they must never be checkpointed or exported as a result."""
         local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach()
                  for p in self.model.parameters() if p.is_floating_point()]
-        if not local:
-            return
-        bad = ~torch.isfinite(torch.stack(torch._foreach_norm(local, float("inf")))).all()
-        if self.cfg.fsdp:  # each rank holds a shard of the weights
+        local = [t for t in local if t.numel()]  # an FSDP shard may be empty on this rank
+        bad = (~torch.isfinite(torch.stack(torch._foreach_norm(local, float("inf")))).all() if local
+               else torch.zeros((), dtype=torch.bool, device=self.device))
+        if self.cfg.fsdp:  # each rank holds a shard of the weights (every rank takes part)
             bad = vdist.all_reduce_sum(bad.double()) > 0
         if not bool(bad):
             return
