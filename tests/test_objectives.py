@@ -144,3 +144,39 @@ def test_old_albef_runs_keep_heads_zero_and_one():
     saved["directional_heads"] = True
     assert build_model("albef", saved).cfg.directional_head_index == 0
     assert cfg["directional_head_index"] == -2
+
+
+def test_runs_saved_with_the_earlier_weight_names_still_load(tmp_path):
+    """Before the objectives moved out of the model files, the geometry head was ``geometry_head``
+    and ViLT's forcing clock ``forcing_steps_done`` (ALBEF's forcing read ``steps_done``)."""
+    import vlkit
+    from vlkit.checkpoint import WEIGHTS, atomic_save_tensors, model_state, save_run_config
+    for name, extra, renames in [
+            ("vilt", {"heads": 4}, {"relation_grounding.geometry_head.": "geometry_head.",
+                                    "attention_forcing.steps_done": "forcing_steps_done"}),
+            ("albef", {}, {"relation_grounding.geometry_head.": "geometry_head.",
+                           "attention_forcing.steps_done": None})]:
+        model = vlkit.create_model(name, "tiny", relation_weight=1.0, geometry_weight=1.0,
+                                   attention_forcing_steps=10, grounding_weight=1.0, **extra)
+        state = {k: v.clone() for k, v in model_state(model).items()}
+        with torch.no_grad():
+            for k, v in state.items():
+                v.add_(3) if v.dtype == torch.long else v.normal_()
+        if name == "albef":
+            state["attention_forcing.steps_done"] = state["steps_done"].clone()
+        old = {}
+        for k, v in state.items():
+            for new, before in renames.items():
+                if k.startswith(new):
+                    k = None if before is None else before + k[len(new):]
+                    break
+            if k is not None:
+                old[k] = v
+        assert old.keys() != state.keys()
+        run = tmp_path / name
+        run.mkdir()
+        save_run_config(run, name, model.config_dict())
+        atomic_save_tensors(run / WEIGHTS, old)
+        loaded = vlkit.load(run).model.state_dict()
+        assert loaded.keys() == state.keys()
+        assert all(torch.equal(loaded[k], state[k]) for k in state), name

@@ -238,6 +238,27 @@ def image_transform(model, overrides: dict | None = None):
     return ImageTransform(spec["size"], mean=tuple(spec["mean"]), std=tuple(spec["std"]))
 
 
+# weight names from before the compositional objectives moved into vlkit/objectives/
+RENAMED_KEYS = (("geometry_head.", "relation_grounding.geometry_head."),
+                ("forcing_steps_done", "attention_forcing.steps_done"))
+
+
+def upgrade_keys(state: dict, expected) -> dict:
+    """``state`` with the weight names of earlier vlkit versions renamed to those the model
+    expects (``RENAMED_KEYS``); ALBEF's attention forcing, which read the model's own step
+    count, gets that count as its clock. Names the model expects as they are stay."""
+    expected = set(expected)
+    for old, new in RENAMED_KEYS:
+        for key in [k for k in state if k.startswith(old) and k not in expected]:
+            renamed = new + key[len(old):]
+            if renamed in expected and renamed not in state:
+                state[renamed] = state.pop(key)
+    clock = "attention_forcing.steps_done"
+    if clock in expected and clock not in state and "steps_done" in state:
+        state[clock] = state["steps_done"].clone()
+    return state
+
+
 def load_weights(model, path: Path) -> None:
     """Weights from a vlkit safetensors file: an unreadable or corrupt file (checksum), NaN or
     infinite values, or keys and shapes that do not fit are errors naming the file."""
@@ -245,7 +266,8 @@ def load_weights(model, path: Path) -> None:
     from .convert.common import load_strict
     if not path.is_file():
         raise FileNotFoundError(f"{path.parent}: no {WEIGHTS}")
-    load_strict(model, read_weights(path, check=False), str(path))
+    state = upgrade_keys(read_weights(path, check=False), model.state_dict())
+    load_strict(model, state, str(path))
 
 
 def load(path: str | Path, device: str | torch.device | None = None) -> Pipeline:
