@@ -184,6 +184,8 @@ def test_recipe_commands(tmp_path):
     assert other.returncode == 2 and "seed" in other.stderr and len(other.stderr.strip().splitlines()) == 1
     done = _vlkit("train", "--resume", "--out", str(out), "--no-eval")
     assert done.returncode == 0 and "finished before, kept" in done.stderr
+    single = _vlkit("train", "--resume", "--out", str(out / "stages" / "vit"), "--no-eval")  # not a recipe run
+    assert single.returncode == 0 and "training vit" in single.stderr and "resumed from step 2" in single.stderr
     both = _vlkit("train", "clip", "--recipe", "clip-world", "--out", str(tmp_path / "x"))
     assert both.returncode == 2 and "not both" in both.stderr
     missing = _vlkit("train", "--recipe", "no-such-recipe", "--out", str(tmp_path / "y"))

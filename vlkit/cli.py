@@ -213,6 +213,11 @@ def cmd_train(args) -> int:
     from . import collective as vdist
     from .train.run import RunArgs, train
     options = _run_options(args)
+    if args.resume and not args.model and not args.recipe and not (Path(args.out) / "recipe.toml").is_file():
+        from .train.runfolder import is_vlkit_run
+        if is_vlkit_run(args.out):  # a single run: its model is in its config.json
+            from .checkpoint import read_run_config
+            args.model = options["model"] = read_run_config(args.out)["model"]
     if args.recipe or (args.resume and not args.model):
         if args.model:
             raise UsageError(f"give a model ({args.model}) or --recipe, not both: the recipe names its models")
