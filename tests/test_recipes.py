@@ -190,3 +190,18 @@ def test_recipe_commands(tmp_path):
     assert both.returncode == 2 and "not both" in both.stderr
     missing = _vlkit("train", "--recipe", "no-such-recipe", "--out", str(tmp_path / "y"))
     assert missing.returncode == 2 and "no such recipe" in missing.stderr and not (tmp_path / "y").exists()
+
+
+def test_a_recipe_runs_under_torchrun(tmp_path):
+    """Every rank runs the stages; rank 0 alone checks, locks and writes the run folder."""
+    (tmp_path / "tiny.toml").write_text(TINY)
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vlkit",
+                          "train", "--recipe", str(tmp_path / "tiny.toml"), "--out", str(out), "--no-eval",
+                          "--no-progress", "--set", "vit:steps=2", "--steps", "2"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "over 2 processes" in res.stderr
+    assert tomllib.loads((out / RESOLVED).read_text())["stage"][1]["steps"] == 2
+    assert json.loads((out / "train_summary.json").read_text())["step"] == 2
+    assert (out / "stages" / "vit" / "model.safetensors").is_file()

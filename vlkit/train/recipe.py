@@ -301,10 +301,15 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 def run_recipe(recipe: dict | None, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Run every stage that has not finished (resuming the one that stopped); returns the last
     stage's training result with ``"stages"``: each stage's name, folder and what happened."""
+    from .. import collective
     out = Path(out)
     check_output_path(out)
     if resume and not (out / RESOLVED).is_file():
         raise RecipeError(f"--resume: {out} holds no recipe run (no {RESOLVED})")
+    if not collective.is_main_env():  # under torchrun: rank 0 checks, locks and writes the folder
+        if recipe is None:
+            recipe = tomllib.loads((out / RESOLVED).read_text(encoding="utf-8"))
+        return _run_stages(recipe, out, progress)
     try:
         with run_lock(out):  # one writer for the whole recipe (each stage's train() takes it again)
             return _run_stages(begin(recipe, out, resume), out, progress)
