@@ -1,51 +1,106 @@
-r"""Render the README's headline table from recorded runs, instead of typing the figures.
+r"""Record recipe runs and render the README's headline table from the records, so its figures
+are copied by a script, never typed.
 
-    python scripts/results_table.py clip-world=runs/clip vilt-world=runs/vilt vilt-world=runs/vilt-s1 \
-        albef-world=runs/albef albef-world=runs/albef-s1
+    python scripts/results_table.py record RUN [RUN ...]   # writes docs/runs/RECIPE-sSEED.json
+    python scripts/results_table.py                        # prints the headline table
 
-Each argument is RECIPE=RUN: a run folder (its eval.json, as `vlkit train` writes it) or an eval
-JSON file. Runs of the same recipe (seeds) share a row, their figures joined by " / ". Minutes
-are the training time of the run and of its stages (`RUN/stages/*/train_summary.json`), steps
-those of the run itself (else of its last stage). Prints a Markdown table.
+``record`` reads a recipe run folder: its resolved ``recipe.toml`` (name, seed), the steps of each
+stage (``train_summary.json``), ``eval.json`` and, when present, ``eval-1000-pairs.json`` (the
+1,000-pair retrieval protocol; its metrics are kept as ``retrieval_1000.*``), and notes the
+machine's CPU (AVX-512 or AVX2) and the precision the run trained in. The table puts the runs of
+one recipe (seeds) in one row, their figures joined by " / ", in seed order.
 """
 from __future__ import annotations
 
 import json
+import os
+import platform
 import sys
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = ROOT / "docs" / "runs"
+# (recipe, the model as the table names it) in table order; recipes without records are left out
+RECIPES = [("clip-world", "CLIP"), ("vilt-world", "ViLT"), ("albef-world", "ALBEF"),
+           ("vlmo-world", "VLMo"), ("blip-world", "BLIP")]
 COLUMNS = [("attribute swaps", "itm.attribute_swap_acc"), ("relation flips", "itm.relation_flip_acc"),
-           ("all negatives", "itm.compositional_acc"), ("zero-shot", "zeroshot.top1")]
+           ("all negatives", "itm.compositional_acc"), ("zero-shot", "zeroshot.top1"),
+           ("t2i R@1, 1,000 pairs", "retrieval_1000.t2i_r1")]
 
 
-def record(path: Path) -> dict:
-    run = path if path.is_dir() else path.parent
-    metrics = json.loads((path / "eval.json" if path.is_dir() else path).read_text())["metrics"]
-    summaries = [p for p in [run / "train_summary.json", *sorted(run.glob("stages/*/train_summary.json"))]
-                 if p.is_file()]
-    done = [json.loads(p.read_text()) for p in summaries]
-    last = max(summaries, key=lambda p: (p.parent == run, p.stat().st_mtime), default=None)
-    return {"metrics": metrics, "minutes": sum(d.get("elapsed", 0) for d in done) / 60,
-            "steps": json.loads(last.read_text())["step"] if last else 0}
+def machine() -> str:
+    """The CPU as the records name it: its vector extensions, cores and model."""
+    flags, model = "", platform.processor()
+    if Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "flags" and not flags:
+                flags = value
+            if key.strip() == "model name":
+                model = value.strip()
+    simd = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
+    if " avx512_bf16" in flags:
+        simd += "-bf16"
+    return f"{simd} ({os.cpu_count()}-core {model})"
+
+
+def record(run: Path) -> dict:
+    recipe = tomllib.loads((run / "recipe.toml").read_text())
+    steps, precision = [], set()
+    for stage in recipe["stage"]:
+        folder = run if stage is recipe["stage"][-1] else run / "stages" / stage["name"]
+        steps.append([stage["name"], json.loads((folder / "train_summary.json").read_text())["step"]])
+        precision.add(json.loads((folder / "config.json").read_text()).get("precision", "auto"))
+    seeds = {stage.get("seed", 0) for stage in recipe["stage"]}
+    metrics = json.loads((run / "eval.json").read_text())["metrics"]
+    pairs = run / "eval-1000-pairs.json"
+    if pairs.is_file():
+        metrics |= {k.replace("retrieval.", "retrieval_1000.", 1): v
+                    for k, v in json.loads(pairs.read_text())["metrics"].items()}
+    cpu = machine()
+    auto = "bf16 autocast" if cpu.startswith("AVX-512-bf16") else "fp32"  # what --precision auto picks
+    return {"recipe": recipe["name"], "seed": max(seeds), "machine": cpu,
+            "precision": "/".join(sorted(auto if p == "auto" else p for p in precision)), "steps": steps,
+            "metrics": metrics}
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| recipe | model | seeds | steps | " + " | ".join(n for n, _ in COLUMNS) + " |",
+             "|---" * (4 + len(COLUMNS)) + "|"]
+    for name, model in RECIPES:
+        runs = sorted((r for r in records if r["recipe"] == name), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        steps = {" → ".join(f"{k} {v:,}" for k, v in r["steps"]) for r in runs}
+        cells = [f"`{name}`", model, " / ".join(str(r["seed"]) for r in runs), " / ".join(sorted(steps))]
+        cells += [" / ".join(f"{r['metrics'][k]:.3f}" if k in r["metrics"] else "–" for r in runs)
+                  for _, k in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def load_records(folder: Path = RECORDS) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
 
 
 def main(argv: list[str]) -> int:
-    if not argv or any("=" not in a for a in argv):
+    if argv[:1] == ["record"] and len(argv) > 1:
+        RECORDS.mkdir(parents=True, exist_ok=True)
+        for run in argv[1:]:
+            rec = record(Path(run))
+            out = RECORDS / f"{rec['recipe']}-s{rec['seed']}.json"
+            out.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+            print(f"{run} -> {out.relative_to(ROOT)}")
+        return 0
+    if argv:
         print(__doc__.strip(), file=sys.stderr)
         return 2
-    rows: dict[str, list[dict]] = {}
-    for arg in argv:
-        recipe, path = arg.split("=", 1)
-        rows.setdefault(recipe, []).append(record(Path(path)))
-    print("| recipe | minutes | steps | " + " | ".join(name for name, _ in COLUMNS) + " |")
-    print("|---" * (3 + len(COLUMNS)) + "|")
-    for recipe, runs in rows.items():
-        def joined(get):
-            return " / ".join(get(r) for r in runs)
-        cells = [f"`{recipe}`", joined(lambda r: f"{r['minutes']:.0f}"), joined(lambda r: f"{r['steps']:,}")]
-        cells += [joined(lambda r, k=key: f"{r['metrics'][k]:.3f}" if k in r["metrics"] else "–")
-                  for _, key in COLUMNS]
-        print("| " + " | ".join(cells) + " |")
+    print(table(load_records()))
     return 0
 
 

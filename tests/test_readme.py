@@ -166,3 +166,24 @@ def test_every_relative_link_points_to_an_existing_file(page):
         elif anchor and path.suffix == ".md" and anchor not in anchors(path):
             broken.append(f"{target} (no such heading)")
     assert not broken, f"{page.relative_to(ROOT)}: broken links {broken}"
+
+
+def test_the_headline_table_is_the_one_the_recorded_runs_render():
+    """The README's headline figures are copied by scripts/results_table.py from the run records
+    in docs/runs/, never typed: the table between the markers is exactly what the script prints,
+    and every record names its recipe, seed, machine, steps and metrics."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import results_table
+    finally:
+        sys.path.pop(0)
+    records = results_table.load_records()
+    assert records, "no run records in docs/runs/"
+    for rec in records:
+        assert {"recipe", "seed", "machine", "precision", "steps", "metrics"} <= rec.keys()
+        assert rec["metrics"] and all(isinstance(v, (int, float)) for v in rec["metrics"].values())
+    text = README.read_text()
+    start, end = "<!-- results_table.py -->\n", "<!-- /results_table.py -->"
+    assert start in text and end in text, "the README lost its results_table.py markers"
+    shown = text.split(start, 1)[1].split(end, 1)[0].strip()
+    assert shown == results_table.table(records)
