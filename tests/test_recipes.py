@@ -48,7 +48,7 @@ def test_overrides_reach_the_stage_they_name():
         resolve(recipe, sets={"clip:lr": 1.0})
     with pytest.raises(ValueError, match="--set lr: expected float"):
         resolve(recipe, sets={"lr": "fast"})
-    with pytest.raises(RecipeError, match="lr must be float"):
+    with pytest.raises(RecipeError, match="lr: expected float"):
         resolve(recipe, flags={"lr": "fast"})
     assert resolve(recipe, sets={"vit:steps": "7"})["stage"][0]["steps"] == 7  # --set gives text
     with pytest.raises(RecipeError, match="unknown run option 'learning_rate'"):

@@ -152,40 +152,42 @@ def _type_name(hint) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def coerce_value(value, hint, label: str):
-    """``value`` as the declared type ``hint`` of config field ``label``: bool (True/False, or
-    the strings true/false/1/0/yes/no/on/off), int (an integral number or its text), float (a
-    finite number or its text), str, list/tuple (a list, JSON text of one, or comma-separated
-    text; each element coerced), Optional (None, or "none"/"null"). Anything else is a one-line
-    ValueError naming the field and the expected type."""
+def coerce_value(value, hint, label: str, strict: bool = False):
+    """``value`` as the declared type ``hint`` of the field named ``label``, or a one-line
+    ValueError naming the field and the expected type. The one check of typed values: config
+    fields, run options and recipe entries all go through it.
+
+    ``strict=False`` (text from a command line or ``--set``): bool takes True/False, 0/1 or the
+    strings true/false/1/0/yes/no/on/off; int an integral number or its text; float a finite
+    number or its text; list/tuple a list, JSON text of one, or comma-separated text (each element
+    coerced); Optional None or "none"/"null". ``strict=True`` (typed files: JSON configs, TOML
+    recipes): the value must already be of the type — an int for a float field, a list for a
+    tuple field, nothing parsed from text."""
     def bad():
-        return ValueError(f"{label}: expected {_type_name(hint)}, got {value!r}")
-    if hint is typing.Any:
+        return ValueError(f"{label}: expected {_type_name(hint)}, got {type(value).__name__} {value!r:.40}")
+    if hint is typing.Any or hint is None:
         return value
+    text = None if strict or not isinstance(value, str) else value.strip()
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if value is None or (text is not None and text.lower() in ("none", "null")):
             if type(None) in args:
                 return None
             raise bad()
         kinds = [arg for arg in args if arg is not type(None)]
         if len(kinds) == 1:  # Optional[X]: X's own message
-            return coerce_value(value, kinds[0], label)
+            return coerce_value(value, kinds[0], label, strict)
         for arg in kinds:
             try:
-                return coerce_value(value, arg, label)
+                return coerce_value(value, arg, label, strict)
             except ValueError:
                 continue
         raise bad()
     if origin in (list, tuple) or hint in (list, tuple):
-        if isinstance(value, str):
-            text = value.strip()
+        if text is not None:
             parsed = _json_or_none(text) if text.startswith("[") else None
-            if isinstance(parsed, list):
-                value = parsed
-            else:
-                value = [v.strip() for v in text.split(",") if v.strip()]
+            value = parsed if isinstance(parsed, list) else [v.strip() for v in text.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise bad()
         args = [a for a in typing.get_args(hint) if a is not Ellipsis]
@@ -193,50 +195,34 @@ def coerce_value(value, hint, label: str):
         if origin is tuple and len(args) > 1 and Ellipsis not in typing.get_args(hint):
             if len(value) != len(args):
                 raise bad()
-            items = [coerce_value(v, a, f"{label}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+            items = [coerce_value(v, a, f"{label}[{i}]", strict) for i, (v, a) in enumerate(zip(value, args))]
         else:
-            items = [coerce_value(v, elem, f"{label}[{i}]") for i, v in enumerate(value)]
+            items = [coerce_value(v, elem, f"{label}[{i}]", strict) for i, v in enumerate(value)]
         return tuple(items) if (origin or hint) is tuple else list(items)
     if hint is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, int) and value in (0, 1):
+        if not strict and isinstance(value, int) and value in (0, 1):
             return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
+        if text is not None and text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
         raise ValueError(f"{label}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
+    if hint in (int, float):
+        number = value
+        if text is not None:
             try:
-                return int(value.strip())
+                number = hint(text)
             except ValueError:
                 raise bad() from None
-        raise bad()
-    if hint is float:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, (int, float)):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value.strip())
-            except ValueError:
-                raise bad() from None
-        else:
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise bad()
         if not math.isfinite(number):
             raise ValueError(f"{label}: expected a finite number, got {value!r}")
-        return number
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise bad()
+        if hint is float:
+            return float(number) if not strict else number
+        if isinstance(number, float) and (strict or not number.is_integer()):
+            raise bad()
+        return int(number)
     if isinstance(hint, type) and not isinstance(value, hint):
         raise bad()
     return value
@@ -272,55 +258,9 @@ def config_from_dict(cls, data: dict, where: str = ""):
         if dataclasses.is_dataclass(hint):
             value = config_from_dict(hint, value, field)
         else:
-            check_config_value(hint, value, field)
-            if isinstance(value, list) and typing.get_origin(hint) is tuple:
-                value = tuple(value)
+            value = coerce_value(value, hint, f"config field {field}", strict=True)
         kwargs[name] = value
     return cls(**kwargs)
-
-
-def check_config_value(hint, value, field: str) -> None:
-    """Raise a ValueError naming ``field`` unless ``value`` (as read from JSON) fits the type
-    ``hint`` (bool, int, float, str, ``X | None``, ``list[X]``, ``tuple[X, ...]``)."""
-    import math
-    if hint is None or hint is typing.Any:
-        return
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                check_config_value(arg, value, field)
-                return
-            except ValueError:
-                pass
-    elif origin in (list, tuple):
-        if isinstance(value, (list, tuple)):
-            item = args[0] if args else None
-            for i, x in enumerate(value):
-                check_config_value(item, x, f"{field}[{i}]")
-            return
-    elif hint is bool:
-        if isinstance(value, bool):
-            return
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ValueError(f"config field {field}: must be a finite number, got {value}")
-            return
-    elif isinstance(hint, type):
-        if isinstance(value, hint):
-            return
-    else:
-        return  # a type this check does not know: left to the model
-    raise ValueError(f"config field {field}: expected {_type_name(hint)}, got "
-                     f"{type(value).__name__} {value!r:.40}")
 
 
 def list_models() -> list[str]:

@@ -27,6 +27,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from ..checkpoint import WEIGHTS, atomic_write_bytes, latest_checkpoint
+from ..models.base import _type_hints, coerce_value
 from .run import RunArgs
 from .runfolder import LOCK, RECIPE_FILES, check_output_path, remove_if_untouched, run_lock
 
@@ -39,6 +40,7 @@ SUMMARY = "train_summary.json"
 RUN_OPTIONS = {f.name: f for f in dataclasses.fields(RunArgs)} 
 for _name in ("model", "out", "resume", "overrides", "progress", "minutes"):
     RUN_OPTIONS.pop(_name)
+RUN_HINTS = _type_hints(RunArgs)
 TOP_KEYS = {"recipe", "name", "summary", "stage", "measured"}
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
@@ -124,15 +126,10 @@ def check_run_option(key: str, value, label: str) -> None:
     if key not in RUN_OPTIONS:
         raise RecipeError(f"{label}: unknown run option {key!r} (model config fields go in [stage.config]; "
                           f"run options: {', '.join(sorted(RUN_OPTIONS))})")
-    hint = str(RUN_OPTIONS[key].type)
-    kinds = [(t, k) for t, k in (("bool", bool), ("int", int), ("float", (int, float)), ("str", str),
-                                 ("dict", dict)) if t in hint]
-    if value is None or not kinds:
-        return
-    for t, k in kinds:
-        if isinstance(value, k) and (t == "bool" or not isinstance(value, bool)):
-            return
-    raise RecipeError(f"{label}: {key} must be {' or '.join(t for t, _ in kinds)}, got {value!r}")
+    try:
+        coerce_value(value, RUN_HINTS[key], f"{label}: {key}", strict=True)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
 
 
 # ---- overrides ----------------------------------------------------------------------------
@@ -163,8 +160,7 @@ def resolve(recipe: dict, seed: int | None = None, sets: dict | None = None, fla
             target = by_name[name]
         if key in RUN_OPTIONS:
             if isinstance(value, str) and key not in ("data", "preset", "init", "precision", "on_bad_sample"):
-                from ..models.base import _type_hints, coerce_value  # --set gives text: the option's type
-                value = coerce_value(value, _type_hints(RunArgs)[key], f"--set {key}")
+                value = coerce_value(value, RUN_HINTS[key], f"--set {key}")  # --set gives text
             check_run_option(key, value, f"--set {key}")
             target[key] = value
         else:
