@@ -82,6 +82,21 @@ def directional_mask(attention_mask: torch.Tensor, heads: int, first: int = 0) -
     return (padding_mask(attention_mask) & per_head[None]) | torch.eye(n, dtype=torch.bool, device=device)
 
 
+def joint_directional_mask(mask: torch.Tensor, text_len: int, heads: int, first: int) -> torch.Tensor:
+    """(B, heads, L, L) self-attention mask of a joint [text ; image] sequence (``mask`` (B, L),
+    text first): padding everywhere, and the text rows of head ``first`` (negative: from the
+    end) see only the text at or before them, of the next head only the text at or after them,
+    neither the image (``directional_mask`` on the text). The other heads' text rows and every
+    image row see every real token."""
+    first = check_directional_heads(heads, first)
+    n, keys = text_len, padding_mask(mask)
+    full = keys.expand(-1, heads, mask.shape[1], -1)
+    text = torch.cat([directional_mask(mask[:, :n], 2),
+                      torch.zeros_like(full[:, :2, :n, n:])], dim=3)  # (B, 2, n, L)
+    top = torch.cat([full[:, :first, :n], text, full[:, first + 2:, :n]], dim=1)
+    return torch.cat([top, full[:, :, n:]], dim=2)
+
+
 def causal_mask(n: int, m: int | None = None, device=None) -> torch.Tensor:
     """(N, M) boolean lower-triangular mask aligned to the end: query i sees keys j <= i + (M - N)."""
     m = n if m is None else m

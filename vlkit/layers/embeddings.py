@@ -80,6 +80,33 @@ def sincos_2d(grid: tuple[int, int], dim: int, num_prefix: int = 1, temperature:
     return torch.cat([codes.new_zeros(num_prefix, dim), codes]).to(dtype)
 
 
+def sincos_square(tokens: torch.Tensor) -> torch.Tensor:
+    """``sincos_2d`` codes (1+N, D) for image tokens (B, 1+N, D): a [CLS] and a square grid of N."""
+    n = tokens.shape[1] - 1
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"{n} image tokens after [CLS] do not form a square grid")
+    return sincos_2d((side, side), tokens.shape[-1], device=tokens.device, dtype=tokens.dtype)
+
+
+def grid_pos_embed(pos_embed: torch.Tensor, full_grid, heights: list[int], widths: list[int],
+                   grid) -> torch.Tensor:
+    """(B or 1, N, D): learned position embeddings (1, 1+H*W, D) of the ``full_grid`` patches,
+    resized (bilinear, corners aligned, as ViLT) to each image's valid ``heights[i]`` x
+    ``widths[i]`` grid and zero-padded to ``grid``. Each size is resized once."""
+    spatial = pos_embed[:, 1:].transpose(1, 2).reshape(1, pos_embed.shape[-1], *full_grid)
+    made = {}
+    for hw in zip(heights, widths):
+        if hw not in made:
+            if min(hw) == 0:
+                raise ValueError("pixel_mask leaves an image without any valid patch")
+            p = spatial if hw == tuple(spatial.shape[-2:]) else \
+                F.interpolate(spatial, size=hw, mode="bilinear", align_corners=True)
+            made[hw] = F.pad(p, (0, grid[1] - hw[1], 0, grid[0] - hw[0]))
+    out = torch.cat([made[hw] for hw in zip(heights, widths)])  # (B, D, gh, gw)
+    return out.flatten(2).transpose(1, 2)
+
+
 class ImageEmbeddings(nn.Module):
     """Patches + [CLS] + learned position embeddings, interpolated to other image sizes."""
 

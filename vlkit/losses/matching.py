@@ -5,13 +5,18 @@
   excluded (ALBEF/BLIP/VLMo hard negatives mined by contrastive similarity).
 - ``other_index`` / ``itm_batch_from_swaps``: negatives made by giving a caption another image
   of the batch (ViLT swaps the image with probability 0.5).
+- ``gather_itm_batch``: the global batch the negatives are drawn from under a process group;
+  ``pad_cat``: two batches of texts (ids or hidden states) stacked at a common length.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["itm_loss", "itm_accuracy", "sample_hard_negatives", "other_index", "itm_batch_from_swaps"]
+from ..collective import all_gather_no_grad, all_gather_sizes, all_gather_with_grad, is_dist, rank, world_size
+
+__all__ = ["itm_loss", "itm_accuracy", "sample_hard_negatives", "other_index", "itm_batch_from_swaps",
+           "gather_itm_batch", "pad_cat"]
 
 
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -67,3 +72,41 @@ def itm_batch_from_swaps(batch_size: int, prob: float = 0.5, generator: torch.Ge
     if bool((other[swap] == own[swap]).any()):
         raise ValueError("negative_index pairs a caption with its own image")
     return torch.where(swap, other, own), (~swap).long()
+
+
+def pad_cat(a: torch.Tensor, mask_a: torch.Tensor, b: torch.Tensor, mask_b: torch.Tensor,
+            pad_value: int | float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack two text batches (N, L, ...) — token ids or hidden states — and their (N, L) masks,
+    each padded along L to the longer length (``pad_value`` in ``a``/``b``, 0 in the masks)."""
+    n = max(a.shape[1], b.shape[1])
+
+    def pad(t, value):
+        return F.pad(t.to(a.device), (0, 0) * (t.dim() - 2) + (0, n - t.shape[1]), value=value)
+    return torch.cat([pad(a, pad_value), pad(b, pad_value)]), torch.cat([pad(mask_a, 0), pad(mask_b, 0)])
+
+
+def gather_itm_batch(image_tokens, text_hidden, mask, image_feat, text_feat, ids) -> dict:
+    """The global batch ITM negatives are drawn from: every process's image tokens and text
+    hidden states (with gradient; texts padded to the longest length of all processes), masks,
+    features and ids (``image_tokens``, ``text_hidden``, ``mask``, ``image_feat``, ``text_feat``,
+    ``ids``), this process's texts padded alike (``local_text``, ``local_mask``), its first row in
+    the global batch (``row_start``), every process's batch size (``sizes``) and the common text
+    ``length``. Without a process group this is the local batch."""
+    out = dict(image_tokens=image_tokens, text_hidden=text_hidden, mask=mask, image_feat=image_feat,
+               text_feat=text_feat, ids=ids, row_start=0, local_text=text_hidden, local_mask=mask,
+               sizes=[image_tokens.shape[0]], length=text_hidden.shape[1])
+    if not (is_dist() and world_size() > 1):
+        return out
+    sizes = all_gather_sizes([image_tokens.shape[0], text_hidden.shape[1]], mask.device)
+    b_sizes, length = [s[0] for s in sizes], max(s[1] for s in sizes)
+    pad = length - text_hidden.shape[1]
+    local_text, local_mask = F.pad(text_hidden, (0, 0, 0, pad)), F.pad(mask, (0, pad))
+    out.update(local_text=local_text, local_mask=local_mask, row_start=sum(b_sizes[:rank()]),
+               sizes=b_sizes, length=length,
+               image_tokens=all_gather_with_grad(image_tokens, b_sizes),
+               text_hidden=all_gather_with_grad(local_text, b_sizes),
+               mask=all_gather_no_grad(local_mask, b_sizes),
+               image_feat=all_gather_no_grad(image_feat, b_sizes),
+               text_feat=all_gather_no_grad(text_feat, b_sizes),
+               ids=None if ids is None else all_gather_no_grad(ids, b_sizes))
+    return out

@@ -31,7 +31,6 @@ taps of ``training_losses``. Architecture variants: ``fusion_pos``, ``directiona
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -39,16 +38,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import (AttentionGuide, BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostNormBlock,
-                      Transformer, check_directional_heads, classifier, directional_mask, init_weights, padding_mask, sincos_2d)
+                      Transformer, check_directional_heads, classifier, directional_mask, init_weights, padding_mask,
+                      sincos_square)
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
-from ..losses.matching import itm_accuracy, itm_loss
+from ..losses.matching import gather_itm_batch, itm_accuracy, itm_loss, pad_cat
 from ..losses.mlm import mask_tokens
 from ..losses.vqa import batch_vqa_loss, vqa_loss
-from ..collective import (all_gather_no_grad, all_gather_padded, all_gather_sizes,
-                                 all_gather_with_grad, global_generator, global_mean_scale, is_dist,
-                                 rank, world_size)
+from ..collective import all_gather_no_grad, all_gather_padded, global_generator, global_mean_scale
 from ..objectives import FusionSpec, ObjectiveOptions, Step, build_objectives
-from .base import Output, VLModel, image_spec, register
+from .base import Output, VLModel, answer_names, image_spec, register, requires_head
 from .clip import PRESETS as CLIP_PRESETS
 from .vit import ViTConfig, VisionTransformer
 
@@ -133,16 +131,6 @@ PRESETS = {
 }
 
 
-def _vqa_only(fn):
-    """A method that exists only with a VQA head, so ``hasattr(model, "answer")`` tells the
-    pipeline and the evaluation whether this model answers questions."""
-    def get(self):
-        if self.vqa_head is None:
-            raise AttributeError(f"this ALBEF has no VQA head (num_answers=0) for {fn.__name__}")
-        return fn.__get__(self)
-    return property(get, doc=fn.__doc__)
-
-
 @register("albef")
 class ALBEF(VLModel):
     config_class = ALBEFConfig
@@ -198,7 +186,6 @@ class ALBEF(VLModel):
         self.queue = FeatureQueue(cfg.queue_size, image=e, text=e)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self._calls: dict[bool, tuple[int, int]] = {}  # mode -> (step, calls at that step)
-        self._pos_cache: tuple | None = None  # ((grid side, width, device, dtype), fusion_pos codes)
 
     def image_spec(self) -> dict:
         return image_spec(self.cfg.vision)
@@ -243,7 +230,7 @@ class ALBEF(VLModel):
         if attention_mask is None:
             attention_mask = torch.ones(text_hidden.shape[:2], dtype=torch.long, device=text_hidden.device)
         if self.cfg.fusion_pos:
-            image_tokens = image_tokens + self._fusion_pos(image_tokens)
+            image_tokens = image_tokens + sincos_square(image_tokens)
         return self._part("fusion_layers", momentum)(
             text_hidden, mask=self._self_mask(attention_mask), context=image_tokens,
             return_attention=return_attention)
@@ -260,7 +247,7 @@ class ALBEF(VLModel):
         from ..objectives.grounding import check_targets
         check_targets(targets["names"], attention_mask.shape, image_tokens.shape[1] - 1)
         if self.cfg.fusion_pos:
-            image_tokens = image_tokens + self._fusion_pos(image_tokens)
+            image_tokens = image_tokens + sincos_square(image_tokens)
         targets = {k: None if v is None else v.to(image_tokens.device) for k, v in targets.items()}
         forced, guides = step.guides(targets), None
         if forced is not None:
@@ -279,18 +266,6 @@ class ALBEF(VLModel):
         if self.cfg.directional_heads:
             return directional_mask(attention_mask, self.cfg.heads, self.cfg.directional_head_index)
         return padding_mask(attention_mask)
-
-    def _fusion_pos(self, image_tokens: torch.Tensor) -> torch.Tensor:
-        """The (1+N, Dv) position codes of a square grid of N patch tokens after [CLS]."""
-        n = image_tokens.shape[1] - 1
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"fusion_pos: {n} image tokens after [CLS] do not form a square grid")
-        key = (side, image_tokens.shape[-1], image_tokens.device, image_tokens.dtype)
-        if self._pos_cache is None or self._pos_cache[0] != key:
-            self._pos_cache = (key, sincos_2d((side, side), image_tokens.shape[-1],
-                                              device=image_tokens.device, dtype=image_tokens.dtype))
-        return self._pos_cache[1]
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._image(pixel_values)[1]  # (B, E)
@@ -350,16 +325,14 @@ class ALBEF(VLModel):
         attn = cross.float().mean(dim=2)[..., 1:]  # (layers, B, L, N)
         return (attn / attn.sum(-1, keepdim=True).clamp_min(1e-12)).mean(0)  # (B, L, N)
 
-    @_vqa_only
+    @requires_head("vqa_head")
     def vqa_logits(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
         """(B, num_answers) answer logits from the fused [CLS] (soft-score BCE)."""
         return self.vqa_head(self(pixel_values, input_ids, attention_mask).pooled)
 
-    @_vqa_only
+    @requires_head("vqa_head")
     def answer(self, pixel_values, input_ids, attention_mask=None) -> list[str]:
-        best = self.vqa_logits(pixel_values, input_ids, attention_mask).argmax(-1).tolist()
-        names = self.cfg.answer_names or [str(i) for i in range(self.cfg.num_answers)]
-        return [names[i] for i in best]
+        return answer_names(self.cfg, self.vqa_logits(pixel_values, input_ids, attention_mask).argmax(-1).tolist())
 
     def pair_logits(self, pixel_values_1, pixel_values_2, input_ids, attention_mask=None) -> torch.Tensor:
         """(B, pair_classes): does the statement hold of the two images? The text is encoded
@@ -413,7 +386,7 @@ class ALBEF(VLModel):
             image_tokens_m, image_feat_m = self._image(pixels, momentum=True)
             text_feat_m = self._text(ids, mask, momentum=True)[1]
         # every process's batch: ITC columns, ITM negatives, and the rows random draws are made for
-        g = _gather_global(image_tokens, text_hidden, mask, image_feat, text_feat, image_ids)
+        g = gather_itm_batch(image_tokens, text_hidden, mask, image_feat, text_feat, image_ids)
         rows = slice(g["row_start"], g["row_start"] + ids.shape[0])
         out = {"itc_loss": itc_queue_loss(
             image_feat, text_feat, all_gather_no_grad(image_feat_m, g["sizes"]),
@@ -473,7 +446,7 @@ class ALBEF(VLModel):
     def _itm(self, batch, g, image_tokens, temp, generator, step: Step):
         """ITM logits and labels: B positives, B (text, negative image), B (image, negative
         text), then (image, dataset negative caption) pairs with ``hard_negatives``. The
-        negatives are drawn for every row of the global batch ``g`` (``_gather_global``), then
+        negatives are drawn for every row of the global batch ``g`` (``losses.matching.gather_itm_batch``), then
         this process's rows are kept. The fused states go to the objectives with their pairing."""
         b, mask = image_tokens.shape[0], g["local_mask"]
         with torch.no_grad():
@@ -491,7 +464,7 @@ class ALBEF(VLModel):
         if self.cfg.hard_negatives and neg_ids is not None and neg_ids.shape[0] > 0:
             owner = batch["neg_owner"].to(mask.device)
             neg_hidden = self._text(neg_ids, batch["neg_attention_mask"])[0]
-            texts, masks = _pad_cat(texts, masks, neg_hidden, batch["neg_attention_mask"])
+            texts, masks = pad_cat(texts, masks, neg_hidden, batch["neg_attention_mask"])
             images = torch.cat([images, image_tokens[owner]])
             labels = torch.cat([labels, torch.zeros_like(owner)])
             negative_rows = 3 * b + torch.arange(owner.shape[0], device=mask.device)
@@ -509,36 +482,3 @@ class ALBEF(VLModel):
         for objective in self.objectives:
             objective.after_step()
 
-
-def _gather_global(image_tokens, text_hidden, mask, image_feat, text_feat, ids) -> dict:
-    """The global batch for ITM negatives: every process's image tokens and text hidden states
-    (with gradient; texts padded to the longest length of all processes), masks, features and ids.
-    Without a process group this is the local batch."""
-    out = dict(image_tokens=image_tokens, text_hidden=text_hidden, mask=mask, image_feat=image_feat,
-               text_feat=text_feat, ids=ids, row_start=0, local_text=text_hidden, local_mask=mask,
-               sizes=[image_tokens.shape[0]], length=text_hidden.shape[1])
-    if not (is_dist() and world_size() > 1):
-        return out
-    sizes = all_gather_sizes([image_tokens.shape[0], text_hidden.shape[1]], mask.device)
-    b_sizes, length = [s[0] for s in sizes], max(s[1] for s in sizes)
-    pad = length - text_hidden.shape[1]
-    local_text, local_mask = F.pad(text_hidden, (0, 0, 0, pad)), F.pad(mask, (0, pad))
-    out.update(local_text=local_text, local_mask=local_mask, row_start=sum(b_sizes[:rank()]),
-               sizes=b_sizes, length=length,
-               image_tokens=all_gather_with_grad(image_tokens, b_sizes),
-               text_hidden=all_gather_with_grad(local_text, b_sizes),
-               mask=all_gather_no_grad(local_mask, b_sizes),
-               image_feat=all_gather_no_grad(image_feat, b_sizes),
-               text_feat=all_gather_no_grad(text_feat, b_sizes),
-               ids=None if ids is None else all_gather_no_grad(ids, b_sizes))
-    return out
-
-
-def _pad_cat(hidden_a, mask_a, hidden_b, mask_b):
-    """Stack two (N, L, D) hidden-state batches and their masks, padded to a common length."""
-    n = max(hidden_a.shape[1], hidden_b.shape[1])
-    hidden = torch.cat([F.pad(hidden_a, (0, 0, 0, n - hidden_a.shape[1])),
-                        F.pad(hidden_b, (0, 0, 0, n - hidden_b.shape[1]))])
-    masks = torch.cat([F.pad(mask_a, (0, n - mask_a.shape[1])),
-                       F.pad(mask_b.to(mask_a.device), (0, n - mask_b.shape[1]))])
-    return hidden, masks

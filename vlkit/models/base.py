@@ -81,6 +81,24 @@ class VLModel(nn.Module):
         return set()
 
 
+def requires_head(*heads: str):
+    """Decorator: a method that exists only when one of the named heads does (is not None), so
+    ``hasattr(model, name)`` tells the pipeline and the evaluation what a model can do."""
+    def wrap(fn):
+        def get(self):
+            if all(getattr(self, h) is None for h in heads):
+                raise AttributeError(f"this {self.model_name} has no {' or '.join(heads)} for {fn.__name__}")
+            return fn.__get__(self)
+        return property(get, doc=fn.__doc__)
+    return wrap
+
+
+def answer_names(cfg, best: list[int]) -> list[str]:
+    """The names of answer indices ``best`` (a config's ``answer_names``, else the indices)."""
+    names = cfg.answer_names or [str(i) for i in range(cfg.num_answers)]
+    return [names[i] for i in best]
+
+
 def merge_config(cfg, overrides: dict, name: str = "model"):
     """``cfg`` with fields replaced; a nested config takes a dict (merged into it) or dotted keys
     such as ``"vision.dim"``; unknown fields are an error naming them. Each value is coerced to

@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import (AttentionGuide, BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormBlock, Transformer,
-                      check_directional_heads, classifier, directional_mask, init_weights, padding_mask,
-                      sincos_2d)
-from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
+                      check_directional_heads, classifier, grid_pos_embed, init_weights, joint_directional_mask,
+                      padding_mask, sincos_2d)
+from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss, pad_cat
 from ..losses.mlm import mask_tokens, mlm_loss
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from ..objectives import FusionSpec, ObjectiveOptions, Step, build_objectives
-from .base import Output, VLModel, register
+from .base import Output, VLModel, answer_names, register, requires_head
 
 __all__ = ["ViLT", "ViLTConfig", "PRESETS", "classifier"]
 
@@ -93,18 +93,6 @@ PRESETS = {
                 max_text_len=40, max_image_tokens=200, mask_token_id=103,
                 special_token_ids=(0, 100, 101, 102, 103)),
 }
-
-
-def _with_head(*heads: str):
-    """A method that exists only when one of the heads does, so ``hasattr(model, name)`` tells the
-    pipeline and the evaluation what this model can do."""
-    def wrap(fn):
-        def get(self):
-            if all(getattr(self, h) is None for h in heads):
-                raise AttributeError(f"this ViLT has no {' or '.join(heads)} for {fn.__name__}")
-            return fn.__get__(self)
-        return property(get, doc=fn.__doc__)
-    return wrap
 
 
 @register("vilt")
@@ -199,10 +187,11 @@ class ViLT(VLModel):
         b, n, d = x.shape
         if pixel_mask is None:
             valid = torch.ones(b, *grid, dtype=torch.bool, device=x.device)
-            x = x + self._grid_pos([grid[0]], [grid[1]], grid)  # one grid for all: no host sync
+            x = x + grid_pos_embed(emb.pos_embed, emb.grid, [grid[0]], [grid[1]], grid)  # one grid for all: no host sync
         else:  # nearest-neighbour downsampling of the pixel mask to the patch grid
             valid = F.interpolate(pixel_mask[:, None].float(), size=grid)[:, 0] > 0.5
-            x = x + self._grid_pos(valid.sum(1)[:, 0].tolist(), valid.sum(2)[:, 0].tolist(), grid)
+            x = x + grid_pos_embed(emb.pos_embed, emb.grid, valid.sum(1)[:, 0].tolist(),
+                                   valid.sum(2)[:, 0].tolist(), grid)
         if self.cfg.image_pos:  # row and column codes; a padded image's valid patches keep theirs
             x = x + sincos_2d(grid, d, num_prefix=0, device=x.device, dtype=x.dtype)
         keep = valid.flatten(1)  # (B, N)
@@ -216,21 +205,6 @@ class ViLT(VLModel):
         cls = (emb.cls_token + emb.pos_embed[:, :1]).expand(b, -1, -1)
         x = emb.dropout(torch.cat([cls, x], dim=1))  # (B, 1+N', D)
         return x, torch.cat([keep.new_ones(b, 1), keep], dim=1)
-
-    def _grid_pos(self, heights: list[int], widths: list[int], grid) -> torch.Tensor:
-        """(B or 1, N, D) position embeddings of each image's valid h x w grid, zero-padded to ``grid``."""
-        pos = self.image_embed.pos_embed
-        spatial = pos[:, 1:].transpose(1, 2).reshape(1, pos.shape[-1], *self.image_embed.grid)
-        made = {}
-        for hw in zip(heights, widths):
-            if hw not in made:
-                if min(hw) == 0:
-                    raise ValueError("pixel_mask leaves an image without any valid patch")
-                p = spatial if hw == tuple(spatial.shape[-2:]) else \
-                    F.interpolate(spatial, size=hw, mode="bilinear", align_corners=True)
-                made[hw] = F.pad(p, (0, grid[1] - hw[1], 0, grid[0] - hw[0]))
-        out = torch.cat([made[hw] for hw in zip(heights, widths)])  # (B, D, gh, gw)
-        return out.flatten(2).transpose(1, 2)
 
     def embed(self, pixel_values, input_ids, attention_mask, token_type_ids=None, image_token_type=1,
               pixel_mask=None):
@@ -258,22 +232,12 @@ class ViLT(VLModel):
         return Output(features=x, pooled=self.pooler(x))
 
     def _joint_mask(self, mask: torch.Tensor, text_len: int) -> torch.Tensor:
-        """The self-attention mask of the joint sequence (text first): padding, and with
-        ``directional_heads`` the text rows of the last two heads see only text -- the
-        second-to-last head the text at or before them, the last the text at or after them
-        (``layers.directional_mask``) -- as a text encoder's layer would: what precedes a
-        relation word (its subject) and what follows it (its object) reach it apart, undiluted
-        by the image tokens. The other heads' text rows and every image row see everything."""
-        keys = padding_mask(mask)
+        """Padding, and with ``directional_heads`` two text-only heads, one looking back and one
+        ahead (``layers.joint_directional_mask``): what precedes a relation word (its subject) and
+        what follows it (its object) reach it apart, undiluted by the image tokens."""
         if not self.cfg.directional_heads:
-            return keys
-        heads, n = self.cfg.heads, text_len
-        full = keys.expand(-1, heads, mask.shape[1], -1)
-        text = torch.cat([directional_mask(mask[:, :n], 2),
-                          torch.zeros_like(full[:, :2, :n, n:])], dim=3)  # (B, 2, n, L)
-        first = check_directional_heads(heads, self.cfg.directional_head_index)
-        top = torch.cat([full[:, :first, :n], text, full[:, first + 2:, :n]], dim=1)
-        return torch.cat([top, full[:, :, n:]], dim=2)
+            return padding_mask(mask)
+        return joint_directional_mask(mask, text_len, self.cfg.heads, self.cfg.directional_head_index)
 
     @property
     def grounding_grid(self) -> tuple[int, int] | None:
@@ -301,7 +265,7 @@ class ViLT(VLModel):
         step.read("text", lambda layer, heads: maps[layer]["self"][:, heads, :n, n + 1:], x[:, :n], targets)
         return x
 
-    @_with_head("itm_head", "rank_head")
+    @requires_head("itm_head", "rank_head")
     def match(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> torch.Tensor:
         """(B, 2) ITM logits of zipped pairs (column 1 = match). A model with only the 1-way
         retrieval head returns [0, rank score], so softmax[:, 1] = sigmoid(rank score)."""
@@ -313,7 +277,7 @@ class ViLT(VLModel):
         rank = self.rank_head(pooled)  # (B, 1)
         return torch.cat([torch.zeros_like(rank), rank], dim=1)
 
-    @_with_head("itm_head", "rank_head")
+    @requires_head("itm_head", "rank_head")
     def score(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> torch.Tensor:
         """(B,) log-probability that each zipped pair matches (``VLModel`` documents ``score``):
         the ITM head's, adjusted by the objectives (``match_score="itm+edit"``)."""
@@ -324,25 +288,23 @@ class ViLT(VLModel):
                                        input_ids, attention_mask)
         return logp
 
-    @_with_head("mlm_head")
+    @requires_head("mlm_head")
     def mlm_logits(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> torch.Tensor:
         """(B, L, vocab) predictions for every text position."""
         features = self(pixel_values, input_ids, attention_mask, pixel_mask=pixel_mask).features
         return self.mlm_head(features[:, :input_ids.shape[1]])
 
-    @_with_head("vqa_head")
+    @requires_head("vqa_head")
     def vqa_logits(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> torch.Tensor:
         """(B, num_answers) answer logits (sigmoid scores, trained with soft-score BCE)."""
         return self.vqa_head(self(pixel_values, input_ids, attention_mask, pixel_mask=pixel_mask).pooled)
 
-    @_with_head("vqa_head")
+    @requires_head("vqa_head")
     def answer(self, pixel_values, input_ids, attention_mask=None) -> list[str]:
         """The highest-scoring answer for each (image, question)."""
-        best = self.vqa_logits(pixel_values, input_ids, attention_mask).argmax(-1).tolist()
-        names = self.cfg.answer_names or [str(i) for i in range(self.cfg.num_answers)]
-        return [names[i] for i in best]
+        return answer_names(self.cfg, self.vqa_logits(pixel_values, input_ids, attention_mask).argmax(-1).tolist())
 
-    @_with_head("pair_head")
+    @requires_head("pair_head")
     def pair_logits(self, pixel_values_1, pixel_values_2, input_ids, attention_mask=None) -> torch.Tensor:
         """NLVR2 "pair" setting: the text runs once with each image (modality types 1 and 2);
         the two pooled outputs, concatenated, go to the classifier. (B, pair_classes)."""
@@ -378,8 +340,8 @@ class ViLT(VLModel):
             if self.cfg.hard_negatives and neg_ids is not None and neg_ids.shape[0] > 0:
                 owner = batch["neg_owner"].to(ids.device)
                 itm_pixels = torch.cat([itm_pixels, pixels[owner]])
-                itm_ids, itm_mask = _pad_cat(ids, mask, neg_ids, batch["neg_attention_mask"],
-                                             self.cfg.pad_token_id)
+                itm_ids, itm_mask = pad_cat(ids, mask, neg_ids, batch["neg_attention_mask"],
+                                            self.cfg.pad_token_id)
                 labels = torch.cat([labels, torch.zeros_like(owner)])
                 negative_rows = ids.shape[0] + torch.arange(owner.shape[0], device=ids.device)
             if step.taps_attention and not mlm:
@@ -438,12 +400,3 @@ class ViLT(VLModel):
         out["loss"] = torch.stack(losses).sum()
         return out
 
-
-def _pad_cat(ids_a, mask_a, ids_b, mask_b, pad_id: int):
-    """Stack two tokenised batches padded to a common length."""
-    n = max(ids_a.shape[1], ids_b.shape[1])
-
-    def pad(t, value):
-        return F.pad(t, (0, n - t.shape[1]), value=value)
-    ids = torch.cat([pad(ids_a, pad_id), pad(ids_b.to(ids_a.device), pad_id)])
-    return ids, torch.cat([pad(mask_a, 0), pad(mask_b.to(mask_a.device), 0)])
