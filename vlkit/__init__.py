@@ -1,7 +1,7 @@
 """vlkit: vision-language models from one library of shared layers."""
 from ._version import __version__
-from .factory import create_model
-from .models import list_models
+
+__all__ = ["create_model", "list_models", "load", "__version__"]
 
 
 def load(path, **kwargs):
@@ -10,4 +10,13 @@ def load(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["create_model", "list_models", "load", "__version__"]
+def __getattr__(name: str):
+    # torch and the models load on first use, so that the command line answers --help and
+    # refuses bad arguments without importing them
+    if name == "create_model":
+        from .factory import create_model
+        return create_model
+    if name == "list_models":
+        from .models import list_models
+        return list_models
+    raise AttributeError(f"module 'vlkit' has no attribute {name!r}")
