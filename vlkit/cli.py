@@ -305,6 +305,16 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import DEFAULT_EVAL_SIZE, QUICK_EVAL_SIZE, QUICK_MINUTES, compare
+    minutes = args.minutes if args.minutes is not None else (QUICK_MINUTES if args.quick else None)
+    eval_size = args.eval_size or (QUICK_EVAL_SIZE if args.quick else DEFAULT_EVAL_SIZE)
+    compare([m.strip() for m in args.models.split(",") if m.strip()], args.out, minutes=minutes, steps=args.steps,
+            seeds=args.seeds, eval_size=eval_size, progress=not args.no_progress)
+    print(f"report: {Path(args.out) / 'report.html'} (and report.md, report.json)")
+    return 0
+
+
 def cmd_eval(args) -> int:
     import contextlib
     from .eval.run import default_tasks, evaluate, print_metrics, write_eval
@@ -458,6 +468,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "which score every image-text pair)")
     _allow_outside_paths(s)
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("compare", help="the family side by side: each model's world recipe, one "
+                                       "budget, every task evaluated, a report with figures")
+    s.add_argument("--models", default="clip,vilt,albef,vlmo,blip", help="comma-separated (default: all five)")
+    s.add_argument("--minutes", type=float, help="training minutes per model, shared among its recipe's "
+                                                 "stages (default 8; 1 with --quick)")
+    s.add_argument("--steps", type=int, help="instead of minutes: this many steps for every stage")
+    s.add_argument("--seeds", type=int, default=1, help="runs per model; figures become mean ± spread")
+    s.add_argument("--quick", action="store_true", help="1 minute per model, 200 test records")
+    s.add_argument("--eval-size", type=int, metavar="N", help="test records evaluated (default 1000; 200 with --quick)")
+    s.add_argument("--out", default="compare", help="report folder (default ./compare); a stopped compare "
+                                                   "continues there")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("explain", help="per-word cross-attention over an image, as a heat-map PNG")
     s.add_argument("run", help="run folder of a fusion model with cross-attention (albef)")

@@ -1,0 +1,78 @@
+"""`vlkit compare` on two models with a few steps each: the report's every cell is a figure or a
+reason, its JSON holds the figures the table shows, every figure file is there, the HTML embeds
+them, a second compare into the same folder keeps the finished runs, and bad arguments are one
+line and exit 2."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from vlkit import cli
+from vlkit.compare import FAMILY, ROWS, WHY, CompareError, fmt, plan
+
+
+def test_compare_two_models_writes_a_full_report(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--steps", "2", "--eval-size", "20", "--out", str(out), "--no-progress"]
+    assert cli.main(args + ["--models", "clip"]) == 0
+    clip_summary = out / "runs" / "clip-s0" / "train_summary.json"
+    before = clip_summary.stat().st_mtime_ns
+    assert cli.main(args + ["--models", "clip,vilt"]) == 0
+    assert clip_summary.stat().st_mtime_ns == before, "the finished CLIP run was trained again"
+    assert "report.html" in capsys.readouterr().out
+
+    report = json.loads((out / "report.json").read_text())
+    models = report["settings"]["models"]
+    assert models == ["clip", "vilt"] and report["rows"] == [k for k, _ in ROWS]
+    reasons = set(WHY.values()) | {"no data on this split"}
+    for r, key in enumerate(report["rows"]):
+        row = report["table"][r]
+        assert row[0] == dict(ROWS)[key] and len(row) == 1 + len(models)
+        for m, text in zip(models, row[1:]):
+            assert text, f"empty cell {key} / {m}"
+            figure = report["models"][m]["metrics"].get(key)
+            if figure is None:
+                assert text in reasons, f"{key} / {m}: {text!r} is neither a figure nor a reason"
+            else:  # the table shows the JSON's figure
+                assert text == fmt(key, figure) and figure["values"] and figure["mean"] == figure["values"][0]
+    cells = {(key, m): report["table"][r][1 + i] for r, key in enumerate(report["rows"]) for i, m in enumerate(models)}
+    assert cells[("zeroshot.top1_seen", "vilt")] == WHY["zeroshot"]  # a single stream has no embeddings
+    assert cells[("caption.correct", "clip")] == WHY["caption"]
+    assert re.fullmatch(r"0\.\d{3}", cells[("itm.attribute_swap_acc", "vilt")])
+    assert report["models"]["clip"]["metrics"]["params"]["mean"] > 1e5
+
+    assert set(report["figures"]) >= {"kinds", "curves", "captions"}
+    page = (out / "report.html").read_text()
+    for name in report["figures"].values():
+        assert (out / name).stat().st_size > 1000, name
+    assert page.count("data:image/png;base64,") == len(report["figures"])
+    md = (out / "report.md").read_text()
+    assert all(f"![{k}]({v})" in md for k, v in report["figures"].items())
+    assert len(report["claims"]) == 5 and all(c["held"] in (True, False, None) for c in report["claims"])
+    assert [c["held"] for c in report["claims"]][2:] == [None, None, None]  # ALBEF, VLMo, BLIP did not run
+    assert all(len(run["examples"]) == 3 for run in report["runs"]["vilt"])
+
+
+def test_a_model_without_a_world_recipe_is_marked_not_yet(monkeypatch):
+    import vlkit.train.recipe as recipe
+    monkeypatch.setattr(recipe, "recipe_names", lambda: ["clip-world"])
+    why = plan(["clip", "vilt"])
+    assert why["clip"] == "" and why["vilt"].startswith("not yet")
+    with pytest.raises(CompareError, match="--models: nope"):
+        plan(["clip", "nope"])
+    assert set(FAMILY) == {"clip", "vilt", "albef", "vlmo", "blip"}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--models", "clip,nope"], "--models: nope"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--minutes", "-2"], "--minutes must be above 0"),
+])
+def test_bad_arguments_are_one_line(tmp_path, capsys, extra, message):
+    assert cli.main(["compare", "--out", str(tmp_path / "c"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "c").exists()
