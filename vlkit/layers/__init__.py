@@ -1,21 +1,22 @@
 """Shared layers every vlkit model is built from."""
 from .attention import (Attention, AttentionGuide, KVCache, causal_mask, check_directional_heads, combine_masks, directional_mask, fused_attention,
+                        joint_directional_mask,
                         fused_attention_enabled, padding_mask, plain_attention, set_fused_attention)
 from .blocks import PostNormBlock, PreNormBlock, Transformer
 from .drop import DropPath
 from .embeddings import (BertEmbeddings, ImageEmbeddings, PatchEmbed, TextEmbeddings,
                          interpolate_pos_embed, sincos_2d)
 from .int8 import Int8Linear, quantize_int8
-from .mlp import Mlp, QuickGELU, activation
+from .mlp import Mlp, ModalityExperts, NormMlp, QuickGELU, activation
 from .momentum import FeatureQueue, MomentumCopy
 from .init import init_weights
 from .pooling import MLMHead, Pooler, classifier, eot_positions, pool_cls, pool_eot, pool_mean
 
 __all__ = [
-    "Attention", "AttentionGuide", "KVCache", "causal_mask", "check_directional_heads", "combine_masks", "directional_mask", "fused_attention",
+    "Attention", "AttentionGuide", "KVCache", "causal_mask", "check_directional_heads", "combine_masks", "directional_mask", "fused_attention", "joint_directional_mask",
     "fused_attention_enabled", "padding_mask", "plain_attention", "set_fused_attention",
     "PostNormBlock", "PreNormBlock", "Transformer", "DropPath", "BertEmbeddings",
-    "ImageEmbeddings", "PatchEmbed", "TextEmbeddings", "interpolate_pos_embed", "sincos_2d", "Mlp",
+    "ImageEmbeddings", "PatchEmbed", "TextEmbeddings", "interpolate_pos_embed", "sincos_2d", "Mlp", "ModalityExperts", "NormMlp",
     "Int8Linear", "quantize_int8", "QuickGELU", "activation", "MLMHead", "Pooler", "classifier", "init_weights", "eot_positions", "pool_cls", "pool_eot",
     "pool_mean", "FeatureQueue", "MomentumCopy",
 ]

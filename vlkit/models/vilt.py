@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import (AttentionGuide, BertEmbeddings, ImageEmbeddings, MLMHead, Pooler, PreNormBlock, Transformer,
-                      check_directional_heads, classifier, directional_mask, init_weights, padding_mask,
+                      check_directional_heads, classifier, init_weights, joint_directional_mask, padding_mask,
                       sincos_2d)
 from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss
 from ..losses.mlm import mask_tokens, mlm_loss
@@ -264,16 +264,9 @@ class ViLT(VLModel):
         (``layers.directional_mask``) -- as a text encoder's layer would: what precedes a
         relation word (its subject) and what follows it (its object) reach it apart, undiluted
         by the image tokens. The other heads' text rows and every image row see everything."""
-        keys = padding_mask(mask)
         if not self.cfg.directional_heads:
-            return keys
-        heads, n = self.cfg.heads, text_len
-        full = keys.expand(-1, heads, mask.shape[1], -1)
-        text = torch.cat([directional_mask(mask[:, :n], 2),
-                          torch.zeros_like(full[:, :2, :n, n:])], dim=3)  # (B, 2, n, L)
-        first = check_directional_heads(heads, self.cfg.directional_head_index)
-        top = torch.cat([full[:, :first, :n], text, full[:, first + 2:, :n]], dim=1)
-        return torch.cat([top, full[:, :, n:]], dim=2)
+            return padding_mask(mask)
+        return joint_directional_mask(mask, text_len, self.cfg.heads, self.cfg.directional_head_index)
 
     @property
     def grounding_grid(self) -> tuple[int, int] | None:

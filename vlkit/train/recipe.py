@@ -125,6 +125,10 @@ def check_run_option(key: str, value, label: str) -> None:
         raise RecipeError(f"{label}: unknown run option {key!r} (model config fields go in [stage.config]; "
                           f"run options: {', '.join(sorted(RUN_OPTIONS))})")
     hint = str(RUN_OPTIONS[key].type)
+    if hint.startswith("list[str]"):
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise RecipeError(f"{label}: {key} must be a list of strings, got {value!r}")
+        return
     kinds = [(t, k) for t, k in (("bool", bool), ("int", int), ("float", (int, float)), ("str", str),
                                  ("dict", dict)) if t in hint]
     if value is None or not kinds:
