@@ -301,3 +301,77 @@ def test_two_processes_match_one_process(tmp_path, monkeypatch, data):
     wa, wb = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
     assert torch.equal(wa["steps_done"], wb["steps_done"]) and int(wa["steps_done"]) == 6
     assert max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa) <= 1e-5
+
+
+# -- the official checkpoint layout ---------------------------------------------------------------
+def _official_state(model) -> dict:
+    """The model's weights under the official microsoft/unilm vlmo key names."""
+    s, out = model.state_dict(), {}
+    expert = {"text": "text", "image": "imag", "vl": "vl"}
+    for i, block in enumerate(model.blocks):
+        p, o = f"blocks.{i}.", f"transformer.blocks.{i}."
+        out[o + "attn.qkv.weight"] = torch.cat([s[p + f"attn.{n}.weight"] for n in "qkv"])
+        out[o + "attn.q_bias"], out[o + "attn.v_bias"] = s[p + "attn.q.bias"], s[p + "attn.v.bias"]
+        for n in ("norm1.weight", "norm1.bias", "attn.proj.weight", "attn.proj.bias", "gamma_1", "gamma_2"):
+            out[o + n] = s[p + n]
+        for name in block.mlp.experts:
+            for t in ("weight", "bias"):
+                out[o + f"norm2_{expert[name]}.{t}"] = s[p + f"mlp.experts.{name}.norm.{t}"]
+                for fc in ("fc1", "fc2"):
+                    out[o + f"mlp_{expert[name]}.{fc}.{t}"] = s[p + f"mlp.experts.{name}.mlp.{fc}.{t}"]
+    out["transformer.patch_embed.proj.weight"] = s["image_embed.patch_embed.proj.weight"]
+    out["transformer.patch_embed.proj.bias"] = s["image_embed.patch_embed.proj.bias"]
+    out["transformer.cls_token"], out["transformer.pos_embed"] = s["image_embed.cls_token"], s["image_embed.pos_embed"]
+    out["transformer.norm.weight"], out["transformer.norm.bias"] = s["norm.weight"], s["norm.bias"]
+    for a, b in (("word_embeddings", "word"), ("position_embeddings", "position"),
+                 ("token_type_embeddings", "token_type")):
+        out[f"text_embeddings.{a}.weight"] = s[f"text_embed.{b}.weight"]
+    out["text_embeddings.LayerNorm.weight"], out["text_embeddings.LayerNorm.bias"] = s["text_embed.norm.weight"], s["text_embed.norm.bias"]
+    out["text_embeddings.position_ids"] = torch.arange(s["text_embed.position.weight"].shape[0])[None]
+    out["token_type_embeddings.weight"] = s["type_embed.weight"]
+    out["pooler.dense.weight"], out["pooler.dense.bias"] = s["pooler.dense.weight"], s["pooler.dense.bias"]
+    out["itc_text_proj.fc.weight"], out["itc_image_proj.fc.weight"] = s["text_proj.weight"], s["image_proj.weight"]
+    out["itc_vl_text_proj.fc.weight"], out["itc_vl_image_proj.fc.weight"] = s["itc_vl_text_proj.weight"], s["itc_vl_image_proj.weight"]
+    out["logit_scale"], out["logit_vl_scale"] = s["logit_scale"], s["logit_vl_scale"]
+    out["itm_score.fc.weight"], out["itm_score.fc.bias"] = s["itm_head.weight"], s["itm_head.bias"]
+    out["mlm_score.transform.dense.weight"], out["mlm_score.transform.dense.bias"] = s["mlm_head.dense.weight"], s["mlm_head.dense.bias"]
+    out["mlm_score.transform.LayerNorm.weight"], out["mlm_score.transform.LayerNorm.bias"] = s["mlm_head.norm.weight"], s["mlm_head.norm.bias"]
+    out["mlm_score.decoder.weight"], out["mlm_score.bias"] = s["mlm_head.decoder.weight"], s["mlm_head.decoder.bias"]
+    for k in ("0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"):
+        out[f"vqa_classifier.{k}"] = s[f"vqa_head.{k}"]
+    return out
+
+
+def test_official_checkpoint_layout_loads_strictly(tmp_path):
+    from vlkit.convert.common import ConversionError
+    from vlkit.convert.vlmo_official import config_from_state, from_official, load_official, read_official
+    kw = dict(stem="patch", qv_bias=True, itc_vl=True, num_answers=5, depth=3, vl_layers=1)
+    source = _model(**kw)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # every weight distinct from a fresh model's
+    state = _official_state(source)
+    torch.save({"state_dict": state}, tmp_path / "vlmo.ckpt")
+    state = read_official(tmp_path / "vlmo.ckpt")
+    cfg = config_from_state(state, heads=2)
+    assert (cfg.dim, cfg.depth, cfg.vl_layers, cfg.mlp_dim, cfg.image_size, cfg.patch_size, cfg.num_answers,
+            cfg.vocab_size, cfg.max_text_len, cfg.itc_vl, cfg.qv_bias) == (32, 3, 1, 64, 64, 16, 5, 60, 16, True, True)
+    model = from_official(state, heads=2).eval()
+    pixels, ids, mask = _inputs()
+    with torch.no_grad():
+        for name in ("encode_image", "encode_text"):
+            args = (pixels,) if name == "encode_image" else (ids, mask)
+            assert torch.equal(getattr(model, name)(*args), getattr(source, name)(*args)), name
+        assert torch.equal(model.match(pixels, ids, mask), source.match(pixels, ids, mask))
+        assert torch.equal(model.vqa_logits(pixels, ids, mask), source.vqa_logits(pixels, ids, mask))
+    fresh = _model(**kw)
+    for broken, message in (
+            ({k: v for k, v in state.items() if k != "transformer.blocks.1.norm2_imag.weight"},
+             "missing 1: blocks.1.mlp.experts.image.norm.weight"),
+            ({**state, "transformer.blocks.0.mlp_vl.fc1.weight": torch.zeros(64, 32)},
+             "unexpected 1: blocks.0.mlp.experts.vl.mlp.fc1.weight"),
+            ({**state, "itm_score.fc.weight": torch.zeros(3, 32)}, "shape mismatch: itm_head.weight"),
+            ({**state, "transformer.blocks.0.attn.rel_bias": torch.zeros(3)}, "have no place in the model"),
+            ({**state, "relative_position_bias_table": torch.zeros(10, 6)}, "relative position bias")):
+        with pytest.raises(ConversionError, match=message.replace(".", r"\.")):
+            load_official(fresh, broken)
