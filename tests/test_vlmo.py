@@ -133,6 +133,10 @@ def test_output_shapes_of_each_mode():
         img, txt = model.encode_image(pixels), model.encode_text(ids, mask)
         assert img.shape == txt.shape == (3, 16)
         assert torch.allclose(img.norm(dim=-1), torch.ones(3)) and torch.allclose(txt.norm(dim=-1), torch.ones(3))
+        # the last block runs for [CLS] alone: the same as the full pass
+        full_img = torch.nn.functional.normalize(model.image_proj(model.forward_features(pixels)[:, 0]), dim=-1)
+        full_txt = torch.nn.functional.normalize(model.text_proj(model.text_hidden(ids, mask)[:, 0]), dim=-1)
+        assert (img - full_img).abs().max() <= 1e-6 and (txt - full_txt).abs().max() <= 1e-6
         out = model(pixels, ids, mask)
         assert out.features.shape == (3, 7 + n_img, 32) and out.pooled.shape == (3, 32)
         assert model.match(pixels, ids, mask).shape == (3, 2)

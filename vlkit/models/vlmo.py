@@ -288,8 +288,16 @@ class VLMo(VLModel):
         """The image-only pass after the final norm, (B, 1+N, D)."""
         return self.norm(self.run(self.embed_image(pixel_values), None, self.route("image")))
 
+    def _cls(self, x: torch.Tensor, mask, route: list) -> torch.Tensor:
+        """The final-norm [CLS] (B, D) of a dual pass: every block but the last over the whole
+        sequence, the last for the [CLS] position only (``PreNormBlock.forward_at``)."""
+        x = self.run(x, mask, route, stop=len(self.blocks) - 1)
+        query_mask = None if mask is None else mask[:, :, :1]  # the [CLS] row (directional masks)
+        return self.norm(self.blocks[-1].forward_at(x, 0, mask=query_mask, modality=route[-1]))[:, 0]
+
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(self.forward_features(pixel_values)[:, 0]), dim=-1)  # (B, E)
+        cls = self._cls(self.embed_image(pixel_values), None, self.route("image"))
+        return F.normalize(self.image_proj(cls), dim=-1)  # (B, E)
 
     def text_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The text-only pass after the final norm, (B, L, D)."""
@@ -298,7 +306,10 @@ class VLMo(VLModel):
         return self.norm(self.run(self.embed_text(input_ids), self._text_mask(attention_mask), self.route("text")))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.text_hidden(input_ids, attention_mask)[:, 0]), dim=-1)  # (B, E)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cls = self._cls(self.embed_text(input_ids), self._text_mask(attention_mask), self.route("text"))
+        return F.normalize(self.text_proj(cls), dim=-1)  # (B, E)
 
     # -- fusion mode ------------------------------------------------------------------------------
     def fuse(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
