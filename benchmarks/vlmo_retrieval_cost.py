@@ -14,23 +14,13 @@ or 10k (fusion everything) fusion passes.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import vlkit
+from int8_speed import best_seconds  # this folder's: rounds in which every function runs once in turn
 
 N, K, TEXT_LEN = 10_000, 16, 16
-
-
-def best(fn, repeats: int) -> float:
-    fn()
-    out = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out = min(out, time.perf_counter() - t0)
-    return out
 
 
 def models(size: str):
@@ -61,16 +51,17 @@ def costs(size: str, slice_: int, repeats: int) -> dict:
     mask = torch.ones_like(ids)
     index = torch.nn.functional.normalize(torch.randn(N, vlmo.cfg.embed_dim), dim=-1)
     queries = torch.nn.functional.normalize(torch.randn(slice_, vlmo.cfg.embed_dim), dim=-1)
-    per = lambda fn: best(fn, repeats) / slice_  # noqa: E731
-    sim = per(lambda: (queries @ index.T).topk(K, dim=1))  # one 10k-long row and its top k
-    t = {
-        "vlmo_image": per(lambda: vlmo.encode_image(px)), "vlmo_text": per(lambda: vlmo.encode_text(ids, mask)),
-        "vlmo_pair": per(lambda: vlmo.match(px, ids, mask)),
-        "clip_image": per(lambda: clip.encode_image(px)), "clip_text": per(lambda: clip.encode_text(ids, mask)),
-        "albef_image": per(lambda: albef.encode_image(px)), "albef_text": per(lambda: albef.encode_text(ids, mask)),
-    }
     tokens, hidden = albef.forward_features(px), albef.text_features(ids, mask)
-    t["albef_pair"] = per(lambda: albef.match_tokens(tokens, hidden, mask))  # fusion layers on cached outputs
+    calls = {
+        "sim": lambda: (queries @ index.T).topk(K, dim=1),  # 10k-long similarity rows and their top k
+        "vlmo_image": lambda: vlmo.encode_image(px), "vlmo_text": lambda: vlmo.encode_text(ids, mask),
+        "vlmo_pair": lambda: vlmo.match(px, ids, mask),
+        "clip_image": lambda: clip.encode_image(px), "clip_text": lambda: clip.encode_text(ids, mask),
+        "albef_image": lambda: albef.encode_image(px), "albef_text": lambda: albef.encode_text(ids, mask),
+        "albef_pair": lambda: albef.match_tokens(tokens, hidden, mask),  # fusion layers on cached outputs
+    }
+    t = {k: v / slice_ for k, v in best_seconds(calls, repeats).items()}
+    sim = t["sim"]
     dual = t["vlmo_image"] + t["vlmo_text"] + sim
     return {"VLMo dual": dual, f"VLMo dual + fusion re-rank of {K}": dual + K * t["vlmo_pair"],
             f"VLMo fusion, all {N:,} pairs": N * t["vlmo_pair"],
