@@ -202,6 +202,8 @@ def _run_options(args) -> dict:
     assert not unknown, f"train options without a RunArgs field: {unknown}"
     if args.negative_weights:
         given["negative_weights"] = _negative_weights(args.negative_weights)
+    if args.trainable:
+        given["trainable"] = [p.strip() for p in args.trainable.split(",") if p.strip()]
     return given
 
 
@@ -437,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--groups", type=int, metavar="G",
                    help="synthetic world: image-text batches made of minimal-pair groups of G (a scene "
                         "and G-1 one-edit variants of it, each other's hard negatives); 1 turns them off")
+    s.add_argument("--trainable", metavar="GLOB,...",
+                   help="train only the parameters whose names match one of these patterns (e.g. "
+                        "'text_embed.*,blocks.*.mlp.experts.text.*'); the rest stay frozen")
     s.add_argument("--eval-every", type=int, metavar="N",
                    help="learning curve: evaluate on the test split every N steps (curve.jsonl; the "
                         "time spent does not count against --minutes)")

@@ -83,16 +83,15 @@ def directional_mask(attention_mask: torch.Tensor, heads: int, first: int = 0) -
 
 
 def joint_directional_mask(mask: torch.Tensor, text_len: int, heads: int, first: int) -> torch.Tensor:
-    """(B, heads, L, L) self-attention mask of a joint [text ; image] sequence (``mask`` (B, L),
-    text first): padding everywhere, and the text rows of head ``first`` (negative: from the
-    end) see only the text at or before them, of the next head only the text at or after them,
-    neither the image (``directional_mask`` on the text). The other heads' text rows and every
-    image row see every real token."""
-    first = check_directional_heads(heads, first)
-    n, keys = text_len, padding_mask(mask)
+    """(B, heads, L, L) self-attention mask of a joint [text ; image] sequence (1/0 ``mask``
+    (B, L), text first, ``text_len`` text tokens) in which the text rows of heads ``first`` and
+    ``first + 1`` see only text -- the first the text at or before them, the second the text at
+    or after them (``directional_mask``) -- and every other row sees every real token."""
+    keys, n = padding_mask(mask), text_len
     full = keys.expand(-1, heads, mask.shape[1], -1)
     text = torch.cat([directional_mask(mask[:, :n], 2),
                       torch.zeros_like(full[:, :2, :n, n:])], dim=3)  # (B, 2, n, L)
+    first = check_directional_heads(heads, first)
     top = torch.cat([full[:, :first, :n], text, full[:, first + 2:, :n]], dim=1)
     return torch.cat([top, full[:, :, n:]], dim=2)
 
@@ -142,10 +141,12 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head attention; cross-attention when ``context_dim`` is given."""
+    """Multi-head attention; cross-attention when ``context_dim`` is given. ``k_bias=False``
+    with ``qkv_bias=True``: biases on the query and value projections only (BEiT, VLMo)."""
 
     def __init__(self, dim: int, num_heads: int, context_dim: int | None = None,
-                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 k_bias: bool | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
@@ -154,7 +155,7 @@ class Attention(nn.Module):
         self.is_cross = context_dim is not None
         kv_dim = context_dim if context_dim is not None else dim
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k = nn.Linear(kv_dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(kv_dim, dim, bias=qkv_bias if k_bias is None else k_bias)
         self.v = nn.Linear(kv_dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.attn_drop = attn_drop

@@ -1,7 +1,10 @@
 """Transformer blocks: pre-norm (ViT, CLIP, ViLT, VLMo) and post-norm (BERT: ALBEF, BLIP text).
 
 A block gains cross-attention when given ``context_dim``; the MLP may be replaced by any module
-taking ``(x, modality=...)`` (a router over modality experts). Nothing else varies.
+taking ``(x, modality=...)`` (a router over modality experts, ``layers.mlp.ModalityExperts``),
+which, with ``mlp_norm=False``, applies its own LayerNorm (one per expert). ``layer_scale`` > 0
+multiplies each residual branch of a pre-norm block by a learned per-channel γ starting at that
+value (LayerScale: BEiT, VLMo). Nothing else varies.
 """
 from __future__ import annotations
 
@@ -16,19 +19,29 @@ from .mlp import Mlp
 class _Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, context_dim: int | None = None,
                  act: str = "gelu", eps: float = 1e-6, qkv_bias: bool = True, drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: float = 0.0, mlp: nn.Module | None = None):
+                 attn_drop: float = 0.0, drop_path: float = 0.0, mlp: nn.Module | None = None,
+                 mlp_norm: bool = True, layer_scale: float = 0.0, k_bias: bool | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
+                              k_bias=k_bias)
         if context_dim is not None:
             self.norm_cross = nn.LayerNorm(dim, eps=eps)
             self.cross_attn = Attention(dim, num_heads, context_dim=context_dim, qkv_bias=qkv_bias,
                                         attn_drop=attn_drop, proj_drop=drop)
         else:
             self.norm_cross = self.cross_attn = None
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = nn.LayerNorm(dim, eps=eps) if mlp_norm else nn.Identity()
         self.mlp = mlp if mlp is not None else Mlp(dim, mlp_dim, act, drop)
         self.drop_path = DropPath(drop_path)
+        if layer_scale > 0:  # LayerScale: γ per channel on the attention and MLP branches
+            self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def _scaled(self, branch: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+        return self.drop_path(branch if gamma is None else gamma * branch)
 
     @property
     def has_cross(self) -> bool:
@@ -53,7 +66,7 @@ class PreNormBlock(_Block):
         maps = {}
         if return_attention:
             attn, maps["self"] = attn
-        x = x + self.drop_path(attn)
+        x = x + self._scaled(attn, self.gamma_1)
         if self.has_cross:
             cross = self.cross_attn(self.norm_cross(x), context=context, mask=context_mask,
                                     cache=cache, return_attention=return_attention,
@@ -61,7 +74,7 @@ class PreNormBlock(_Block):
             if return_attention:
                 cross, maps["cross"] = cross
             x = x + self.drop_path(cross)
-        x = x + self.drop_path(self.mlp(self.norm2(x), modality=modality))
+        x = x + self._scaled(self.mlp(self.norm2(x), modality=modality), self.gamma_2)
         return (x, maps) if return_attention else x
 
     def forward_at(self, x: torch.Tensor, index, mask: torch.Tensor | None = None, causal: bool = False,
@@ -72,14 +85,20 @@ class PreNormBlock(_Block):
         stream and the MLP computed for that position only."""
         self._check_context(context)
         h = self.norm1(x)
-        x = pick_rows(x, index) + self.drop_path(self.attn.forward_at(h, index, mask=mask, causal=causal))
+        x = pick_rows(x, index) + self._scaled(self.attn.forward_at(h, index, mask=mask, causal=causal),
+                                               self.gamma_1)
         if self.has_cross:
             x = x + self.drop_path(self.cross_attn(self.norm_cross(x), context=context, mask=context_mask))
-        return x + self.drop_path(self.mlp(self.norm2(x), modality=modality))
+        return x + self._scaled(self.mlp(self.norm2(x), modality=modality), self.gamma_2)
 
 
 class PostNormBlock(_Block):
     """norm(x + attn(x)) [-> norm(x + cross(x, context))] -> norm(x + mlp(x)) (BERT)."""
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("layer_scale", 0.0) > 0 or kwargs.get("mlp_norm", True) is False:
+            raise ValueError("layer_scale and mlp_norm=False are pre-norm block options")
+        super().__init__(*args, **kwargs)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,

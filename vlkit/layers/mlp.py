@@ -37,3 +37,44 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor, modality: str | None = None) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class NormMlp(nn.Module):
+    """LayerNorm -> Mlp: an expert that owns its norm (VLMo's norm2_text + mlp_text)."""
+
+    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu", drop: float = 0.0, eps: float = 1e-6):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, hidden_dim, act, drop)
+
+    def forward(self, x: torch.Tensor, modality: str | None = None) -> torch.Tensor:
+        return self.mlp(self.norm(x))
+
+
+class ModalityExperts(nn.Module):
+    """A mixture of modality experts (VLMo): one module per modality name, chosen by
+    ``forward``'s ``modality`` argument — a name (the whole sequence goes to that expert) or a
+    sequence of ``(name, length)`` segments covering the sequence in order (e.g. ``[("text", L),
+    ("image", 1 + N)]``: the first L tokens go to the text expert, the rest to the image expert).
+    No routing is learned; a name without an expert is an error."""
+
+    def __init__(self, experts: dict[str, nn.Module]):
+        super().__init__()
+        self.experts = nn.ModuleDict(experts)
+
+    def _expert(self, name: str) -> nn.Module:
+        if name not in self.experts:
+            raise ValueError(f"no {name!r} expert here (experts: {', '.join(self.experts)})")
+        return self.experts[name]
+
+    def forward(self, x: torch.Tensor, modality=None) -> torch.Tensor:
+        if isinstance(modality, str):
+            return self._expert(modality)(x)
+        if not modality:
+            raise ValueError("modality experts need a modality: a name or (name, length) segments")
+        lengths = [n for _, n in modality]
+        if sum(lengths) != x.shape[1]:
+            raise ValueError(f"modality segments {list(modality)} cover {sum(lengths)} tokens, "
+                             f"the sequence has {x.shape[1]}")
+        parts = x.split(lengths, dim=1)
+        return torch.cat([self._expert(name)(part) for (name, _), part in zip(modality, parts)], dim=1)

@@ -64,6 +64,8 @@ class RunArgs:
     negatives: int | None = None
     negative_weights: dict | None = None
     allow_outside_paths: bool = False  # read dataset images outside the dataset folder
+    # glob patterns of the parameters this run trains (``train.trainable``); None: all of them
+    trainable: list[str] | None = None
 
 
 # RunArgs fields and the least value each takes (``validate_run_args``)
@@ -195,6 +197,11 @@ def resolve_resume(args: RunArgs, saved: dict) -> RunArgs:
             raise ValueError(f"{_option(name)} {given:g} with --resume: {run} trains with "
                              f"{_option(name)} {kept:g}; drop {_option(name)} (or start a new run "
                              f"with --init {run})")
+    if args.trainable is None:  # a resumed run keeps its frozen parameters
+        changes["trainable"] = saved.get("trainable")
+    elif args.trainable != saved.get("trainable"):
+        raise ValueError(f"--trainable with --resume: {run} trains {saved.get('trainable') or 'every parameter'}; "
+                         f"drop --trainable (or start a new run with --init {run})")
     for name in ("groups", "negatives", "negative_weights"):  # the run's data draw
         given, kept = getattr(args, name), saved.get(name)
         if given is not None and kept is not None and given != kept:
@@ -549,6 +556,8 @@ def _train(args: RunArgs, run: Path) -> dict:
     fresh = not (args.resume and (run / CONFIG).is_file())
     vdist.barrier()  # every rank has decided before rank 0 writes the run folder
     model, tok = prepare_model(args, run)
+    from .trainable import apply_trainable
+    apply_trainable(model, args.trainable)  # before the optimiser: frozen parameters stay out of it
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
     defaults = TRAIN_DEFAULTS.get(args.model) or TRAIN_DEFAULTS.get(model.task) or TRAIN_DEFAULTS["clip"]
@@ -598,7 +607,7 @@ def _train(args: RunArgs, run: Path) -> dict:
         save_run_config(run, args.model, model.config_dict(),
                         {"data": args.data, "preset": args.preset, "init": args.init, "vqa": args.vqa,
                          "groups": groups, "negatives": negatives, "negative_weights": weights,
-                         "train": dataclasses.asdict(cfg)})
+                         "trainable": args.trainable, "train": dataclasses.asdict(cfg)})
         if tok is not None:
             tok.save(run / "tokenizer")
     task = model.task
