@@ -210,12 +210,14 @@ class BLIP(VLModel):
                                    context=context, context_mask=context_mask, cache=cache)
 
     def decoder_inputs(self, input_ids, attention_mask):
-        """[DEC] + prompt + the caption's tokens after [CLS]: (ids, mask, number of unscored tokens)."""
+        """[DEC] + prompt + the caption's tokens after [CLS], cut to ``max_text_len``: (ids, mask,
+        number of unscored tokens)."""
         prompt = torch.tensor([self.cfg.dec_token_id, *self.cfg.prompt_ids], device=input_ids.device)
         ids = torch.cat([prompt.expand(input_ids.shape[0], -1), input_ids[:, 1:]], 1)
         mask = _ones_if_none(attention_mask, input_ids)
         mask = torch.cat([torch.ones_like(ids[:, :prompt.numel()]), mask[:, 1:]], 1)
-        return ids, mask, prompt.numel()
+        n = self.cfg.max_text_len
+        return ids[:, :n], mask[:, :n], prompt.numel()
 
     # -- calls ------------------------------------------------------------------------------------
     @_needs("text_encoder")

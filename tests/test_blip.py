@@ -1,0 +1,271 @@
+"""BLIP: one text stack three ways (weight sharing), the LM loss and caption scores, the decoding
+loop (cache = no cache, beam 1 = greedy, seeded sampling, per-row prompts, minimum length), the
+queue at any batch size, and a few training steps through ``vlkit train``."""
+import pytest
+import torch
+
+import vlkit
+from vlkit.layers import FeatureQueue, KVCache
+from vlkit.losses.captioning import caption_labels, lm_loss, sequence_log_likelihood
+from vlkit.models.generate import decode, filter_top_k_top_p, repetition_penalty_
+
+SMALL = dict(dim=32, heads=2, mlp_dim=64, layers=2, vocab_size=60, max_text_len=40, embed_dim=16, queue_size=8,
+             prompt_ids=(7, 8), **{"vision.dim": 32, "vision.depth": 1, "vision.heads": 2, "vision.mlp_dim": 64})
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return vlkit.create_model("blip", "tiny", **{**SMALL, **kw}).eval()
+
+
+def _batch(b=4, length=8, seed=0, vocab=60):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(9, vocab, (b, length), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[1, 5:] = 0
+    return {"pixel_values": torch.randn(b, 3, 64, 64, generator=g), "input_ids": ids, "attention_mask": mask}
+
+
+def _lm(model, batch):
+    with torch.no_grad():
+        return model.lm_logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+
+
+# -- one text stack, three ways ------------------------------------------------------------------
+def test_decoder_shares_all_but_self_attention_with_the_encoder():
+    model, batch = _model(), _batch()
+    before = _lm(model, batch)
+    enc = model.text_layers.blocks[0]
+    with torch.no_grad():  # the encoder's own self-attention: the decoder does not see it
+        enc.attn.q.weight.add_(1.0)
+        enc.norm1.weight.add_(1.0)
+    assert torch.equal(_lm(model, batch), before)
+    for name in ("mlp.fc1", "cross_attn.k", "norm_cross", "norm2"):  # shared: the decoder sees it
+        module = enc.get_submodule(name)
+        with torch.no_grad():
+            module.weight.add_(0.5)
+        after = _lm(model, batch)
+        assert not torch.allclose(after, before), name
+        before = after
+    with torch.no_grad():  # and the word embeddings, which the LM head reads too
+        model.text_embed.word.weight[9].add_(1.0)
+    assert not torch.allclose(_lm(model, batch), before)
+    assert model.lm_head.decoder.weight is model.text_embed.word.weight
+
+
+def test_untied_decoder_has_its_own_stack():
+    model, batch = _model(tie_decoder=False), _batch()
+    before = _lm(model, batch)
+    with torch.no_grad():
+        model.text_layers.blocks[0].mlp.fc1.weight.add_(1.0)
+        model.text_embed.word.weight.add_(1.0)
+    assert torch.equal(_lm(model, batch), before)
+    with pytest.raises(AttributeError):
+        _model(text_encoder=False).match
+    assert not hasattr(_model(text_decoder=False), "generate")
+    with pytest.raises(ValueError, match="text_encoder or text_decoder"):
+        _model(text_encoder=False, text_decoder=False)
+
+
+def test_unimodal_encoder_skips_cross_attention_and_grounded_encoder_reads_enc():
+    model, batch = _model(), _batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    emb = model.encode_text(ids, mask)
+    with torch.no_grad():
+        model.text_layers.blocks[0].cross_attn.q.weight.add_(1.0)
+    assert torch.allclose(model.encode_text(ids, mask), emb)
+    grounded = model.text_features(ids)
+    assert (grounded[:, 0] == model.cfg.enc_token_id).all() and torch.equal(grounded[:, 1:], ids[:, 1:])
+    assert torch.equal(_model(hf_compat=True).text_features(ids), ids)
+
+
+# -- the LM loss ---------------------------------------------------------------------------------
+def test_prompt_is_not_scored_and_caption_scores_are_unsmoothed_log_likelihoods():
+    model, batch = _model(), _batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    dec_ids, dec_mask, unscored = model.decoder_inputs(ids, mask)
+    assert unscored == 3 and (dec_ids[:, :3] == torch.tensor([model.cfg.dec_token_id, 7, 8])).all()
+    labels = caption_labels(dec_ids, dec_mask, unscored)
+    assert (labels[:, :3] == -100).all() and torch.equal(labels[0, 3:], ids[0, 1:])
+    assert (labels[1, 3 + 4:] == -100).all()  # padding
+    logits = _lm(model, batch)
+    logp = logits.log_softmax(-1)
+    manual = torch.stack([sum(logp[b, t - 1, dec_ids[b, t]] for t in range(3, dec_ids.shape[1]) if dec_mask[b, t])
+                          for b in range(ids.shape[0])])
+    with torch.no_grad():
+        scores = model.score_captions(batch["pixel_values"], ids, mask)
+    assert torch.allclose(scores, manual, atol=1e-4)
+    # the prompt's own predictions change nothing
+    changed = logits.clone()
+    changed[:, :2] = torch.randn_like(changed[:, :2])
+    assert torch.allclose(sequence_log_likelihood(changed, labels), scores, atol=1e-4)
+    assert torch.allclose(lm_loss(changed, labels), lm_loss(logits, labels))
+    smooth = lm_loss(logits, labels, 0.1)
+    z, y = logits[:, :-1], labels[:, 1:]
+    hit = y != -100
+    lp = z[hit].log_softmax(-1)
+    expected = (0.9 * -lp.gather(1, y[hit][:, None])[:, 0] - 0.1 * lp.mean(-1)).mean()
+    assert torch.allclose(smooth, expected, atol=1e-5)
+
+
+def test_training_losses_and_queue_take_any_batch_size():
+    model = _model().train()
+    for b in (3, 5, 7):  # queue of 8: none divides it, each wraps
+        out = model.training_losses(_batch(b, seed=b))
+        assert set(out) >= {"itc_loss", "itm_loss", "lm_loss", "loss"}
+        assert torch.isfinite(out["loss"])
+        out["loss"].backward()
+        model.after_step(0)
+    assert int(model.queue.ptr) == (3 + 5 + 7) % 8
+    q = FeatureQueue(5, image=2)
+    q.enqueue(image=torch.eye(2)[[0, 1, 0]])
+    q.enqueue(image=torch.eye(2)[[1, 1, 1]])
+    assert torch.equal(q.image, torch.eye(2)[[1, 1, 0, 1, 1]]) and int(q.ptr) == 1
+
+
+def test_dataset_negatives_join_itm():
+    model = _model(hard_negatives=True).train()
+    batch = _batch(3)
+    batch.update(neg_input_ids=_batch(4, length=10, seed=9)["input_ids"],
+                 neg_attention_mask=torch.ones(4, 10, dtype=torch.long), neg_owner=torch.tensor([0, 0, 1, 2]))
+    seen = {}
+    head = model.itm_head.forward
+    model.itm_head.forward = lambda x: seen.setdefault("rows", x.shape[0]) and head(x)
+    model.training_losses(batch)
+    assert seen["rows"] == 3 * 3 + 4
+
+
+# -- decoding ------------------------------------------------------------------------------------
+def _pixels(b=3, seed=1):
+    return torch.randn(b, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def _trained_like(model):
+    """Spread the LM head so that greedy and beam paths differ between images."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0) if p.ndim == 2 and p.shape[0] == model.cfg.vocab_size else None
+    return model
+
+
+def test_cached_decoding_equals_uncached():
+    model = _trained_like(_model())
+    px = _pixels()
+    for opts in (dict(), dict(num_beams=3), dict(num_beams=3, num_return_sequences=2, length_penalty=0.6),
+                 dict(repetition_penalty=1.5, min_new_tokens=4)):
+        assert torch.equal(model.generate(px, max_new_tokens=8, **opts),
+                           model.generate(px, max_new_tokens=8, use_cache=False, **opts)), opts
+    g1, g2 = (torch.Generator().manual_seed(3) for _ in range(2))
+    a = model.generate(px, max_new_tokens=8, do_sample=True, top_k=20, num_return_sequences=2, generator=g1)
+    b = model.generate(px, max_new_tokens=8, do_sample=True, top_k=20, num_return_sequences=2, generator=g2,
+                       use_cache=False)
+    assert torch.equal(a, b)
+    # the states themselves: one step at a time on the cache = the whole sequence at once
+    ctx = model.forward_features(px)
+    ids = torch.randint(9, 60, (3, 6))
+    with torch.no_grad():
+        full = model.decode_states(ids, None, ctx)
+        cache = KVCache()
+        steps = [model.decode_states(ids[:, :2], None, ctx, 0, cache)]
+        steps += [model.decode_states(ids[:, t:t + 1], None, ctx, t, cache) for t in range(2, 6)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_beam_one_is_greedy_and_greedy_is_the_argmax_path():
+    model = _trained_like(_model())
+    px = _pixels()
+    greedy = model.generate(px, max_new_tokens=6)
+    assert torch.equal(model.generate(px, max_new_tokens=6, num_beams=1), greedy)
+    # the argmax path, step by step without the loop
+    with torch.no_grad():
+        ctx = model.forward_features(px)
+        seq = torch.tensor([[model.cfg.dec_token_id, 7, 8]] * 3)
+        for _ in range(6):
+            nxt = model.lm_head(model.decode_states(seq, None, ctx))[:, -1].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+    path = seq[:, 3:]
+    for row, out in zip(path.tolist(), greedy.tolist()):
+        row = row[:row.index(3)] if 3 in row else row
+        assert out[:len(row)] == row and all(t == 0 for t in out[len(row):])
+
+
+def test_beam_search_finds_a_likelier_caption_than_greedy():
+    model = _trained_like(_model())
+    px = _pixels(2)
+    greedy = model.generate(px, max_new_tokens=5, min_new_tokens=5, prompt_ids=[[], []])
+    beam = model.generate(px, max_new_tokens=5, min_new_tokens=5, num_beams=4, prompt_ids=[[], []],
+                          length_penalty=0.0)
+
+    def loglik(tokens):
+        with torch.no_grad():
+            ctx = model.forward_features(px)
+            seq = torch.cat([torch.full((2, 1), model.cfg.dec_token_id), tokens], 1)
+            logp = model.lm_head(model.decode_states(seq, None, ctx)).log_softmax(-1)
+            return logp[:, :-1].gather(-1, seq[:, 1:, None])[..., 0].sum(-1)
+    assert (loglik(beam) >= loglik(greedy) - 1e-5).all()
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    model = _trained_like(_model())
+    px = _pixels()
+
+    def sample(seed):
+        return model.generate(px, max_new_tokens=8, do_sample=True, top_p=0.9, temperature=1.5,
+                              num_return_sequences=3, generator=torch.Generator().manual_seed(seed))
+    a = sample(0)
+    assert a.shape[0] == 9 and torch.equal(a, sample(0)) and not torch.equal(a, sample(1))
+
+
+def test_per_row_prompts_min_and_max_new_tokens():
+    model = _trained_like(_model())
+    px = _pixels()
+    prompts = [[7], [7, 8, 9, 10], []]
+    together = model.generate(px, prompt_ids=prompts, max_new_tokens=5)
+    for i, p in enumerate(prompts):  # each row as if decoded alone
+        alone = model.generate(px[i:i + 1], prompt_ids=[p], max_new_tokens=5)
+        assert together[i, :alone.shape[1]].tolist() == alone[0].tolist()
+    out = model.generate(px, max_new_tokens=7, min_new_tokens=7)
+    assert out.shape[1] == 7 and not (out == 3).any()
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(px, max_new_tokens=0)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        model.generate(px, num_beams=2, num_return_sequences=3)
+
+
+def test_decode_loop_stops_rows_early_and_matches_transformers_processors():
+    transformers = pytest.importorskip("transformers")
+    calls = []
+
+    def step(tokens, past, cache, rows):  # row 0 ends at once, row 1 never
+        calls.append(tokens.shape[0])
+        logits = torch.zeros(tokens.shape[0], 5)
+        logits[:, 4] = 1.0
+        logits[:, 3] = torch.where(tokens[:, -1] == 1, 2.0, 0.0)
+        return logits
+    out = decode(step, [[1], [2]], eos_token_id=3, pad_token_id=0, max_new_tokens=4)
+    assert out.tolist() == [[0, 0, 0, 0], [4, 4, 4, 4]] and calls == [2, 1, 1, 1]
+    scores = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    seqs = torch.randint(0, 50, (3, 6))
+    ref = transformers.RepetitionPenaltyLogitsProcessor(1.3)(seqs, scores.clone())
+    assert torch.allclose(repetition_penalty_(scores.clone(), seqs, 1.3), ref)
+    ref = transformers.TopPLogitsWarper(0.8)(seqs, transformers.TopKLogitsWarper(10)(seqs, scores.clone()))
+    assert torch.equal(filter_top_k_top_p(scores, 10, 0.8).isinf(), ref.isinf())
+
+
+# -- training through the command --------------------------------------------------------------
+def test_vlkit_train_and_load(tmp_path):
+    from vlkit.train.run import RunArgs, train
+    run = tmp_path / "run"
+    train(RunArgs(model="blip", data="synthetic", out=str(run), steps=2, batch_size=8, progress=False,
+                  overrides={k: v for k, v in SMALL.items() if k not in ("vocab_size", "prompt_ids")}))
+    pipe = vlkit.load(run)
+    tok = pipe.tokenizer
+    cfg = pipe.model.cfg
+    assert cfg.dec_token_id == tok.token_to_id("[DEC]") and cfg.enc_token_id == tok.token_to_id("[ENC]")
+    assert list(cfg.prompt_ids) == tok.encode("a picture of ")[1:-1]
+    from PIL import Image
+    img = Image.new("RGB", (64, 64), "red")
+    caps = pipe.caption([img, img], max_new_tokens=4)
+    assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
+    assert pipe.match([img], ["a red circle"]).shape == (1,)
