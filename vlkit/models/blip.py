@@ -76,6 +76,7 @@ class BLIPConfig:
     text_decoder: bool = True       # the image-grounded decoder (LM, captioning)
     tie_decoder: bool = True        # the decoder shares all but self-attention with the encoder
     hf_compat: bool = False         # grounded encoder fed [CLS] as Hugging Face does, not [ENC]
+    vision_init: str = ""           # a ViT or CLIP run (or HF folder) whose image tower fits ``vision``
     # training
     distill: bool = True
     alpha: float = 0.4
