@@ -45,11 +45,14 @@ from .vit import ViTConfig, VisionTransformer
 
 
 def _needs(part: str):
-    """A method that exists only on a BLIP with ``part`` (``text_encoder`` or ``text_decoder``),
-    so ``hasattr(model, "generate")`` tells the pipeline and the evaluation what it can do."""
+    """A method that exists only on a BLIP with ``part`` (``text_decoder``, or ``retrieval``: the
+    text encoder with the ITC projections and ITM head), so ``hasattr(model, "generate")`` tells
+    the pipeline and the evaluation what it can do."""
     def wrap(fn):
         def get(self):
-            if not getattr(self.cfg, part):
+            cfg = self.cfg
+            have = cfg.text_encoder and cfg.retrieval_heads if part == "retrieval" else getattr(cfg, part)
+            if not have:
                 raise AttributeError(f"this BLIP has no {part.replace('_', ' ')} for {fn.__name__}")
             return fn.__get__(self)
         return property(get, doc=fn.__doc__)
@@ -75,6 +78,7 @@ class BLIPConfig:
     text_encoder: bool = True       # the unimodal / image-grounded encoder (ITC, ITM)
     text_decoder: bool = True       # the image-grounded decoder (LM, captioning)
     tie_decoder: bool = True        # the decoder shares all but self-attention with the encoder
+    retrieval_heads: bool = True    # with the encoder: ITC projections, ITM head, momentum and queues
     hf_compat: bool = False         # grounded encoder fed [CLS] as Hugging Face does, not [ENC]
     vision_init: str = ""           # a ViT or CLIP run (or HF folder) whose image tower fits ``vision``
     # training
@@ -139,7 +143,8 @@ class BLIP(VLModel):
         tied = cfg.text_encoder and cfg.tie_decoder
         self.decoder_embed = embed() if cfg.text_decoder and cfg.text_encoder and not tied else None
         self.decoder_layers = Transformer(blocks()) if cfg.text_decoder else None
-        if cfg.text_encoder:
+        self.retrieval = cfg.text_encoder and cfg.retrieval_heads
+        if self.retrieval:
             self.image_proj = nn.Linear(cfg.vision.dim, e)
             self.text_proj = nn.Linear(d, e)
             self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
@@ -155,7 +160,7 @@ class BLIP(VLModel):
                 dec.cross_attn, dec.norm_cross, dec.mlp, dec.norm2 = enc.cross_attn, enc.norm_cross, enc.mlp, enc.norm2
         if self.lm_head is not None:
             self.lm_head.decoder.weight = self._dec_embed.word.weight
-        if cfg.text_encoder:
+        if self.retrieval:
             self.momentum = MomentumCopy({name: getattr(self, name) for name in (
                 "vision", "image_proj", "text_embed", "text_layers", "text_proj")}, cfg.momentum)
             self.queue = FeatureQueue(cfg.queue_size, image=e, text=e)
@@ -169,7 +174,7 @@ class BLIP(VLModel):
         return image_spec(self.cfg.vision)
 
     def pretrained_loaded(self) -> None:
-        if self.cfg.text_encoder:
+        if self.retrieval:
             self.momentum.reset()
 
     # -- image and the three text modes ---------------------------------------------------------
@@ -195,7 +200,7 @@ class BLIP(VLModel):
         return self.text_layers(self.text_embed(self.text_features(input_ids)), context=image_tokens,
                                 mask=padding_mask(_ones_if_none(attention_mask, input_ids)))
 
-    @_needs("text_encoder")
+    @_needs("retrieval")
     def text_features(self, input_ids, attention_mask=None) -> torch.Tensor:
         """What the grounded encoder reads of a text: its ids, [ENC] first (``hf_compat``: as given)."""
         if self.cfg.hf_compat:
@@ -221,34 +226,34 @@ class BLIP(VLModel):
         return ids[:, :n], mask[:, :n], prompt.numel()
 
     # -- calls ------------------------------------------------------------------------------------
-    @_needs("text_encoder")
+    @_needs("retrieval")
     def encode_image(self, pixel_values) -> torch.Tensor:
         return self._image(pixel_values)[1]
 
-    @_needs("text_encoder")
+    @_needs("retrieval")
     def encode_text(self, input_ids, attention_mask=None) -> torch.Tensor:
         return self._text(input_ids, attention_mask)[1]
 
-    @_needs("text_encoder")
+    @_needs("retrieval")
     def match_tokens(self, image_tokens, text_ids, attention_mask=None) -> torch.Tensor:
         """ITM logits (B, 2) from image tokens and ``text_features`` (re-ranking)."""
         states = self.text_layers(self.text_embed(text_ids), context=image_tokens,
                                   mask=padding_mask(_ones_if_none(attention_mask, text_ids)))
         return self.itm_head(states[:, 0])
 
-    @_needs("text_encoder")
+    @_needs("retrieval")
     def match(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
         """(B, 2) ITM logits of zipped (image, text) pairs; column 1 = match."""
         return self.itm_head(self.ground(input_ids, attention_mask, self.forward_features(pixel_values))[:, 0])
 
-    @_needs("text_encoder")
+    @_needs("retrieval")
     def score(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
         """(B,) log P(match) of zipped pairs from the ITM head."""
         return self.match(pixel_values, input_ids, attention_mask).float().log_softmax(-1)[:, 1]
 
     def forward(self, pixel_values, input_ids, attention_mask=None) -> Output:
         """Encoder side: grounded states, ITM logits and both ITC embeddings (decoder-only: LM logits)."""
-        if not self.cfg.text_encoder:
+        if not self.retrieval:
             return Output(logits=self.lm_logits(pixel_values, input_ids, attention_mask))
         tokens, img = self._image(pixel_values)
         states = self.ground(input_ids, attention_mask, tokens)
@@ -304,7 +309,7 @@ class BLIP(VLModel):
         pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
         out, losses = {}, []
         image_tokens = self.forward_features(pixels)
-        if cfg.text_encoder:
+        if self.retrieval:
             out.update(self._itc_itm(batch, pixels, ids, mask, image_tokens))
             losses += [out["itc_loss"], out["itm_loss"]]
         if cfg.text_decoder:
@@ -354,7 +359,7 @@ class BLIP(VLModel):
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         """After each optimiser step: EMA update, temperature clamp, the step count behind α."""
-        if self.cfg.text_encoder:
+        if self.retrieval:
             self.momentum.update()
             self.temp.clamp_(0.001, 0.5)
         self.steps_done += 1
