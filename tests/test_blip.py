@@ -347,3 +347,37 @@ def test_hf_blip_model_is_refused(tmp_path):
     from vlkit.convert.common import ConversionError
     with pytest.raises(ConversionError, match="BlipModel"):
         vlkit.load(folder)
+
+
+# -- captioning metrics and the world-grounded check ---------------------------------------------
+def test_bleu4_and_cider_d_equal_pycocoevalcap():
+    """On a fixed sample of world captions (true, false, and a short one), vlkit's BLEU-4 and
+    CIDEr-D equal pycocoevalcap's scorers (given the same word tokens) to 1e-9."""
+    pytest.importorskip("pycocoevalcap")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from vlkit.data.synthetic import synthetic_world
+    from vlkit.eval import bleu4, cider
+    from vlkit.eval.metrics import _tokenize
+    recs = synthetic_world(64).records("test", 40)
+    cands = [r["captions"][1] if i % 3 else r["negatives"][0]["caption"] for i, r in enumerate(recs)]
+    cands[5] = "a red circle"
+    refs = [r["captions"][:1] + r["captions"][2:] for r in recs]
+
+    def words(s):
+        return " ".join(_tokenize(s))
+    gts = {i: [words(x) for x in refs[i]] for i in range(len(recs))}
+    res = {i: [words(c)] for i, c in enumerate(cands)}
+    assert bleu4(cands, refs) == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0][3], abs=1e-9)
+    assert cider(cands, refs) == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-9)
+
+
+def test_caption_correct_reads_the_worlds_grammar():
+    from vlkit.data.synthetic import caption_is_true, parse_caption, synthetic_world
+    recs = synthetic_world(64).records("test", 100)
+    assert all(caption_is_true(c, r["objects"]) for r in recs for c in r["captions"])
+    assert not any(caption_is_true(n["caption"], r["objects"]) for r in recs for n in r["negatives"])
+    rec = recs[0]
+    spaced = rec["captions"][0].replace(";", " ;").replace(",", " ,") + " ."  # as a WordPiece decode
+    assert caption_is_true(spaced, rec["objects"])
+    assert parse_caption("a picture of a cat") is None and not caption_is_true("", rec["objects"])
