@@ -269,6 +269,11 @@ def test_vlkit_train_and_load(tmp_path):
     caps = pipe.caption([img, img], max_new_tokens=4)
     assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
     assert pipe.match([img], ["a red circle"]).shape == (1,)
+    assert len(pipe.caption([img, img], prompt=["a red", "there is"], num_beams=2, max_new_tokens=3)) == 2
+    with pytest.raises(ValueError, match="prompts"):
+        pipe.caption([img, img], prompt=["a", "b", "c"])
+    assert pipe.answer([img], ["what colour is the circle?"], candidates=["red", "blue"])[0] in ("red", "blue")
+    assert isinstance(pipe.answer([img], ["what colour is the circle?"], max_new_tokens=2)[0], str)
 
 
 # -- Hugging Face parity -------------------------------------------------------------------------
@@ -381,3 +386,28 @@ def test_caption_correct_reads_the_worlds_grammar():
     spaced = rec["captions"][0].replace(";", " ;").replace(",", " ,") + " ."  # as a WordPiece decode
     assert caption_is_true(spaced, rec["objects"])
     assert parse_caption("a picture of a cat") is None and not caption_is_true("", rec["objects"])
+
+
+def test_hf_vqa_parity_and_answers_by_generation_or_ranking(tmp_path):
+    """transformers' BlipForQuestionAnswering.generate (greedy and beam 3) token-identical; the
+    answer ranking picks the candidate of highest log-likelihood."""
+    hf, ours = _hf_blip("BlipForQuestionAnswering", tmp_path, sep=39)
+    px, ids, mask = _hf_inputs()
+    assert not ours.cfg.tie_decoder and not hasattr(ours, "match")
+    for opts in (dict(max_new_tokens=8), dict(max_new_tokens=8, num_beams=3, repetition_penalty=1.5)):
+        expected = hf.generate(pixel_values=px, input_ids=ids, attention_mask=mask, **opts)[:, 1:].tolist()
+        expected = [r[:r.index(39)] if 39 in r else [t for t in r if t != 0] for r in expected]
+        got = [[t for t in r if t != 0] for r in ours.answer_tokens(px, ids, mask, **opts).tolist()]
+        assert got == expected, opts
+    answers = torch.tensor([[1, 10, 98, 0], [1, 20, 21, 98], [1, 30, 98, 0]])
+    answer_mask = (answers != 0).long()
+    with torch.no_grad():
+        scores = ours.answer_scores(px, ids, mask, answers, answer_mask)
+        states = ours.question_states(px, ids, mask)
+        for c in range(3):
+            dec = answers[c:c + 1].clone()
+            dec[0, 0] = ours.cfg.dec_token_id
+            n = int(answer_mask[c].sum())
+            logp = ours.lm_head(ours.decode_states(dec[:, :n], None, states[1:2])).log_softmax(-1)
+            manual = sum(logp[0, t - 1, dec[0, t]] for t in range(1, n))
+            assert scores[1, c] == pytest.approx(float(manual), abs=1e-4)

@@ -112,14 +112,18 @@ class KVCache:
 
     store: dict = field(default_factory=dict)
     static: set = field(default_factory=set)
+    masks: dict = field(default_factory=dict)  # static entry -> its context mask (B, 1, 1, M)
 
     def get(self, key):
         return self.store.get(key)
 
-    def set(self, key, k: torch.Tensor, v: torch.Tensor, static: bool = False) -> None:
+    def set(self, key, k: torch.Tensor, v: torch.Tensor, static: bool = False,
+            mask: torch.Tensor | None = None) -> None:
         self.store[key] = (k, v)
         if static:
             self.static.add(key)
+            if mask is not None:
+                self.masks[key] = mask
 
     def reorder(self, index: torch.Tensor) -> None:
         """Row i of the growing entries becomes row ``index[i]`` (beam search: a beam's new
@@ -134,6 +138,7 @@ class KVCache:
         self.store = {key: (kv[0].index_select(0, static_rows if key in self.static else rows),
                             kv[1].index_select(0, static_rows if key in self.static else rows))
                       for key, kv in self.store.items()}
+        self.masks = {key: m.index_select(0, static_rows) if m.shape[0] > 1 else m for key, m in self.masks.items()}
 
     def __len__(self) -> int:
         return len(self.store)
@@ -210,9 +215,10 @@ class Attention(nn.Module):
             if cached is None:
                 k, v = (self._heads(t) for t in self._project(context, "kv", self.k, self.v))
                 if cache is not None:
-                    cache.set(key, k, v, static=True)
+                    cache.set(key, k, v, static=True, mask=mask)
             else:
                 k, v = cached
+                mask = cache.masks.get(key)  # the context's mask, selected with its rows
             if k.shape[0] != q.shape[0]:  # G query rows per context row (see KVCache)
                 return self._grouped(x, q, k, v, mask, return_attention)
         else:
@@ -245,15 +251,15 @@ class Attention(nn.Module):
         values: the G rows of each image become G*N query rows of one attention."""
         bg, h, n, d = q.shape
         b = k.shape[0]
-        if bg % b or mask is not None:
-            raise ValueError(f"{bg} query rows for {b} cached context rows"
-                             + (" with a context mask" if mask is not None else ""))
+        if bg % b or (mask is not None and mask.shape[0] not in (1, b)):
+            raise ValueError(f"{bg} query rows for {b} context rows"
+                             + (f" and a context mask of {mask.shape[0]}" if mask is not None else ""))
         g = bg // b
         q = q.view(b, g, h, n, d).transpose(1, 2).reshape(b, h, g * n, d)  # (B, heads, G*N, head_dim)
         if _FUSED and not return_attention:
-            out, attn = F.scaled_dot_product_attention(q, k, v), None
+            out, attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
         else:
-            out, attn = plain_attention(q, k, v)
+            out, attn = plain_attention(q, k, v, mask)
         out = out.view(b, h, g, n, d).permute(0, 2, 3, 1, 4).reshape(bg, n, h * d)  # (B*G, N, D)
         out = self.proj_drop(self.proj(out))
         if return_attention:

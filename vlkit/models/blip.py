@@ -45,13 +45,14 @@ from .vit import ViTConfig, VisionTransformer
 
 
 def _needs(part: str):
-    """A method that exists only on a BLIP with ``part`` (``text_decoder``, or ``retrieval``: the
-    text encoder with the ITC projections and ITM head), so ``hasattr(model, "generate")`` tells
+    """A method that exists only on a BLIP with ``part`` (``text_decoder``; ``retrieval``: the
+    text encoder with the ITC projections and ITM head; ``vqa``: encoder and decoder), so ``hasattr(model, "generate")`` tells
     the pipeline and the evaluation what it can do."""
     def wrap(fn):
         def get(self):
             cfg = self.cfg
-            have = cfg.text_encoder and cfg.retrieval_heads if part == "retrieval" else getattr(cfg, part)
+            have = {"retrieval": cfg.text_encoder and cfg.retrieval_heads,
+                    "vqa": cfg.text_encoder and cfg.text_decoder}.get(part, getattr(cfg, part, False))
             if not have:
                 raise AttributeError(f"this BLIP has no {part.replace('_', ' ')} for {fn.__name__}")
             return fn.__get__(self)
@@ -197,12 +198,16 @@ class BLIP(VLModel):
 
     def ground(self, input_ids, attention_mask, image_tokens) -> torch.Tensor:
         """Image-grounded encoder: (B, L, D) states of the text ([ENC] first) over the image tokens."""
-        return self.text_layers(self.text_embed(self.text_features(input_ids)), context=image_tokens,
+        return self.text_layers(self.text_embed(self._grounded_ids(input_ids)), context=image_tokens,
                                 mask=padding_mask(_ones_if_none(attention_mask, input_ids)))
 
     @_needs("retrieval")
     def text_features(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """What the grounded encoder reads of a text: its ids, [ENC] first (``hf_compat``: as given)."""
+        """What the grounded encoder reads of a text: its ids, [ENC] first (``hf_compat``: as
+        given); ``match_tokens`` takes them (re-ranking)."""
+        return self._grounded_ids(input_ids)
+
+    def _grounded_ids(self, input_ids) -> torch.Tensor:
         if self.cfg.hf_compat:
             return input_ids
         return torch.cat([torch.full_like(input_ids[:, :1], self.cfg.enc_token_id), input_ids[:, 1:]], 1)
@@ -277,13 +282,16 @@ class BLIP(VLModel):
     @_needs("text_decoder")
     @torch.no_grad()
     def generate(self, pixel_values, prompt_ids: list[list[int]] | None = None, max_new_tokens: int = 30,
-                 use_cache: bool = True, context: torch.Tensor | None = None, **options) -> torch.Tensor:
+                 use_cache: bool = True, context: torch.Tensor | None = None,
+                 context_mask: torch.Tensor | None = None, **options) -> torch.Tensor:
         """(B * num_return_sequences, T) caption tokens after the prompt (end token left out,
         padded). ``prompt_ids``: one list of prompt tokens per image (default: the config's
-        prompt); ``context``: states to attend to instead of the image's (VQA); ``options``: see
-        ``vlkit.models.generate.decode`` (num_beams, do_sample, top_p, generator ...)."""
+        prompt); ``context`` (B, M, D) / ``context_mask`` (B, M): states to attend to instead of
+        the image's (VQA: the question's); ``options``: see ``vlkit.models.generate.decode``
+        (num_beams, do_sample, top_p, generator ...)."""
         if context is None:
             context = self.forward_features(pixel_values)  # the image, encoded once
+        keys = None if context_mask is None else padding_mask(context_mask)  # (B, 1, 1, M)
         b = context.shape[0]
         if prompt_ids is None:
             prompt_ids = [list(self.cfg.prompt_ids)] * b
@@ -292,10 +300,39 @@ class BLIP(VLModel):
         prompts = [[self.cfg.dec_token_id, *p] for p in prompt_ids]
 
         def step(tokens, past, cache, rows):
-            ctx = context if rows is None else context[rows]
-            return self.lm_head(self.decode_states(tokens, None, ctx, past, cache)[:, -1])
+            ctx, cm = (context, keys) if rows is None else (context[rows], None if keys is None else keys[rows])
+            return self.lm_head(self.decode_states(tokens, None, ctx, past, cache, cm)[:, -1])
         return decode(step, prompts, eos_token_id=self.cfg.eot_token_id, pad_token_id=self.cfg.pad_token_id,
                       max_new_tokens=max_new_tokens, use_cache=use_cache, device=context.device, **options)
+
+    # -- VQA: the question grounded in the image, the answer from the decoder ------------------------
+    @_needs("vqa")
+    def question_states(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
+        """(B, L, D) the image-grounded encoder's states of the questions (the decoder's context)."""
+        return self.ground(input_ids, attention_mask, self.forward_features(pixel_values))
+
+    @_needs("vqa")
+    def answer_tokens(self, pixel_values, input_ids, attention_mask=None, max_new_tokens: int = 10,
+                      **options) -> torch.Tensor:
+        """(B, T) generated answer tokens (end token left out, padded); options as ``generate``."""
+        states = self.question_states(pixel_values, input_ids, attention_mask)
+        mask = None if self.cfg.hf_compat else attention_mask  # Hugging Face attends to padding too
+        return self.generate(None, prompt_ids=[[]] * states.shape[0], max_new_tokens=max_new_tokens,
+                             context=states, context_mask=mask, **options)
+
+    @_needs("vqa")
+    def answer_scores(self, pixel_values, input_ids, attention_mask, answer_ids, answer_mask) -> torch.Tensor:
+        """(B, C) log-likelihood of each candidate answer (tokenised [CLS] ... [SEP], the end token
+        scored) for each question."""
+        states = self.question_states(pixel_values, input_ids, attention_mask)
+        b, c = states.shape[0], answer_ids.shape[0]
+        dec = torch.cat([torch.full_like(answer_ids[:, :1], self.cfg.dec_token_id), answer_ids[:, 1:]], 1)
+        dec, dec_mask = dec.repeat(b, 1), answer_mask.repeat(b, 1)  # (B*C, L): question-major
+        ctx = states.repeat_interleave(c, 0)
+        ctx_mask = None if self.cfg.hf_compat or attention_mask is None else \
+            padding_mask(attention_mask.repeat_interleave(c, 0))
+        logits = self.lm_head(self.decode_states(dec, dec_mask, ctx, context_mask=ctx_mask))
+        return sequence_log_likelihood(logits, caption_labels(dec, dec_mask, 1)).view(b, c)
 
     # -- training ---------------------------------------------------------------------------------
     def alpha(self) -> float:
