@@ -254,11 +254,47 @@ def test_decode_loop_stops_rows_early_and_matches_transformers_processors():
 
 
 # -- training through the command --------------------------------------------------------------
-def test_vlkit_train_and_load(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
     from vlkit.train.run import RunArgs, train
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("blip") / "run"
     train(RunArgs(model="blip", data="synthetic", out=str(run), steps=2, batch_size=8, progress=False,
                   overrides={k: v for k, v in SMALL.items() if k not in ("vocab_size", "prompt_ids")}))
+    return run
+
+
+def test_capfilt_end_to_end(tiny_run, tmp_path):
+    """A small dataset through ``vlkit capfilt``: each kept caption is one the filter scores
+    above the threshold, the report's counts add up, val/test are copied unchanged."""
+    from vlkit.cli import main
+    from vlkit.data.synthetic import write_dataset
+    import json
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_dataset(data, sizes={"train": 6, "val": 2, "test": 2})
+    assert main(["capfilt", str(data), "--captioner", str(tiny_run), "--filter", str(tiny_run), "--out", str(out),
+                 "--samples", "2", "--threshold", "0.3"]) == 0
+    report = json.loads((out / "capfilt.json").read_text())
+    details = [json.loads(line) for line in (out / "capfilt.jsonl").read_text().splitlines()]
+    assert report["records"] == 6 and len(details) == 6
+    verdicts = [v for d in details for v in d["captions"]]
+    assert sum(v["source"] == "synthetic" for v in verdicts) == 12
+    assert report["original_kept"] + report["original_dropped"] + report["synthetic_kept"] \
+        + report["synthetic_dropped"] == len(verdicts)
+    assert all(v["kept"] == (v["p_match"] > 0.3) for v in verdicts)
+    kept = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert len(kept) == report["records_kept"]
+    for row in kept:
+        assert (out / row["image"]).is_file() and row["caption"] == row["captions"][0]
+    assert (out / "test.jsonl").read_text() == (data / "test.jsonl").read_text()
+    pipe = vlkit.load(tiny_run)
+    for d in details[:2]:  # the filter's probability, recomputed
+        v = d["captions"][0]
+        assert float(pipe.match([str(data / d["image"])], [v["caption"]])[0]) == pytest.approx(v["p_match"], abs=1e-3)
+    assert main(["capfilt", str(data), "--captioner", str(tiny_run), "--filter", str(tiny_run), "--out", str(out)]) == 2
+
+
+def test_vlkit_train_and_load(tiny_run):
+    run = tiny_run
     pipe = vlkit.load(run)
     tok = pipe.tokenizer
     cfg = pipe.model.cfg
