@@ -447,3 +447,17 @@ def test_hf_vqa_parity_and_answers_by_generation_or_ranking(tmp_path):
             logp = ours.lm_head(ours.decode_states(dec[:, :n], None, states[1:2])).log_softmax(-1)
             manual = sum(logp[0, t - 1, dec[0, t]] for t in range(1, n))
             assert scores[1, c] == pytest.approx(float(manual), abs=1e-4)
+
+
+def test_retrieval_reranks_itc_top_k_by_itm_plus_itc():
+    from vlkit.eval.rerank import rerank
+    model, batch = _model(), _batch(4)
+    px, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        out = rerank(model, px, ids, mask, k=2)
+        sim = model.encode_image(px) @ model.encode_text(ids, mask).T
+        top = sim.topk(2, dim=1).indices
+        for i in range(4):
+            for j in top[i].tolist():
+                logits = model.match(px[i:i + 1], ids[j:j + 1], mask[j:j + 1])[0]
+                assert out["i2t"][i, j] == pytest.approx(float(logits[1] - logits[0] + sim[i, j]), abs=1e-4)

@@ -121,6 +121,7 @@ class BLIP(VLModel):
     presets = PRESETS
     task = "fusion"
     has_queues = True
+    rerank_adds_itc = True  # retrieval: ITC top-k re-scored by ITM + ITC similarity (the paper's)
     # tokens the tokenizer must hold, and the config fields their ids go to (``vlkit train``)
     special_tokens = {"dec_token_id": "[DEC]", "enc_token_id": "[ENC]"}
 
