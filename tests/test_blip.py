@@ -461,3 +461,23 @@ def test_retrieval_reranks_itc_top_k_by_itm_plus_itc():
             for j in top[i].tolist():
                 logits = model.match(px[i:i + 1], ids[j:j + 1], mask[j:j + 1])[0]
                 assert out["i2t"][i, j] == pytest.approx(float(logits[1] - logits[0] + sim[i, j]), abs=1e-4)
+
+
+def test_answers_of_padded_questions_equal_answers_alone():
+    """The decoder's cross-attention skips question padding, also from the cache (beams and rows
+    leaving the batch): each answer equals the one its question gets alone, unpadded (with
+    ``hf_compat``, which attends to padding as transformers does, two of these rows differ)."""
+    model = _model()
+    with torch.no_grad():  # answers that depend on the question
+        for name, p in model.named_parameters():
+            if "cross_attn" in name or "text_layers" in name:
+                p.mul_(3.0)
+    batch = _batch(3)
+    px, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+    mask[2, 3:] = 0
+    for opts in (dict(), dict(num_beams=3)):
+        together = model.answer_tokens(px, ids, mask, max_new_tokens=6, **opts)
+        for i in range(3):
+            n = int(mask[i].sum())
+            alone = model.answer_tokens(px[i:i + 1], ids[i:i + 1, :n], mask[i:i + 1, :n], max_new_tokens=6, **opts)
+            assert together[i, :alone.shape[1]].tolist() == alone[0].tolist(), (opts, i)
