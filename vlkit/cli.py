@@ -344,6 +344,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_capfilt(args) -> int:
+    from .train.capfilt import capfilt
+    report = capfilt(args.data, args.captioner, args.filter, args.out, samples=args.samples, top_p=args.top_p,
+                     threshold=args.threshold, seed=args.seed)
+    print(f"{report['records_kept']} of {report['records']} records kept; original captions kept "
+          f"{report['original_kept']}, dropped {report['original_dropped']}; synthetic kept "
+          f"{report['synthetic_kept']}, dropped {report['synthetic_dropped']}; wrote {args.out}")
+    return 0
+
+
 def cmd_explain(args) -> int:
     from .explain import explain
     if not Path(args.image).is_file():
@@ -487,6 +497,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "continues there")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("capfilt", help="BLIP's CapFilt: add sampled captions, keep those an ITM filter "
+                                       "judges matched, write a new dataset")
+    s.add_argument("data", help="dataset folder (train.jsonl, images/)")
+    s.add_argument("--captioner", required=True, help="run that captions (blip)")
+    s.add_argument("--filter", required=True, help="run with an ITM head (blip, albef ...)")
+    s.add_argument("--out", required=True, help="new dataset folder (with capfilt.json, the report)")
+    s.add_argument("--samples", type=int, default=1, help="synthetic captions per image")
+    s.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    s.add_argument("--threshold", type=float, default=0.5, help="ITM match probability a caption must exceed")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_capfilt)
 
     s = sub.add_parser("explain", help="per-word cross-attention over an image, as a heat-map PNG")
     s.add_argument("run", help="run folder of a fusion model with cross-attention (albef)")

@@ -179,16 +179,37 @@ class Pipeline:
         return list(zip(index.tolist(), values.tolist()))
 
     @torch.no_grad()
-    def caption(self, images, **kwargs) -> list[str]:
-        ids = self._need("generate", "captioning")(self.pixels(images), **kwargs)
-        return [self.tokenizer.decode(row.tolist()) for row in ids]
+    def caption(self, images, prompt: str | Sequence[str] | None = None, **kwargs) -> list[str]:
+        """A caption of each image (``kwargs``: the model's ``generate`` options, e.g. num_beams,
+        do_sample, top_p). ``prompt``: text the caption continues, one for all images or one per
+        image (default: the model's own); the captions are returned without it."""
+        generate = self._need("generate", "captioning")
+        pixels = self.pixels(images)
+        if prompt is not None:
+            prompts = [prompt] * pixels.shape[0] if isinstance(prompt, str) else list(prompt)
+            if len(prompts) != pixels.shape[0]:
+                raise ValueError(f"caption: {len(prompts)} prompts for {pixels.shape[0]} images")
+            kwargs["prompt_ids"] = [self.tokenizer.encode(p)[1:-1] for p in prompts]
+        return [self.tokenizer.decode(row.tolist()) for row in generate(pixels, **kwargs)]
 
     @torch.no_grad()
-    def answer(self, images, questions) -> list[str]:
+    def answer(self, images, questions, candidates: Sequence[str] | None = None, **kwargs) -> list[str]:
         """The answer to each (image, question) pair (zipped): the model's ``answer``, else the
-        best of its ``vqa_logits`` over the config's ``answer_names``."""
+        best of its ``vqa_logits`` over the config's ``answer_names``. A model that writes its
+        answers (BLIP: ``answer_tokens``) generates them (``kwargs``: its generate options), or,
+        given ``candidates``, picks the likeliest of them."""
         images, questions = _zipped(images, questions, "answer", "questions")
         t = self.tokens(questions)
+        if hasattr(self.model, "answer_tokens"):
+            px = self.pixels(images)
+            if candidates is not None:
+                candidates = _as_list(candidates, "candidates", strings=True)
+                c = self.tokens(candidates)
+                scores = self.model.answer_scores(px, t["input_ids"], t["attention_mask"], c["input_ids"],
+                                                  c["attention_mask"])
+                return [candidates[i] for i in self._checked(scores, "answer scores").argmax(-1).tolist()]
+            ids = self.model.answer_tokens(px, t["input_ids"], t["attention_mask"], **kwargs)
+            return [self.tokenizer.decode(row.tolist()) for row in ids]
         if hasattr(self.model, "answer"):
             return self.model.answer(self.pixels(images), t["input_ids"], t["attention_mask"])
         logits = self._checked(self._need("vqa_logits", "question answering")(

@@ -48,9 +48,12 @@ def load_hf(folder: str | Path, hf_config: dict | None = None):
     elif kind == "vilt":
         from .hf_vilt import load_hf_vilt
         model = load_hf_vilt(folder, hf_config)
+    elif kind == "blip":
+        from .hf_blip import load_hf_blip
+        model = load_hf_blip(folder, hf_config)
     else:
         raise ConversionError(f"{folder}: model type {kind!r} cannot be converted "
-                              "(supported: vit, clip, vilt)")
+                              "(supported: vit, clip, vilt, blip)")
     return model, _tokenizer_if_present(folder), preprocessor_overrides(folder)
 
 

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import random
+import re
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -339,6 +340,68 @@ def _sized(caption) -> bool:
     found = []
     _map_nps(caption, lambda n: found.append(n[2] is not None) or n)
     return any(found)
+
+
+# ----------------------------------------------------------------------------- reading captions
+_NP = (r"(?:a|an|the) (?:(small|large) )?(" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r")")
+_NUM = "(" + "|".join(NUMBER_WORDS) + ")"
+_SHAPE_WORD = "(" + "|".join(sorted({*SHAPES, *map(_plural, SHAPES)}, key=len, reverse=True)) + ")"
+
+
+def _np_of(match, at: int):
+    return (None, "a", match.group(at), match.group(at + 1), match.group(at + 2))
+
+
+def _np_list(text: str):
+    nps = []
+    for item in re.split(r", | and ", text):
+        m = re.fullmatch(_NP, item)
+        if m is None:
+            return None
+        nps.append(_np_of(m, 1))
+    return nps
+
+
+def _parse_clause(text: str):
+    m = re.fullmatch(rf"there is {_NP}", text)
+    if m:
+        return ("there", _np_of(m, 1))
+    m = re.fullmatch(rf"{_NP}( is)? (to the )?(left of|right of|above|below) (?:{_NP}|(it))", text)
+    if m:
+        b = None if m.group(10) else _np_of(m, 7)
+        return ("rel", _np_of(m, 1), m.group(6), b, bool(m.group(4)), bool(m.group(5)))
+    m = re.fullmatch(rf"{_NUM} objects?: (.+)", text)
+    if m:
+        nps = _np_list(m.group(2))
+        return None if nps is None else ("count", NUMBER_WORDS.index(m.group(1)), nps)
+    items = re.split(r", | and ", text)
+    counts = [re.fullmatch(rf"{_NUM} {_SHAPE_WORD}", item) for item in items]
+    if all(counts):
+        return ("shapes", [(NUMBER_WORDS.index(c.group(1)), c.group(2) if c.group(2) in SHAPES else
+                            next(s for s in SHAPES if _plural(s) == c.group(2))) for c in counts])
+    nps = _np_list(text)
+    return None if nps is None else ("list", nps)
+
+
+def parse_caption(text: str):
+    """The grammar's structure of a caption (as ``_render`` writes it; spaces around punctuation
+    and a final full stop tolerated), or None when it is not a sentence of the grammar."""
+    text = re.sub(r"\s*([;:,])\s*", r"\1 ", text.strip().lower()).rstrip(" .")
+    text = re.sub(r"\s+", " ", text)
+    if not text:
+        return None
+    clauses = [_parse_clause(part) for part in text.split("; ")]
+    return None if any(c is None for c in clauses) else clauses
+
+
+def caption_is_true(text: str, objects: Sequence[dict]) -> bool:
+    """Whether every colour, shape, size, count and relation a caption states holds of the
+    objects (records' ``objects``); a text outside the grammar is not true."""
+    caption = parse_caption(text)
+    if caption is None:
+        return False
+    objs = [_Obj(o["shape"], o["color"], o.get("size"), o["x"], o["y"], o.get("extent", 0.0)) for o in objects]
+    return _holds(caption, objs)
 
 
 # ----------------------------------------------------------------------------- drawing

@@ -6,7 +6,8 @@ logits of zipped pairs). Models that also have ``forward_features``, ``text_feat
 ``match_tokens`` run each image and text through its encoder once and only the fusion layers
 per pair.
 
-Scores: the top k of a row hold the ITM log-odds of a match (logit 1 − logit 0); the other
+Scores: the top k of a row hold the ITM log-odds of a match (logit 1 − logit 0; plus the ITC
+similarity for a model with ``rerank_adds_itc``, as BLIP scores them); the other
 entries hold ITC similarity − 1e4, so they keep their ITC order and always rank below the top k.
 """
 from __future__ import annotations
@@ -72,7 +73,9 @@ def rerank(model, pixel_values: torch.Tensor, input_ids: torch.Tensor,
         cand = top.reshape(-1)
         image_index, text_index = (query, cand) if direction == "i2t" else (cand, query)
         scores = rows + OUTSIDE_TOP_K
-        scores[query, cand] = enc.itm_log_odds(image_index, text_index).to(scores.dtype)
+        itm = enc.itm_log_odds(image_index, text_index).to(scores.dtype)
+        # BLIP scores a candidate by ITM plus its ITC similarity (``rerank_adds_itc``)
+        scores[query, cand] = itm + rows[query, cand] if getattr(model, "rerank_adds_itc", False) else itm
         out[direction] = scores
     return out
 

@@ -117,20 +117,42 @@ class KVCache:
     """Keys and values of previous decoding steps, one entry per attention module.
 
     Self-attention appends the new step's keys/values; cross-attention computes them from the
-    context once and reuses them. ``reorder`` follows beam search (index_select on the batch).
+    context once and reuses them (a *static* entry). A static entry may hold one row per image
+    while the queries hold G rows per image (beams, or several samples of one image): the
+    attention then reads the image's keys once for its G query rows, so they are never copied.
+    ``reorder`` follows beam search inside each image's group of rows (static entries stay);
+    ``select`` keeps some rows (decoding rows that finished are dropped).
     """
 
     store: dict = field(default_factory=dict)
+    static: set = field(default_factory=set)
+    masks: dict = field(default_factory=dict)  # static entry -> its context mask (B, 1, 1, M)
 
     def get(self, key):
         return self.store.get(key)
 
-    def set(self, key, k: torch.Tensor, v: torch.Tensor) -> None:
+    def set(self, key, k: torch.Tensor, v: torch.Tensor, static: bool = False,
+            mask: torch.Tensor | None = None) -> None:
         self.store[key] = (k, v)
+        if static:
+            self.static.add(key)
+            if mask is not None:
+                self.masks[key] = mask
 
     def reorder(self, index: torch.Tensor) -> None:
-        self.store = {key: (k.index_select(0, index), v.index_select(0, index))
-                      for key, (k, v) in self.store.items()}
+        """Row i of the growing entries becomes row ``index[i]`` (beam search: a beam's new
+        parent, always among the rows of the same image)."""
+        self.store = {key: kv if key in self.static else (kv[0].index_select(0, index), kv[1].index_select(0, index))
+                      for key, kv in self.store.items()}
+
+    def select(self, rows: torch.Tensor, static_rows: torch.Tensor | None = None) -> None:
+        """Keep the growing entries' ``rows`` and the static entries' ``static_rows`` (by
+        default the same rows)."""
+        static_rows = rows if static_rows is None else static_rows
+        self.store = {key: (kv[0].index_select(0, static_rows if key in self.static else rows),
+                            kv[1].index_select(0, static_rows if key in self.static else rows))
+                      for key, kv in self.store.items()}
+        self.masks = {key: m.index_select(0, static_rows) if m.shape[0] > 1 else m for key, m in self.masks.items()}
 
     def __len__(self) -> int:
         return len(self.store)
@@ -209,9 +231,12 @@ class Attention(nn.Module):
             if cached is None:
                 k, v = (self._heads(t) for t in self._project(context, "kv", self.k, self.v))
                 if cache is not None:
-                    cache.set(key, k, v)
+                    cache.set(key, k, v, static=True, mask=mask)
             else:
                 k, v = cached
+                mask = cache.masks.get(key)  # the context's mask, selected with its rows
+            if k.shape[0] != q.shape[0]:  # G query rows per context row (see KVCache)
+                return self._grouped(x, q, k, v, mask, return_attention)
         else:
             q, k, v = (self._heads(t) for t in self._project(x, "qkv", self.q, self.k, self.v))
             if cache is not None:
@@ -236,6 +261,27 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(x.shape[0], n, -1)  # (B, N, D)
         out = self.proj_drop(self.proj(out))
         return (out, attn) if return_attention else out
+
+    def _grouped(self, x, q, k, v, mask, return_attention: bool):
+        """Cross-attention of (B*G, heads, N, head_dim) queries to (B, heads, M, head_dim) keys and
+        values: the G rows of each image become G*N query rows of one attention."""
+        bg, h, n, d = q.shape
+        b = k.shape[0]
+        if bg % b or (mask is not None and mask.shape[0] not in (1, b)):
+            raise ValueError(f"{bg} query rows for {b} context rows"
+                             + (f" and a context mask of {mask.shape[0]}" if mask is not None else ""))
+        g = bg // b
+        q = q.view(b, g, h, n, d).transpose(1, 2).reshape(b, h, g * n, d)  # (B, heads, G*N, head_dim)
+        if _FUSED and not return_attention:
+            out, attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+        else:
+            out, attn = plain_attention(q, k, v, mask)
+        out = out.view(b, h, g, n, d).permute(0, 2, 3, 1, 4).reshape(bg, n, h * d)  # (B*G, N, D)
+        out = self.proj_drop(self.proj(out))
+        if return_attention:
+            attn = attn.view(b, h, g, n, -1).transpose(1, 2).reshape(bg, h, n, -1)
+            return out, attn
+        return out
 
     def forward_at(self, x: torch.Tensor, index, mask: torch.Tensor | None = None,
                    causal: bool = False) -> torch.Tensor:

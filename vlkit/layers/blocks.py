@@ -1,7 +1,8 @@
 """Transformer blocks: pre-norm (ViT, CLIP, ViLT, VLMo) and post-norm (BERT: ALBEF, BLIP text).
 
-A block gains cross-attention when given ``context_dim``; the MLP may be replaced by any module
-taking ``(x, modality=...)`` (a router over modality experts, ``layers.mlp.ModalityExperts``),
+A block gains cross-attention when given ``context_dim`` (with ``cross_optional`` a call without a
+context skips it: BLIP's text encoder, unimodal or image-grounded); the MLP may be replaced by any
+module taking ``(x, modality=...)`` (a router over modality experts, ``layers.mlp.ModalityExperts``),
 which, with ``mlp_norm=False``, applies its own LayerNorm (one per expert). ``layer_scale`` > 0
 multiplies each residual branch of a pre-norm block by a learned per-channel γ starting at that
 value (LayerScale: BEiT, VLMo). Nothing else varies.
@@ -20,8 +21,10 @@ class _Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, context_dim: int | None = None,
                  act: str = "gelu", eps: float = 1e-6, qkv_bias: bool = True, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path: float = 0.0, mlp: nn.Module | None = None,
-                 mlp_norm: bool = True, layer_scale: float = 0.0, k_bias: bool | None = None):
+                 mlp_norm: bool = True, layer_scale: float = 0.0, k_bias: bool | None = None,
+                 cross_optional: bool = False):
         super().__init__()
+        self.cross_optional = cross_optional
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
                               k_bias=k_bias)
@@ -47,9 +50,11 @@ class _Block(nn.Module):
     def has_cross(self) -> bool:
         return self.cross_attn is not None
 
-    def _check_context(self, context):
-        if self.has_cross and context is None:
+    def _check_context(self, context) -> bool:
+        """Whether this call runs the cross-attention."""
+        if self.has_cross and context is None and not self.cross_optional:
             raise ValueError("this block has cross-attention and needs a context")
+        return self.has_cross and context is not None
 
 
 class PreNormBlock(_Block):
@@ -59,7 +64,7 @@ class PreNormBlock(_Block):
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, modality=None, return_attention: bool = False,
                 guides: dict | None = None):
-        self._check_context(context)
+        cross_on = self._check_context(context)
         guides = guides or {}
         attn = self.attn(self.norm1(x), mask=mask, causal=causal, cache=cache,
                          return_attention=return_attention, guide=guides.get("self"))
@@ -67,7 +72,7 @@ class PreNormBlock(_Block):
         if return_attention:
             attn, maps["self"] = attn
         x = x + self._scaled(attn, self.gamma_1)
-        if self.has_cross:
+        if cross_on:
             cross = self.cross_attn(self.norm_cross(x), context=context, mask=context_mask,
                                     cache=cache, return_attention=return_attention,
                                     guide=guides.get("cross"))
@@ -83,11 +88,11 @@ class PreNormBlock(_Block):
         """The block's output at one position per row, (B, 1, D) (``index``: an int or a (B,)
         tensor): equal to ``forward(x, ...)`` there, with the attention queries, the residual
         stream and the MLP computed for that position only."""
-        self._check_context(context)
+        cross_on = self._check_context(context)
         h = self.norm1(x)
         x = pick_rows(x, index) + self._scaled(self.attn.forward_at(h, index, mask=mask, causal=causal),
                                                self.gamma_1)
-        if self.has_cross:
+        if cross_on:
             x = x + self.drop_path(self.cross_attn(self.norm_cross(x), context=context, mask=context_mask))
         return x + self._scaled(self.mlp(self.norm2(x), modality=modality), self.gamma_2)
 
@@ -104,7 +109,7 @@ class PostNormBlock(_Block):
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, modality=None, return_attention: bool = False,
                 guides: dict | None = None):
-        self._check_context(context)
+        cross_on = self._check_context(context)
         guides = guides or {}
         attn = self.attn(x, mask=mask, causal=causal, cache=cache, return_attention=return_attention,
                          guide=guides.get("self"))
@@ -112,7 +117,7 @@ class PostNormBlock(_Block):
         if return_attention:
             attn, maps["self"] = attn
         x = self.norm1(x + self.drop_path(attn))
-        if self.has_cross:
+        if cross_on:
             cross = self.cross_attn(x, context=context, mask=context_mask, cache=cache,
                                     return_attention=return_attention, guide=guides.get("cross"))
             if return_attention:

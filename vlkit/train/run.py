@@ -253,13 +253,16 @@ def vocabulary_records(data: str, image_size: int, jsonl=None) -> list[dict]:
     return jsonl.records if hasattr(jsonl, "records") else [jsonl.record(i) for i in range(len(jsonl))]
 
 
-def build_tokenizer(data: str, image_size: int, jsonl=None, records: list[dict] | None = None):
+def build_tokenizer(data: str, image_size: int, jsonl=None, records: list[dict] | None = None,
+                    extra_special_tokens=()):
     """A WordPiece vocabulary learned from the training captions (and their negatives and
-    questions), so small models need no outside vocabulary file."""
+    questions), so small models need no outside vocabulary file; ``extra_special_tokens`` (a
+    model's own, e.g. BLIP's [DEC] and [ENC]) follow the core special tokens."""
     from ..tokenizers import build_wordpiece_vocab
     if records is None:
         records = vocabulary_records(data, image_size, jsonl)
-    return build_wordpiece_vocab(corpus_texts(records), vocab_size=2000)
+    return build_wordpiece_vocab(corpus_texts(records), vocab_size=2000,
+                                 extra_special_tokens=tuple(extra_special_tokens))
 
 
 def answer_vocabulary(records: list[dict]) -> list[str]:
@@ -384,7 +387,8 @@ def prepare_model(args: RunArgs, run: Path):
             from ..convert.hf_bert import bert_tokenizer
             tok = bert_tokenizer(probe.text_init)
         else:
-            tok = build_tokenizer(args.data, image_size, records=records)
+            tok = build_tokenizer(args.data, image_size, records=records,
+                                  extra_special_tokens=getattr(cls, "special_tokens", {}).values())
         overrides.update(_text_overrides(cls, probe, tok))
         if args.vqa:
             overrides.update(_vqa_overrides(probe, records, args.model, "objectives" in args.overrides))
@@ -438,6 +442,12 @@ def _text_overrides(cls, probe, tok) -> dict:
     mask = tok.token_to_id("[MASK]")
     if mask is not None:
         values["mask_token_id"] = mask
+    for name, token in getattr(cls, "special_tokens", {}).items():  # a model's own tokens
+        if tok.token_to_id(token) is None:
+            raise ValueError(f"{cls.model_name} needs the token {token} in its vocabulary")
+        values[name] = tok.token_to_id(token)
+    if isinstance(getattr(probe, "prompt", None), str):  # a prompt the model reads as tokens
+        values["prompt_ids"] = tuple(tok.encode(probe.prompt)[1:-1])
 
     def present(cfg) -> dict:
         names = {f.name for f in dataclasses.fields(cfg)}

@@ -1,0 +1,482 @@
+"""BLIP: one text stack three ways (weight sharing), the LM loss and caption scores, the decoding
+loop (cache = no cache, beam 1 = greedy, seeded sampling, per-row prompts, minimum length), the
+queue at any batch size, and a few training steps through ``vlkit train``."""
+import pytest
+import torch
+
+import vlkit
+from vlkit.layers import FeatureQueue, KVCache
+from vlkit.losses.captioning import caption_labels, lm_loss, sequence_log_likelihood
+from vlkit.models.generate import decode, filter_top_k_top_p, repetition_penalty_
+
+SMALL = dict(dim=32, heads=2, mlp_dim=64, layers=2, vocab_size=60, max_text_len=40, embed_dim=16, queue_size=8,
+             prompt_ids=(7, 8), **{"vision.dim": 32, "vision.depth": 1, "vision.heads": 2, "vision.mlp_dim": 64})
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return vlkit.create_model("blip", "tiny", **{**SMALL, **kw}).eval()
+
+
+def _batch(b=4, length=8, seed=0, vocab=60):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(9, vocab, (b, length), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[1, 5:] = 0
+    return {"pixel_values": torch.randn(b, 3, 64, 64, generator=g), "input_ids": ids, "attention_mask": mask}
+
+
+def _lm(model, batch):
+    with torch.no_grad():
+        return model.lm_logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+
+
+# -- one text stack, three ways ------------------------------------------------------------------
+def test_decoder_shares_all_but_self_attention_with_the_encoder():
+    model, batch = _model(), _batch()
+    before = _lm(model, batch)
+    enc = model.text_layers.blocks[0]
+    with torch.no_grad():  # the encoder's own self-attention: the decoder does not see it
+        enc.attn.q.weight.add_(1.0)
+        enc.norm1.weight.add_(1.0)
+    assert torch.equal(_lm(model, batch), before)
+    for name in ("mlp.fc1", "cross_attn.k", "norm_cross", "norm2"):  # shared: the decoder sees it
+        module = enc.get_submodule(name)
+        with torch.no_grad():
+            module.weight.add_(0.5)
+        after = _lm(model, batch)
+        assert not torch.allclose(after, before), name
+        before = after
+    with torch.no_grad():  # and the word embeddings, which the LM head reads too
+        model.text_embed.word.weight[9].add_(1.0)
+    assert not torch.allclose(_lm(model, batch), before)
+    assert model.lm_head.decoder.weight is model.text_embed.word.weight
+
+
+def test_untied_decoder_has_its_own_stack():
+    model, batch = _model(tie_decoder=False), _batch()
+    before = _lm(model, batch)
+    with torch.no_grad():
+        model.text_layers.blocks[0].mlp.fc1.weight.add_(1.0)
+        model.text_embed.word.weight.add_(1.0)
+    assert torch.equal(_lm(model, batch), before)
+    with pytest.raises(AttributeError):
+        _model(text_encoder=False).match
+    assert not hasattr(_model(text_decoder=False), "generate")
+    with pytest.raises(ValueError, match="text_encoder or text_decoder"):
+        _model(text_encoder=False, text_decoder=False)
+
+
+def test_unimodal_encoder_skips_cross_attention_and_grounded_encoder_reads_enc():
+    model, batch = _model(), _batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    emb = model.encode_text(ids, mask)
+    with torch.no_grad():
+        model.text_layers.blocks[0].cross_attn.q.weight.add_(1.0)
+    assert torch.allclose(model.encode_text(ids, mask), emb)
+    grounded = model.text_features(ids)
+    assert (grounded[:, 0] == model.cfg.enc_token_id).all() and torch.equal(grounded[:, 1:], ids[:, 1:])
+    assert torch.equal(_model(hf_compat=True).text_features(ids), ids)
+
+
+# -- the LM loss ---------------------------------------------------------------------------------
+def test_prompt_is_not_scored_and_caption_scores_are_unsmoothed_log_likelihoods():
+    model, batch = _model(), _batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    dec_ids, dec_mask, unscored = model.decoder_inputs(ids, mask)
+    assert unscored == 3 and (dec_ids[:, :3] == torch.tensor([model.cfg.dec_token_id, 7, 8])).all()
+    labels = caption_labels(dec_ids, dec_mask, unscored)
+    assert (labels[:, :3] == -100).all() and torch.equal(labels[0, 3:], ids[0, 1:])
+    assert (labels[1, 3 + 4:] == -100).all()  # padding
+    logits = _lm(model, batch)
+    logp = logits.log_softmax(-1)
+    manual = torch.stack([sum(logp[b, t - 1, dec_ids[b, t]] for t in range(3, dec_ids.shape[1]) if dec_mask[b, t])
+                          for b in range(ids.shape[0])])
+    with torch.no_grad():
+        scores = model.score_captions(batch["pixel_values"], ids, mask)
+    assert torch.allclose(scores, manual, atol=1e-4)
+    # the prompt's own predictions change nothing
+    changed = logits.clone()
+    changed[:, :2] = torch.randn_like(changed[:, :2])
+    assert torch.allclose(sequence_log_likelihood(changed, labels), scores, atol=1e-4)
+    assert torch.allclose(lm_loss(changed, labels), lm_loss(logits, labels))
+    smooth = lm_loss(logits, labels, 0.1)
+    z, y = logits[:, :-1], labels[:, 1:]
+    hit = y != -100
+    lp = z[hit].log_softmax(-1)
+    expected = (0.9 * -lp.gather(1, y[hit][:, None])[:, 0] - 0.1 * lp.mean(-1)).mean()
+    assert torch.allclose(smooth, expected, atol=1e-5)
+
+
+def test_training_losses_and_queue_take_any_batch_size():
+    model = _model().train()
+    for b in (3, 5, 7):  # queue of 8: none divides it, each wraps
+        out = model.training_losses(_batch(b, seed=b))
+        assert set(out) >= {"itc_loss", "itm_loss", "lm_loss", "loss"}
+        assert torch.isfinite(out["loss"])
+        out["loss"].backward()
+        model.after_step(0)
+    assert int(model.queue.ptr) == (3 + 5 + 7) % 8
+    q = FeatureQueue(5, image=2)
+    q.enqueue(image=torch.eye(2)[[0, 1, 0]])
+    q.enqueue(image=torch.eye(2)[[1, 1, 1]])
+    assert torch.equal(q.image, torch.eye(2)[[1, 1, 0, 1, 1]]) and int(q.ptr) == 1
+
+
+def test_dataset_negatives_join_itm():
+    model = _model(hard_negatives=True).train()
+    batch = _batch(3)
+    batch.update(neg_input_ids=_batch(4, length=10, seed=9)["input_ids"],
+                 neg_attention_mask=torch.ones(4, 10, dtype=torch.long), neg_owner=torch.tensor([0, 0, 1, 2]))
+    seen = {}
+    head = model.itm_head.forward
+    model.itm_head.forward = lambda x: seen.setdefault("rows", x.shape[0]) and head(x)
+    model.training_losses(batch)
+    assert seen["rows"] == 3 * 3 + 4
+
+
+# -- decoding ------------------------------------------------------------------------------------
+def _pixels(b=3, seed=1):
+    return torch.randn(b, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def _trained_like(model):
+    """Spread the LM head so that greedy and beam paths differ between images."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0) if p.ndim == 2 and p.shape[0] == model.cfg.vocab_size else None
+    return model
+
+
+def test_cached_decoding_equals_uncached():
+    model = _trained_like(_model())
+    px = _pixels()
+    for opts in (dict(), dict(num_beams=3), dict(num_beams=3, num_return_sequences=2, length_penalty=0.6),
+                 dict(repetition_penalty=1.5, min_new_tokens=4)):
+        assert torch.equal(model.generate(px, max_new_tokens=8, **opts),
+                           model.generate(px, max_new_tokens=8, use_cache=False, **opts)), opts
+    g1, g2 = (torch.Generator().manual_seed(3) for _ in range(2))
+    a = model.generate(px, max_new_tokens=8, do_sample=True, top_k=20, num_return_sequences=2, generator=g1)
+    b = model.generate(px, max_new_tokens=8, do_sample=True, top_k=20, num_return_sequences=2, generator=g2,
+                       use_cache=False)
+    assert torch.equal(a, b)
+    # the states themselves: one step at a time on the cache = the whole sequence at once
+    ctx = model.forward_features(px)
+    ids = torch.randint(9, 60, (3, 6))
+    with torch.no_grad():
+        full = model.decode_states(ids, None, ctx)
+        cache = KVCache()
+        steps = [model.decode_states(ids[:, :2], None, ctx, 0, cache)]
+        steps += [model.decode_states(ids[:, t:t + 1], None, ctx, t, cache) for t in range(2, 6)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_beam_one_is_greedy_and_greedy_is_the_argmax_path():
+    model = _trained_like(_model())
+    px = _pixels()
+    greedy = model.generate(px, max_new_tokens=6)
+    assert torch.equal(model.generate(px, max_new_tokens=6, num_beams=1), greedy)
+    # the argmax path, step by step without the loop
+    with torch.no_grad():
+        ctx = model.forward_features(px)
+        seq = torch.tensor([[model.cfg.dec_token_id, 7, 8]] * 3)
+        for _ in range(6):
+            nxt = model.lm_head(model.decode_states(seq, None, ctx))[:, -1].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+    path = seq[:, 3:]
+    for row, out in zip(path.tolist(), greedy.tolist()):
+        row = row[:row.index(3)] if 3 in row else row
+        assert out[:len(row)] == row and all(t == 0 for t in out[len(row):])
+
+
+def test_beam_search_finds_a_likelier_caption_than_greedy():
+    model = _trained_like(_model())
+    px = _pixels(2)
+    greedy = model.generate(px, max_new_tokens=5, min_new_tokens=5, prompt_ids=[[], []])
+    beam = model.generate(px, max_new_tokens=5, min_new_tokens=5, num_beams=4, prompt_ids=[[], []],
+                          length_penalty=0.0)
+
+    def loglik(tokens):
+        with torch.no_grad():
+            ctx = model.forward_features(px)
+            seq = torch.cat([torch.full((2, 1), model.cfg.dec_token_id), tokens], 1)
+            logp = model.lm_head(model.decode_states(seq, None, ctx)).log_softmax(-1)
+            return logp[:, :-1].gather(-1, seq[:, 1:, None])[..., 0].sum(-1)
+    assert (loglik(beam) >= loglik(greedy) - 1e-5).all()
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    model = _trained_like(_model())
+    px = _pixels()
+
+    def sample(seed):
+        return model.generate(px, max_new_tokens=8, do_sample=True, top_p=0.9, temperature=1.5,
+                              num_return_sequences=3, generator=torch.Generator().manual_seed(seed))
+    a = sample(0)
+    assert a.shape[0] == 9 and torch.equal(a, sample(0)) and not torch.equal(a, sample(1))
+
+
+def test_per_row_prompts_min_and_max_new_tokens():
+    model = _trained_like(_model())
+    px = _pixels()
+    prompts = [[7], [7, 8, 9, 10], []]
+    together = model.generate(px, prompt_ids=prompts, max_new_tokens=5)
+    for i, p in enumerate(prompts):  # each row as if decoded alone
+        alone = model.generate(px[i:i + 1], prompt_ids=[p], max_new_tokens=5)
+        assert together[i, :alone.shape[1]].tolist() == alone[0].tolist()
+    out = model.generate(px, max_new_tokens=7, min_new_tokens=7)
+    assert out.shape[1] == 7 and not (out == 3).any()
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(px, max_new_tokens=0)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        model.generate(px, num_beams=2, num_return_sequences=3)
+
+
+def test_decode_loop_stops_rows_early_and_matches_transformers_processors():
+    transformers = pytest.importorskip("transformers")
+    calls = []
+
+    def step(tokens, past, cache, rows):  # row 0 ends at once, row 1 never
+        calls.append(tokens.shape[0])
+        logits = torch.zeros(tokens.shape[0], 5)
+        logits[:, 4] = 1.0
+        logits[:, 3] = torch.where(tokens[:, -1] == 1, 2.0, 0.0)
+        return logits
+    out = decode(step, [[1], [2]], eos_token_id=3, pad_token_id=0, max_new_tokens=4)
+    assert out.tolist() == [[0, 0, 0, 0], [4, 4, 4, 4]] and calls == [2, 1, 1, 1]
+    scores = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    seqs = torch.randint(0, 50, (3, 6))
+    ref = transformers.RepetitionPenaltyLogitsProcessor(1.3)(seqs, scores.clone())
+    assert torch.allclose(repetition_penalty_(scores.clone(), seqs, 1.3), ref)
+    ref = transformers.TopPLogitsWarper(0.8)(seqs, transformers.TopKLogitsWarper(10)(seqs, scores.clone()))
+    assert torch.equal(filter_top_k_top_p(scores, 10, 0.8).isinf(), ref.isinf())
+
+
+# -- training through the command --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from vlkit.train.run import RunArgs, train
+    run = tmp_path_factory.mktemp("blip") / "run"
+    train(RunArgs(model="blip", data="synthetic", out=str(run), steps=2, batch_size=8, progress=False,
+                  overrides={k: v for k, v in SMALL.items() if k not in ("vocab_size", "prompt_ids")}))
+    return run
+
+
+def test_capfilt_end_to_end(tiny_run, tmp_path):
+    """A small dataset through ``vlkit capfilt``: each kept caption is one the filter scores
+    above the threshold, the report's counts add up, val/test are copied unchanged."""
+    from vlkit.cli import main
+    from vlkit.data.synthetic import write_dataset
+    import json
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_dataset(data, sizes={"train": 6, "val": 2, "test": 2})
+    assert main(["capfilt", str(data), "--captioner", str(tiny_run), "--filter", str(tiny_run), "--out", str(out),
+                 "--samples", "2", "--threshold", "0.3"]) == 0
+    report = json.loads((out / "capfilt.json").read_text())
+    details = [json.loads(line) for line in (out / "capfilt.jsonl").read_text().splitlines()]
+    assert report["records"] == 6 and len(details) == 6
+    verdicts = [v for d in details for v in d["captions"]]
+    assert sum(v["source"] == "synthetic" for v in verdicts) == 12
+    assert report["original_kept"] + report["original_dropped"] + report["synthetic_kept"] \
+        + report["synthetic_dropped"] == len(verdicts)
+    assert all(v["kept"] == (v["p_match"] > 0.3) for v in verdicts)
+    kept = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert len(kept) == report["records_kept"]
+    for row in kept:
+        assert (out / row["image"]).is_file() and row["caption"] == row["captions"][0]
+    assert (out / "test.jsonl").read_text() == (data / "test.jsonl").read_text()
+    pipe = vlkit.load(tiny_run)
+    for d in details[:2]:  # the filter's probability, recomputed
+        v = d["captions"][0]
+        assert float(pipe.match([str(data / d["image"])], [v["caption"]])[0]) == pytest.approx(v["p_match"], abs=1e-3)
+    assert main(["capfilt", str(data), "--captioner", str(tiny_run), "--filter", str(tiny_run), "--out", str(out)]) == 2
+
+
+def test_vlkit_train_and_load(tiny_run):
+    run = tiny_run
+    pipe = vlkit.load(run)
+    tok = pipe.tokenizer
+    cfg = pipe.model.cfg
+    assert cfg.dec_token_id == tok.token_to_id("[DEC]") and cfg.enc_token_id == tok.token_to_id("[ENC]")
+    assert list(cfg.prompt_ids) == tok.encode("a picture of ")[1:-1]
+    from PIL import Image
+    img = Image.new("RGB", (64, 64), "red")
+    caps = pipe.caption([img, img], max_new_tokens=4)
+    assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
+    assert pipe.match([img], ["a red circle"]).shape == (1,)
+    assert len(pipe.caption([img, img], prompt=["a red", "there is"], num_beams=2, max_new_tokens=3)) == 2
+    with pytest.raises(ValueError, match="prompts"):
+        pipe.caption([img, img], prompt=["a", "b", "c"])
+    assert pipe.answer([img], ["what colour is the circle?"], candidates=["red", "blue"])[0] in ("red", "blue")
+    assert isinstance(pipe.answer([img], ["what colour is the circle?"], max_new_tokens=2)[0], str)
+
+
+# -- Hugging Face parity -------------------------------------------------------------------------
+def _hf_blip(cls_name, tmp_path, sep=98, seed=0):
+    """A tiny random transformers BLIP (the sizes of transformers' own tests, two layers), its
+    weights spread so that images and decoding paths differ, saved with ``save_pretrained``."""
+    T = pytest.importorskip("transformers")
+    text = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                bos_token_id=97, pad_token_id=0, sep_token_id=sep, eos_token_id=2)  # SEP inside the vocabulary
+    vision = dict(image_size=30, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=37, layer_norm_eps=1e-6)
+    cfg = T.BlipConfig(text_config=text, vision_config=vision, projection_dim=32, image_text_hidden_size=16)
+    torch.manual_seed(seed)
+    hf = getattr(T, cls_name)(cfg).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "embed" in name else 0.2))
+    folder = tmp_path / cls_name
+    hf.save_pretrained(folder)
+    return hf, vlkit.load(folder).model
+
+
+def _hf_inputs():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 90, (3, 7), generator=g)
+    ids[:, 0], ids[:, -1] = 1, 98
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    return torch.randn(3, 3, 30, 30, generator=g), ids, mask
+
+
+def test_hf_retrieval_parity(tmp_path):
+    """ITM logits and ITC similarities within 1e-5 of transformers' BlipForImageTextRetrieval."""
+    hf, ours = _hf_blip("BlipForImageTextRetrieval", tmp_path)
+    px, ids, mask = _hf_inputs()
+    assert ours.cfg.hf_compat and ours.cfg.eps == 1e-12 and ours.cfg.vision.eps == 1e-6
+    with torch.no_grad():
+        itm = hf(pixel_values=px, input_ids=ids, attention_mask=mask).itm_score
+        itc = hf(pixel_values=px, input_ids=ids, attention_mask=mask, use_itm_head=False).itm_score
+        assert (itm - ours.match(px, ids, mask)).abs().max() <= 1e-5
+        assert (itc - ours.encode_image(px) @ ours.encode_text(ids, mask).T).abs().max() <= 1e-5
+    assert not hasattr(ours, "generate")
+
+
+@pytest.mark.parametrize("sep", [98, 39])  # 39: an end token the random decoder emits mid-caption
+def test_hf_captioning_parity_greedy_and_beam(tmp_path, sep):
+    """LM logits within 1e-5 of transformers' BlipForConditionalGeneration; greedy and beam-3
+    captions (with repetition penalty, length penalty, min/max new tokens, several returned
+    sequences) token-identical to its ``generate``."""
+    hf, ours = _hf_blip("BlipForConditionalGeneration", tmp_path, sep=sep)
+    px, ids, mask = _hf_inputs()
+    with torch.no_grad():
+        ref = hf(pixel_values=px, input_ids=ids, attention_mask=mask).logits
+        mine = ours.lm_head(ours.decode_states(ids, mask, ours.forward_features(px)))
+    assert (ref - mine).abs().max() <= 1e-5
+    assert not hasattr(ours, "match")
+    for opts in (dict(), dict(num_beams=3), dict(repetition_penalty=2.0),
+                 dict(num_beams=3, repetition_penalty=2.0, length_penalty=0.5, num_return_sequences=2),
+                 dict(num_beams=3, repetition_penalty=1.5, min_new_tokens=4, max_new_tokens=6)):
+        opts = {"max_new_tokens": 10, **opts}
+        expected = hf.generate(pixel_values=px, **opts)[:, 1:].tolist()  # after [DEC]
+        expected = [r[:r.index(sep)] if sep in r else [t for t in r if t != 0] for r in expected]
+        got = [[t for t in r if t != 0] for r in ours.generate(px, prompt_ids=[[]] * 3, **opts).tolist()]
+        assert got == expected, opts
+
+
+def test_hf_blip_model_is_refused(tmp_path):
+    T = pytest.importorskip("transformers")
+    folder = tmp_path / "blipmodel"
+    T.BlipModel(T.BlipConfig(text_config=dict(vocab_size=99, hidden_size=32, num_hidden_layers=1,
+                                              num_attention_heads=4, intermediate_size=37),
+                             vision_config=dict(image_size=30, patch_size=2, hidden_size=32, num_hidden_layers=1,
+                                                num_attention_heads=4, intermediate_size=37),
+                             projection_dim=32)).save_pretrained(folder)
+    from vlkit.convert.common import ConversionError
+    with pytest.raises(ConversionError, match="BlipModel"):
+        vlkit.load(folder)
+
+
+# -- captioning metrics and the world-grounded check ---------------------------------------------
+def test_bleu4_and_cider_d_equal_pycocoevalcap():
+    """On a fixed sample of world captions (true, false, and a short one), vlkit's BLEU-4 and
+    CIDEr-D equal pycocoevalcap's scorers (given the same word tokens) to 1e-9."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from vlkit.data.synthetic import synthetic_world
+    from vlkit.eval import bleu4, cider
+    from vlkit.eval.metrics import _tokenize
+    recs = synthetic_world(64).records("test", 40)
+    cands = [r["captions"][1] if i % 3 else r["negatives"][0]["caption"] for i, r in enumerate(recs)]
+    cands[5] = "a red circle"
+    refs = [r["captions"][:1] + r["captions"][2:] for r in recs]
+
+    def words(s):
+        return " ".join(_tokenize(s))
+    gts = {i: [words(x) for x in refs[i]] for i in range(len(recs))}
+    res = {i: [words(c)] for i, c in enumerate(cands)}
+    assert bleu4(cands, refs) == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0][3], abs=1e-9)
+    assert cider(cands, refs) == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-9)
+
+
+def test_caption_correct_reads_the_worlds_grammar():
+    from vlkit.data.synthetic import caption_is_true, parse_caption, synthetic_world
+    recs = synthetic_world(64).records("test", 100)
+    assert all(caption_is_true(c, r["objects"]) for r in recs for c in r["captions"])
+    assert not any(caption_is_true(n["caption"], r["objects"]) for r in recs for n in r["negatives"])
+    rec = recs[0]
+    spaced = rec["captions"][0].replace(";", " ;").replace(",", " ,") + " ."  # as a WordPiece decode
+    assert caption_is_true(spaced, rec["objects"])
+    assert parse_caption("a picture of a cat") is None and not caption_is_true("", rec["objects"])
+
+
+def test_hf_vqa_parity_and_answers_by_generation_or_ranking(tmp_path):
+    """transformers' BlipForQuestionAnswering.generate (greedy and beam 3) token-identical; the
+    answer ranking picks the candidate of highest log-likelihood."""
+    hf, ours = _hf_blip("BlipForQuestionAnswering", tmp_path, sep=39)
+    px, ids, mask = _hf_inputs()
+    assert not ours.cfg.tie_decoder and not hasattr(ours, "match")
+    for opts in (dict(max_new_tokens=8), dict(max_new_tokens=8, num_beams=3, repetition_penalty=1.5)):
+        expected = hf.generate(pixel_values=px, input_ids=ids, attention_mask=mask, **opts)[:, 1:].tolist()
+        expected = [r[:r.index(39)] if 39 in r else [t for t in r if t != 0] for r in expected]
+        got = [[t for t in r if t != 0] for r in ours.answer_tokens(px, ids, mask, **opts).tolist()]
+        assert got == expected, opts
+    answers = torch.tensor([[1, 10, 98, 0], [1, 20, 21, 98], [1, 30, 98, 0]])
+    answer_mask = (answers != 0).long()
+    with torch.no_grad():
+        scores = ours.answer_scores(px, ids, mask, answers, answer_mask)
+        states = ours.question_states(px, ids, mask)
+        for c in range(3):
+            dec = answers[c:c + 1].clone()
+            dec[0, 0] = ours.cfg.dec_token_id
+            n = int(answer_mask[c].sum())
+            logp = ours.lm_head(ours.decode_states(dec[:, :n], None, states[1:2])).log_softmax(-1)
+            manual = sum(logp[0, t - 1, dec[0, t]] for t in range(1, n))
+            assert scores[1, c] == pytest.approx(float(manual), abs=1e-4)
+
+
+def test_retrieval_reranks_itc_top_k_by_itm_plus_itc():
+    from vlkit.eval.rerank import rerank
+    model, batch = _model(), _batch(4)
+    px, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        out = rerank(model, px, ids, mask, k=2)
+        sim = model.encode_image(px) @ model.encode_text(ids, mask).T
+        top = sim.topk(2, dim=1).indices
+        for i in range(4):
+            for j in top[i].tolist():
+                logits = model.match(px[i:i + 1], ids[j:j + 1], mask[j:j + 1])[0]
+                assert out["i2t"][i, j] == pytest.approx(float(logits[1] - logits[0] + sim[i, j]), abs=1e-4)
+
+
+def test_answers_of_padded_questions_equal_answers_alone():
+    """The decoder's cross-attention skips question padding, also from the cache (beams and rows
+    leaving the batch): each answer equals the one its question gets alone, unpadded (with
+    ``hf_compat``, which attends to padding as transformers does, two of these rows differ)."""
+    model = _model()
+    with torch.no_grad():  # answers that depend on the question
+        for name, p in model.named_parameters():
+            if "cross_attn" in name or "text_layers" in name:
+                p.mul_(3.0)
+    batch = _batch(3)
+    px, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+    mask[2, 3:] = 0
+    for opts in (dict(), dict(num_beams=3)):
+        together = model.answer_tokens(px, ids, mask, max_new_tokens=6, **opts)
+        for i in range(3):
+            n = int(mask[i].sum())
+            alone = model.answer_tokens(px[i:i + 1], ids[i:i + 1, :n], mask[i:i + 1, :n], max_new_tokens=6, **opts)
+            assert together[i, :alone.shape[1]].tolist() == alone[0].tolist(), (opts, i)

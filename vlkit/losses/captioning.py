@@ -1,0 +1,49 @@
+"""Language modelling of captions (BLIP's decoder): the next-token loss and sequence scores.
+
+Labels are token ids aligned with the decoder's input, -100 where a token is not scored (the
+begin token, a prompt, padding); position t's logits predict the label at t + 1.
+
+- ``lm_loss``: cross-entropy with label smoothing (BLIP: 0.1) averaged over every scored token
+  of the batch.
+- ``sequence_log_likelihood``: (B,) sum of log p(token) over each row's scored tokens, without
+  smoothing (captions ranked or filtered by their likelihood).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .mlm import IGNORE_INDEX
+
+__all__ = ["lm_loss", "sequence_log_likelihood", "caption_labels"]
+
+
+def _shifted(logits: torch.Tensor, labels: torch.Tensor):
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"LM logits {tuple(logits.shape)} do not fit labels {tuple(labels.shape)}")
+    return logits[:, :-1].float(), labels[:, 1:]
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Mean next-token cross-entropy over the scored tokens; logits (B, L, V), labels (B, L)."""
+    z, y = _shifted(logits, labels)
+    if not bool((y != IGNORE_INDEX).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX,
+                           label_smoothing=label_smoothing)
+
+
+def sequence_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) sum over each row's scored tokens of log p(token | the tokens before it)."""
+    z, y = _shifted(logits, labels)
+    hit = y != IGNORE_INDEX
+    logp = z.log_softmax(-1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    return (logp * hit).sum(-1)
+
+
+def caption_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, unscored: int) -> torch.Tensor:
+    """Labels of a decoder input: the ids, -100 at padding and at the first ``unscored``
+    positions (the begin token and the prompt)."""
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    labels[:, :unscored] = IGNORE_INDEX
+    return labels

@@ -1,0 +1,407 @@
+"""BLIP (Li et al. 2022): a ViT image encoder and one BERT-style post-norm text stack with
+cross-attention to the image tokens in every layer, used three ways:
+
+  1. unimodal text encoder ([CLS] first, cross-attention skipped): ITC against the image [CLS];
+  2. image-grounded text encoder ([ENC] first, cross-attention on): ITM head on its first token;
+  3. image-grounded causal decoder ([DEC] first, causal self-attention, cross-attention on): LM
+     head (captioning).
+The encoder and the decoder share every parameter (embeddings, cross-attention, MLP and their
+LayerNorms) except the self-attention and its LayerNorm; the LM head belongs to the decoder and
+is tied to the word embeddings. ``tie_decoder=False`` gives the decoder a text stack of its own
+(BLIP's VQA model); ``text_encoder=False`` / ``text_decoder=False`` drop a part (Hugging Face's
+captioning and retrieval models hold only one).
+
+Training (``training_losses``), equally weighted:
+  - ITC with momentum encoders (EMA), feature queues (any batch size: the queue wraps around) and
+    momentum distillation (α ramped over ``alpha_ramp_steps``), as ALBEF;
+  - ITM on the grounded encoder: each positive pair, one negative text per image and one negative
+    image per text drawn by in-batch similarity, and with ``hard_negatives`` the dataset's
+    negative captions of each image;
+  - LM on the decoder: [DEC] + prompt + caption, label smoothing 0.1, caption tokens only scored.
+``score_captions`` is the unsmoothed log-likelihood of captions; ``generate`` decodes captions
+with ``vlkit.models.generate`` on the layers' KV cache (image encoded once, cross-attention keys
+and values computed once per image). ``hf_compat`` reproduces Hugging Face's BLIP, which gives
+the grounded encoder [CLS] where the paper gives [ENC].
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..collective import global_generator
+from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostNormBlock, Transformer,
+                      init_weights, padding_mask)
+from ..losses.captioning import caption_labels, lm_loss, sequence_log_likelihood
+from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index
+from ..losses.matching import itm_accuracy, itm_loss
+from .base import Output, VLModel, image_spec, register
+from .clip import PRESETS as CLIP_PRESETS
+from .generate import decode
+from .vit import ViTConfig, VisionTransformer
+
+
+def _needs(part: str):
+    """A method that exists only on a BLIP with ``part`` (``text_decoder``; ``retrieval``: the
+    text encoder with the ITC projections and ITM head; ``vqa``: encoder and decoder), so ``hasattr(model, "generate")`` tells
+    the pipeline and the evaluation what it can do."""
+    def wrap(fn):
+        def get(self):
+            cfg = self.cfg
+            have = {"retrieval": cfg.text_encoder and cfg.retrieval_heads,
+                    "vqa": cfg.text_encoder and cfg.text_decoder}.get(part, getattr(cfg, part, False))
+            if not have:
+                raise AttributeError(f"this BLIP has no {part.replace('_', ' ')} for {fn.__name__}")
+            return fn.__get__(self)
+        return property(get, doc=fn.__doc__)
+    return wrap
+
+
+@dataclass
+class BLIPConfig:
+    vision: ViTConfig = field(default_factory=ViTConfig)
+    dim: int = 768                  # text width (BERT hidden size)
+    layers: int = 12                # text layers, each with self-, cross-attention and MLP
+    heads: int = 12
+    mlp_dim: int = 3072
+    act: str = "gelu"
+    eps: float = 1e-12
+    dropout: float = 0.0
+    vocab_size: int = 30524         # BERT's 30522 + [DEC] + [ENC]
+    max_text_len: int = 512         # text position embeddings
+    embed_dim: int = 256            # the shared ITC space
+    temp: float = 0.07              # learnable, clamped to [0.001, 0.5]
+    queue_size: int = 57600
+    momentum: float = 0.995
+    text_encoder: bool = True       # the unimodal / image-grounded encoder (ITC, ITM)
+    text_decoder: bool = True       # the image-grounded decoder (LM, captioning)
+    tie_decoder: bool = True        # the decoder shares all but self-attention with the encoder
+    retrieval_heads: bool = True    # with the encoder: ITC projections, ITM head, momentum and queues
+    hf_compat: bool = False         # grounded encoder fed [CLS] as Hugging Face does, not [ENC]
+    vision_init: str = ""           # a ViT or CLIP run (or HF folder) whose image tower fits ``vision``
+    # training
+    distill: bool = True
+    alpha: float = 0.4
+    alpha_ramp_steps: int = 1000
+    itm_hard_negatives: bool = True
+    hard_negatives: bool = False    # the dataset's negative captions join ITM
+    label_smoothing: float = 0.1
+    prompt: str = "a picture of "   # captions are decoded after it; it is never scored
+    prompt_ids: tuple[int, ...] = ()  # its tokens without begin/end (from the tokenizer)
+    pad_token_id: int = 0
+    eot_token_id: int = 3           # [SEP]: the decoder's end token
+    dec_token_id: int = 5           # [DEC] (vlkit's WordPiece with BLIP's extra tokens)
+    enc_token_id: int = 6           # [ENC]
+
+
+def _vit(**kw) -> ViTConfig:
+    base = dict(eps=1e-6, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+    return ViTConfig(**{**base, **kw})
+
+
+BERT_IDS = dict(vocab_size=30524, pad_token_id=0, eot_token_id=102, dec_token_id=30522, enc_token_id=30523)
+PRESETS = {
+    # the synthetic world at 64 px: CLIP tiny's image tower; momentum and queue sized as ALBEF tiny's
+    "tiny": dict(vision=dataclasses.replace(CLIP_PRESETS["tiny"]["vision"]), dim=192, layers=3, heads=3,
+                 mlp_dim=768, eps=1e-6, vocab_size=2000, max_text_len=48, embed_dim=128, queue_size=1024,
+                 momentum=0.95, alpha_ramp_steps=200),
+    "small": dict(vision=_vit(image_size=224, dim=384, depth=12, heads=6, mlp_dim=1536), dim=384, layers=6,
+                  heads=6, mlp_dim=1536, queue_size=16384, **BERT_IDS),
+    # ViT-B/16 at 384 px + BERT-base (BLIP base)
+    "base": dict(vision=_vit(image_size=384, dim=768, depth=12, heads=12, mlp_dim=3072), **BERT_IDS),
+}
+
+
+@register("blip")
+class BLIP(VLModel):
+    config_class = BLIPConfig
+    presets = PRESETS
+    task = "fusion"
+    has_queues = True
+    rerank_adds_itc = True  # retrieval: ITC top-k re-scored by ITM + ITC similarity (the paper's)
+    # tokens the tokenizer must hold, and the config fields their ids go to (``vlkit train``)
+    special_tokens = {"dec_token_id": "[DEC]", "enc_token_id": "[ENC]"}
+
+    def __init__(self, cfg: BLIPConfig):
+        super().__init__()
+        if not (cfg.text_encoder or cfg.text_decoder):
+            raise ValueError("a BLIP needs text_encoder or text_decoder")
+        self.cfg = cfg
+        d, e = cfg.dim, cfg.embed_dim
+        self.vision = VisionTransformer(cfg.vision)
+
+        def embed():
+            return BertEmbeddings(cfg.vocab_size, d, cfg.max_text_len, 0, cfg.eps, cfg.dropout, cfg.pad_token_id)
+
+        def blocks():
+            return [PostNormBlock(d, cfg.heads, cfg.mlp_dim, context_dim=cfg.vision.dim, act=cfg.act, eps=cfg.eps,
+                                  drop=cfg.dropout, attn_drop=cfg.dropout, cross_optional=True)
+                    for _ in range(cfg.layers)]
+        self.text_embed = embed()
+        self.text_layers = Transformer(blocks()) if cfg.text_encoder else None
+        tied = cfg.text_encoder and cfg.tie_decoder
+        self.decoder_embed = embed() if cfg.text_decoder and cfg.text_encoder and not tied else None
+        self.decoder_layers = Transformer(blocks()) if cfg.text_decoder else None
+        self.retrieval = cfg.text_encoder and cfg.retrieval_heads
+        if self.retrieval:
+            self.image_proj = nn.Linear(cfg.vision.dim, e)
+            self.text_proj = nn.Linear(d, e)
+            self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
+            self.itm_head = nn.Linear(d, 2)
+        self.lm_head = MLMHead(d, cfg.vocab_size, cfg.eps, cfg.act) if cfg.text_decoder else None
+        self.apply(init_weights)
+        for emb in (self.text_embed, self.decoder_embed):
+            if emb is not None:
+                nn.init.normal_(emb.word.weight, std=0.02)
+                nn.init.normal_(emb.position.weight, std=0.02)
+        if tied and cfg.text_decoder:  # everything but the self-attention and its LayerNorm
+            for enc, dec in zip(self.text_layers.blocks, self.decoder_layers.blocks):
+                dec.cross_attn, dec.norm_cross, dec.mlp, dec.norm2 = enc.cross_attn, enc.norm_cross, enc.mlp, enc.norm2
+        if self.lm_head is not None:
+            self.lm_head.decoder.weight = self._dec_embed.word.weight
+        if self.retrieval:
+            self.momentum = MomentumCopy({name: getattr(self, name) for name in (
+                "vision", "image_proj", "text_embed", "text_layers", "text_proj")}, cfg.momentum)
+            self.queue = FeatureQueue(cfg.queue_size, image=e, text=e)
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+
+    @property
+    def _dec_embed(self) -> BertEmbeddings:
+        return self.decoder_embed if self.decoder_embed is not None else self.text_embed
+
+    def image_spec(self) -> dict:
+        return image_spec(self.cfg.vision)
+
+    def pretrained_loaded(self) -> None:
+        if self.retrieval:
+            self.momentum.reset()
+
+    # -- image and the three text modes ---------------------------------------------------------
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision.forward_features(pixel_values)  # (B, 1+N, Dv)
+
+    def _part(self, name: str, momentum: bool) -> nn.Module:
+        return self.momentum[name] if momentum else getattr(self, name)
+
+    def _image(self, pixel_values, momentum: bool = False):
+        """(image tokens (B, 1+N, Dv), normalised embedding (B, E))."""
+        tokens = self._part("vision", momentum).forward_features(pixel_values)
+        return tokens, F.normalize(self._part("image_proj", momentum)(tokens[:, 0]), dim=-1)
+
+    def _text(self, input_ids, attention_mask, momentum: bool = False):
+        """Unimodal encoder: (hidden states (B, L, D), normalised [CLS] embedding (B, E))."""
+        mask = _ones_if_none(attention_mask, input_ids)
+        x = self._part("text_layers", momentum)(self._part("text_embed", momentum)(input_ids), mask=padding_mask(mask))
+        return x, F.normalize(self._part("text_proj", momentum)(x[:, 0]), dim=-1)
+
+    def ground(self, input_ids, attention_mask, image_tokens) -> torch.Tensor:
+        """Image-grounded encoder: (B, L, D) states of the text ([ENC] first) over the image tokens."""
+        return self.text_layers(self.text_embed(self._grounded_ids(input_ids)), context=image_tokens,
+                                mask=padding_mask(_ones_if_none(attention_mask, input_ids)))
+
+    @_needs("retrieval")
+    def text_features(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """What the grounded encoder reads of a text: its ids, [ENC] first (``hf_compat``: as
+        given); ``match_tokens`` takes them (re-ranking)."""
+        return self._grounded_ids(input_ids)
+
+    def _grounded_ids(self, input_ids) -> torch.Tensor:
+        if self.cfg.hf_compat:
+            return input_ids
+        return torch.cat([torch.full_like(input_ids[:, :1], self.cfg.enc_token_id), input_ids[:, 1:]], 1)
+
+    def decode_states(self, input_ids, attention_mask, context, past_length: int = 0, cache=None,
+                      context_mask=None) -> torch.Tensor:
+        """Causal decoder: (B, T, D) states of ``input_ids`` (already with [DEC] first) that follow
+        ``past_length`` cached positions, cross-attending to ``context``."""
+        mask = None if attention_mask is None else padding_mask(attention_mask)
+        return self.decoder_layers(self._dec_embed(input_ids, past_length=past_length), mask=mask, causal=True,
+                                   context=context, context_mask=context_mask, cache=cache)
+
+    def decoder_inputs(self, input_ids, attention_mask):
+        """[DEC] + prompt + the caption's tokens after [CLS], cut to ``max_text_len``: (ids, mask,
+        number of unscored tokens)."""
+        prompt = torch.tensor([self.cfg.dec_token_id, *self.cfg.prompt_ids], device=input_ids.device)
+        ids = torch.cat([prompt.expand(input_ids.shape[0], -1), input_ids[:, 1:]], 1)
+        mask = _ones_if_none(attention_mask, input_ids)
+        mask = torch.cat([torch.ones_like(ids[:, :prompt.numel()]), mask[:, 1:]], 1)
+        n = self.cfg.max_text_len
+        return ids[:, :n], mask[:, :n], prompt.numel()
+
+    # -- calls ------------------------------------------------------------------------------------
+    @_needs("retrieval")
+    def encode_image(self, pixel_values) -> torch.Tensor:
+        return self._image(pixel_values)[1]
+
+    @_needs("retrieval")
+    def encode_text(self, input_ids, attention_mask=None) -> torch.Tensor:
+        return self._text(input_ids, attention_mask)[1]
+
+    @_needs("retrieval")
+    def match_tokens(self, image_tokens, text_ids, attention_mask=None) -> torch.Tensor:
+        """ITM logits (B, 2) from image tokens and ``text_features`` (re-ranking)."""
+        states = self.text_layers(self.text_embed(text_ids), context=image_tokens,
+                                  mask=padding_mask(_ones_if_none(attention_mask, text_ids)))
+        return self.itm_head(states[:, 0])
+
+    @_needs("retrieval")
+    def match(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
+        """(B, 2) ITM logits of zipped (image, text) pairs; column 1 = match."""
+        return self.itm_head(self.ground(input_ids, attention_mask, self.forward_features(pixel_values))[:, 0])
+
+    @_needs("retrieval")
+    def score(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
+        """(B,) log P(match) of zipped pairs from the ITM head."""
+        return self.match(pixel_values, input_ids, attention_mask).float().log_softmax(-1)[:, 1]
+
+    def forward(self, pixel_values, input_ids, attention_mask=None) -> Output:
+        """Encoder side: grounded states, ITM logits and both ITC embeddings (decoder-only: LM logits)."""
+        if not self.retrieval:
+            return Output(logits=self.lm_logits(pixel_values, input_ids, attention_mask))
+        tokens, img = self._image(pixel_values)
+        states = self.ground(input_ids, attention_mask, tokens)
+        return Output(features=states, pooled=states[:, 0], logits=self.itm_head(states[:, 0]),
+                      image_embeds=img, text_embeds=self.encode_text(input_ids, attention_mask))
+
+    @_needs("text_decoder")
+    def lm_logits(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
+        """(B, L', V) next-token logits of [DEC] + prompt + caption (``decoder_inputs``)."""
+        ids, mask, _ = self.decoder_inputs(input_ids, attention_mask)
+        return self.lm_head(self.decode_states(ids, mask, self.forward_features(pixel_values)))
+
+    @_needs("text_decoder")
+    def score_captions(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
+        """(B,) log-likelihood of each caption (tokenised with [CLS] ... [SEP]) after the prompt,
+        its end token included, without label smoothing."""
+        ids, mask, unscored = self.decoder_inputs(input_ids, attention_mask)
+        logits = self.lm_head(self.decode_states(ids, mask, self.forward_features(pixel_values)))
+        return sequence_log_likelihood(logits, caption_labels(ids, mask, unscored))
+
+    @_needs("text_decoder")
+    @torch.no_grad()
+    def generate(self, pixel_values, prompt_ids: list[list[int]] | None = None, max_new_tokens: int = 30,
+                 use_cache: bool = True, context: torch.Tensor | None = None,
+                 context_mask: torch.Tensor | None = None, **options) -> torch.Tensor:
+        """(B * num_return_sequences, T) caption tokens after the prompt (end token left out,
+        padded). ``prompt_ids``: one list of prompt tokens per image (default: the config's
+        prompt); ``context`` (B, M, D) / ``context_mask`` (B, M): states to attend to instead of
+        the image's (VQA: the question's); ``options``: see ``vlkit.models.generate.decode``
+        (num_beams, do_sample, top_p, generator ...)."""
+        if context is None:
+            context = self.forward_features(pixel_values)  # the image, encoded once
+        keys = None if context_mask is None else padding_mask(context_mask)  # (B, 1, 1, M)
+        b = context.shape[0]
+        if prompt_ids is None:
+            prompt_ids = [list(self.cfg.prompt_ids)] * b
+        if len(prompt_ids) != b:
+            raise ValueError(f"{len(prompt_ids)} prompts for {b} images")
+        prompts = [[self.cfg.dec_token_id, *p] for p in prompt_ids]
+
+        def step(tokens, past, cache, rows):
+            ctx, cm = (context, keys) if rows is None else (context[rows], None if keys is None else keys[rows])
+            return self.lm_head(self.decode_states(tokens, None, ctx, past, cache, cm)[:, -1])
+        return decode(step, prompts, eos_token_id=self.cfg.eot_token_id, pad_token_id=self.cfg.pad_token_id,
+                      max_new_tokens=max_new_tokens, use_cache=use_cache, device=context.device, **options)
+
+    # -- VQA: the question grounded in the image, the answer from the decoder ------------------------
+    @_needs("vqa")
+    def question_states(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
+        """(B, L, D) the image-grounded encoder's states of the questions (the decoder's context)."""
+        return self.ground(input_ids, attention_mask, self.forward_features(pixel_values))
+
+    @_needs("vqa")
+    def answer_tokens(self, pixel_values, input_ids, attention_mask=None, max_new_tokens: int = 10,
+                      **options) -> torch.Tensor:
+        """(B, T) generated answer tokens (end token left out, padded); options as ``generate``."""
+        states = self.question_states(pixel_values, input_ids, attention_mask)
+        mask = None if self.cfg.hf_compat else attention_mask  # Hugging Face attends to padding too
+        return self.generate(None, prompt_ids=[[]] * states.shape[0], max_new_tokens=max_new_tokens,
+                             context=states, context_mask=mask, **options)
+
+    @_needs("vqa")
+    def answer_scores(self, pixel_values, input_ids, attention_mask, answer_ids, answer_mask) -> torch.Tensor:
+        """(B, C) log-likelihood of each candidate answer (tokenised [CLS] ... [SEP], the end token
+        scored) for each question."""
+        states = self.question_states(pixel_values, input_ids, attention_mask)
+        b, c = states.shape[0], answer_ids.shape[0]
+        dec = torch.cat([torch.full_like(answer_ids[:, :1], self.cfg.dec_token_id), answer_ids[:, 1:]], 1)
+        dec, dec_mask = dec.repeat(b, 1), answer_mask.repeat(b, 1)  # (B*C, L): question-major
+        ctx = states.repeat_interleave(c, 0)
+        ctx_mask = None if self.cfg.hf_compat or attention_mask is None else \
+            padding_mask(attention_mask.repeat_interleave(c, 0))
+        logits = self.lm_head(self.decode_states(dec, dec_mask, ctx, context_mask=ctx_mask))
+        return sequence_log_likelihood(logits, caption_labels(dec, dec_mask, 1)).view(b, c)
+
+    # -- training ---------------------------------------------------------------------------------
+    def alpha(self) -> float:
+        return alpha_at(int(self.steps_done), self.cfg.alpha, self.cfg.alpha_ramp_steps) if self.cfg.distill else 0.0
+
+    def training_losses(self, batch: dict) -> dict:
+        """ITC + ITM + LM (equal weights). Keys: pixel_values, input_ids, attention_mask; optional
+        image_ids (captions of one image are positives of each other), neg_input_ids /
+        neg_attention_mask / neg_owner (with ``hard_negatives``)."""
+        cfg = self.cfg
+        pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+        out, losses = {}, []
+        image_tokens = self.forward_features(pixels)
+        if self.retrieval:
+            out.update(self._itc_itm(batch, pixels, ids, mask, image_tokens))
+            losses += [out["itc_loss"], out["itm_loss"]]
+        if cfg.text_decoder:
+            dec_ids, dec_mask, unscored = self.decoder_inputs(ids, mask)
+            logits = self.lm_head(self.decode_states(dec_ids, dec_mask, image_tokens))
+            out["lm_loss"] = lm_loss(logits, caption_labels(dec_ids, dec_mask, unscored), cfg.label_smoothing)
+            losses.append(out["lm_loss"])
+        out["loss"] = torch.stack([l.float() for l in losses]).sum()
+        return out
+
+    def _itc_itm(self, batch, pixels, ids, mask, image_tokens) -> dict:
+        cfg, image_ids = self.cfg, batch.get("image_ids")
+        alpha, temp = self.alpha(), self.temp.clamp(0.001, 0.5)
+        image_feat = F.normalize(self.image_proj(image_tokens[:, 0]), dim=-1)
+        text_feat = self._text(ids, mask)[1]
+        with torch.no_grad():
+            image_feat_m = self._image(pixels, momentum=True)[1]
+            text_feat_m = self._text(ids, mask, momentum=True)[1]
+        out = {"itc_loss": itc_queue_loss(
+            image_feat, text_feat, image_feat_m, text_feat_m, self.queue.image, self.queue.text, temp, alpha,
+            cfg.distill, image_ids, self.queue.ids if image_ids is not None else None)}
+        b = ids.shape[0]
+        generator = global_generator(int(self.steps_done), 0 if self.training else 1, ids.device)
+        with torch.no_grad():
+            neg_text, neg_image = itm_hard_negative_index(
+                image_feat @ text_feat.T / temp, text_feat @ image_feat.T / temp, 0, image_ids, image_ids,
+                hard=cfg.itm_hard_negatives, generator=generator)
+        images = torch.cat([image_tokens, image_tokens[neg_image], image_tokens])
+        texts, masks = torch.cat([ids, ids, ids[neg_text]]), torch.cat([mask, mask, mask[neg_text]])
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(ids.device)
+        neg_ids = batch.get("neg_input_ids")
+        if cfg.hard_negatives and neg_ids is not None and neg_ids.shape[0] > 0:
+            owner, neg_mask = batch["neg_owner"].to(ids.device), batch["neg_attention_mask"]
+            n = max(texts.shape[1], neg_ids.shape[1])
+            texts = torch.cat([F.pad(texts, (0, n - texts.shape[1]), value=cfg.pad_token_id),
+                               F.pad(neg_ids, (0, n - neg_ids.shape[1]), value=cfg.pad_token_id)])
+            masks = torch.cat([F.pad(masks, (0, n - masks.shape[1])), F.pad(neg_mask, (0, n - neg_mask.shape[1]))])
+            images = torch.cat([images, image_tokens[owner]])
+            labels = torch.cat([labels, torch.zeros_like(owner)])
+        logits = self.itm_head(self.ground(texts, masks, images)[:, 0])
+        out["itm_loss"], out["itm_acc"] = itm_loss(logits, labels), itm_accuracy(logits.detach(), labels)
+        if self.training:
+            self.queue.enqueue(ids=image_ids, image=image_feat_m, text=text_feat_m)
+        out["alpha"] = torch.tensor(alpha)
+        return out
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """After each optimiser step: EMA update, temperature clamp, the step count behind α."""
+        if self.retrieval:
+            self.momentum.update()
+            self.temp.clamp_(0.001, 0.5)
+        self.steps_done += 1
+
+
+def _ones_if_none(mask, ids):
+    return torch.ones_like(ids) if mask is None else mask
