@@ -480,3 +480,23 @@ def test_answers_of_padded_questions_equal_answers_alone():
             n = int(mask[i].sum())
             alone = model.answer_tokens(px[i:i + 1], ids[i:i + 1, :n], mask[i:i + 1, :n], max_new_tokens=6, **opts)
             assert together[i, :alone.shape[1]].tolist() == alone[0].tolist(), (opts, i)
+
+
+def test_cross_attention_maps_are_the_grounded_encoders():
+    """BLIP's cross-attention maps (``vlkit explain``, the compare report's heat maps): one row per
+    text token over the patches, each summing to 1, the mean of the layers' own maps."""
+    from vlkit.layers import patch_attention
+    model = vlkit.create_model("blip", "tiny").eval()
+    pixels = torch.randn(2, 3, model.cfg.vision.image_size, model.cfg.vision.image_size)
+    ids = torch.randint(5, 50, (2, 7))
+    ids[:, 0] = 2
+    maps = model.cross_attention_maps(pixels, ids)
+    patches = model.forward_features(pixels).shape[1] - 1
+    assert maps.shape == (2, 7, patches)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 7), atol=1e-5, rtol=0)
+    last = model.cross_attention_maps(pixels, ids, layer=-1)
+    assert not torch.allclose(last, maps)  # one layer's map is not the mean of all
+    with pytest.raises(ValueError, match="out of range"):
+        model.cross_attention_maps(pixels, ids, layer=99)
+    with pytest.raises(ValueError, match="no cross-attention layers"):
+        patch_attention([], what="a stack")

@@ -96,6 +96,23 @@ def joint_directional_mask(mask: torch.Tensor, text_len: int, heads: int, first:
     return torch.cat([top, full[:, :, n:]], dim=2)
 
 
+def patch_attention(maps: list[dict], layer: int | None = None, what: str = "the model") -> torch.Tensor:
+    """(B, L, N): each text token's cross-attention over N image patches from the per-layer maps
+    a stack returns with ``return_attention`` (``{"cross": (B, heads, L, 1+N)}`` each): of layer
+    ``layer`` (negative counts from the end) or the mean over layers, averaged over heads, the
+    image [CLS]'s share dropped and each row renormalised to sum 1 over the patches."""
+    n_layers = len(maps)
+    if n_layers == 0:
+        raise ValueError(f"{what} has no cross-attention layers, so no cross-attention maps")
+    if layer is not None and not -n_layers <= layer < n_layers:
+        raise ValueError(f"layer {layer} out of range: {what} has {n_layers} cross-attention layers")
+    cross = torch.stack([m["cross"] for m in maps])  # (layers, B, heads, L, 1+N)
+    if layer is not None:
+        cross = cross[layer][None]
+    attn = cross.float().mean(dim=2)[..., 1:]  # (layers, B, L, N)
+    return (attn / attn.sum(-1, keepdim=True).clamp_min(1e-12)).mean(0)  # (B, L, N)
+
+
 def causal_mask(n: int, m: int | None = None, device=None) -> torch.Tensor:
     """(N, M) boolean lower-triangular mask aligned to the end: query i sees keys j <= i + (M - N)."""
     m = n if m is None else m

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..layers import (AttentionGuide, BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostNormBlock,
                       Transformer, check_directional_heads, classifier, directional_mask, init_weights, padding_mask,
-                      sincos_square)
+                      patch_attention, sincos_square)
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
 from ..losses.matching import gather_itm_batch, itm_accuracy, itm_loss, pad_cat
 from ..losses.mlm import mask_tokens
@@ -307,23 +307,13 @@ class ALBEF(VLModel):
 
     def cross_attention_maps(self, pixel_values, input_ids, attention_mask=None,
                              layer: int | None = None) -> torch.Tensor:
-        """(B, L, N): each text token's cross-attention over the N image patches, averaged over
-        heads, from fusion layer ``layer`` (negative counts from the end) or the mean of all layers'
-        maps. The plain attention path computes the maps; the share of the image [CLS] is dropped
-        and each row renormalised to sum 1 over the patches."""
-        n_layers = len(self.fusion_layers.blocks)
-        if n_layers == 0:
-            raise ValueError("this ALBEF has no fusion layers, so no cross-attention maps")
-        if layer is not None and not -n_layers <= layer < n_layers:
-            raise ValueError(f"layer {layer} out of range: this ALBEF has {n_layers} fusion layers")
-        tokens = self.forward_features(pixel_values)
-        _, maps = self.fuse(self.text_features(input_ids, attention_mask), attention_mask, tokens,
-                            return_attention=True)
-        cross = torch.stack([m["cross"] for m in maps])  # (layers, B, heads, L, 1+N)
-        if layer is not None:
-            cross = cross[layer][None]
-        attn = cross.float().mean(dim=2)[..., 1:]  # (layers, B, L, N)
-        return (attn / attn.sum(-1, keepdim=True).clamp_min(1e-12)).mean(0)  # (B, L, N)
+        """(B, L, N): each text token's cross-attention over the N image patches in the fusion
+        layers (``layers.patch_attention``: of ``layer``, or the mean of all)."""
+        if len(self.fusion_layers.blocks) == 0:  # before running anything
+            patch_attention([], what="this ALBEF")
+        _, maps = self.fuse(self.text_features(input_ids, attention_mask), attention_mask,
+                            self.forward_features(pixel_values), return_attention=True)
+        return patch_attention(maps, layer, "this ALBEF")
 
     @requires_head("vqa_head")
     def vqa_logits(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..collective import global_generator
 from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostNormBlock, Transformer,
-                      init_weights, padding_mask)
+                      init_weights, padding_mask, patch_attention)
 from ..losses.captioning import caption_labels, lm_loss, sequence_log_likelihood
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index
 from ..losses.matching import itm_accuracy, itm_loss
@@ -201,6 +201,15 @@ class BLIP(VLModel):
         """Image-grounded encoder: (B, L, D) states of the text ([ENC] first) over the image tokens."""
         return self.text_layers(self.text_embed(self._grounded_ids(input_ids)), context=image_tokens,
                                 mask=padding_mask(_ones_if_none(attention_mask, input_ids)))
+
+    def cross_attention_maps(self, pixel_values, input_ids, attention_mask=None,
+                             layer: int | None = None) -> torch.Tensor:
+        """(B, L, N): each text token's cross-attention over the N image patches in the
+        image-grounded encoder (``layers.patch_attention``: of ``layer``, or the mean of all)."""
+        _, maps = self.text_layers(self.text_embed(self._grounded_ids(input_ids)),
+                                   context=self.forward_features(pixel_values), return_attention=True,
+                                   mask=padding_mask(_ones_if_none(attention_mask, input_ids)))
+        return patch_attention(maps, layer, "this BLIP")
 
     @_needs("retrieval")
     def text_features(self, input_ids, attention_mask=None) -> torch.Tensor:
