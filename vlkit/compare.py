@@ -398,7 +398,7 @@ def write_report(models: dict, out: Path, settings: dict) -> dict:
     body += ["</ul><h2>Figures</h2>"] + [
         f'<p><img alt="{k}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"></p>'
         for k, p in made.items()]
-    page = "<!doctype html><html><head><meta charset=utf-8><title>vlkit compare</title></head><body>" + \
+    page = "<!doctype html><html><head><meta charset=utf-8><title>vlkit compare</title><style>body{font-family:sans-serif;max-width:1100px}img{max-width:100%}td,th{text-align:left}</style></head><body>" + \
         "".join(body) + "</body></html>"
     atomic_write_bytes(out / "report.html", page.encode())
     return report
