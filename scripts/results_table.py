@@ -55,7 +55,7 @@ def record(run: Path) -> dict:
     for stage in recipe["stage"]:
         folder = run if stage is recipe["stage"][-1] else run / "stages" / stage["name"]
         steps.append([stage["name"], json.loads((folder / "train_summary.json").read_text())["step"]])
-        precision.add(json.loads((folder / "config.json").read_text()).get("precision", "auto"))
+        precision.add(json.loads((folder / "config.json").read_text()).get("train", {}).get("precision", "auto"))
     seeds = {stage.get("seed", 0) for stage in recipe["stage"]}
     metrics = json.loads((run / "eval.json").read_text())["metrics"]
     pairs = run / "eval-1000-pairs.json"

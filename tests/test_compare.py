@@ -15,7 +15,7 @@ from vlkit.compare import FAMILY, ROWS, WHY, CompareError, fmt, plan
 
 def test_compare_two_models_writes_a_full_report(tmp_path, capsys):
     out = tmp_path / "cmp"
-    args = ["compare", "--steps", "2", "--eval-size", "20", "--out", str(out), "--no-progress"]
+    args = ["compare", "--steps", "2", "--batch-size", "8", "--eval-size", "20", "--out", str(out), "--no-progress"]
     assert cli.main(args + ["--models", "clip"]) == 0
     clip_summary = out / "runs" / "clip-s0" / "train_summary.json"
     before = clip_summary.stat().st_mtime_ns
@@ -26,6 +26,7 @@ def test_compare_two_models_writes_a_full_report(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     models = report["settings"]["models"]
     assert models == ["clip", "vilt"] and report["rows"] == [k for k, _ in ROWS]
+    assert json.loads((out / "runs" / "vilt-s0" / "config.json").read_text())["train"]["batch_size"] == 8
     reasons = set(WHY.values()) | {"no data on this split"}
     for r, key in enumerate(report["rows"]):
         row = report["table"][r]
@@ -70,6 +71,7 @@ def test_a_model_without_a_world_recipe_is_marked_not_yet(monkeypatch):
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--minutes", "-2"], "--minutes must be above 0"),
+    (["--batch-size", "1"], "--batch-size must be at least 2"),
 ])
 def test_bad_arguments_are_one_line(tmp_path, capsys, extra, message):
     assert cli.main(["compare", "--out", str(tmp_path / "c"), *extra]) == 2

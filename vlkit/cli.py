@@ -312,7 +312,7 @@ def cmd_compare(args) -> int:
     minutes = args.minutes if args.minutes is not None else (QUICK_MINUTES if args.quick else None)
     eval_size = args.eval_size or (QUICK_EVAL_SIZE if args.quick else DEFAULT_EVAL_SIZE)
     compare([m.strip() for m in args.models.split(",") if m.strip()], args.out, minutes=minutes, steps=args.steps,
-            seeds=args.seeds, eval_size=eval_size, progress=not args.no_progress)
+            seeds=args.seeds, eval_size=eval_size, progress=not args.no_progress, batch_size=args.batch_size)
     print(f"report: {Path(args.out) / 'report.html'} (and report.md, report.json)")
     return 0
 
@@ -491,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "stages (default 8; 1 with --quick)")
     s.add_argument("--steps", type=int, help="instead of minutes: this many steps for every stage")
     s.add_argument("--seeds", type=int, default=1, help="runs per model; figures become mean ± spread")
+    s.add_argument("--batch-size", type=int, help="every stage's batch size (default: the recipes')")
     s.add_argument("--quick", action="store_true", help="1 minute per model, 200 test records")
     s.add_argument("--eval-size", type=int, metavar="N", help="test records evaluated (default 1000; 200 with --quick)")
     s.add_argument("--out", default="compare", help="report folder (default ./compare); a stopped compare "

@@ -66,7 +66,7 @@ def plan(models: list[str]) -> dict[str, str]:
 
 
 def run_model(model: str, seed: int, out: Path, minutes: float | None, steps: int | None,
-              eval_size: int, progress: bool) -> dict:
+              eval_size: int, progress: bool, batch_size: int | None = None) -> dict:
     """Train ``MODEL-world`` (resuming a stopped run), then evaluate it: the record of one run."""
     from .train.recipe import RESOLVED, load_recipe, resolve, run_recipe
     run = out / "runs" / f"{model}-s{seed}"
@@ -75,6 +75,8 @@ def run_model(model: str, seed: int, out: Path, minutes: float | None, steps: in
     else:
         recipe = load_recipe(f"{model}-world")
         sets = {f"{s['name']}:steps": steps for s in recipe["stage"]} if steps else {}
+        if batch_size:
+            sets.update({f"{s['name']}:batch_size": batch_size for s in recipe["stage"]})
         last = recipe["stage"][-1]
         expect = steps or last["steps"] * (minutes / _measured_minutes(recipe) if minutes else 1)
         if expect >= 12:  # about six learning-curve points
@@ -406,6 +408,8 @@ def write_report(models: dict, out: Path, settings: dict) -> dict:
 
 def _settings_line(s: dict) -> str:
     budget = f"{s['steps']} steps per stage" if s.get("steps") else f"{s['minutes']} minutes per model"
+    if s.get("batch_size"):
+        budget += f", batch size {s['batch_size']}"
     return (f"Each model's world recipe with {budget}, seeds {', '.join(map(str, s['seeds']))}; the first "
             f"{s['eval_size']} test records of the synthetic world (retrieval among {s['eval_size']} pairs, or "
             f"{min(100, s['eval_size'])} for a model that scores every pair by a forward pass); "
@@ -413,13 +417,16 @@ def _settings_line(s: dict) -> str:
 
 
 def compare(models: list[str], out: str | Path, minutes: float | None = None, steps: int | None = None,
-            seeds: int = 1, eval_size: int = DEFAULT_EVAL_SIZE, progress: bool = True) -> dict:
+            seeds: int = 1, eval_size: int = DEFAULT_EVAL_SIZE, progress: bool = True,
+            batch_size: int | None = None) -> dict:
     if seeds < 1:
         raise CompareError(f"--seeds must be at least 1, got {seeds}")
     if steps is not None and steps < 1:
         raise CompareError(f"--steps must be at least 1, got {steps}")
     if minutes is not None and not minutes > 0:
         raise CompareError(f"--minutes must be above 0, got {minutes}")
+    if batch_size is not None and batch_size < 2:
+        raise CompareError(f"--batch-size must be at least 2, got {batch_size}")
     if eval_size < 10:
         raise CompareError(f"--eval-size must be at least 10, got {eval_size}")
     out = Path(out)
@@ -437,10 +444,11 @@ def compare(models: list[str], out: str | Path, minutes: float | None = None, st
         runs = []
         for seed in range(seeds):
             print(f"compare: {model} seed {seed}", file=sys.stderr)
-            runs.append(run_model(model, seed, out, minutes, steps, eval_size, progress))
+            runs.append(run_model(model, seed, out, minutes, steps, eval_size, progress, batch_size))
         results[model] = {"metrics": aggregate(runs), "unsupported": runs[0]["unsupported"],
                           "retrieval_images": runs[0]["retrieval_images"], "runs": runs}
-    settings = {"models": models, "minutes": minutes, "steps": steps, "seeds": list(range(seeds)),
+    settings = {"models": models, "minutes": minutes, "steps": steps, "batch_size": batch_size,
+                "seeds": list(range(seeds)),
                 "eval_size": eval_size, "machine": _machine()}
     return write_report(results, out, settings)
 
