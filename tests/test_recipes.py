@@ -159,9 +159,16 @@ def test_stages_chain_and_a_run_killed_in_its_second_stage_resumes_bit_identical
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _vlkit(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "vlkit", *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+def _vlkit(*args):
+    """``vlkit ARGS`` run in this process (the command's own code path, without a fresh
+    interpreter's start-up): its exit code and what it printed."""
+    import contextlib
+    import io
+    from vlkit import cli
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(args))
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def test_recipe_commands(tmp_path):
