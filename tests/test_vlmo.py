@@ -388,3 +388,19 @@ def test_official_checkpoint_layout_loads_strictly(tmp_path):
             ({**state, "relative_position_bias_table": torch.zeros(10, 6)}, "relative position bias")):
         with pytest.raises(ConversionError, match=message.replace(".", r"\.")):
             load_official(fresh, broken)
+
+
+def test_trainable_patterns_as_run_options():
+    """``--trainable a,b`` reaches RunArgs as a list; a resumed run keeps its patterns and refuses
+    others; a recipe stage takes a list of strings only."""
+    from vlkit.train.recipe import RecipeError, check_run_option
+    from vlkit.train.run import RunArgs, resolve_resume, validate_run_args
+    args = validate_run_args(RunArgs(model="vlmo", steps=1, trainable="text_embed.*, mlm_head.*"))
+    assert args.trainable == ["text_embed.*", "mlm_head.*"]
+    saved = {"model": "vlmo", "config": {}, "train": {"steps": 1}, "trainable": TEXT_ONLY}
+    assert resolve_resume(RunArgs(model="vlmo", resume=True), saved).trainable == TEXT_ONLY
+    with pytest.raises(ValueError, match="--trainable with --resume"):
+        resolve_resume(RunArgs(model="vlmo", resume=True, trainable=["mlm_head.*"]), saved)
+    check_run_option("trainable", TEXT_ONLY, "stage")
+    with pytest.raises(RecipeError, match="trainable must be a list of strings"):
+        check_run_option("trainable", "mlm_head.*", "stage")
