@@ -402,5 +402,5 @@ def test_trainable_patterns_as_run_options():
     with pytest.raises(ValueError, match="--trainable with --resume"):
         resolve_resume(RunArgs(model="vlmo", resume=True, trainable=["mlm_head.*"]), saved)
     check_run_option("trainable", TEXT_ONLY, "stage")
-    with pytest.raises(RecipeError, match="trainable must be a list of strings"):
+    with pytest.raises(RecipeError, match="trainable: expected a list of str"):
         check_run_option("trainable", "mlm_head.*", "stage")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..collective import all_gather_no_grad, all_gather_sizes, all_gather_with_grad, is_dist, rank, world_size
 
 __all__ = ["itm_loss", "itm_accuracy", "sample_hard_negatives", "other_index", "itm_batch_from_swaps",
-           "gather_itm_batch", "pad_cat"]
+           "gather_itm_batch", "gather_token_batch", "pad_cat"]
 
 
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -109,4 +109,27 @@ def gather_itm_batch(image_tokens, text_hidden, mask, image_feat, text_feat, ids
                image_feat=all_gather_no_grad(image_feat, b_sizes),
                text_feat=all_gather_no_grad(text_feat, b_sizes),
                ids=None if ids is None else all_gather_no_grad(ids, b_sizes))
+    return out
+
+
+def gather_token_batch(ids, mask, image_ids, pad_id: int) -> dict:
+    """Every process's token ids and masks (padded to the longest text of all: ``all_ids``,
+    ``all_mask``), image ids (``ids``), the batch sizes (``sizes``), the common ``length``, this
+    process's rows in the global batch (``rows``) and its own texts padded alike (``local_ids``,
+    ``local_mask``): what a model that fuses from token ids (VLMo) draws ITM negatives from. The
+    local batch without a process group."""
+    b = ids.shape[0]
+    out = dict(sizes=[b], length=ids.shape[1], rows=slice(0, b), local_ids=ids, local_mask=mask,
+               all_ids=ids, all_mask=mask, ids=image_ids)
+    if not (is_dist() and world_size() > 1):
+        return out
+    sizes = all_gather_sizes([b, ids.shape[1]], ids.device)
+    b_sizes, length = [s[0] for s in sizes], max(s[1] for s in sizes)
+    start = sum(b_sizes[:rank()])
+    local_ids = F.pad(ids, (0, length - ids.shape[1]), value=pad_id)
+    local_mask = F.pad(mask, (0, length - mask.shape[1]))
+    out.update(sizes=b_sizes, length=length, rows=slice(start, start + b), local_ids=local_ids,
+               local_mask=local_mask, all_ids=all_gather_no_grad(local_ids, b_sizes),
+               all_mask=all_gather_no_grad(local_mask, b_sizes),
+               ids=None if image_ids is None else all_gather_no_grad(image_ids, b_sizes))
     return out

@@ -33,18 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..collective import (all_gather_no_grad, all_gather_padded, all_gather_sizes, all_gather_with_grad,
-                          global_generator, global_mean_scale, is_dist, rank, world_size)
+from ..collective import all_gather_no_grad, all_gather_padded, all_gather_with_grad, global_generator, global_mean_scale
 from ..layers import (AttentionGuide, BertEmbeddings, ImageEmbeddings, MLMHead, ModalityExperts, NormMlp, Pooler,
                       PreNormBlock, check_directional_heads, classifier, directional_mask, init_weights,
                       joint_directional_mask, padding_mask, sincos_2d)
 from ..losses.contrastive import ContrastiveLoss
 from ..losses.distill import itm_hard_negative_index
-from ..losses.matching import itm_accuracy, itm_loss
+from ..losses.matching import gather_token_batch, itm_accuracy, itm_loss, pad_cat
 from ..losses.mlm import mask_tokens, mlm_loss
 from ..losses.vqa import batch_vqa_loss
 from ..objectives import FusionSpec, ObjectiveOptions, Step, build_objectives
-from .base import Output, VLModel, register
+from .base import Output, VLModel, answer_names, register, requires_head
 
 OBJECTIVES = ("itc", "itm", "mlm", "text_mlm", "vqa")
 BERT_IDS = dict(mask_token_id=103, pad_token_id=0, special_token_ids=(0, 100, 101, 102, 103))
@@ -108,18 +107,6 @@ PRESETS = {
     "base": dict(image_size=224, dim=768, depth=12, heads=12, mlp_dim=3072, vl_layers=2, embed_dim=768,
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), **BERT_IDS),
 }
-
-
-def _with_head(name: str):
-    """A method that exists only when the head does, so ``hasattr`` tells the pipeline and the
-    evaluation what this model can do."""
-    def wrap(fn):
-        def get(self):
-            if getattr(self, name) is None:
-                raise AttributeError(f"this VLMo has no {name} for {fn.__name__}")
-            return fn.__get__(self)
-        return property(get, doc=fn.__doc__)
-    return wrap
 
 
 @register("vlmo")
@@ -345,18 +332,16 @@ class VLMo(VLModel):
         """(B, L, vocab) predictions for every text position, in fusion mode."""
         return self.mlm_head(self(pixel_values, input_ids, attention_mask).features[:, :input_ids.shape[1]])
 
-    @_with_head("vqa_head")
+    @requires_head("vqa_head")
     def vqa_logits(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
         """(B, num_answers) answer logits from the pooled token (soft-score BCE)."""
         return self.vqa_head(self(pixel_values, input_ids, attention_mask).pooled)
 
-    @_with_head("vqa_head")
+    @requires_head("vqa_head")
     def answer(self, pixel_values, input_ids, attention_mask=None) -> list[str]:
-        best = self.vqa_logits(pixel_values, input_ids, attention_mask).argmax(-1).tolist()
-        names = self.cfg.answer_names or [str(i) for i in range(self.cfg.num_answers)]
-        return [names[i] for i in best]
+        return answer_names(self.cfg, self.vqa_logits(pixel_values, input_ids, attention_mask).argmax(-1).tolist())
 
-    @_with_head("pair_head")
+    @requires_head("pair_head")
     def pair_logits(self, pixel_values_1, pixel_values_2, input_ids, attention_mask=None) -> torch.Tensor:
         """(B, pair_classes): the statement fused with each image; the two pooled tokens,
         concatenated (first image first), go to the pair classifier."""
@@ -435,7 +420,7 @@ class VLMo(VLModel):
         cfg, objectives = self.cfg, self.cfg.objectives
         ids, mask = batch["input_ids"], batch["attention_mask"]
         generator = self._generator(ids.device)
-        g = _global_batch(ids, mask, batch.get("image_ids"), cfg.pad_token_id)
+        g = gather_token_batch(ids, mask, batch.get("image_ids"), cfg.pad_token_id)
         out, losses = {}, []
         if "text_mlm" in objectives:
             masked, labels = self._mask_words(batch, ids, mask, g, generator)
@@ -502,7 +487,7 @@ class VLMo(VLModel):
         neg_ids = batch.get("neg_input_ids")
         if self.cfg.hard_negatives and neg_ids is not None and neg_ids.shape[0] > 0:
             owner = batch["neg_owner"].to(ids.device)
-            ids, masks = _pad_cat(ids, masks, neg_ids, batch["neg_attention_mask"], self.cfg.pad_token_id)
+            ids, masks = pad_cat(ids, masks, neg_ids, batch["neg_attention_mask"], self.cfg.pad_token_id)
             images = torch.cat([images, image_tokens[owner]])
             labels = torch.cat([labels, torch.zeros_like(owner)])
             negative_rows = 3 * b + torch.arange(owner.shape[0], device=ids.device)
@@ -519,32 +504,3 @@ class VLMo(VLModel):
         for objective in self.objectives:
             objective.after_step()
 
-
-def _global_batch(ids, mask, image_ids, pad_id: int) -> dict:
-    """Every process's token ids and masks (padded to the longest text of all), image ids, the
-    batch sizes and this process's rows in the global batch. The local batch without a group."""
-    b = ids.shape[0]
-    out = dict(sizes=[b], length=ids.shape[1], rows=slice(0, b), local_ids=ids, local_mask=mask,
-               all_ids=ids, all_mask=mask, ids=image_ids)
-    if not (is_dist() and world_size() > 1):
-        return out
-    sizes = all_gather_sizes([b, ids.shape[1]], ids.device)
-    b_sizes, length = [s[0] for s in sizes], max(s[1] for s in sizes)
-    start = sum(b_sizes[:rank()])
-    local_ids = F.pad(ids, (0, length - ids.shape[1]), value=pad_id)
-    local_mask = F.pad(mask, (0, length - mask.shape[1]))
-    out.update(sizes=b_sizes, length=length, rows=slice(start, start + b), local_ids=local_ids,
-               local_mask=local_mask, all_ids=all_gather_no_grad(local_ids, b_sizes),
-               all_mask=all_gather_no_grad(local_mask, b_sizes),
-               ids=None if image_ids is None else all_gather_no_grad(image_ids, b_sizes))
-    return out
-
-
-def _pad_cat(ids_a, mask_a, ids_b, mask_b, pad_id: int):
-    """Stack two tokenised batches padded to a common length."""
-    n = max(ids_a.shape[1], ids_b.shape[1])
-
-    def pad(t, value):
-        return F.pad(t, (0, n - t.shape[1]), value=value)
-    return (torch.cat([pad(ids_a, pad_id), pad(ids_b.to(ids_a.device), pad_id)]),
-            torch.cat([pad(mask_a, 0), pad(mask_b.to(mask_a.device), 0)]))
