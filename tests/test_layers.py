@@ -73,8 +73,14 @@ def test_kv_cache_matches_full_recomputation(block_cls):
     cache = KVCache()
     steps = [run(x[:, :3], cache)] + [run(x[:, i:i + 1], cache) for i in range(3, 6)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
-    # beam search: two beams of one image. Reordering moves each beam's self-attention keys with
-    # it; the image's cross-attention keys (one row, computed once) stay and serve both beams
+    # beam reordering keeps each row's cache with it, the cross-attention keys included
+    cache = KVCache()
+    run(x[:, :5], cache)
+    cache.reorder(torch.tensor([1, 0]))
+    last = run(x[[1, 0], 5:6], cache)
+    torch.testing.assert_close(last, full[[1, 0], 5:6], atol=1e-5, rtol=0)
+    # two beams of one image: the image's cross-attention keys (one row, computed once) stay
+    # (static=False) and serve both beams; each beam's self-attention keys move with it
     image = ctx[:1]
 
     def run_on(seq, context, cache=None):
@@ -84,7 +90,7 @@ def test_kv_cache_matches_full_recomputation(block_cls):
     full = run_on(x, image.expand(2, -1, -1))
     cache = KVCache()
     run_on(x[:, :5], image, cache)
-    cache.reorder(torch.tensor([1, 0]))
+    cache.reorder(torch.tensor([1, 0]), static=False)
     last = run_on(x[[1, 0], 5:6], image, cache)
     torch.testing.assert_close(last, full[[1, 0], 5:6], atol=1e-5, rtol=0)
 

@@ -137,7 +137,8 @@ class KVCache:
     context once and reuses them (a *static* entry). A static entry may hold one row per image
     while the queries hold G rows per image (beams, or several samples of one image): the
     attention then reads the image's keys once for its G query rows, so they are never copied.
-    ``reorder`` follows beam search inside each image's group of rows (static entries stay);
+    ``reorder`` follows beam search (with ``static=False`` inside each image's group of rows,
+    the static entries staying);
     ``select`` keeps some rows (decoding rows that finished are dropped).
     """
 
@@ -156,11 +157,15 @@ class KVCache:
             if mask is not None:
                 self.masks[key] = mask
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Row i of the growing entries becomes row ``index[i]`` (beam search: a beam's new
-        parent, always among the rows of the same image)."""
-        self.store = {key: kv if key in self.static else (kv[0].index_select(0, index), kv[1].index_select(0, index))
+    def reorder(self, index: torch.Tensor, static: bool = True) -> None:
+        """Row i of every entry becomes row ``index[i]`` (beam search: a beam's new parent).
+        ``static=False`` leaves the static entries (and their masks) as they are: beams that
+        stay among the rows of their own image, which read its one row of keys and values."""
+        kept = set() if static else self.static
+        self.store = {key: kv if key in kept else (kv[0].index_select(0, index), kv[1].index_select(0, index))
                       for key, kv in self.store.items()}
+        if static:
+            self.masks = {key: m.index_select(0, index) if m.shape[0] > 1 else m for key, m in self.masks.items()}
 
     def select(self, rows: torch.Tensor, static_rows: torch.Tensor | None = None) -> None:
         """Keep the growing entries' ``rows`` and the static entries' ``static_rows`` (by

@@ -235,7 +235,7 @@ def _beam(step, prompts, k, repeat, length_penalty, pad, device, eos, max_new, m
         alive = unsat[images] & ~hits.all(1)
         parent_rows = (torch.arange(n, device=dev)[:, None] * k + parent.gather(1, keep)).reshape(-1)
         if cache is not None:
-            cache.reorder(parent_rows)
+            cache.reorder(parent_rows, static=False)
         if not bool(alive.any()):
             break
         if not bool(alive.all()):
