@@ -512,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_capfilt)
 
     s = sub.add_parser("explain", help="per-word cross-attention over an image, as a heat-map PNG")
-    s.add_argument("run", help="run folder of a fusion model with cross-attention (albef)")
+    s.add_argument("run", help="run folder of a model with text-to-image cross-attention (albef, blip)")
     s.add_argument("image", help="image file")
     s.add_argument("caption", help="the text whose words are explained")
     s.add_argument("--out", required=True, help="output PNG")

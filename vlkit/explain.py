@@ -53,7 +53,7 @@ def word_maps(pipe, image, caption: str, layer: int | None = None):
     model = pipe.model
     if not hasattr(model, "cross_attention_maps"):
         raise ValueError(f"{model.model_name} has no cross-attention from text to image "
-                         "(explain needs a fusion model with cross-attention, such as albef)")
+                         "(explain needs a model with text-to-image cross-attention: albef, blip)")
     if pipe.tokenizer is None:
         raise ValueError(f"{model.model_name} has no tokenizer")
     pixels = pipe.pixels([image])  # (1, 3, H, W)
