@@ -45,7 +45,7 @@ from ..losses.matching import gather_itm_batch, itm_accuracy, itm_loss, pad_cat
 from ..losses.mlm import mask_tokens
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from ..collective import all_gather_no_grad, all_gather_padded, global_generator, global_mean_scale
-from ..objectives import FusionSpec, ObjectiveOptions, Step, build_objectives
+from ..objectives import FusionSpec, ObjectiveOptions, Step, build_objectives, match_log_score
 from .base import Output, VLModel, answer_names, image_spec, register, requires_head
 from .clip import PRESETS as CLIP_PRESETS
 from .vit import ViTConfig, VisionTransformer
@@ -296,10 +296,8 @@ class ALBEF(VLModel):
         """(B,) log-probability that each zipped pair matches (``VLModel`` documents ``score``):
         the ITM head's, adjusted by the objectives (``match_score="itm+edit"``)."""
         out = self(pixel_values, input_ids, attention_mask)
-        logp = out.logits.float().log_softmax(-1)[:, 1]
-        for objective in self.objectives:
-            logp = objective.log_score(logp, lambda: self.mlm_head(out.features), input_ids, attention_mask)
-        return logp
+        return match_log_score(self.objectives, out.logits, lambda: self.mlm_head(out.features), input_ids,
+                               attention_mask)
 
     def mlm_logits(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
         """(B, L, vocab) predictions for every text position, conditioned on the image."""

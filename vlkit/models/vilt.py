@@ -23,7 +23,7 @@ from ..layers import (AttentionGuide, BertEmbeddings, ImageEmbeddings, MLMHead, 
 from ..losses.matching import itm_accuracy, itm_batch_from_swaps, itm_loss, pad_cat
 from ..losses.mlm import mask_tokens, mlm_loss
 from ..losses.vqa import batch_vqa_loss, vqa_loss
-from ..objectives import FusionSpec, ObjectiveOptions, Step, build_objectives
+from ..objectives import FusionSpec, ObjectiveOptions, Step, build_objectives, match_log_score
 from .base import Output, VLModel, answer_names, register, requires_head
 
 __all__ = ["ViLT", "ViLTConfig", "PRESETS", "classifier"]
@@ -282,11 +282,8 @@ class ViLT(VLModel):
         """(B,) log-probability that each zipped pair matches (``VLModel`` documents ``score``):
         the ITM head's, adjusted by the objectives (``match_score="itm+edit"``)."""
         out = self(pixel_values, input_ids, attention_mask, pixel_mask=pixel_mask)
-        logp = self._match_logits(out.pooled).float().log_softmax(-1)[:, 1]
-        for objective in self.objectives:
-            logp = objective.log_score(logp, lambda: self.mlm_head(out.features[:, :input_ids.shape[1]]),
-                                       input_ids, attention_mask)
-        return logp
+        return match_log_score(self.objectives, self._match_logits(out.pooled),
+                               lambda: self.mlm_head(out.features[:, :input_ids.shape[1]]), input_ids, attention_mask)
 
     @requires_head("mlm_head")
     def mlm_logits(self, pixel_values, input_ids, attention_mask=None, pixel_mask=None) -> torch.Tensor:

@@ -42,7 +42,7 @@ from ..losses.distill import itm_hard_negative_index
 from ..losses.matching import gather_token_batch, itm_accuracy, itm_loss, pad_cat
 from ..losses.mlm import mask_tokens, mlm_loss
 from ..losses.vqa import batch_vqa_loss
-from ..objectives import FusionSpec, ObjectiveOptions, Step, build_objectives
+from ..objectives import FusionSpec, ObjectiveOptions, Step, build_objectives, match_log_score
 from .base import Output, VLModel, answer_names, register, requires_head
 
 OBJECTIVES = ("itc", "itm", "mlm", "text_mlm", "vqa")
@@ -322,11 +322,8 @@ class VLMo(VLModel):
         """(B,) log-probability that each zipped pair matches (``VLModel`` documents ``score``):
         the ITM head's, adjusted by the objectives (``match_score="itm+edit"``)."""
         out = self(pixel_values, input_ids, attention_mask)
-        logp = out.logits.float().log_softmax(-1)[:, 1]
-        for objective in self.objectives:
-            logp = objective.log_score(logp, lambda: self.mlm_head(out.features[:, :input_ids.shape[1]]),
-                                       input_ids, attention_mask)
-        return logp
+        return match_log_score(self.objectives, out.logits,
+                               lambda: self.mlm_head(out.features[:, :input_ids.shape[1]]), input_ids, attention_mask)
 
     def mlm_logits(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
         """(B, L, vocab) predictions for every text position, in fusion mode."""

@@ -24,7 +24,17 @@ def build_objectives(cfg, spec: FusionSpec) -> list[Objective]:
     return [cls(cfg, spec) for cls in usable if cls.name in on]
 
 
-__all__ = ["FusionSpec", "Objective", "Step", "ObjectiveOptions", "build_objectives", "register_objective",
+def match_log_score(objectives, itm_logits, word_logits, input_ids, attention_mask):
+    """(B,) log-probability that each pair matches (what a fusion model's ``score`` returns):
+    the ITM head's, from its (B, 2) logits, adjusted by each objective's ``log_score``
+    (``match_score="itm+edit"``); ``word_logits()`` gives the word predictions they may read."""
+    logp = itm_logits.float().log_softmax(-1)[:, 1]
+    for objective in objectives:
+        logp = objective.log_score(logp, word_logits, input_ids, attention_mask)
+    return logp
+
+
+__all__ = ["FusionSpec", "Objective", "Step", "ObjectiveOptions", "build_objectives", "match_log_score", "register_objective",
            "registered_objectives", "unregister_objective", "PhraseGrounding", "RelationGrounding",
            "ReplacedWordCorrection", "AttentionForcing", "GroundingOptions", "RelationOptions",
            "EditOptions", "ForcingOptions"]
