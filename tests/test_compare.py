@@ -10,7 +10,7 @@ import re
 import pytest
 
 from vlkit import cli
-from vlkit.compare import FAMILY, ROWS, WHY, CompareError, fmt, plan
+from vlkit.compare import FAMILY, ROWS, WHY, CompareError, aggregate, claims, fmt, plan
 
 
 def test_compare_two_models_writes_a_full_report(tmp_path, capsys):
@@ -64,6 +64,29 @@ def test_a_model_without_a_world_recipe_is_marked_not_yet(monkeypatch):
     with pytest.raises(CompareError, match="--models: nope"):
         plan(["clip", "nope"])
     assert set(FAMILY) == {"clip", "vilt", "albef", "vlmo", "blip"}
+
+
+def _models(**per_model):
+    """Report inputs from per-seed metric values: model -> {key: [value per seed]}."""
+    out = {}
+    for model, figures in per_model.items():
+        seeds = len(next(iter(figures.values())))
+        out[model] = {"metrics": aggregate([{"metrics": {k: v[i] for k, v in figures.items()}}
+                                            for i in range(seeds)])}
+    return out
+
+
+def test_a_claim_within_the_seeds_spread_is_not_judged():
+    key = "itm.compositional_acc"
+    # ALBEF ahead of ViLT by 0.02 while each moves by 0.04 between seeds: not judged
+    noisy = claims(_models(albef={key: [0.90, 0.98]}, vilt={key: [0.88, 0.96]}))
+    assert noisy[2]["held"] is None and "within the seeds' spread" in noisy[2]["detail"]
+    # the same means with seeds that agree: judged (and held)
+    clear = claims(_models(albef={key: [0.94, 0.94]}, vilt={key: [0.92, 0.92]}))
+    assert clear[2]["held"] is True and "spread" not in clear[2]["detail"]
+    # one seed: no spread is measured, the claim is judged on the figures
+    single = claims(_models(albef={key: [0.80]}, vilt={key: [0.85]}))
+    assert single[2]["held"] is False and "-0.050" in single[2]["detail"]
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -244,21 +244,31 @@ def fmt(key: str, figure: dict) -> str:
 
 def claims(models: dict) -> list[dict]:
     """Each of the family's claims with what this run measured: held, did not hold (by how
-    much), or cannot be judged (a model missing)."""
+    much), or not judged — a model missing, or, with several seeds, a gap no larger than the
+    two figures' spreads over seeds (seed noise decides nothing)."""
     def m(model, key):
         fig = models.get(model, {}).get("metrics", {}).get(key)
         return None if fig is None else fig["mean"]
 
+    def noise(*pairs) -> float:  # the sum of the figures' spreads over seeds (0 with one seed)
+        return sum(models[a]["metrics"][b]["spread"] for a, b in pairs)
+
     out = []
 
-    def claim(text, needed, verdict):
+    def claim(text, needed, verdict, gaps=()):
+        """``gaps``: (gap, (model, key) pairs it is measured between) — a claim is judged only
+        where every gap it rests on stands clear of those figures' seed spread."""
         missing = [n for n in needed if m(n[0], n[1]) is None]
         if missing:
             out.append({"claim": text, "held": None, "detail": "cannot be judged: no figure for " +
                         ", ".join(f"{FAMILY[a][0]} {b}" for a, b in missing)})
-        else:
-            held, detail = verdict()
-            out.append({"claim": text, "held": held, "detail": detail})
+            return
+        held, detail = verdict()
+        for gap, pairs in gaps:
+            spread = noise(*pairs)
+            if spread > 0 and abs(gap()) <= spread:
+                held, detail = None, f"{detail}; within the seeds' spread (±{spread:.3f}), so not judged"
+        out.append({"claim": text, "held": held, "detail": detail})
 
     fusion = [f for f in FUSION if m(f, "itm.attribute_swap_acc") is not None]
     for kind in ("attribute_swap", "relation_flip"):
@@ -268,23 +278,27 @@ def claims(models: dict) -> list[dict]:
               [("clip", key), (best, key)],
               lambda key=key, best=best: (m("clip", key) < m(best, key),
                                           f"CLIP {m('clip', key):.3f}, best fusion ({FAMILY[best][0]}) "
-                                          f"{m(best, key):.3f}: a gap of {m(best, key) - m('clip', key):+.3f}"))
+                                          f"{m(best, key):.3f}: a gap of {m(best, key) - m('clip', key):+.3f}"),
+              [(lambda key=key, best=best: m(best, key) - m("clip", key), [("clip", key), (best, key)])])
     key = "itm.compositional_acc"
     claim("aligning before fusing (ALBEF) beats fusing without it (ViLT) at equal budget",
           [("albef", key), ("vilt", key)],
           lambda: (m("albef", key) > m("vilt", key),
-                   f"ALBEF {m('albef', key):.3f}, ViLT {m('vilt', key):.3f} ({m('albef', key) - m('vilt', key):+.3f})"))
+                   f"ALBEF {m('albef', key):.3f}, ViLT {m('vilt', key):.3f} ({m('albef', key) - m('vilt', key):+.3f})"),
+          [(lambda: m("albef", key) - m("vilt", key), [("albef", key), ("vilt", key)])])
     claim("VLMo in dual mode retrieves as cheaply as CLIP (within 1.2x per query) while its fusion "
           "mode matches like a fusion model (compositional within 0.05 of ALBEF)",
           [("vlmo", "query_ms"), ("clip", "query_ms"), ("vlmo", key), ("albef", key)],
           lambda: (m("vlmo", "query_ms") <= 1.2 * m("clip", "query_ms") and m("vlmo", key) >= m("albef", key) - 0.05,
                    f"cost {m('vlmo', 'query_ms') / m('clip', 'query_ms'):.2f}x CLIP's (with its fusion re-rank of "
-                   f"the top 16); compositional {m('vlmo', key):.3f} vs ALBEF {m('albef', key):.3f}"))
+                   f"the top 16); compositional {m('vlmo', key):.3f} vs ALBEF {m('albef', key):.3f}"),
+          [(lambda: m("vlmo", key) - (m("albef", key) - 0.05), [("vlmo", key), ("albef", key)])])
     claim("BLIP adds captioning without losing matching (compositional within 0.05 of ALBEF)",
           [("blip", "caption.correct"), ("blip", key), ("albef", key)],
           lambda: (m("blip", key) >= m("albef", key) - 0.05,
                    f"caption correct {m('blip', 'caption.correct'):.3f}; compositional {m('blip', key):.3f} "
-                   f"vs ALBEF {m('albef', key):.3f}"))
+                   f"vs ALBEF {m('albef', key):.3f}"),
+          [(lambda: m("blip", key) - (m("albef", key) - 0.05), [("blip", key), ("albef", key)])])
     return out
 
 
