@@ -105,6 +105,11 @@ def _run_data(run: str) -> str:
     return data
 
 
+def _is_shard_spec(data: str) -> bool:
+    from .data.remote import is_shard_spec
+    return data != "synthetic" and is_shard_spec(data)
+
+
 def cmd_list_models(args) -> int:
     from .models import list_models, model_class
     for name in list_models():
@@ -238,6 +243,9 @@ def cmd_train(args) -> int:
           f"final loss {result.get('loss', float('nan')):.4f}")
     if result.get("stopped") and not args.no_eval:
         print(f"stopped by a signal: evaluation skipped (vlkit eval {args.out}, or continue with --resume)")
+    elif not args.no_eval and _is_shard_spec(data):
+        print(f"--data is shard URLs: evaluation skipped (vlkit eval {args.out} --data a dataset folder "
+              "with a test split)")
     elif not args.no_eval and data != "synthetic" and not (Path(data) / "test.jsonl").is_file():
         print(f"no {Path(data) / 'test.jsonl'}: evaluation skipped (vlkit eval {args.out} --data "
               "a dataset folder with a test split)")
@@ -410,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", metavar="NAME_OR_FILE",
                    help="run a recipe (see vlkit recipes): its stages in RUN/stages/, its model in RUN; "
                         "the options below override its last stage, --set STAGE:KEY=VALUE another stage")
-    s.add_argument("--data", help="'synthetic' (the default) or a dataset folder")
+    s.add_argument("--data", help="'synthetic' (the default), a dataset folder, or shard URLs "
+                                  "('https://host/train-{000000..000099}.tar', '::' between patterns; docs/remote-data.md)")
     s.add_argument("--preset", help="architecture preset (default tiny)")
     s.add_argument("--out", required=True, help="run folder")
     s.add_argument("--minutes", type=float,
@@ -462,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "for a stage other than the last)")
     s.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--connect-timeout", type=float, metavar="S", help="shard URLs: seconds to connect (default 10)")
+    s.add_argument("--read-timeout", type=float, metavar="S",
+                   help="shard URLs: seconds to wait for data before the read counts as failed (default 60)")
+    s.add_argument("--retries", type=int, metavar="N",
+                   help="shard URLs: re-openings of a shard whose read failed, resumed where it stopped "
+                        "(default 3); then an error, or with --on-bad-sample skip the shard is skipped")
     _allow_outside_paths(s)
     s.set_defaults(func=cmd_train)
 

@@ -173,7 +173,12 @@ def batch_loader(source, collate, batch_size: int, start: int = 0, seed: int = 0
                  world: int = 1) -> DataLoader:
     """Batches of the global ``batch_size`` from sample ``start`` on (this rank's slice of each
     when ``world > 1``)."""
-    stream = BatchStream(source, collate, batch_size, start, seed, limit, rank, world)
+    return iterable_loader(BatchStream(source, collate, batch_size, start, seed, limit, rank, world),
+                           seed, num_workers)
+
+
+def iterable_loader(stream: IterableDataset, seed: int = 0, num_workers: int = 1) -> DataLoader:
+    """A DataLoader over an iterable of ready batches, with ``num_workers`` worker processes."""
     # a generator of its own: starting an iterator (which draws the workers' base seed) leaves
     # the global RNG untouched, so a resumed run's RNG stream matches an uninterrupted one's
     return _Loader(stream, batch_size=None, num_workers=num_workers,

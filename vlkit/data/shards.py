@@ -342,9 +342,7 @@ class ShardStream(IterableDataset):
     def __init__(self, root, split: str = "train", seed: int = 0, buffer: int = 1000,
                  rank: int = 0, world: int = 1, epochs: int | None = 1, decode: bool = True,
                  on_bad_sample: str = "error"):
-        self.shards = shard_paths(root, split)
-        if not self.shards:
-            raise DatasetError(f"{root}: no {split}-NNNNNN.tar shards")
+        self.shards = self._list_shards(root, split)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside a world of {world}")
         if on_bad_sample not in ("error", "skip"):
@@ -353,8 +351,18 @@ class ShardStream(IterableDataset):
         self.epochs, self.decode, self.on_bad_sample = epochs, decode, on_bad_sample
         self.skipped: Counter = Counter()
 
-    def _samples(self, path: Path) -> Iterator[dict]:
-        with tarfile.open(path, "r|") as tar:  # front to back, no seeking
+    def _list_shards(self, root, split: str) -> list:
+        shards = shard_paths(root, split)
+        if not shards:
+            raise DatasetError(f"{root}: no {split}-NNNNNN.tar shards")
+        return shards
+
+    def _open(self, path):
+        """A readable binary file of the shard (read front to back, never seeked)."""
+        return open(path, "rb")
+
+    def _samples(self, path) -> Iterator[dict]:
+        with self._open(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:  # front to back
             for key, group in _samples_of(tar, lambda m: tar.extractfile(m).read()):
                 yield from self._decode(path, key, group)
 
@@ -367,6 +375,10 @@ class ShardStream(IterableDataset):
                 rec = json.loads(group["json"].decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise _error("bad json", f"{where}.json: unreadable record ({e})") from None
+            if not isinstance(rec, dict):
+                raise _error("bad json", f"{where}.json: expected a JSON object")
+            check_caption(rec.get("caption"), f"{where}.json")
+            check_optional_fields(rec, f"{where}.json")
             exts = [e for e in group if e != "json"]
             if not exts:
                 raise _error("missing image", f"{where}: sample has no image member")
@@ -383,9 +395,13 @@ class ShardStream(IterableDataset):
         except DatasetError as e:
             if self.on_bad_sample == "error":
                 raise
-            self.skipped[e.reason] += 1
+            self._skip(e)
             return
         yield rec
+
+    def _skip(self, error: DatasetError) -> None:
+        """Count a bad sample skipped under ``on_bad_sample="skip"``."""
+        self.skipped[error.reason] += 1
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

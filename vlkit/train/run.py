@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.remote import is_shard_spec
 from ..data.synthetic import synthetic_world
 from ..factory import init_pretrained
 from ..models import model_class
@@ -66,13 +67,18 @@ class RunArgs:
     allow_outside_paths: bool = False  # read dataset images outside the dataset folder
     # glob patterns of the parameters this run trains (``train.trainable``); None: all of them
     trainable: list[str] | None = None
+    # --data as shard URLs (vlkit.data.remote): seconds to connect and to wait for data, and
+    # re-openings of a shard whose read failed (None: that module's defaults)
+    connect_timeout: float | None = None
+    read_timeout: float | None = None
+    retries: int | None = None
 
 
 # RunArgs fields and the least value each takes (``validate_run_args``)
 # (steps=0 from Python exports the initial model untrained; the command line asks for >= 1)
 _AT_LEAST_1 = ("batch_size", "ckpt_every", "eval_every", "eval_size", "groups")  # --negatives: in _train
-_AT_LEAST_0 = ("steps", "workers", "seed")
-_ABOVE_0 = ("minutes", "lr")
+_AT_LEAST_0 = ("steps", "workers", "seed", "retries")
+_ABOVE_0 = ("minutes", "lr", "connect_timeout", "read_timeout")
 # training settings a resumed run keeps from its config.json (an explicit different value is
 # refused: it would change the run's optimisation half way)
 _KEPT_ON_RESUME = ("batch_size", "lr")
@@ -126,8 +132,8 @@ def validate_run_args(args: RunArgs) -> RunArgs:
         raise ValueError(f"--on-bad-sample must be error or skip, got {args.on_bad_sample!r}")
     if not args.out or not str(args.out).strip():
         raise ValueError("--out: give a run folder")
-    if args.data not in (None, "synthetic") and not Path(args.data).is_dir():
-        raise ValueError(f"--data {args.data}: no such folder (or use 'synthetic')")
+    if args.data not in (None, "synthetic") and not Path(args.data).is_dir() and not is_shard_spec(args.data):
+        raise ValueError(f"--data {args.data}: no such folder (or use 'synthetic', or shard URLs)")
     cls = model_class(args.model)
     if args.resume and args.init:
         raise ValueError(f"--init with --resume: a resumed run continues from its own checkpoint in "
@@ -235,6 +241,9 @@ def seed_everything(seed: int) -> None:
 
 # ---- data -------------------------------------------------------------------------------------
 
+STREAM_VOCABULARY_SAMPLES = 5_000  # records streamed shards teach the tokenizer from
+
+
 def corpus_texts(records) -> list[str]:
     texts = []
     for rec in records:
@@ -250,6 +259,8 @@ def vocabulary_records(data: str, image_size: int, jsonl=None) -> list[dict]:
     if data == "synthetic":
         world = synthetic_world(image_size)
         return world.records("train", 1500) + world.records("train", 300, single_object=True)
+    if hasattr(jsonl, "head_records"):  # streamed shards: the first samples' records
+        return jsonl.head_records(STREAM_VOCABULARY_SAMPLES)
     return jsonl.records if hasattr(jsonl, "records") else [jsonl.record(i) for i in range(len(jsonl))]
 
 
@@ -279,15 +290,19 @@ def answer_vocabulary(records: list[dict]) -> list[str]:
 
 def training_source(task: str, data: str, image_size: int, seed: int, on_bad_sample: str,
                     max_skip_rate: float | None = None, groups: int = 1,
-                    single_object: bool | float | None = None, allow_outside: bool = False):
+                    single_object: bool | float | None = None, allow_outside: bool = False,
+                    remote: dict | None = None):
     """``single_object`` (synthetic world): True for labelled single-object images, a share in
-    (0, 1) for a mix with images of several objects; default: True for classification."""
+    (0, 1) for a mix with images of several objects; default: True for classification.
+    ``remote``: `RemoteShardStream` options for shard URLs."""
     from ..data.loader import EpochSource, SyntheticSource
     if data == "synthetic":
         world = synthetic_world(image_size, groups if task != "classification" else 1)
         single = (task == "classification") if single_object is None else single_object
         return SyntheticSource(world, "train", single_object=single, offset=seed * 10_000_000)
-    dataset = open_dataset(data, "train", on_bad_sample, max_skip_rate, allow_outside)
+    dataset = open_dataset(data, "train", on_bad_sample, max_skip_rate, allow_outside, remote)
+    if hasattr(dataset, "head_records"):  # streamed shards: batches come from stream_batch_loader
+        return dataset
     if hasattr(dataset, "shard_ranges"):  # shards: shuffled shard order, then within each shard
         from ..data.shards import ShardSource
         return ShardSource(dataset, seed=seed)
@@ -295,15 +310,26 @@ def training_source(task: str, data: str, image_size: int, seed: int, on_bad_sam
 
 
 def open_dataset(data: str, split: str, on_bad_sample: str = "error",
-                 max_skip_rate: float | None = None, allow_outside: bool = False):
-    """A folder of webdataset shards (``{split}-000000.tar`` ...) or a JSONL dataset folder
-    (whose image paths must stay inside it unless ``allow_outside``)."""
+                 max_skip_rate: float | None = None, allow_outside: bool = False, remote: dict | None = None):
+    """A folder of webdataset shards (``{split}-000000.tar`` ...), a JSONL dataset folder
+    (whose image paths must stay inside it unless ``allow_outside``), or shard URLs streamed
+    endlessly (`RemoteShardStream`, with the ``remote`` options; ``split`` unused)."""
     from ..data.shards import ShardDataset, is_shard_folder
+    if is_shard_spec(data):
+        from ..data.remote import RemoteShardStream
+        return RemoteShardStream(data, epochs=None, on_bad_sample=on_bad_sample,
+                                 max_skip_rate=max_skip_rate, **(remote or {}))
     if is_shard_folder(data, split):
         return ShardDataset(data, split, on_bad_sample=on_bad_sample, max_skip_rate=max_skip_rate)
     from ..data.jsonl import JsonlDataset
     return JsonlDataset(data, split, on_bad_sample=on_bad_sample, max_skip_rate=max_skip_rate,
                         allow_outside=allow_outside)
+
+
+def remote_options(args: RunArgs) -> dict:
+    """The shard-URL reading options the run gives (`RemoteShardStream` keywords)."""
+    names = ("connect_timeout", "read_timeout", "retries")
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
 
 
 def make_collate(model, task: str, tokenizer, negatives: int, train: bool = True,
@@ -379,7 +405,7 @@ def prepare_model(args: RunArgs, run: Path):
         jsonl = None
         if args.data != "synthetic":
             jsonl = open_dataset(args.data, "train", args.on_bad_sample, args.max_skip_rate,
-                                 args.allow_outside_paths)
+                                 args.allow_outside_paths, remote_options(args))
         records = vocabulary_records(args.data, image_size, jsonl)
         if source is not None and source.tokenizer is not None:
             tok = source.tokenizer
@@ -561,6 +587,9 @@ def train(args: RunArgs) -> dict:
 def _train(args: RunArgs, run: Path) -> dict:
     from .. import collective as vdist
     rank, world = vdist.rank(), vdist.world_size()
+    if args.data != "synthetic" and is_shard_spec(args.data):  # before anything is read or written
+        from ..data.remote import check_readers
+        check_readers(args.data, world, args.workers)
     seed_everything(args.seed)  # the same initial weights on every rank
     torch.set_num_threads(max(1, torch.get_num_threads()))
     fresh = not (args.resume and (run / CONFIG).is_file())
@@ -625,7 +654,8 @@ def _train(args: RunArgs, run: Path) -> dict:
     single = 0.5 if getattr(model, "patch_grid", 0) else None
     source = training_source(task, args.data, model.image_spec()["size"], args.seed, args.on_bad_sample,
                              args.max_skip_rate, groups, single_object=single,
-                             allow_outside=args.allow_outside_paths)
+                             allow_outside=args.allow_outside_paths,
+                             remote=dict(remote_options(args), seed=args.seed, rank=rank, world=world))
     collate = make_collate(model, task, tok, negatives, data=args.data, negative_weights=weights)
     from ..data.loader import batch_loader
     # augmentation draws from an RNG seeded by (seed, global sample position), so every sample
@@ -634,6 +664,9 @@ def _train(args: RunArgs, run: Path) -> dict:
         torch.manual_seed(args.seed + 1_000_003 * rank)  # per-rank stream for dropout and the like
 
     def batches(start: int):
+        if hasattr(source, "head_records"):  # shard URLs: this rank streams its share of the shards
+            from ..data.remote import stream_batch_loader
+            return stream_batch_loader(source, collate, cfg.batch_size, start, args.seed, args.workers)
         return batch_loader(source, collate, cfg.batch_size, start=start, seed=args.seed,
                             num_workers=args.workers, rank=rank, world=world)
 
@@ -649,7 +682,7 @@ def _train(args: RunArgs, run: Path) -> dict:
               f"parameters) on {args.data}, precision {trainer.precision}, batch {cfg.batch_size}"
               + (f" over {world} processes" if world > 1 else ""), file=sys.stderr)
     result = trainer.fit(resume=args.resume)
-    bad = getattr(getattr(source, "dataset", None), "skipped_at_start", None)
+    bad = getattr(getattr(source, "dataset", source), "skipped_at_start", None)
     if bad is not None:  # lines dropped when the dataset was read, plus images found bad in training
         counts = dict(bad)
         for reason, n in trainer.bad_sample_counts().items():
