@@ -2,6 +2,7 @@
 connections, 404s, rank/worker splits, resume of training batches, `vlkit train --data URL`."""
 import io
 import json
+import socket
 import sys
 import tarfile
 import threading
@@ -197,6 +198,9 @@ def test_a_connection_that_always_drops_is_an_error_or_skipped(shards, server):
     got = _read(stream)
     assert stream.skipped == {"unreadable shard": 1} and len(stream.bad_events) == 1
     assert set(got) <= set(_read(ShardStream(shards))) and 9 <= len(got) < N  # shard 1's first half counts
+    endless = RemoteShardStream(bad, epochs=None, on_bad_sample="skip", **FAST)  # never a silent spin
+    with pytest.raises(DatasetError, match="a whole epoch of this reader's shards gave no usable sample"):
+        next(iter(endless))
 
 
 def test_a_stalled_server_ends_by_the_read_timeout(server):
@@ -213,6 +217,11 @@ def test_a_missing_url_is_a_clear_error(server):
     with pytest.raises(ShardReadError, match=rf"^{url}: HTTP 404 Not Found$"):
         list(RemoteShardStream(url, **FAST))
     assert server.hits["/ok/train-000009.tar"] == 1  # a 404 is not retried
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ShardReadError, match=rf"127.0.0.1:{port}/x.tar: cannot connect \(.*refused"):
+        list(RemoteShardStream(f"http://127.0.0.1:{port}/x.tar", **FAST))
 
 
 def test_bad_samples_name_url_and_member_or_are_skipped(server):
@@ -273,6 +282,13 @@ def test_train_reads_shard_urls(server, tmp_path, monkeypatch, capsys):
     assert summary["step"] == 2 and summary["samples"] == 8 and summary["bad_samples"] == {}
     assert json.loads((out / "config.json").read_text())["data"] == spec
     assert (out / "tokenizer").is_dir()
+    skip = tmp_path / "skip"  # a shard that always drops: skipped and counted
+    spec = f"{server.url}/ok/train-000000.tar::{server.url}/drop-always/train-000001.tar"
+    assert main(["train", "clip", "--data", spec, "--out", str(skip), "--steps", "2", "--batch-size", "4",
+                 "--workers", "0", "--precision", "fp32", "--retries", "1", "--on-bad-sample", "skip",
+                 "--no-eval", *TINY]) == 0
+    summary = json.loads((skip / "train_summary.json").read_text())
+    assert summary["bad_samples"] == {"unreadable shard": 1}
     assert main(["train", "clip", "--data", server.url + "/ok/train-{000000..000002}.tar", "--out",
                  str(tmp_path / "run2"), "--steps", "1", "--workers", "4", *TINY]) == 2
     assert "3 shards cannot be split between 4 readers" in capsys.readouterr().err

@@ -257,10 +257,11 @@ def _file_opener(path: str):
 
 
 def _describe(error) -> str:
-    if isinstance(error, urllib.error.URLError) and isinstance(error.reason, BaseException):
-        error = error.reason
     if isinstance(error, str):
         return error
+    if isinstance(error, urllib.error.URLError):  # raised while connecting and sending the request
+        reason = error.reason
+        return f"cannot connect ({'timed out' if isinstance(reason, TimeoutError) else reason})"
     if isinstance(error, (socket.timeout, TimeoutError)):
         return "timed out waiting for data"
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
@@ -382,7 +383,7 @@ class RemoteShardStream(ShardStream):
     ``URL#KEY`` (of the URL for an unreadable shard), so a sample met again has the same id; with ``max_skip_rate`` a reader stops with `TooManyBadSamples` once more than that
     share of its first 100 or more samples were bad. An endless stream (``epochs=None``) whose
     reader finds every one of its shards unreadable stops with a `ShardReadError` rather than
-    retry them for ever."""
+    retry them for ever (likewise when none of them holds a usable sample)."""
 
     skipped_at_start: Counter = Counter()  # nothing is read up front
 
@@ -400,7 +401,7 @@ class RemoteShardStream(ShardStream):
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.retries, self.backoff = retries, backoff
         self.bad_events: list[tuple[int, str]] = []
-        self._readers, self._passed, self._failed_in_row, self._where = 1, 0, 0, ""
+        self._readers, self._passed, self._empty_in_row, self._where = 1, 0, 0, ""
 
     def _list_shards(self, spec, split) -> list[str]:
         return shard_urls(spec)
@@ -415,13 +416,14 @@ class RemoteShardStream(ShardStream):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         self._readers = self.readers(info.num_workers if info is not None else 1)
-        self._passed = self._failed_in_row = 0
+        self._passed = self._empty_in_row = 0
         yield from super().__iter__()
 
     def _samples(self, url) -> Iterator[dict]:
+        gave = False
         try:
             for rec in super()._samples(url):
-                self._failed_in_row = 0
+                gave, self._empty_in_row = True, 0
                 yield rec
         except (ShardReadError, tarfile.TarError) as e:
             error = _unreadable(url, e)
@@ -429,11 +431,19 @@ class RemoteShardStream(ShardStream):
                 raise error from None
             self._where = url
             self._skip(error)
-            self._failed_in_row += 1
+        if not gave:
+            self._empty_in_row += 1
+            # a reader has at most ``mine`` shards an epoch: 2·mine - 1 empty ones in a row hold a
+            # whole epoch of them (a run within two epochs is at most (mine - 1) + (mine - 1))
             mine = math.ceil(len(self.shards) / self._readers)
-            if self.epochs is None and self._failed_in_row >= mine:
-                raise ShardReadError(f"{self.spec}: none of this reader's {mine} shards could be read "
-                                     f"(the last: {error})") from None
+            if self.epochs is None and self._empty_in_row >= 2 * mine - 1:
+                raise DatasetError(f"{self.spec}: a whole epoch of this reader's shards gave no usable "
+                                   f"sample (the last, {url}: {self.summary()})")
+
+    def summary(self) -> str:
+        """One line: what was skipped, by reason."""
+        n = sum(self.skipped.values())
+        return f"skipped {n}" + (": " + ", ".join(f"{c} {r}" for r, c in self.skipped.most_common()) if n else "")
 
     def _decode(self, path, key, group) -> Iterator[dict]:
         self._where = f"{path}#{key}"
@@ -451,8 +461,7 @@ class RemoteShardStream(ShardStream):
             if rate > self.max_skip_rate:
                 raise TooManyBadSamples(
                     f"{self.spec}: {rate:.1%} of the samples read are bad, more than the allowed "
-                    f"{self.max_skip_rate:.1%} (max_skip_rate); skipped "
-                    + ", ".join(f"{n} {r}" for r, n in self.skipped.most_common()))
+                    f"{self.max_skip_rate:.1%} (max_skip_rate); {self.summary()}")
 
     def head_records(self, n: int) -> list[dict]:
         """The records (JSON only, images not decoded) of the first ``n`` samples in shard order."""

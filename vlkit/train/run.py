@@ -134,6 +134,9 @@ def validate_run_args(args: RunArgs) -> RunArgs:
         raise ValueError("--out: give a run folder")
     if args.data not in (None, "synthetic") and not Path(args.data).is_dir() and not is_shard_spec(args.data):
         raise ValueError(f"--data {args.data}: no such folder (or use 'synthetic', or shard URLs)")
+    given = sorted(remote_options(args))
+    if given and args.data is not None and not is_shard_spec(args.data):
+        raise ValueError(f"{', '.join(map(_option, given))}: for shard URLs in --data, not {args.data}")
     cls = model_class(args.model)
     if args.resume and args.init:
         raise ValueError(f"--init with --resume: a resumed run continues from its own checkpoint in "
