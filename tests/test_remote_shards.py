@@ -292,4 +292,7 @@ def test_train_reads_shard_urls(server, tmp_path, monkeypatch, capsys):
     assert main(["train", "clip", "--data", server.url + "/ok/train-{000000..000002}.tar", "--out",
                  str(tmp_path / "run2"), "--steps", "1", "--workers", "4", *TINY]) == 2
     assert "3 shards cannot be split between 4 readers" in capsys.readouterr().err
+    assert main(["train", "clip", "--data", "synthetic", "--retries", "1", "--out", str(tmp_path / "run3"),
+                 "--steps", "1"]) == 2
+    assert "--retries: for shard URLs in --data, not synthetic" in capsys.readouterr().err
     assert not (tmp_path / "run2").exists()
