@@ -1,5 +1,6 @@
 """Shards streamed from URLs: brace specs, HTTP reads equal local ones, dropped and stalled
 connections, 404s, rank/worker splits, resume of training batches, `vlkit train --data URL`."""
+import importlib.util
 import io
 import json
 import socket
@@ -239,6 +240,9 @@ def test_fsspec_urls_and_the_missing_extra(shards, monkeypatch):
     for p in shard_paths(shards):
         fs.pipe(f"/vlkit-test/{p.name}", p.read_bytes())
     assert _read(RemoteShardStream("memory://vlkit-test/train-{000000..000002}.tar")) == _read(ShardStream(shards))
+    if importlib.util.find_spec("s3fs") is None:  # fsspec without its S3 backend
+        with pytest.raises(DatasetError, match=r"s3://b/t.tar: .*s3fs.*vlkit\[remote\]', plus s3fs\)"):
+            list(RemoteShardStream("s3://b/t.tar", on_bad_sample="skip"))
     monkeypatch.setitem(sys.modules, "fsspec", None)
     with pytest.raises(DatasetError, match=r"s3://b/t.tar: reading s3:// URLs needs fsspec "
                                            r"\(pip install 'vlkit\[remote\]', plus s3fs\)"):

@@ -230,9 +230,11 @@ def _fsspec_opener(url: str):
     def open_at(offset: int):
         try:
             f = fsspec.open(url, "rb").open()
-        except ImportError as e:  # fsspec names the backend package it lacks
-            raise ShardReadError(f"{url}: {e} ({REMOTE_EXTRA}{_backend_hint(url)})") from None
-        except (FileNotFoundError, PermissionError, ValueError) as e:
+        except ImportError as e:  # fsspec names the backend package it lacks: a set-up error
+            raise DatasetError(f"{url}: {e} ({REMOTE_EXTRA}{_backend_hint(url)})") from None
+        except ValueError as e:  # e.g. a protocol fsspec does not know
+            raise DatasetError(f"{url}: {e}") from None
+        except (FileNotFoundError, PermissionError) as e:
             raise ShardReadError(f"{url}: {type(e).__name__}: {e}") from None
         if offset:
             f.seek(offset)
@@ -294,8 +296,6 @@ class RetryingReader(io.RawIOBase):
                 self._f, size = self._open_at(self.offset)
                 self.size = size if size is not None else self.size
                 return
-            except ShardReadError:
-                raise
             except _TRANSIENT as e:
                 self._failed(e)
 
@@ -385,8 +385,6 @@ class RemoteShardStream(ShardStream):
     reader finds every one of its shards unreadable stops with a `ShardReadError` rather than
     retry them for ever (likewise when none of them holds a usable sample)."""
 
-    skipped_at_start: Counter = Counter()  # nothing is read up front
-
     def __init__(self, spec: str, seed: int = 0, buffer: int = 1000, rank: int = 0, world: int = 1,
                  epochs: int | None = 1, decode: bool = True, on_bad_sample: str = "error",
                  connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT,
@@ -401,6 +399,7 @@ class RemoteShardStream(ShardStream):
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.retries, self.backoff = retries, backoff
         self.bad_events: list[tuple[int, str]] = []
+        self.skipped_at_start: Counter = Counter()  # nothing is read up front
         self._readers, self._passed, self._empty_in_row, self._where = 1, 0, 0, ""
 
     def _list_shards(self, spec, split) -> list[str]:
