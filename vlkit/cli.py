@@ -246,6 +246,9 @@ def cmd_train(args) -> int:
     elif not args.no_eval and _is_shard_spec(data):
         print(f"--data is shard URLs: evaluation skipped (vlkit eval {args.out} --data a dataset folder "
               "with a test split)")
+    elif not args.no_eval and Path(data).is_file():
+        print(f"--data {data} is one JSONL file, with no test split: evaluation skipped (vlkit eval "
+              f"{args.out} --data a dataset folder with a test split)")
     elif not args.no_eval and data != "synthetic" and not (Path(data) / "test.jsonl").is_file():
         print(f"no {Path(data) / 'test.jsonl'}: evaluation skipped (vlkit eval {args.out} --data "
               "a dataset folder with a test split)")
@@ -374,6 +377,43 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def _infer(args, command: str, inputs: list[str], **options) -> int:
+    """Runs one inference command (``vlkit.infer``) and prints its table, or its JSON."""
+    from .infer import format_table, run
+    result = run(command, args.model, inputs, batch_size=args.batch_size, skip_bad=args.skip_bad,
+                 progress=not args.no_progress, **options)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def cmd_zero_shot(args) -> int:
+    return _infer(args, "zero-shot", args.images, labels=args.labels, templates=args.template, top_k=args.top_k)
+
+
+def cmd_caption(args) -> int:
+    from .infer import generation_options
+    opts = generation_options(args.beam, args.top_p, args.temperature, args.seed, args.max_new_tokens)
+    return _infer(args, "caption", args.images, prompt=args.prompt, **opts)
+
+
+def cmd_vqa(args) -> int:
+    return _infer(args, "vqa", [args.image], question=args.question, candidates=args.candidates)
+
+
+def cmd_match(args) -> int:
+    return _infer(args, "match", [args.image], captions=args.captions)
+
+
+def _image_inputs(s: argparse.ArgumentParser) -> None:
+    """The options every inference command shares."""
+    s.add_argument("model", help="run folder or Hugging Face model folder")
+    s.add_argument("--batch-size", type=_count, default=32, help="images per forward pass (default 32)")
+    s.add_argument("--skip-bad", action="store_true",
+                   help="skip images that cannot be read (counted in the output) instead of stopping")
+    s.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (shown for 64 images or more)")
+
+
 def _allow_outside_paths(s: argparse.ArgumentParser) -> None:
     s.add_argument("--allow-outside-paths", action="store_true",
                    help="read image paths that lead out of the dataset folder (absolute paths, '..', "
@@ -418,8 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", metavar="NAME_OR_FILE",
                    help="run a recipe (see vlkit recipes): its stages in RUN/stages/, its model in RUN; "
                         "the options below override its last stage, --set STAGE:KEY=VALUE another stage")
-    s.add_argument("--data", help="'synthetic' (the default), a dataset folder, or shard URLs "
-                                  "('https://host/train-{000000..000099}.tar', '::' between patterns; docs/remote-data.md)")
+    s.add_argument("--data", help="'synthetic' (the default), a dataset folder (images/, train.jsonl ...), "
+                                   "one .jsonl file whose image paths are relative to it, or shard URLs "
+                                   "('https://host/train-{000000..000099}.tar', '::' between patterns; docs/remote-data.md)")
     s.add_argument("--preset", help="architecture preset (default tiny)")
     s.add_argument("--out", required=True, help="run folder")
     s.add_argument("--minutes", type=float,
@@ -534,6 +575,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layer", type=int, help="fusion layer (negative counts from the end; default: mean of all)")
     s.add_argument("--panel", type=int, default=128, help="panel size in pixels")
     s.set_defaults(func=cmd_explain)
+
+    images_help = "image files, folders (searched recursively) or glob patterns"
+    s = sub.add_parser("zero-shot", help="classify images among labels given as text (dual encoders)")
+    _image_inputs(s)
+    s.add_argument("images", nargs="+", help=images_help)
+    s.add_argument("--labels", required=True, help="comma-separated class names, e.g. 'cat,dog'")
+    s.add_argument("--template", action="append", help="prompt with {} for the label (repeat to average "
+                                                       "several; default: the built-in templates)")
+    s.add_argument("--top-k", type=_count, default=5, help="labels shown per image (default 5)")
+    s.set_defaults(func=cmd_zero_shot)
+
+    s = sub.add_parser("caption", help="write a caption for each image (BLIP)")
+    _image_inputs(s)
+    s.add_argument("images", nargs="+", help=images_help)
+    s.add_argument("--beam", type=_count, metavar="N", help="beam search with N beams (default: greedy)")
+    s.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling from the top P of the probability")
+    s.add_argument("--temperature", type=float, metavar="T", help="with --top-p: sampling temperature (default 1)")
+    s.add_argument("--seed", type=int, help="with --top-p: seed of the sampling")
+    s.add_argument("--max-new-tokens", type=_count, metavar="N", help="caption length limit in tokens (default 30)")
+    s.add_argument("--prompt", help="text the caption continues (default: the model's own)")
+    s.set_defaults(func=cmd_caption)
+
+    s = sub.add_parser("vqa", help="answer a question about each image")
+    _image_inputs(s)
+    s.add_argument("image", help="an image file, folder or glob pattern")
+    s.add_argument("question")
+    s.add_argument("--candidates", help="comma-separated answers to choose among (default: the model's own)")
+    s.set_defaults(func=cmd_vqa)
+
+    s = sub.add_parser("match", help="how well captions fit an image: ITM probability, or cosine similarity "
+                                     "for dual encoders without an ITM head")
+    _image_inputs(s)
+    s.add_argument("image", help="an image file, folder or glob pattern")
+    s.add_argument("captions", nargs="+", help="one or more captions")
+    s.set_defaults(func=cmd_match)
     return p
 
 

@@ -197,9 +197,22 @@ class Pipeline:
         """The answer to each (image, question) pair (zipped): the model's ``answer``, else the
         best of its ``vqa_logits`` over the config's ``answer_names``. A model that writes its
         answers (BLIP: ``answer_tokens``) generates them (``kwargs``: its generate options), or,
-        given ``candidates``, picks the likeliest of them."""
+        given ``candidates``, picks the likeliest of them; a classifier picks the best-scoring
+        of the ``candidates`` it knows (one outside its answers is an error)."""
         images, questions = _zipped(images, questions, "answer", "questions")
         t = self.tokens(questions)
+        if candidates is not None and not hasattr(self.model, "answer_tokens"):
+            vqa_logits = self._need("vqa_logits", "question answering")
+            candidates = _as_list(candidates, "candidates", strings=True)
+            names = list(getattr(self.model.cfg, "answer_names", None) or [])
+            unknown = [c for c in candidates if c not in names]
+            if unknown:
+                raise ValueError(f"candidates: {unknown[0]!r} is not among {self.model.model_name}'s "
+                                 f"{len(names)} answers ({', '.join(names[:8])}{' ...' if len(names) > 8 else ''})")
+            logits = self._checked(vqa_logits(self.pixels(images), t["input_ids"], t["attention_mask"]),
+                                   "VQA logits")
+            best = logits[:, [names.index(c) for c in candidates]].argmax(-1).tolist()
+            return [candidates[i] for i in best]
         if hasattr(self.model, "answer_tokens"):
             px = self.pixels(images)
             if candidates is not None:

@@ -132,8 +132,9 @@ def validate_run_args(args: RunArgs) -> RunArgs:
         raise ValueError(f"--on-bad-sample must be error or skip, got {args.on_bad_sample!r}")
     if not args.out or not str(args.out).strip():
         raise ValueError("--out: give a run folder")
-    if args.data not in (None, "synthetic") and not Path(args.data).is_dir() and not is_shard_spec(args.data):
-        raise ValueError(f"--data {args.data}: no such folder (or use 'synthetic', or shard URLs)")
+    if args.data not in (None, "synthetic") and not (Path(args.data).is_dir() or is_jsonl_file(args.data)) \
+            and not is_shard_spec(args.data):
+        raise ValueError(f"--data {args.data}: no such folder or .jsonl file (or use 'synthetic', or shard URLs)")
     given = sorted(remote_options(args))
     if given and args.data is not None and not is_shard_spec(args.data):
         raise ValueError(f"{', '.join(map(_option, given))}: for shard URLs in --data, not {args.data}")
@@ -161,6 +162,12 @@ def validate_run_args(args: RunArgs) -> RunArgs:
     if args.overrides and not args.resume and not args.init:  # --set checked before anything is written
         merge_config(cls.make_config(args.preset or "tiny"), args.overrides, cls.model_name)
     return args
+
+
+def is_jsonl_file(data: str) -> bool:
+    """``--data`` names one JSONL file (its image paths relative to the file's folder) rather
+    than a dataset folder with ``train.jsonl``."""
+    return str(data).endswith(".jsonl") and Path(data).is_file()
 
 
 def resolve_resume(args: RunArgs, saved: dict) -> RunArgs:
