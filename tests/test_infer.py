@@ -225,13 +225,16 @@ def test_finetune_from_init_on_a_folder_and_on_one_jsonl_file(runs, world, tmp_p
     for i, line in enumerate((world / "train.jsonl").read_text().splitlines()[:6]):
         rec = json.loads(line)
         shutil.copy(world / rec["image"], mine / "pics" / f"{i}.png")
-        lines.append(json.dumps({"image": f"pics/{i}.png", "caption": rec["caption"]}))
+        caption = rec["caption"] + (" ♫" if i == 0 else "")  # a word the --init vocabulary lacks
+        lines.append(json.dumps({"image": f"pics/{i}.png", "caption": caption}))
     (mine / "captions.jsonl").write_text("\n".join(lines) + "\n")
     out2 = tmp_path / "tuned2"
     rc, stdout, err = _cli(["train", "blip", "--data", str(mine / "captions.jsonl"), "--init", str(out),
                             "--out", str(out2), "--steps", "2", "--batch-size", "4", "--no-progress"], capsys)
     assert rc == 0, err
     assert "trained 2 steps (8 samples)" in stdout and "one JSONL file, with no test split" in stdout
+    unknown = 1 / sum(len(json.loads(line)["caption"].split()) for line in lines)
+    assert f"note: {unknown:.0%} of the words of the training texts are unknown to the tokenizer" in err
     assert json.loads((out2 / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
     assert _json(["caption", str(out2), str(mine / "pics"), "--max-new-tokens", "3"], capsys)["images"] == 6
     rc, _, err = _cli(["train", "blip", "--data", str(mine / "nope.jsonl"), "--out", str(tmp_path / "x"),

@@ -84,6 +84,8 @@ def check_image(path: str) -> None:
     pixels: a truncated file is found when it is loaded)."""
     from PIL import Image
     try:
+        if not os.path.isfile(path):  # a FIFO or device would block
+            raise ImageError(f"{path}: not a regular file", "unreadable file")
         if os.path.getsize(path) == 0:
             raise ImageError(f"{path}: empty file (0 bytes)", "empty image file")
         with Image.open(path):

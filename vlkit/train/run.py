@@ -264,6 +264,18 @@ def corpus_texts(records) -> list[str]:
     return texts
 
 
+def unknown_word_share(tok, texts: list[str]) -> float:
+    """The share of the words (by count) of ``texts`` that ``tok`` reads as its unknown token
+    (0 for a tokenizer without one, e.g. byte-level BPE)."""
+    from collections import Counter
+    unk = tok.token_to_id("[UNK]")
+    words = Counter(w for t in texts for w in t.split())
+    if unk is None or not words:
+        return 0.0
+    bad = sum(n for w, n in words.items() if unk in tok.encode(w))
+    return bad / sum(words.values())
+
+
 def vocabulary_records(data: str, image_size: int, jsonl=None) -> list[dict]:
     """The training records the text and answer vocabularies are learned from."""
     if data == "synthetic":
@@ -419,6 +431,11 @@ def prepare_model(args: RunArgs, run: Path):
         records = vocabulary_records(args.data, image_size, jsonl)
         if source is not None and source.tokenizer is not None:
             tok = source.tokenizer
+            unknown = unknown_word_share(tok, corpus_texts(records))
+            if unknown > 0:
+                print(f"note: {unknown:.0%} of the words of the training texts are unknown to the "
+                      f"tokenizer of --init {args.init} (they read as [UNK]); training from scratch "
+                      "learns a vocabulary from them", file=sys.stderr)
         elif getattr(probe, "text_init", ""):  # a pretrained text tower brings its vocabulary
             from ..convert.hf_bert import bert_tokenizer
             tok = bert_tokenizer(probe.text_init)
