@@ -248,7 +248,7 @@ def cmd_train(args) -> int:
               "with a test split)")
     elif not args.no_eval and Path(data).is_file():
         print(f"--data {data} is one JSONL file, with no test split: evaluation skipped (vlkit eval "
-              f"{args.out} --data a dataset folder with a test split)")
+              f"{args.out} --data HELD_OUT.jsonl evaluates on records kept out of training)")
     elif not args.no_eval and data != "synthetic" and not (Path(data) / "test.jsonl").is_file():
         print(f"no {Path(data) / 'test.jsonl'}: evaluation skipped (vlkit eval {args.out} --data "
               "a dataset folder with a test split)")
