@@ -414,6 +414,46 @@ def _image_inputs(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-progress", action="store_true", help="no progress bar (shown for 64 images or more)")
 
 
+def cmd_import(args) -> int:
+    from .data.importers import import_dataset
+    files = [args.questions, args.annotations] if args.format == "vqa" else [args.annotations]
+    rep = import_dataset(args.format, files, args.images, args.out, split=args.split, split_ratio=args.split_ratio,
+                         seed=args.seed, link=args.link, skip_missing=args.skip_missing,
+                         captions=getattr(args, "captions", None))
+    for note in rep["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    for split, n in rep["records"].items():
+        print(f"{split}: {n} records")
+    placed = ", ".join(f"{n} {how}" for how, n in rep["images"].items())
+    skipped = ", ".join(f"{n} {why}" for why, n in rep["skipped"].items())
+    print(f"images: {placed}" + (f"; skipped: {skipped}" if skipped else ""))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .convert.folders import hf_to_run, run_to_hf
+    if args.to == "hf":
+        from .pipeline import load
+        pipe = load(args.source)
+        res = run_to_hf(pipe.model, args.out, pipe.tokenizer)
+    else:
+        res = hf_to_run(args.source, args.out)
+    print(f"{res['model']}: {res['tensors']} tensors ({res['parameters']:,} parameters) -> {args.out}"
+          f" ({args.to} folder)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_onnx
+    res = export_onnx(args.model, args.onnx, opset=args.opset)
+    for name, part in res["files"].items():
+        print(f"{name}: inputs {', '.join(part['inputs'])} -> outputs {', '.join(part['outputs'])}; "
+              f"max |onnxruntime - torch| {part['max_abs_diff']:.2e}")
+    print(f"wrote {args.onnx} (onnx.json describes the inputs and outputs)")
+    return 0
+
+
 def _allow_outside_paths(s: argparse.ArgumentParser) -> None:
     s.add_argument("--allow-outside-paths", action="store_true",
                    help="read image paths that lead out of the dataset folder (absolute paths, '..', "
@@ -610,6 +650,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("image", help="an image file, folder or glob pattern")
     s.add_argument("captions", nargs="+", help="one or more captions")
     s.set_defaults(func=cmd_match)
+
+    s = sub.add_parser("import", help="import COCO captions, Karpathy splits or VQA v2 into a dataset folder")
+    formats = s.add_subparsers(dest="format", metavar="FORMAT", required=True, parser_class=_Parser)
+    for name, text in (("coco", "COCO captions (captions_*.json)"),
+                       ("karpathy", "Karpathy splits (dataset_coco.json, dataset_flickr30k.json)"),
+                       ("vqa", "VQA v2 questions + annotations")):
+        f = formats.add_parser(name, help=text)
+        if name == "vqa":
+            f.add_argument("questions", help="questions JSON (v2_OpenEnded_mscoco_*_questions.json)")
+            f.add_argument("annotations", help="annotations JSON (v2_mscoco_*_annotations.json)")
+            f.add_argument("--captions", help="COCO captions JSON of the same images (default: each "
+                                              "record's caption is its first question)")
+        else:
+            f.add_argument("annotations", help="annotation JSON file")
+        f.add_argument("--images", required=True, help="folder the annotations' image names are relative to")
+        f.add_argument("--out", required=True, help="dataset folder: new, or one that lacks the split(s) written")
+        if name != "karpathy":
+            f.add_argument("--split", choices=["train", "val", "test"], help="write every record to this split "
+                                                                             "(default train)")
+            f.add_argument("--split-ratio", metavar="TRAIN,VAL,TEST",
+                           help="shuffle the images and cut them into train/val/test, e.g. 0.8,0.1,0.1")
+            f.add_argument("--seed", type=int, default=0, help="shuffle seed of --split-ratio")
+        f.add_argument("--link", default="auto", choices=["auto", "hardlink", "copy", "symlink"],
+                       help="how images enter images/: auto (default) hard-links, copying where the file "
+                            "system cannot link")
+        f.add_argument("--skip-missing", action="store_true",
+                       help="leave out (and count) records whose image file is missing, instead of an error")
+        f.set_defaults(func=cmd_import, split=None, split_ratio=None, seed=0)
+
+    s = sub.add_parser("convert", help="a Hugging Face folder (ViT, CLIP, ViLT, BLIP) to a vlkit run folder, "
+                                       "or a vlkit CLIP / ViT run to a Hugging Face folder (--to hf)")
+    s.add_argument("source", help="Hugging Face model folder, or (with --to hf) a vlkit run folder")
+    s.add_argument("--out", required=True, help="new output folder")
+    s.add_argument("--to", default="run", choices=["run", "hf"], help="output kind (default run)")
+    s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("export", help="export the image and text towers (CLIP, VLMo, ViT) to ONNX")
+    s.add_argument("model", help="vlkit run or Hugging Face folder")
+    s.add_argument("--onnx", required=True, metavar="OUT", help="new output folder for image.onnx, text.onnx, onnx.json")
+    s.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    s.set_defaults(func=cmd_export)
     return p
 
 

@@ -128,3 +128,116 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Drop ``prefix`` from keys that have it (e.g. "vit." of a classification checkpoint)."""
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+# -- the rename tables read backwards (vlkit names -> the foreign checkpoint's) -------------------
+
+def _closing(pattern: str, start: int) -> int:
+    """Index of the ``)`` closing the group opened at ``pattern[start]``."""
+    depth, i = 0, start
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        depth += c == "("
+        depth -= c == ")"
+        if depth == 0:
+            return i
+        i += 1
+    raise ValueError(f"unbalanced group in {pattern!r}")
+
+
+def _alternatives(body: str) -> list[str]:
+    """The top-level ``|`` alternatives of a group body."""
+    parts, depth, last, i = [], 0, 0, 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\":
+            i += 2
+            continue
+        depth += (c == "(") - (c == ")")
+        if c == "|" and depth == 0:
+            parts.append(body[last:i])
+            last = i + 1
+        i += 1
+    return parts + [body[last:]]
+
+
+def _template(pattern: str, groups: list[str]) -> list:
+    """A rule's pattern as the key it names: literal text and group numbers (its capture groups,
+    whose bodies are appended to ``groups``); a non-capturing group takes its first alternative
+    (an optional one is kept: the saved layout). Anything else (``.*``, classes) cannot be
+    written backwards: ValueError."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern) and not pattern[i + 1].isalnum():
+            out.append(pattern[i + 1])
+            i += 2
+        elif c == "(" and pattern.startswith("(?:", i):
+            end = _closing(pattern, i)
+            first, *rest = _alternatives(pattern[i + 3:end])
+            if any("(" in alt.replace("(?:", "") for alt in rest):
+                raise ValueError(f"a capture group in a later alternative of {pattern!r}")
+            out += _template(first, groups)
+            i = end + 1 + (pattern[end + 1:end + 2] == "?")
+        elif c == "(":
+            end = _closing(pattern, i)
+            groups.append(pattern[i + 1:end])
+            out.append(len(groups))
+            i = end + 1
+        elif c in ".*+?[]{}^$|\\":
+            raise ValueError(f"rename rule {pattern!r} cannot be read backwards (at {pattern[i:]!r})")
+        else:
+            out.append(c)
+            i += 1
+    return out
+
+
+def reverse_rules(rules: list[tuple[str, str]]) -> list[tuple[re.Pattern, list]]:
+    """Each ``(pattern, replacement)`` rename rule as (a regex over our names, the foreign key
+    template): ``encoder\\.layer\\.(\\d+)\\.attention\\.(?:attention\\.)?query\\.(weight|bias)`` ->
+    ``blocks.\\1.attn.q.\\2`` reads backwards as ``blocks.(?P<g1>\\d+).attn.q.(?P<g2>weight|bias)``
+    -> ``encoder.layer.{1}.attention.attention.query.{2}``."""
+    out = []
+    for pattern, repl in rules:
+        groups: list[str] = []
+        template = _template(pattern, groups)
+        used, regex, i = set(), "", 0
+        for m in re.finditer(r"\\(\d)", repl):
+            n = int(m.group(1))
+            regex += re.escape(repl[i:m.start()]) + (f"(?P=g{n})" if n in used else f"(?P<g{n}>{groups[n - 1]})")
+            used.add(n)
+            i = m.end()
+        regex += re.escape(repl[i:])
+        if used != set(range(1, len(groups) + 1)):
+            raise ValueError(f"rename rule {pattern!r} -> {repl!r} drops a group: it cannot be read backwards")
+        out.append((re.compile(regex), template))
+    return out
+
+
+def unrename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]], ignore: list[str] = (),
+             prefix: str = "") -> dict[str, torch.Tensor]:
+    """``rename`` backwards: our keys -> the checkpoint's (``prefix`` before each, e.g. "vit.").
+    Every key must find a rule unless ``ignore`` covers it, and renaming the result forwards
+    must give the key back; otherwise a ConversionError lists the keys."""
+    backwards = reverse_rules(rules)
+    ignored = [re.compile(p) for p in ignore]
+    out, unmatched = {}, []
+    for key, value in state.items():
+        for regex, template in backwards:
+            m = regex.fullmatch(key)
+            if m:
+                foreign = "".join(p if isinstance(p, str) else m.group(f"g{p}") for p in template)
+                if rename({foreign: value}, rules) != {key: value}:  # a rule earlier in the table wins
+                    raise ConversionError(f"{key}: written back as {foreign}, which reads as another name")
+                out[prefix + foreign] = value
+                break
+        else:
+            if not any(p.fullmatch(key) for p in ignored):
+                unmatched.append(key)
+    if unmatched:
+        raise ConversionError(f"{len(unmatched)} weight(s) have no place in the checkpoint format: "
+                              + ", ".join(unmatched[:8]) + (" ..." if len(unmatched) > 8 else ""))
+    return out
