@@ -454,6 +454,31 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    from .index import index_folders, report_lines
+    report = index_folders(args.model, args.folders, args.out, batch_size=args.batch_size,
+                           progress=not args.no_progress)
+    print("\n".join(report_lines(report, args.out)))
+    return 0
+
+
+def cmd_search(args) -> int:
+    from .index import print_results, search_command
+    res = search_command(args.index, args.query, k=args.k, model=args.model)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print_results(res)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+    serve(args.model, args.index, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+          max_pixels=args.max_pixels)
+    return 0
+
+
 def _allow_outside_paths(s: argparse.ArgumentParser) -> None:
     s.add_argument("--allow-outside-paths", action="store_true",
                    help="read image paths that lead out of the dataset folder (absolute paths, '..', "
@@ -691,6 +716,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--onnx", required=True, metavar="OUT", help="new output folder for image.onnx, text.onnx, onnx.json")
     s.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("index", help="embed the images in folders into a searchable index (adds only new ones)")
+    s.add_argument("model", help="run or Hugging Face folder of a dual encoder (clip, albef, vlmo, blip)")
+    s.add_argument("folders", nargs="+", metavar="FOLDER", help="folders of images (searched recursively)")
+    s.add_argument("--out", required=True, help="index folder: created, or added to (a stopped run continues)")
+    s.add_argument("--batch-size", type=_count, default=32, help="images embedded at a time")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("search", help="the images of an index nearest to a text")
+    s.add_argument("index", help="index folder (vlkit index)")
+    s.add_argument("query", help="the text to search for")
+    s.add_argument("-k", type=_count, default=10, help="results (default 10)")
+    s.add_argument("--model", help="model folder (default: the one that built the index; same weights only)")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("serve", help="a local web page: search an index, caption, answer, classify, explain "
+                                     "(needs vlkit[serve])")
+    s.add_argument("model", help="run or Hugging Face folder")
+    s.add_argument("--index", help="index folder built with the same model (vlkit index)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted (default 10 MB)")
+    s.add_argument("--max-pixels", type=_count, default=25_000_000,
+                   help="largest image accepted, in pixels (default 25,000,000; larger is refused undecoded)")
+    s.set_defaults(func=cmd_serve)
     return p
 
 
