@@ -26,13 +26,16 @@ _TINIER = {
 def untrained_run(tmp_path_factory):
     """``untrained_run("clip")``: a run folder (config, tokenizer, weights) of a very small,
     untrained model (``vlkit train --steps 0`` exports the initial weights), made once a session."""
+    from vlkit.data.synthetic import write_dataset
     from vlkit.train.run import RunArgs, train
     made = {}
+    data = tmp_path_factory.mktemp("untrained-data") / "world"  # a small world: a quick vocabulary
+    write_dataset(data, sizes={"train": 40, "val": 2, "test": 2})
 
     def make(name: str):
         if name not in made:
             run = tmp_path_factory.mktemp(f"untrained-{name}") / "run"
-            train(RunArgs(model=name, data="synthetic", out=str(run), steps=0, batch_size=8, progress=False,
+            train(RunArgs(model=name, data=str(data), out=str(run), steps=0, batch_size=8, progress=False,
                           overrides=dict(_TINIER[name])))
             made[name] = run
         return made[name]

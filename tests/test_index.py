@@ -92,8 +92,9 @@ def test_index_and_search_from_the_command_line(clip_run, pipe, tmp_path, capsys
 
 def test_numpy_and_faiss_give_the_same_results(pipe, tmp_path):
     _images(tmp_path / "photos", 8)
-    build_index(pipe, [tmp_path / "photos"], tmp_path / "idx", batch_size=8, progress=False)
-    index = open_index(tmp_path / "idx")
+    report = build_index(pipe, [tmp_path / "photos"], tmp_path / "photos" / "idx", batch_size=8, progress=False)
+    assert report["count"] == 8 and report["skipped"] == []  # the index inside the folder is not indexed
+    index = open_index(tmp_path / "photos" / "idx")
     numpy = search_index(index, pipe, "a blue square", k=5, backend="numpy")
     assert [r["rank"] for r in numpy] == [1, 2, 3, 4, 5]
     assert all(a["score"] >= b["score"] for a, b in zip(numpy, numpy[1:]))

@@ -16,8 +16,6 @@ size limit (413), when they are not a readable image (415) and when the image ha
 than the limit (413: a decompression bomb is refused before it is decoded). Model calls run one
 at a time under a lock, in FastAPI's thread pool, so concurrent requests queue rather than fail.
 """
-from __future__ import annotations
-
 import base64
 import io
 import mimetypes
@@ -29,7 +27,7 @@ from pathlib import Path
 DEFAULT_MAX_UPLOAD_MB = 10.0
 DEFAULT_MAX_PIXELS = 25_000_000  # 5000 x 5000
 PAGE = Path(__file__).with_name("serve.html")
-EXTRA = ("fastapi", "uvicorn", "multipart")
+EXTRA = {"fastapi": ("fastapi",), "uvicorn": ("uvicorn",), "python-multipart": ("python_multipart", "multipart")}
 UNABLE = {"caption": "has no text decoder to caption with (blip does)",
           "answer": "does not answer questions",
           "classify": "does not embed images and texts into one space (zero-shot needs clip, albef, vlmo, blip)",
@@ -49,15 +47,18 @@ class RequestError(ValueError):
 
 
 def require_extra() -> None:
-    missing = []
-    for name in EXTRA:
-        try:
-            __import__(name)
-        except ImportError:
-            missing.append("python-multipart" if name == "multipart" else name)
+    missing = [package for package, modules in EXTRA.items() if not any(map(_importable, modules))]
     if missing:
         raise MissingExtra(f"vlkit serve needs the serve extra (missing {', '.join(missing)}): "
                            "pip install 'vlkit[serve]'")
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
 
 
 # ---- the service: the model behind the page, without HTTP ---------------------------------------
@@ -184,27 +185,31 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._refuse(send, int(length))
-        received, started = 0, False
+        received, started, over = 0, False, False
 
         async def counted():
-            nonlocal received
+            nonlocal received, over
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
+                    over = True
                     raise _TooLarge()
             return message
 
         async def watched(message):
             nonlocal started
+            if over:  # the app's reply to a body cut short (an error of its own) gives way to the 413
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, counted, watched)
         except _TooLarge:
-            if not started:
-                await self._refuse(send, received)
+            pass
+        if over and not started:
+            await self._refuse(send, received)
 
     async def _refuse(self, send, size: int):
         import json
