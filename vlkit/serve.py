@@ -27,6 +27,7 @@ from pathlib import Path
 DEFAULT_MAX_UPLOAD_MB = 10.0
 DEFAULT_MAX_PIXELS = 25_000_000  # 5000 x 5000
 PAGE = Path(__file__).with_name("serve.html")
+FORM_ALLOWANCE = 64 * 1024  # request bytes allowed beside the uploaded file (the form's fields)
 EXTRA = {"fastapi": ("fastapi",), "uvicorn": ("uvicorn",), "python-multipart": ("python_multipart", "multipart")}
 UNABLE = {"caption": "has no text decoder to caption with (blip does)",
           "answer": "does not answer questions",
@@ -126,7 +127,8 @@ class Service:
         not an image (415), more pixels than the limit (413)."""
         from .data.transforms import ImageError, load_image
         if len(data) > self.max_upload:
-            raise RequestError(413, f"the upload is {len(data)} bytes, over the limit of {self.max_upload}")
+            raise RequestError(413, f"the upload is {len(data)} bytes or more, over the upload limit of "
+                                    f"{self.max_upload} bytes ({self.max_upload / 2**20:g} MB)")
         try:
             return load_image(io.BytesIO(data), max_pixels=self.max_pixels, name=f"upload {name!r}")
         except ImageError as e:
@@ -174,10 +176,11 @@ class _TooLarge(Exception):
 
 class BodyLimit:
     """ASGI middleware: a request whose body is over ``limit`` bytes gets a 413 (refused from its
-    Content-Length before it is read, or as soon as the bytes received pass the limit)."""
+    Content-Length before it is read, or as soon as the bytes received pass the limit), whose
+    message names ``upload``, the user's limit on the file (``limit`` allows for the form)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, upload: int):
+        self.app, self.limit, self.upload = app, limit, upload
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -214,7 +217,7 @@ class BodyLimit:
     async def _refuse(self, send, size: int):
         import json
         body = json.dumps({"detail": f"the request is {size} bytes or more, over the upload limit of "
-                                     f"{self.limit} bytes"}).encode()
+                                     f"{self.upload} bytes ({self.upload / 2**20:g} MB)"}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
@@ -228,7 +231,7 @@ def create_app(service: Service):
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
     app = FastAPI(title="vlkit", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, limit=service.max_upload + 64 * 1024)  # the form's own bytes beside the file
+    app.add_middleware(BodyLimit, limit=service.max_upload + FORM_ALLOWANCE, upload=service.max_upload)
 
     @app.exception_handler(RequestError)
     def refused(request: Request, e: RequestError):
