@@ -37,10 +37,10 @@ def _images(folder, n, seed=0, sub=""):
 
 
 class Counting:
-    """A pipeline that counts the images it embeds and can stop (KeyboardInterrupt) at a call."""
+    """A pipeline that counts the images it embeds and can stop (raise ``stop``) at a call."""
 
-    def __init__(self, pipe, stop_at=None):
-        self.pipe, self.stop_at, self.calls, self.images = pipe, stop_at, 0, 0
+    def __init__(self, pipe, stop_at=None, stop=KeyboardInterrupt):
+        self.pipe, self.stop_at, self.stop, self.calls, self.images = pipe, stop_at, stop, 0, 0
 
     def __getattr__(self, name):
         return getattr(self.pipe, name)
@@ -48,7 +48,7 @@ class Counting:
     def embed_images(self, images):
         self.calls += 1
         if self.calls == self.stop_at:
-            raise KeyboardInterrupt
+            raise self.stop("stopped")
         self.images += len(images)
         return self.pipe.embed_images(images)
 
@@ -112,19 +112,26 @@ def test_a_stopped_run_continues_where_it_stopped(pipe, tmp_path):
     photos = tmp_path / "photos"
     _images(photos, 7)
     idx = tmp_path / "idx"
-    stopped = Counting(pipe, stop_at=3)
+    killed = Counting(pipe, stop_at=4, stop=RuntimeError)  # a crash: the chunk being filled is lost
+    with pytest.raises(RuntimeError):
+        build_index(killed, [photos], idx, batch_size=2, chunk_size=4, progress=False)
+    assert open_index(idx).embeddings.shape == (4, 16)  # the first chunk was committed
+    (idx / "chunks" / "000001.npy").write_bytes(b"half-written")  # a chunk whose commit never happened
+    stopped = Counting(pipe, stop_at=2)  # Ctrl-C: what was embedded is committed first
     with pytest.raises(KeyboardInterrupt):
-        build_index(stopped, [photos], idx, batch_size=2, chunk_size=2, progress=False)
-    assert open_index(idx).embeddings.shape == (4, 16)  # two chunks committed before the stop
-    (idx / "chunks" / "000002.npy").write_bytes(b"half-written")  # a chunk whose commit never happened
+        build_index(stopped, [photos], idx, batch_size=2, chunk_size=4, progress=False)
+    assert stopped.images == 2 and len(open_index(idx)) == 6
     again = Counting(pipe)
-    report = build_index(again, [photos], idx, batch_size=2, chunk_size=2, progress=False)
-    assert again.images == 3 and report["added"] == 3 and report["already"] == 4 and report["count"] == 7
+    report = build_index(again, [photos], idx, batch_size=2, chunk_size=4, progress=False)
+    assert again.images == 1 and report["added"] == 1 and report["already"] == 6 and report["count"] == 7
     whole = tmp_path / "whole"
     build_index(pipe, [photos], whole, batch_size=7, progress=False)
     resumed, straight = open_index(idx), open_index(whole)
     assert resumed.entries == straight.entries
     np.testing.assert_allclose(resumed.embeddings, straight.embeddings, atol=1e-5)
+    (idx / "chunks" / "000000.json").write_text('[[0, "a.png"], [7, "b.png"], [0, "c.png"], [0, 3]]')
+    with pytest.raises(ValueError, match="000000.json: each entry must be"):
+        open_index(idx)
 
 
 def test_adding_embeds_only_the_new_images(clip_run, tmp_path, monkeypatch, capsys):

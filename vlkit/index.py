@@ -205,8 +205,11 @@ def open_index(folder: str | Path) -> ImageIndex:
         if emb.dtype != np.float32 or emb.shape != (chunk["count"], dim) or len(paths) != chunk["count"]:
             raise ValueError(f"{emb_path}: holds {emb.shape} {emb.dtype} embeddings and {len(paths)} paths; "
                              f"the manifest says {chunk['count']} of width {dim} (float32)")
+        if not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) and 0 <= e[0] < len(manifest["roots"])
+                   and isinstance(e[1], str) for e in paths):
+            raise ValueError(f"{paths_path}: each entry must be [root number, relative path]")
         arrays.append(emb)
-        entries.extend((int(r), str(p)) for r, p in paths)
+        entries.extend((r, p) for r, p in paths)
     embeddings = np.concatenate(arrays) if arrays else np.zeros((0, dim), np.float32)
     return ImageIndex(folder, manifest, embeddings, entries)
 
@@ -299,7 +302,11 @@ def build_index(pipe, folders, out: str | Path, batch_size: int = 32, chunk_size
         todo = [e for e in dict.fromkeys(todo) if e not in done]
         writer = _Writer(out, manifest)
         chunk_size = max(chunk_size // batch_size, 1) * batch_size
-        skipped = _embed_all(pipe, todo, writer, batch_size, chunk_size, progress)
+        try:
+            skipped = _embed_all(pipe, todo, writer, batch_size, chunk_size, progress)
+        except KeyboardInterrupt:  # keep what was embedded: a run started again goes on from there
+            writer.commit()
+            raise
         writer.commit()
     all_skipped = [{"path": str(Path(manifest["roots"][s["root"]]) / s["path"]), "error": s["error"]}
                    for s in manifest["skipped"]]
