@@ -44,6 +44,7 @@ class Server:
     """A uvicorn server for a `Service` on a free loopback port, in a thread."""
 
     def __init__(self, service: Service):
+        self.service = service
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.server = make_server(service)
@@ -149,7 +150,17 @@ def test_uploads_get_caption_answer_classes_and_heat_map(server, setup):
     assert picture.format == "PNG" and picture.size == (4 * 128, 128 + 16)
     status, _, body = server.post("/api/classify", {"labels": " , "}, png)
     assert status == 400 and "labels" in _detail(body)
+    status, _, body = server.post("/api/explain", {"text": "   "}, png)
+    assert status == 400 and "text" in _detail(body)
     assert server.post("/api/answer", {}, png)[0] == 422  # no question
+
+
+def test_a_model_refusing_its_input_is_a_400_not_a_crash(server, setup, monkeypatch):
+    def refuse(images, **kwargs):
+        raise ValueError("caption: the image is too dull to describe")
+    monkeypatch.setattr(server.service.pipe, "caption", refuse)
+    status, _, body = server.post("/api/caption", {}, _png(setup["photos"] / "00.png"))
+    assert status == 400 and _detail(body) == "caption: the image is too dull to describe"
 
 
 def test_oversized_non_image_and_bomb_uploads_are_refused(server, setup):
@@ -231,25 +242,32 @@ def test_cli_without_the_extra_is_one_line(setup, monkeypatch, capsys):
     assert err == "vlkit: error: vlkit serve needs the serve extra (missing fastapi): pip install 'vlkit[serve]'"
 
 
-def test_vlkit_serve_command_listens_on_loopback(setup):
-    """``vlkit serve`` as a user runs it: it says where it listens, answers, and stops on Ctrl-C
-    (SIGINT: exit status 130, as every vlkit command)."""
-    import signal
-    import subprocess
+def test_vlkit_serve_command_listens_on_loopback(setup, monkeypatch, capsys):
+    """``vlkit serve`` through the command line (in a thread; its uvicorn server is stopped the
+    way Ctrl-C stops it): it says where it listens, on loopback, and answers there."""
     import urllib.request
-    proc = subprocess.Popen([sys.executable, "-m", "vlkit", "serve", setup["pipe"].source, "--index",
-                             str(setup["base"] / "idx"), "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    import vlkit.serve
+    from vlkit.cli import main
+    servers, codes = [], []
+    real = vlkit.serve.make_server
+    monkeypatch.setattr(vlkit.serve, "make_server", lambda service: servers.append(real(service)) or servers[-1])
+    argv = ["serve", setup["pipe"].source, "--index", str(setup["base"] / "idx"), "--port", "0"]
+    thread = threading.Thread(target=lambda: codes.append(main(argv)), daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not (servers and servers[0].started):
+        assert time.time() < deadline and thread.is_alive(), capsys.readouterr().err
+        time.sleep(0.05)
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("serving blip from") and "with 6 indexed images on http://127.0.0.1:" in line, \
-            line + proc.stderr.read()
+        line = capsys.readouterr().out
+        assert line.startswith("serving blip from") and "with 6 indexed images on http://127.0.0.1:" in line, line
         url = line.split(" on ")[1].split()[0]
-        info = json.loads(urllib.request.urlopen(url + "api/info", timeout=30).read())
-        assert info["images"] == 6
+        assert json.loads(urllib.request.urlopen(url + "api/info", timeout=30).read())["images"] == 6
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 130
+        servers[0].should_exit = True
+        thread.join(timeout=30)
+    assert codes == [0]
 
 
 def test_the_page_in_headless_chromium(server, setup):

@@ -117,8 +117,10 @@ class Service:
             raise RequestError(404, "no such image in the index")
         base = self.index.roots[root]
         path = base / rel
-        if not inside(path, base) or not path.is_file():
+        if not inside(path, base):
             raise RequestError(403, "the file is not inside the index's folders")
+        if not path.is_file():
+            raise RequestError(404, "the image is no longer there")
         return path
 
     # -- uploads ------------------------------------------------------------------------------
@@ -230,12 +232,19 @@ def create_app(service: Service):
     from fastapi import FastAPI, File, Form, Request, UploadFile
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
+    from .pipeline import Unsupported
+
     app = FastAPI(title="vlkit", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=service.max_upload + FORM_ALLOWANCE, upload=service.max_upload)
 
     @app.exception_handler(RequestError)
     def refused(request: Request, e: RequestError):
         return JSONResponse({"detail": str(e)}, status_code=e.status)
+
+    @app.exception_handler(ValueError)  # the pipeline's word on its inputs (e.g. a text with no words)
+    @app.exception_handler(Unsupported)
+    def bad_input(request: Request, e: Exception):
+        return JSONResponse({"detail": str(e).splitlines()[0] if str(e) else type(e).__name__}, status_code=400)
 
     def upload(file: UploadFile):
         return service.image(file.file.read(service.max_upload + 1), file.filename or "file")
