@@ -145,13 +145,16 @@ def test_adding_embeds_only_the_new_images(clip_run, tmp_path, monkeypatch, caps
     monkeypatch.setattr(Pipeline, "embed_images", counted)
     first, second = tmp_path / "first", tmp_path / "second"
     _images(first, 5)
+    (first / "notes.txt").write_text("not an image")
     _images(second, 3, seed=1)
     idx = str(tmp_path / "idx")
     assert main(["index", str(clip_run), str(first), "--out", idx, "--batch-size", "2", "--no-progress"]) == 0
     assert sum(seen) == 5 and len(seen) == 3
+    assert "skipped 1 unreadable file " in capsys.readouterr().out
     seen.clear()
     assert main(["index", str(clip_run), str(second), "--out", idx, "--no-progress"]) == 0
-    assert seen == [3] and "indexed 3 new images" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert seen == [3] and "indexed 3 new images" in out and "skipped" not in out  # first's own
     seen.clear()
     _images(first / "later", 1, seed=2)
     assert main(["index", str(clip_run), str(first), str(second), "--out", idx, "--no-progress"]) == 0

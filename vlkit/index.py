@@ -276,7 +276,8 @@ def _batches(items: list, size: int):
 def build_index(pipe, folders, out: str | Path, batch_size: int = 32, chunk_size: int = 1024,
                 progress: bool = True) -> dict:
     """Embed the images under ``folders`` that ``out`` does not hold yet and add them to it
-    (a new index when ``out`` has none). Unreadable files are skipped and listed. Returns
+    (a new index when ``out`` has none). Unreadable files are skipped and listed (in the
+    manifest: all of the index's; in the result: those under ``folders``). Returns
     {"added", "already", "count", "skipped": [{"path", "error"}], "seconds", "roots"}."""
     from .train.runfolder import run_lock
     start = time.time()
@@ -308,10 +309,10 @@ def build_index(pipe, folders, out: str | Path, batch_size: int = 32, chunk_size
             writer.commit()
             raise
         writer.commit()
-    all_skipped = [{"path": str(Path(manifest["roots"][s["root"]]) / s["path"]), "error": s["error"]}
-                   for s in manifest["skipped"]]
+    found = [{"path": str(Path(manifest["roots"][s["root"]]) / s["path"]), "error": s["error"]}
+             for s in manifest["skipped"] if s["root"] in numbers.values()]
     return {"added": len(todo) - skipped, "already": len(done), "count": manifest["count"],
-            "skipped": all_skipped, "seconds": time.time() - start, "roots": [str(r) for r in roots]}
+            "skipped": found, "seconds": time.time() - start, "roots": [str(r) for r in roots]}
 
 
 def _checked_folder(folder) -> Path:
@@ -382,7 +383,8 @@ def report_lines(report: dict, out: str | Path) -> list[str]:
              f"{report['count']} ({report['already']} were there before)"]
     skipped = report["skipped"]
     if skipped:
-        lines.append(f"skipped {len(skipped)} unreadable files (all listed in {Path(out) / MANIFEST}):")
+        lines.append(f"skipped {len(skipped)} unreadable file{'s' if len(skipped) > 1 else ''} "
+                     f"(all listed in {Path(out) / MANIFEST}):")
         lines += [f"  {s['error']}" for s in skipped[:SHOWN_SKIPPED]]
         if len(skipped) > SHOWN_SKIPPED:
             lines.append(f"  ... and {len(skipped) - SHOWN_SKIPPED} more")
