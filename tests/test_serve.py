@@ -271,7 +271,7 @@ def test_vlkit_serve_command_listens_on_loopback(setup, monkeypatch, capsys):
 
 
 def test_the_page_in_headless_chromium(server, setup):
-    chromium = shutil.which("chromium")
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.fail("no chromium on PATH: this test drives the page in headless Chromium (Debian/Ubuntu: "
                     "apt-get install chromium) through playwright's Python package (vlkit[test])")
