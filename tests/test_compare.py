@@ -18,9 +18,11 @@ def test_compare_two_models_writes_a_full_report(tmp_path, capsys):
     args = ["compare", "--steps", "2", "--batch-size", "8", "--eval-size", "20", "--out", str(out), "--no-progress"]
     assert cli.main(args + ["--models", "clip"]) == 0
     clip_summary = out / "runs" / "clip-s0" / "train_summary.json"
-    before = clip_summary.stat().st_mtime_ns
+    clip_eval = out / "runs" / "clip-s0" / "compare_eval.json"
+    before, eval_before = clip_summary.stat().st_mtime_ns, clip_eval.stat().st_mtime_ns
     assert cli.main(args + ["--models", "clip,vilt"]) == 0
     assert clip_summary.stat().st_mtime_ns == before, "the finished CLIP run was trained again"
+    assert clip_eval.stat().st_mtime_ns == eval_before, "the finished CLIP run was evaluated again"
     assert "report.html" in capsys.readouterr().out
 
     report = json.loads((out / "report.json").read_text())
@@ -64,6 +66,31 @@ def test_a_model_without_a_world_recipe_is_marked_not_yet(monkeypatch):
     with pytest.raises(CompareError, match="--models: nope"):
         plan(["clip", "nope"])
     assert set(FAMILY) == {"clip", "vilt", "albef", "vlmo", "blip"}
+
+
+def test_an_evaluation_is_kept_for_the_weights_it_was_made_from(tmp_path, monkeypatch):
+    import os
+    from PIL import Image
+    import vlkit.compare as compare
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"weights")
+    calls = []
+
+    def fake_evaluate(path, eval_size):
+        calls.append(eval_size)
+        return {"metrics": {"itm.compositional_acc": 0.5 + len(calls) / 10}, "unsupported": [],
+                "attention": {"image": Image.new("RGB", (2, 2), (255, 0, 0)), "captions": {}}}
+
+    monkeypatch.setattr(compare, "evaluate_run", fake_evaluate)
+    first = compare.cached_evaluation(run, 20)
+    assert first["attention"]["image"][0][0] == [255, 0, 0]  # the image kept as RGB values
+    assert compare.cached_evaluation(run, 20) == first and calls == [20]
+    compare.cached_evaluation(run, 30)  # other test records: evaluated again
+    assert calls == [20, 30]
+    stat = (run / "model.safetensors").stat()
+    os.utime(run / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # retrained
+    assert compare.cached_evaluation(run, 30)["metrics"]["itm.compositional_acc"] == 0.8 and len(calls) == 3
 
 
 def _models(**per_model):

@@ -86,7 +86,30 @@ def run_model(model: str, seed: int, out: Path, minutes: float | None, steps: in
                             progress=progress)
     if result.get("stopped"):
         raise KeyboardInterrupt  # the run kept its checkpoint; the next compare resumes it
-    return {"run": str(run), **evaluate_run(run, eval_size)}
+    return {"run": str(run), **cached_evaluation(run, eval_size)}
+
+
+def cached_evaluation(run: Path, eval_size: int) -> dict:
+    """``evaluate_run``, kept in ``RUN/compare_eval.json`` for the weights it was made from (their
+    size and modification time) and the test records evaluated, so a compare run again over
+    finished runs (to add a model, a seed, or retrain one) evaluates only what changed."""
+    from .checkpoint import WEIGHTS, atomic_write_json
+    weights = (run / WEIGHTS).stat()
+    key = {"eval_size": eval_size, "weights": [weights.st_size, weights.st_mtime_ns]}
+    path = run / "compare_eval.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            saved = {}
+        if saved.get("key") == key:
+            return saved["record"]
+    record = evaluate_run(run, eval_size)
+    if record.get("attention"):  # the PIL image under the heat maps, as nested lists of RGB values
+        import numpy as np
+        record["attention"]["image"] = np.asarray(record["attention"]["image"].convert("RGB")).tolist()
+    atomic_write_json(path, {"key": key, "record": record})
+    return record
 
 
 def _measured_minutes(recipe: dict) -> float:
