@@ -63,9 +63,15 @@ def test_minutes_are_shared_among_the_stages_as_they_were_measured():
     assert [s["minutes"] for s in out["stage"]] == pytest.approx([6.0, 24.0])
     with pytest.raises(RecipeError, match="minutes must be > 0"):
         resolve(recipe, minutes=-1)
+    # without a measurement that times every stage: the recipe's time_shares, else the steps
+    blip = load_recipe("blip-world")
+    assert stage_shares(blip) == pytest.approx({"vit": 0.27, "blip": 0.73})
+    del blip["time_shares"]
+    assert stage_shares(blip) == pytest.approx({"vit": 1000 / 1400, "blip": 400 / 1400})
 
 
 @pytest.mark.parametrize("text, message", [
+    ("recipe = 1\ntime_shares = { a = 1.0 }\n[[stage]]\nname='b'\nmodel='vit'\nsteps=1\n", "time_shares must give every stage"),
     ("recipe = 1\n", "no \\[\\[stage\\]\\]"),
     ("recipe = 2\n[[stage]]\nname='a'\nmodel='vit'\nsteps=1\n", "format version"),
     ("recipe = 1\nstages = 1\n", "unknown key\\(s\\) stages"),

@@ -41,7 +41,7 @@ RUN_OPTIONS = {f.name: f for f in dataclasses.fields(RunArgs)}
 for _name in ("model", "out", "resume", "overrides", "progress", "minutes"):
     RUN_OPTIONS.pop(_name)
 RUN_HINTS = _type_hints(RunArgs)
-TOP_KEYS = {"recipe", "name", "summary", "stage", "measured"}
+TOP_KEYS = {"recipe", "name", "summary", "stage", "measured", "time_shares"}
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
@@ -115,6 +115,13 @@ def check_recipe(recipe: dict, where: str) -> None:
     for entry in recipe.get("measured", []):
         if not isinstance(entry, dict) or not isinstance(entry.get("machine"), str):
             raise RecipeError(f"{where}: each [[measured]] entry needs a 'machine'")
+    shares = recipe.get("time_shares")
+    if shares is not None:
+        bad = not isinstance(shares, dict) or set(shares) != set(seen) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in shares.values())
+        if bad:
+            raise RecipeError(f"{where}: time_shares must give every stage ({', '.join(seen)}) a number > 0, "
+                              f"got {shares!r}")
 
 
 def check_run_option(key: str, value, label: str) -> None:
@@ -178,13 +185,17 @@ def resolve(recipe: dict, seed: int | None = None, sets: dict | None = None, fla
 
 def stage_shares(recipe: dict) -> dict[str, float]:
     """Each stage's share of the recipe's time: from the first measurement that times every
-    stage, else from the step budgets."""
+    stage, else from the recipe's ``time_shares`` (its stages' steps times their per-step cost),
+    else from the step budgets."""
     names = [s["name"] for s in recipe["stage"]]
     for entry in recipe.get("measured", []):
         times = entry.get("stage_minutes") or {}
         if all(isinstance(times.get(n), (int, float)) and times[n] > 0 for n in names):
             total = sum(times[n] for n in names)
             return {n: times[n] / total for n in names}
+    if recipe.get("time_shares"):
+        total = sum(recipe["time_shares"].values())
+        return {n: recipe["time_shares"][n] / total for n in names}
     steps = {s["name"]: s.get("steps") or 0 for s in recipe["stage"]}
     total = sum(steps.values()) or len(names)
     return {n: (steps[n] or 1) / total for n in names}
