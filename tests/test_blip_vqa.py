@@ -76,6 +76,9 @@ def test_vqa_loss_reads_the_question_only_as_the_decoders_context():
     answered = {k: v.clone() for k, v in batch.items()}
     answered["answer_input_ids"][1, 3] = 4  # an end token of another id is scored
     assert not torch.allclose(_vqa_loss(model, answered), loss)
+    hf = _model(objectives=("vqa",), hf_compat=True, tie_decoder=False, retrieval_heads=False)
+    hf_loss = _vqa_loss(hf, batch)  # Hugging Face's VQA model: [CLS] kept, question padding attended to
+    assert torch.isfinite(hf_loss) and not torch.equal(_vqa_loss(hf, unscored), hf_loss)
     with pytest.raises(ValueError, match="objectives"):
         _model(objectives=("vqa", "mlm"))
     with pytest.raises(ValueError, match="nothing to train"):  # VQA alone, and no questions

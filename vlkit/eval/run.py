@@ -197,9 +197,9 @@ RANKED_PAIRS = 8192  # (question, candidate answer) pairs scored in one pass of 
 
 
 def vqa_candidates(model) -> list[str] | None:
-    """The answers a model that writes its answers (BLIP: ``answer_tokens``) picks from: the
-    answers it was trained on (its config's ``answer_names``), ranked by their likelihood; None
-    (it generates them) when it has none, and for a classifier head."""
+    """The answers a model that writes its answers (BLIP: ``answer_tokens``) picks from, ranked by
+    their likelihood: the answers it was trained on (its config's ``answer_names``). None when it
+    has none (it generates its answers) or answers with a classifier head."""
     if not hasattr(model, "answer_tokens"):
         return None
     return list(getattr(model.cfg, "answer_names", None) or []) or None
