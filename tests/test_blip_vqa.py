@@ -163,3 +163,10 @@ def test_vlkit_train_vqa_and_eval_end_to_end(tmp_path):
     # a BLIP without training answers answers by generation, and is evaluated so too
     assert main(["eval", str(pre), "--data", str(data), "--tasks", "vqa", "--out", str(tmp_path / "g.json")]) == 0
     assert "vqa.acc" in json.loads((tmp_path / "g.json").read_text())["metrics"]
+
+
+def test_blip_vqa_world_recipe_fine_tunes_the_blip_stage():
+    from vlkit.train.recipe import load_recipe
+    stages = load_recipe("blip-vqa-world")["stage"]
+    assert [s["name"] for s in stages] == ["vit", "blip", "vqa"]
+    assert stages[-1]["vqa"] is True and stages[-1]["init"] == "stage:blip" and "preset" not in stages[-1]
