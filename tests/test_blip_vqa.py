@@ -160,9 +160,13 @@ def test_vlkit_train_vqa_and_eval_end_to_end(tmp_path):
     types = {q["type"] for line in (data / "test.jsonl").read_text().splitlines() for q in json.loads(line)["qa"]}
     assert set(result["metrics"]) == {"vqa.acc"} | {f"vqa.{t}_acc" for t in types}
     assert 0.0 <= result["metrics"]["vqa.acc"] <= 1.0
-    # a BLIP without training answers answers by generation, and is evaluated so too
+    # a pretraining-only BLIP writes captions: VQA is reported unsupported for it, not scored near 0
     assert main(["eval", str(pre), "--data", str(data), "--tasks", "vqa", "--out", str(tmp_path / "g.json")]) == 0
-    assert "vqa.acc" in json.loads((tmp_path / "g.json").read_text())["metrics"]
+    pre_eval = json.loads((tmp_path / "g.json").read_text())
+    assert "vqa.acc" not in pre_eval["metrics"] and "vqa" in pre_eval["unsupported"]
+    # ... while a VQA layout without retrieval heads (Hugging Face's BlipForQuestionAnswering) generates
+    from vlkit.eval.run import SUPPORT
+    assert SUPPORT["vqa"](_model(hf_compat=True, tie_decoder=False, retrieval_heads=False))
 
 
 def test_blip_vqa_world_recipe_fine_tunes_the_blip_stage():

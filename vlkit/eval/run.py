@@ -238,12 +238,23 @@ def eval_caption(pipe, records):
     return out
 
 
+def _writes_answers(model) -> bool:
+    """A model that decodes its answers (BLIP) and was made for VQA: trained on answers (its
+    config's ``answer_names``) or a VQA layout with no retrieval heads (Hugging Face's
+    ``BlipForQuestionAnswering``). A pretraining-only BLIP writes captions, not answers: VQA is
+    unsupported for it rather than scored near zero."""
+    if not hasattr(model, "answer_tokens"):
+        return False
+    cfg = model.cfg
+    return bool(getattr(cfg, "answer_names", None)) or not getattr(cfg, "retrieval_heads", True)
+
+
 SUPPORT = {  # task -> what the model needs
     "classification": lambda m: getattr(m, "head", None) is not None,
     "retrieval": lambda m: _is_dual(m) or hasattr(m, "score"),
     "zeroshot": lambda m: hasattr(m, "encode_image") and hasattr(m, "encode_text"),
     "itm": lambda m: hasattr(m, "match") or hasattr(m, "score"),
-    "vqa": lambda m: hasattr(m, "answer") or hasattr(m, "vqa_logits") or hasattr(m, "answer_tokens"),
+    "vqa": lambda m: hasattr(m, "answer") or hasattr(m, "vqa_logits") or _writes_answers(m),
     "caption": lambda m: hasattr(m, "generate"),
 }
 
