@@ -543,8 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hard-negatives", action="store_true", help="train with the data's negative captions")
     s.add_argument("--vqa", action="store_true",
                    help="train question answering on the data's 'qa' pairs: a VQA head over the training "
-                        "answers, trained alone (--set objectives=... to add others); with --init RUN it "
-                        "fine-tunes a pretraining run")
+                        "answers (BLIP: its decoder writes the answer), trained alone (--set objectives=... "
+                        "to add others); with --init RUN it fine-tunes a pretraining run")
     s.add_argument("--workers", type=int, help="data loader worker processes (default 1)")
     s.add_argument("--on-bad-sample", choices=["error", "skip"], help="default error")
     s.add_argument("--max-skip-rate", type=float, metavar="R",

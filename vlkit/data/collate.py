@@ -114,7 +114,10 @@ class ImageTextCollate:
     ``answers`` (an answer vocabulary) turns on VQA: one of each record's ``qa`` entries is drawn
     and batched as ``question_input_ids`` / ``question_attention_mask`` with ``vqa_targets``
     (B, len(answers)), the soft scores min(1, k/3) of the entry's annotator ``answers`` list, or
-    1 at its single ``answer``; an answer outside the vocabulary scores nothing.
+    1 at its single ``answer``; an answer outside the vocabulary scores nothing. With
+    ``answer_tokens`` (a model that writes its answers with a decoder, BLIP) the entry's answer
+    (the first of its ``answers``) is tokenised too, as ``answer_input_ids`` /
+    ``answer_attention_mask``, flipped with the image as the question is.
 
     ``grounding_grid`` (rows, columns of the model's patch grid) adds phrase-grounding targets
     (``vlkit.data.grounding``): ``grounding`` (B, L, rows * columns) for the captions, from the
@@ -128,8 +131,9 @@ class ImageTextCollate:
                  random_caption: bool = True, word_ids: bool = False,
                  answers: Sequence[str] | None = None, paired: bool = True,
                  grounding_grid: tuple[int, int] | None = None,
-                 negative_weights: dict[str, float] | None = None):
+                 negative_weights: dict[str, float] | None = None, answer_tokens: bool = False):
         self.transform, self.tokenizer = transform, tokenizer
+        self.answer_tokens = answer_tokens
         self.negative_weights = check_negative_weights(negative_weights)
         self.grounding_grid = tuple(grounding_grid) if grounding_grid else None
         if self.grounding_grid and getattr(transform, "train", False) and \
@@ -146,6 +150,7 @@ class ImageTextCollate:
 
     def __call__(self, records: list[dict], rngs: list[random.Random] | None = None) -> dict:
         pixels, captions, negs, owners, questions, annotated, edits = [], [], [], [], [], [], []
+        written = []
         grounded = []  # (record, caption as written, question as written or None, flipped)
         for j, rec in enumerate(records):
             rng = rngs[j] if rngs else random.Random(0)
@@ -170,7 +175,7 @@ class ImageTextCollate:
             asked = []
             if self.answers is not None:
                 question, answers = _draw_question(rec, j, rng)
-                asked = [question]
+                asked = [question, answers[0]] if self.answer_tokens else [question]
                 annotated.append(answers)
             image = rec["image"]
             if self.grounding_grid is not None:
@@ -185,7 +190,8 @@ class ImageTextCollate:
             captions.append(texts[0])
             negs.extend(texts[1:1 + len(chosen)])
             owners.extend([j] * len(chosen))
-            questions.extend(texts[1 + len(chosen):])
+            questions.extend(texts[1 + len(chosen):][:1])
+            written.extend(texts[2 + len(chosen):])  # the answer, with answer_tokens
         batch = {"pixel_values": torch.stack(pixels)}
         batch.update(self._tokens(captions, self.word_ids))
         if self.negatives:
@@ -202,6 +208,9 @@ class ImageTextCollate:
             batch["question_input_ids"] = t["input_ids"]
             batch["question_attention_mask"] = t["attention_mask"]
             batch["vqa_targets"] = vqa_soft_scores(annotated, self.answer_index)
+            if self.answer_tokens:
+                t = self._tokens(written)
+                batch["answer_input_ids"], batch["answer_attention_mask"] = t["input_ids"], t["attention_mask"]
         if self.grounding_grid is not None:
             t = self._grounding(grounded, captions, batch["input_ids"].shape[1], False)
             batch["grounding"], batch["grounding_roles"] = t[:, 0], t[:, 1:]

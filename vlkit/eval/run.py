@@ -193,7 +193,21 @@ def eval_itm(pipe, records):
     return {f"itm.{k}": v for k, v in res.items()}
 
 
+RANKED_PAIRS = 8192  # (question, candidate answer) pairs scored in one pass of a decoder
+
+
+def vqa_candidates(model) -> list[str] | None:
+    """The answers a model that writes its answers (BLIP: ``answer_tokens``) picks from, ranked by
+    their likelihood: the answers it was trained on (its config's ``answer_names``). None when it
+    has none (it generates its answers) or answers with a classifier head."""
+    if not hasattr(model, "answer_tokens"):
+        return None
+    return list(getattr(model.cfg, "answer_names", None) or []) or None
+
+
 def eval_vqa(pipe, records):
+    """Exact-match accuracy, overall and by question type. A model that writes its answers
+    ranks the answers it was trained on (``vqa_candidates``), or generates when it has none."""
     images, questions, answers, types = [], [], [], []
     for r in records:
         for qa in r.get("qa") or []:
@@ -203,9 +217,11 @@ def eval_vqa(pipe, records):
             types.append(qa.get("type") or "other")
     if not questions:
         return None
-    preds = []
-    for i in range(0, len(questions), 128):
-        preds.extend(pipe.answer(images[i:i + 128], questions[i:i + 128]))
+    preds, candidates = [], vqa_candidates(pipe.model)
+    options = {} if candidates is None else {"candidates": candidates}
+    size = 128 if candidates is None else max(1, min(128, RANKED_PAIRS // len(candidates)))
+    for i in range(0, len(questions), size):
+        preds.extend(pipe.answer(images[i:i + size], questions[i:i + size], **options))
     res = M.vqa_accuracy(preds, answers, types)
     return {f"vqa.{k}": v for k, v in res.items()}
 
@@ -222,12 +238,23 @@ def eval_caption(pipe, records):
     return out
 
 
+def _writes_answers(model) -> bool:
+    """A model that decodes its answers (BLIP) and was made for VQA: trained on answers (its
+    config's ``answer_names``) or a VQA layout with no retrieval heads (Hugging Face's
+    ``BlipForQuestionAnswering``). A pretraining-only BLIP writes captions, not answers: VQA is
+    unsupported for it rather than scored near zero."""
+    if not hasattr(model, "answer_tokens"):
+        return False
+    cfg = model.cfg
+    return bool(getattr(cfg, "answer_names", None)) or not getattr(cfg, "retrieval_heads", True)
+
+
 SUPPORT = {  # task -> what the model needs
     "classification": lambda m: getattr(m, "head", None) is not None,
     "retrieval": lambda m: _is_dual(m) or hasattr(m, "score"),
     "zeroshot": lambda m: hasattr(m, "encode_image") and hasattr(m, "encode_text"),
     "itm": lambda m: hasattr(m, "match") or hasattr(m, "score"),
-    "vqa": lambda m: hasattr(m, "answer") or hasattr(m, "vqa_logits"),
+    "vqa": lambda m: hasattr(m, "answer") or hasattr(m, "vqa_logits") or _writes_answers(m),
     "caption": lambda m: hasattr(m, "generate"),
 }
 

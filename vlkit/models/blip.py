@@ -11,13 +11,16 @@ is tied to the word embeddings. ``tie_decoder=False`` gives the decoder a text s
 (BLIP's VQA model); ``text_encoder=False`` / ``text_decoder=False`` drop a part (Hugging Face's
 captioning and retrieval models hold only one).
 
-Training (``training_losses``), equally weighted:
+Training (``training_losses``), equally weighted, the config's ``objectives`` where the part exists:
   - ITC with momentum encoders (EMA), feature queues (any batch size: the queue wraps around) and
     momentum distillation (α ramped over ``alpha_ramp_steps``), as ALBEF;
   - ITM on the grounded encoder: each positive pair, one negative text per image and one negative
     image per text drawn by in-batch similarity, and with ``hard_negatives`` the dataset's
     negative captions of each image;
-  - LM on the decoder: [DEC] + prompt + caption, label smoothing 0.1, caption tokens only scored.
+  - LM on the decoder: [DEC] + prompt + caption, label smoothing 0.1, caption tokens only scored;
+  - VQA (batches with ``answer_input_ids``): the question through the grounded encoder, the answer
+    decoded from [DEC] with cross-attention to the question's states, LM loss on the answer's
+    tokens and end token (``vlkit train --vqa`` trains it alone, as the paper's fine-tuning).
 ``score_captions`` is the unsmoothed log-likelihood of captions; ``generate`` decodes captions
 with ``vlkit.models.generate`` on the layers' KV cache (image encoded once, cross-attention keys
 and values computed once per image). ``hf_compat`` reproduces Hugging Face's BLIP, which gives
@@ -38,6 +41,7 @@ from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostN
 from ..losses.captioning import caption_labels, lm_loss, sequence_log_likelihood
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index
 from ..losses.matching import itm_accuracy, itm_loss
+from ..losses.vqa import answer_log_likelihood, answer_lm_loss
 from .base import Output, VLModel, image_spec, register
 from .clip import PRESETS as CLIP_PRESETS
 from .generate import decode
@@ -95,6 +99,11 @@ class BLIPConfig:
     eot_token_id: int = 3           # [SEP]: the decoder's end token
     dec_token_id: int = 5           # [DEC] (vlkit's WordPiece with BLIP's extra tokens)
     enc_token_id: int = 6           # [ENC]
+    objectives: tuple[str, ...] = ("itc", "itm", "lm", "vqa")  # losses trained, where the part exists
+    answer_names: list[str] = field(default_factory=list)  # VQA: the training answers (eval ranks them)
+
+
+OBJECTIVES = ("itc", "itm", "lm", "vqa")
 
 
 def _vit(**kw) -> ViTConfig:
@@ -124,11 +133,15 @@ class BLIP(VLModel):
     rerank_adds_itc = True  # retrieval: ITC top-k re-scored by ITM + ITC similarity (the paper's)
     # tokens the tokenizer must hold, and the config fields their ids go to (``vlkit train``)
     special_tokens = {"dec_token_id": "[DEC]", "enc_token_id": "[ENC]"}
+    decodes_answers = True  # VQA batches carry the answers' tokens (``data.collate``), not class scores
 
     def __init__(self, cfg: BLIPConfig):
         super().__init__()
         if not (cfg.text_encoder or cfg.text_decoder):
             raise ValueError("a BLIP needs text_encoder or text_decoder")
+        unknown = [o for o in cfg.objectives if o not in OBJECTIVES]
+        if unknown or not cfg.objectives:
+            raise ValueError(f"objectives {list(cfg.objectives)}: choose from {', '.join(OBJECTIVES)}")
         self.cfg = cfg
         d, e = cfg.dim, cfg.embed_dim
         self.vision = VisionTransformer(cfg.vision)
@@ -336,34 +349,54 @@ class BLIP(VLModel):
         scored) for each question."""
         states = self.question_states(pixel_values, input_ids, attention_mask)
         b, c = states.shape[0], answer_ids.shape[0]
+        ids, mask = answer_ids.repeat(b, 1), answer_mask.repeat(b, 1)  # (B*C, L): question-major
+        q_mask = None if attention_mask is None else attention_mask.repeat_interleave(c, 0)
+        logits = self.answer_logits(states.repeat_interleave(c, 0), q_mask, ids, mask)
+        return answer_log_likelihood(logits, ids, mask).view(b, c)
+
+    def answer_logits(self, question_states, question_mask, answer_ids, answer_mask) -> torch.Tensor:
+        """(B, L, V) next-token logits of answers (tokenised [CLS] ... [SEP]; [DEC] takes the
+        [CLS]'s place) decoded over the question states (B, M, D), question padding skipped
+        (``hf_compat``: attended to, as Hugging Face does)."""
         dec = torch.cat([torch.full_like(answer_ids[:, :1], self.cfg.dec_token_id), answer_ids[:, 1:]], 1)
-        dec, dec_mask = dec.repeat(b, 1), answer_mask.repeat(b, 1)  # (B*C, L): question-major
-        ctx = states.repeat_interleave(c, 0)
-        ctx_mask = None if self.cfg.hf_compat or attention_mask is None else \
-            padding_mask(attention_mask.repeat_interleave(c, 0))
-        logits = self.lm_head(self.decode_states(dec, dec_mask, ctx, context_mask=ctx_mask))
-        return sequence_log_likelihood(logits, caption_labels(dec, dec_mask, 1)).view(b, c)
+        keys = None if self.cfg.hf_compat or question_mask is None else padding_mask(question_mask)
+        return self.lm_head(self.decode_states(dec, answer_mask, question_states, context_mask=keys))
 
     # -- training ---------------------------------------------------------------------------------
     def alpha(self) -> float:
         return alpha_at(int(self.steps_done), self.cfg.alpha, self.cfg.alpha_ramp_steps) if self.cfg.distill else 0.0
 
     def training_losses(self, batch: dict) -> dict:
-        """ITC + ITM + LM (equal weights). Keys: pixel_values, input_ids, attention_mask; optional
-        image_ids (captions of one image are positives of each other), neg_input_ids /
-        neg_attention_mask / neg_owner (with ``hard_negatives``)."""
-        cfg = self.cfg
+        """The config's ``objectives`` among ITC + ITM + LM + VQA (equal weights). Keys:
+        pixel_values, input_ids, attention_mask; optional image_ids (captions of one image are
+        positives of each other), neg_input_ids / neg_attention_mask / neg_owner (with
+        ``hard_negatives``), question_input_ids / question_attention_mask / answer_input_ids /
+        answer_attention_mask (VQA)."""
+        cfg, objectives = self.cfg, set(self.cfg.objectives)
         pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
         out, losses = {}, []
         image_tokens = self.forward_features(pixels)
-        if self.retrieval:
+        if self.retrieval and objectives & {"itc", "itm"}:  # ITM draws its negatives by ITC similarity
             out.update(self._itc_itm(batch, pixels, ids, mask, image_tokens))
-            losses += [out["itc_loss"], out["itm_loss"]]
-        if cfg.text_decoder:
+            losses += [out[f"{o}_loss"] for o in ("itc", "itm") if o in objectives]
+        if cfg.text_decoder and "lm" in objectives:
             dec_ids, dec_mask, unscored = self.decoder_inputs(ids, mask)
             logits = self.lm_head(self.decode_states(dec_ids, dec_mask, image_tokens))
             out["lm_loss"] = lm_loss(logits, caption_labels(dec_ids, dec_mask, unscored), cfg.label_smoothing)
             losses.append(out["lm_loss"])
+        if "answer_input_ids" in batch and "vqa" in objectives:
+            q_mask, a_ids, a_mask = (batch["question_attention_mask"], batch["answer_input_ids"],
+                                     batch["answer_attention_mask"])
+            if not (cfg.text_encoder and cfg.text_decoder):
+                raise ValueError("VQA training needs this BLIP's grounded encoder and decoder "
+                                 "(text_encoder and text_decoder)")
+            states = self.ground(batch["question_input_ids"], q_mask, image_tokens)  # (B, M, D)
+            logits = self.answer_logits(states, q_mask, a_ids, a_mask)
+            out["vqa_loss"] = answer_lm_loss(logits, a_ids, a_mask, cfg.label_smoothing)
+            losses.append(out["vqa_loss"])
+        if not losses:
+            raise ValueError(f"nothing to train: objectives {list(cfg.objectives)} need their parts "
+                             "(and VQA needs answer_input_ids in the batch)")
         out["loss"] = torch.stack([l.float() for l in losses]).sum()
         return out
 

@@ -373,15 +373,21 @@ def make_collate(model, task: str, tokenizer, negatives: int, train: bool = True
     return ImageTextCollate(transform, tokenizer, max_length=max_text_length(cfg), negatives=negatives,
                             word_ids=bool(getattr(cfg, "whole_word_mask", False)),
                             answers=vqa_answers(cfg), grounding_grid=grounding_grid if train else None,
-                            negative_weights=negative_weights)
+                            negative_weights=negative_weights,
+                            answer_tokens=bool(getattr(model, "decodes_answers", False)))
 
 
 def vqa_answers(cfg) -> list[str] | None:
-    """The answer vocabulary when the model trains VQA (a VQA head, and "vqa" among the config's
-    ``objectives`` where it has that field), else None."""
-    if not getattr(cfg, "num_answers", 0) or "vqa" not in getattr(cfg, "objectives", ("vqa",)):
+    """The answer vocabulary when the model trains VQA (a VQA head, or for a model that decodes
+    its answers the training answers, and "vqa" among the config's ``objectives`` where it has
+    that field), else None."""
+    if "vqa" not in getattr(cfg, "objectives", ("vqa",)):
         return None
     names = list(getattr(cfg, "answer_names", None) or [])
+    if not hasattr(cfg, "num_answers"):  # answers decoded (BLIP): no head to fit
+        return names or None
+    if not cfg.num_answers:
+        return None
     if len(names) != cfg.num_answers:
         raise ValueError(f"answer_names: {len(names)} names for num_answers={cfg.num_answers} "
                          "(VQA training needs the answer vocabulary)")
@@ -513,14 +519,18 @@ def _text_overrides(cls, probe, tok) -> dict:
 
 def _vqa_overrides(probe, records: list[dict], model_name: str, objectives_given: bool) -> dict:
     """A VQA head over the training answers (kept as they are when the config already names
-    them, e.g. a VQA run continued on other data), trained alone unless ``objectives`` was set."""
+    them, e.g. a VQA run continued on other data), trained alone unless ``objectives`` was set.
+    A model that decodes its answers (a config with ``answer_names`` but no ``num_answers``:
+    BLIP) keeps the training answers to rank them in evaluation."""
     names = {f.name for f in dataclasses.fields(probe)}
-    if "num_answers" not in names or "answer_names" not in names:
+    if "answer_names" not in names:
         raise ValueError(f"--vqa: {model_name} has no VQA head (its config has no num_answers/answer_names)")
     answers = list(probe.answer_names) or answer_vocabulary(records)
     if not answers:
         raise ValueError("--vqa: the training records have no 'qa' entries with an 'answer'")
-    out = {"num_answers": len(answers), "answer_names": answers}
+    out = {"answer_names": answers}
+    if "num_answers" in names:
+        out["num_answers"] = len(answers)
     if "objectives" in names and not objectives_given:
         out["objectives"] = ("vqa",)
     return out
