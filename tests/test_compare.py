@@ -10,7 +10,7 @@ import re
 import pytest
 
 from vlkit import cli
-from vlkit.compare import FAMILY, ROWS, WHY, CompareError, aggregate, claims, fmt, plan
+from vlkit.compare import FAMILY, ROWS, WHY, WHY_OF_MODEL, CompareError, aggregate, cell, claims, fmt, plan
 
 
 def test_compare_two_models_writes_a_full_report(tmp_path, capsys):
@@ -29,7 +29,7 @@ def test_compare_two_models_writes_a_full_report(tmp_path, capsys):
     models = report["settings"]["models"]
     assert models == ["clip", "vilt"] and report["rows"] == [k for k, _ in ROWS]
     assert json.loads((out / "runs" / "vilt-s0" / "config.json").read_text())["train"]["batch_size"] == 8
-    reasons = set(WHY.values()) | {"no data on this split"}
+    reasons = set(WHY.values()) | set(WHY_OF_MODEL.values()) | {"no data on this split"}
     for r, key in enumerate(report["rows"]):
         row = report["table"][r]
         assert row[0] == dict(ROWS)[key] and len(row) == 1 + len(models)
@@ -91,6 +91,13 @@ def test_an_evaluation_is_kept_for_the_weights_it_was_made_from(tmp_path, monkey
     stat = (run / "model.safetensors").stat()
     os.utime(run / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # retrained
     assert compare.cached_evaluation(run, 30)["metrics"]["itm.compositional_acc"] == 0.8 and len(calls) == 3
+
+
+def test_a_missing_cell_names_the_models_own_reason():
+    pretrained_blip = {"metrics": {}, "unsupported": ["vqa"]}
+    assert cell(pretrained_blip, "vqa.acc", "blip") == "not trained for VQA (blip-vqa-world is)"
+    assert cell(pretrained_blip, "vqa.acc", "clip") == WHY["vqa"]
+    assert cell({"metrics": {}, "unsupported": []}, "vqa.acc", "blip") == "no data on this split"
 
 
 def _models(**per_model):

@@ -43,6 +43,7 @@ ROWS = [
 ]
 WHY = {"retrieval": "no retrieval", "zeroshot": "no text and image embeddings", "itm": "no matching head",
        "vqa": "no VQA head", "caption": "no decoder"}
+WHY_OF_MODEL = {("blip", "vqa"): "not trained for VQA (blip-vqa-world is)"}  # where WHY's reason is wrong
 TASK_OF = {"retrieval": "retrieval", "zeroshot": "zeroshot", "itm": "itm", "vqa": "vqa", "caption": "caption",
            "query_ms": "retrieval"}
 
@@ -243,14 +244,16 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
-def cell(model: dict, key: str) -> str:
+def cell(model: dict, key: str, name: str = "") -> str:
     """A table cell: the figure (mean ± spread over seeds), else why there is none."""
     if model.get("skipped"):
         return model["skipped"].split(":")[0]
     figure = model["metrics"].get(key)
     if figure is None:
         task = TASK_OF.get(key.split(".")[0])
-        return WHY[task] if task in model.get("unsupported", []) else "no data on this split"
+        if task not in model.get("unsupported", []):
+            return "no data on this split"
+        return WHY_OF_MODEL.get((name, task), WHY[task])
     return fmt(key, figure)
 
 
@@ -410,7 +413,7 @@ def _save(fig, path: Path) -> Path:
 def write_report(models: dict, out: Path, settings: dict) -> dict:
     from .checkpoint import atomic_write_bytes, atomic_write_json
     made = figures(models, out)
-    table = [[label] + [cell(models[m], key) for m in models] for key, label in ROWS]
+    table = [[label] + [cell(models[m], key, m) for m in models] for key, label in ROWS]
     found = claims(models)
     report = {"settings": settings, "models": {m: {k: v for k, v in d.items() if k != "runs"} for m, d in models.items()},
               "runs": {m: [{k: v for k, v in r.items() if k not in ("attention",)} for r in d.get("runs", [])]
