@@ -301,12 +301,7 @@ class RetryingReader(io.RawIOBase):
 
     def _failed(self, error) -> None:
         """Note a failed read: give up after ``retries`` of them, else wait before the next."""
-        if self._f is not None:
-            try:
-                self._f.close()
-            except _TRANSIENT:
-                pass
-            self._f = None
+        self._drop()
         self.failures += 1
         why = _describe(error)
         if self.failures > self.retries:
@@ -334,13 +329,17 @@ class RetryingReader(io.RawIOBase):
             self.offset += len(data)
             return len(data)
 
-    def close(self) -> None:
+    def _drop(self) -> None:
+        """Close the current connection or file, whatever state it is in."""
         if self._f is not None:
             try:
                 self._f.close()
             except _TRANSIENT:
                 pass
             self._f = None
+
+    def close(self) -> None:
+        self._drop()
         super().close()
 
 
