@@ -100,6 +100,20 @@ def test_a_missing_cell_names_the_models_own_reason():
     assert cell({"metrics": {}, "unsupported": []}, "vqa.acc", "blip") == "no data on this split"
 
 
+def test_a_model_keeps_its_colour_in_every_figure(tmp_path, monkeypatch):
+    import vlkit.compare as compare
+    shown = {}
+    monkeypatch.setattr(compare, "_save", lambda fig, path: shown.setdefault(path.stem, fig) and path)
+    curve = [{"seconds": 60.0 * i, "itm.compositional_acc": 0.5, "retrieval.t2i_r1": 0.1} for i in (1, 2)]
+    run = {"curve": curve, "examples": [["a caption"]] * 3, "attention": None}
+    models = {name: {"metrics": {}, "runs": [run]} for name in ("albef", "blip")}  # no CLIP, no ViLT
+    compare.figures(models, tmp_path)
+    colours = [{line.get_label(): line.get_color() for line in ax.lines} for ax in shown["curves"].axes]
+    assert colours[0] == colours[1] == {"ALBEF": "C2", "BLIP": "C4"}  # the same colours as in a full report
+    bars = {patch.get_label(): patch.patches[0].get_facecolor() for patch in shown["kinds"].axes[0].containers}
+    assert set(bars) == {"ALBEF", "BLIP"} and bars["ALBEF"] != bars["BLIP"]
+
+
 def _models(**per_model):
     """Report inputs from per-seed metric values: model -> {key: [value per seed]}."""
     out = {}

@@ -27,6 +27,7 @@ FAMILY = {  # model -> (name in the report, the design it stands for)
     "blip": ("BLIP", "encoder-decoder"),
 }
 FUSION = ("vilt", "albef", "vlmo", "blip")
+COLOR = {name: f"C{i}" for i, name in enumerate(FAMILY)}  # one colour per model in every figure
 DEFAULT_MINUTES, QUICK_MINUTES = 8.0, 1.0
 DEFAULT_EVAL_SIZE, QUICK_EVAL_SIZE = 1000, 200
 KINDS = ("attribute_change", "count_change", "attribute_swap", "relation_flip")
@@ -339,7 +340,7 @@ def figures(models: dict, out: Path) -> dict[str, Path]:
     width = 0.8 / max(1, len(ran))
     for j, (name, model) in enumerate(ran.items()):
         values = [(model["metrics"].get(f"itm.{k}_acc") or {"mean": 0})["mean"] for k in KINDS]
-        ax.bar([i + j * width for i in range(len(KINDS))], values, width, label=FAMILY[name][0])
+        ax.bar([i + j * width for i in range(len(KINDS))], values, width, label=FAMILY[name][0], color=COLOR[name])
     ax.axhline(0.5, color="gray", lw=0.8, ls="--")
     ax.set_xticks([i + width * (len(ran) - 1) / 2 for i in range(len(KINDS))], [k.replace("_", " ") for k in KINDS])
     ax.set_ylim(0, 1.02), ax.set_ylabel("accuracy (true caption beats the negative)"), ax.legend(fontsize=8)
@@ -351,7 +352,7 @@ def figures(models: dict, out: Path) -> dict[str, Path]:
         for ax, key in zip(axes, ("itm.compositional_acc", "retrieval.t2i_r1")):
             points = [(p["seconds"] / 60, p[key]) for p in curve if key in p]
             if points:
-                ax.plot(*zip(*points), marker="o", label=FAMILY[name][0])
+                ax.plot(*zip(*points), marker="o", label=FAMILY[name][0], color=COLOR[name])
     for ax, title in zip(axes, ("compositional matching", "retrieval t2i R@1 (dual encoders)")):
         ax.set_title(title, fontsize=10), ax.set_xlabel("training minutes (all stages)")
         ax.legend(fontsize=8) if ax.lines else ax.text(0.5, 0.5, "no curve points", ha="center")
