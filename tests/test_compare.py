@@ -43,6 +43,8 @@ def test_compare_two_models_writes_a_full_report(tmp_path, capsys):
     cells = {(key, m): report["table"][r][1 + i] for r, key in enumerate(report["rows"]) for i, m in enumerate(models)}
     assert cells[("zeroshot.top1_seen", "vilt")] == WHY["zeroshot"]  # a single stream has no embeddings
     assert cells[("caption.correct", "clip")] == WHY["caption"]
+    assert cells[("query_ms_dual", "vilt")] == WHY["zeroshot"]  # no embeddings: every pair through the model
+    assert report["models"]["clip"]["metrics"]["query_ms_dual"]["mean"] > 0
     assert re.fullmatch(r"0\.\d{3}", cells[("itm.attribute_swap_acc", "vilt")])
     assert report["models"]["clip"]["metrics"]["params"]["mean"] > 1e5
 
