@@ -82,9 +82,12 @@ def run_model(model: str, seed: int, out: Path, minutes: float | None, steps: in
             sets.update({f"{s['name']}:batch_size": batch_size for s in recipe["stage"]})
         last = recipe["stage"][-1]
         expect = steps or last["steps"] * (minutes / _measured_minutes(recipe) if minutes else 1)
-        if expect >= 12:  # about six learning-curve points
-            sets["eval_every"] = round(expect / 6)
-            sets["eval_size"] = min(eval_size, 300)
+        # about six learning-curve points, three on a budget under 3 minutes (--quick), where the
+        # curve's evaluations would otherwise take longer than the training they follow
+        points = 3 if minutes and minutes < 3 else 6
+        if expect >= 2 * points:
+            sets["eval_every"] = round(expect / points)
+            sets["eval_size"] = min(eval_size, 300 if points == 6 else 100)
         result = run_recipe(resolve(recipe, seed=seed, sets=sets, minutes=None if steps else minutes), run,
                             progress=progress)
     if result.get("stopped"):
