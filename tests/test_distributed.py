@@ -128,18 +128,19 @@ def _albef_args(out, data):
             "--set", "dropout=0.0", "--set", "alpha_ramp_steps=2", "--set", "mlm_prob=0.3"]
 
 
-def _albef_worker(rank, world, ports, out_dir, data):
+def _cli_worker(rank, world, ports, out_dir, data, args_of):
+    """One process of `vlkit train` as torchrun starts it, with the arguments ``args_of(out, data)``."""
     from vlkit.cli import main
     torch.set_num_threads(1)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(ports[0])})
-    assert main(_albef_args(Path(out_dir), data)) == 0
+    assert main(args_of(Path(out_dir), data)) == 0
 
 
-def _spawn(tmp_path, data, timeout=150, worker=_worker):
+def _spawn(tmp_path, data, timeout=150, worker=_worker, extra=()):
     ports = [_free_port(), _free_port()]
-    ctx = mp.spawn(worker, args=(WORLD, ports, str(tmp_path), str(data)), nprocs=WORLD, join=False)
+    ctx = mp.spawn(worker, args=(WORLD, ports, str(tmp_path), str(data), *extra), nprocs=WORLD, join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
@@ -181,30 +182,62 @@ def test_two_processes_match_one_process(tmp_path, monkeypatch, data):
     assert _max_diff(one / "fsdp", two / "fsdp") <= 1e-5
 
 
-def test_two_processes_match_one_process_albef(tmp_path, monkeypatch, data):
-    """ITM negatives and MLM masks are drawn for the global batch, ITC columns hold the global
-    momentum batch, the queues fill in rank order, and the ITM and MLM means are over the global
-    batch: 2 processes train as 1 does."""
+def _train_two_and_one(tmp_path, monkeypatch, data, args_of, keys):
+    """A momentum model trained by ``args_of`` (12 steps of 8, logged at 10 and 12, α = 0.4 after
+    two steps, a queue of 32) in 2 processes and in 1: the logged ``keys``, the queue pointer and
+    ids, the step count and every weight (momentum copies and feature queues included) agree."""
     monkeypatch.setenv("VLKIT_NO_PROGRESS", "1")
     two, one = tmp_path / "two", tmp_path / "one"
-    _spawn(two, data, worker=_albef_worker)
+    _spawn(two, data, worker=_cli_worker, extra=(args_of,))
     from vlkit.cli import main
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(_albef_args(one, data)) == 0
+        assert main(args_of(one, data)) == 0
     finally:
         torch.set_num_threads(threads)
     metrics = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
                for run in (one, two)]
     assert [m["step"] for m in metrics[0]] == [m["step"] for m in metrics[1]] == [10, 12]
-    for key in ("loss", "itc_loss", "itm_loss", "mlm_loss", "alpha"):
+    for key in ("loss", *keys, "alpha"):
         assert [m[key] for m in metrics[1]] == pytest.approx([m[key] for m in metrics[0]], abs=1e-5), key
     assert metrics[0][-1]["alpha"] == pytest.approx(0.4)  # distillation in play
     wa, wb = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
-    assert int(wa["queue.ptr"]) == 12 * 8 % 32 and torch.equal(wa["queue.ids"], wb["queue.ids"])
-    assert torch.equal(wa["steps_done"], wb["steps_done"])
+    assert int(wa["queue.ptr"]) == int(wb["queue.ptr"]) == 12 * 8 % 32
+    assert torch.equal(wa["queue.ids"], wb["queue.ids"]) and torch.equal(wa["steps_done"], wb["steps_done"])
+    assert any(k.startswith("momentum.") for k in wa)
     assert _max_diff(one, two) <= 1e-5  # the weights, momentum copies and feature queues
+
+
+def test_two_processes_match_one_process_albef(tmp_path, monkeypatch, data):
+    """ITM negatives and MLM masks are drawn for the global batch, ITC columns hold the global
+    momentum batch, the queues fill in rank order, and the ITM and MLM means are over the global
+    batch: 2 processes train as 1 does."""
+    _train_two_and_one(tmp_path, monkeypatch, data, _albef_args, ("itc_loss", "itm_loss", "mlm_loss"))
+
+
+BLIP_TINY = ["--set", "vision.dim=32", "--set", "vision.depth=1", "--set", "vision.heads=2",
+             "--set", "vision.mlp_dim=64", "--set", "dim=32", "--set", "layers=1", "--set", "heads=2",
+             "--set", "mlp_dim=64", "--set", "embed_dim=16", "--set", "queue_size=32"]
+
+
+def _blip_args(out, data):
+    """BLIP with every random draw of training (ITM negatives) in play and the dataset's negative
+    captions included, 0 to 3 an image (only two kinds drawn, which not every record has), so the
+    processes hold different numbers of ITM pairs; no dropout; distillation fully on after two
+    steps; the queue wraps around within the run."""
+    return ["train", "blip", "--data", str(data), "--out", str(out), "--steps", "12",
+            "--batch-size", "8", "--lr", "3e-3", "--no-eval", "--no-progress", "--workers", "0",
+            "--precision", "fp32", "--ckpt-every", "6", "--hard-negatives", "--negatives", "3",
+            "--negative-weights", "attribute_change=0,count_change=0", *BLIP_TINY,
+            "--set", "dropout=0.0", "--set", "alpha_ramp_steps=2"]
+
+
+def test_two_processes_match_one_process_blip(tmp_path, monkeypatch, data):
+    """ITM negatives are drawn for the global batch, ITC columns hold the global momentum batch,
+    the queues fill in rank order, and the ITC, ITM and LM means are over the global batch (the
+    dataset's negative captions counted where they are): 2 processes train as 1 does."""
+    _train_two_and_one(tmp_path, monkeypatch, data, _blip_args, ("itc_loss", "itm_loss", "lm_loss"))
 
 
 def test_rank_slices_partition_each_global_batch():

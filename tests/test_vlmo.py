@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import vlkit
 from vlkit.layers import ModalityExperts, NormMlp
-from vlkit.models import vlmo as vlmo_module
+from vlkit.losses import distill
 
 SMALL = dict(dim=32, depth=3, heads=2, mlp_dim=64, vl_layers=1, embed_dim=16, vocab_size=60, max_text_len=16)
 SMALL_SET = [x for k, v in SMALL.items() if k != "vocab_size" for x in ("--set", f"{k}={v}")]
@@ -157,13 +157,13 @@ def test_hard_negatives_never_draw_the_positive(monkeypatch):
     even with a huge temperature and near-identical embeddings, never the pair's own image or
     caption, nor another caption of the same image."""
     drawn = []
-    original = vlmo_module.itm_hard_negative_index
+    original = distill.itm_hard_negative_index  # what ``itm_token_pairs`` draws with
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
         drawn.append(out)
         return out
-    monkeypatch.setattr(vlmo_module, "itm_hard_negative_index", spy)
+    monkeypatch.setattr(distill, "itm_hard_negative_index", spy)
     model = _model(objectives=["itc", "itm"])
     with torch.no_grad():
         model.logit_scale.fill_(4.6)

@@ -151,6 +151,18 @@ def global_generator(step: int, draw: int = 0, device=None) -> torch.Generator:
     return g
 
 
+def call_generator(calls: dict, step: int, training: bool, device=None) -> torch.Generator:
+    """The `global_generator` of one ``training_losses`` call at optimiser step ``step``, seeded
+    from the run seed, ``step`` and the number of calls made so far at this step in this mode (the
+    micro-batches of an accumulated step draw apart; evaluation calls, ``training=False``, count
+    apart). ``calls`` (mode -> (step, calls at that step)) is the caller's record, updated here."""
+    step = int(step)
+    last, n = calls.get(training, (step, -1))
+    n = n + 1 if last == step else 0
+    calls[training] = (step, n)
+    return global_generator(step, 2 * n + (0 if training else 1), device)
+
+
 # --------------------------------------------------------------------------------------------
 # Process group set-up (torchrun) and small collectives for the trainer
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Labels are token ids aligned with the decoder's input, -100 where a token is not
 begin token, a prompt, padding); position t's logits predict the label at t + 1.
 
 - ``lm_loss``: cross-entropy with label smoothing (BLIP: 0.1) averaged over every scored token
-  of the batch.
+  of the batch (or, ``global_batch``, of every process's batch).
 - ``sequence_log_likelihood``: (B,) sum of log p(token) over each row's scored tokens, without
   smoothing (captions ranked or filtered by their likelihood).
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..collective import global_mean_scale
 from .mlm import IGNORE_INDEX
 
 __all__ = ["lm_loss", "sequence_log_likelihood", "caption_labels"]
@@ -24,13 +25,19 @@ def _shifted(logits: torch.Tensor, labels: torch.Tensor):
     return logits[:, :-1].float(), labels[:, 1:]
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
-    """Mean next-token cross-entropy over the scored tokens; logits (B, L, V), labels (B, L)."""
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1,
+            global_batch: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy over the scored tokens; logits (B, L, V), labels (B, L).
+    ``global_batch``: this process's share of the mean over every process's scored tokens
+    (``collective.global_mean_scale``; every process must call it)."""
     z, y = _shifted(logits, labels)
-    if not bool((y != IGNORE_INDEX).any()):
+    hit = y != IGNORE_INDEX
+    scale = global_mean_scale(int(hit.sum()), logits.device) if global_batch else 1.0
+    if not bool(hit.any()):
         return logits.sum() * 0.0
-    return F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX,
+    loss = F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX,
                            label_smoothing=label_smoothing)
+    return loss * scale if global_batch else loss
 
 
 def sequence_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

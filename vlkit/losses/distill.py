@@ -13,17 +13,20 @@ pseudo-targets, MLM with soft targets, and the hard-negative ITM batch.
   over the masked positions only.
 - ``itm_hard_negative_index``: for each image a negative text and for each text a negative
   image, drawn from softmax(similarity) over the non-positives of the (global) batch.
+- ``itm_token_pairs``: the ITM batch of a model that grounds texts from token ids (BLIP, VLMo):
+  positives, in-batch negatives drawn for the global batch, and the dataset's negative captions.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .matching import sample_hard_negatives
+from ..collective import all_gather_no_grad, all_gather_with_grad
+from .matching import pad_cat, sample_hard_negatives
 from .mlm import IGNORE_INDEX
 
 __all__ = ["alpha_at", "distill_targets", "soft_cross_entropy", "positive_targets",
-           "itc_queue_loss", "mlm_distill_loss", "itm_hard_negative_index"]
+           "itc_queue_loss", "mlm_distill_loss", "itm_hard_negative_index", "itm_token_pairs"]
 
 
 def alpha_at(step: int, alpha: float, ramp_steps: int) -> float:
@@ -128,3 +131,40 @@ def itm_hard_negative_index(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, row_st
     neg_text = sample_hard_negatives(sim_i2t, generator, positive_mask=positive)
     neg_image = sample_hard_negatives(sim_t2i, generator, positive_mask=positive)
     return neg_text, neg_image
+
+
+def itm_token_pairs(g: dict, image_tokens: torch.Tensor, image_feat: torch.Tensor, text_feat: torch.Tensor,
+                    logit_scale, generator: torch.Generator | None = None, hard: bool = True,
+                    negatives: dict | None = None, pad_id: int = 0):
+    """The ITM pairs of this process's B rows, for a model that grounds texts from token ids:
+    B positives, B (text, negative image), B (image, negative text), then with ``negatives`` (a
+    batch holding ``neg_input_ids`` / ``neg_attention_mask`` / ``neg_owner``, the owners indexing
+    this process's rows) one (image, dataset negative caption) pair per negative caption.
+
+    The in-batch negatives are drawn for every row of the global batch ``g``
+    (``matching.gather_token_batch``) from softmax(``logit_scale`` · similarity) of the gathered
+    normalised features ``image_feat`` / ``text_feat`` (B, E), positives (same id) excluded, and
+    this process's rows kept: the draw does not depend on the number of processes. The negative
+    images are the global batch's image tokens (gathered with their gradient). Returns (image
+    tokens (N, 1+P, D), ids (N, L), masks (N, L), labels (N,), the rows of the dataset negatives)."""
+    b, rows, device = image_tokens.shape[0], g["rows"], image_tokens.device
+    with torch.no_grad():
+        img_all, txt_all = all_gather_no_grad(image_feat, g["sizes"]), all_gather_no_grad(text_feat, g["sizes"])
+        neg_text, neg_image = (i[rows] for i in itm_hard_negative_index(
+            logit_scale * img_all @ txt_all.T, logit_scale * txt_all @ img_all.T, 0, g["ids"], g["ids"],
+            hard=hard, generator=generator))
+    tokens_all = all_gather_with_grad(image_tokens, g["sizes"])
+    ids_p, mask_p = g["local_ids"], g["local_mask"]  # padded to the global length
+    images = torch.cat([image_tokens, tokens_all[neg_image], image_tokens])
+    ids = torch.cat([ids_p, ids_p, g["all_ids"][neg_text]])
+    masks = torch.cat([mask_p, mask_p, g["all_mask"][neg_text]])
+    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(device)
+    negative_rows = torch.zeros(0, dtype=torch.long, device=device)
+    neg_ids = None if negatives is None else negatives.get("neg_input_ids")
+    if neg_ids is not None and neg_ids.shape[0] > 0:
+        owner = negatives["neg_owner"].to(device)
+        ids, masks = pad_cat(ids, masks, neg_ids, negatives["neg_attention_mask"], pad_id)
+        images = torch.cat([images, image_tokens[owner]])
+        labels = torch.cat([labels, torch.zeros_like(owner)])
+        negative_rows = 3 * b + torch.arange(owner.shape[0], device=device)
+    return images, ids, masks, labels, negative_rows

@@ -37,11 +37,12 @@ def batch_vqa_loss(model, batch: dict, pixel_values: torch.Tensor, input_ids: to
 # -- answers written by a decoder (BLIP) ----------------------------------------------------------
 
 def answer_lm_loss(logits: torch.Tensor, answer_ids: torch.Tensor, answer_mask: torch.Tensor,
-                   label_smoothing: float = 0.1) -> torch.Tensor:
+                   label_smoothing: float = 0.1, global_batch: bool = False) -> torch.Tensor:
     """LM loss of decoded answers: logits (B, L, V) of the decoder's input (the answer's ids
     (B, L), tokenised [CLS] ... [SEP], its first token the begin token); the answer's tokens and
-    its end token scored, the begin token and padding not (``captioning.lm_loss``)."""
-    return lm_loss(logits, caption_labels(answer_ids, answer_mask, 1), label_smoothing)
+    its end token scored, the begin token and padding not (``captioning.lm_loss``, whose
+    ``global_batch`` this passes on)."""
+    return lm_loss(logits, caption_labels(answer_ids, answer_mask, 1), label_smoothing, global_batch)
 
 
 def answer_log_likelihood(logits: torch.Tensor, answer_ids: torch.Tensor,

@@ -44,7 +44,7 @@ from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, 
 from ..losses.matching import gather_itm_batch, itm_accuracy, itm_loss, pad_cat
 from ..losses.mlm import mask_tokens
 from ..losses.vqa import batch_vqa_loss, vqa_loss
-from ..collective import all_gather_no_grad, all_gather_padded, global_generator, global_mean_scale
+from ..collective import all_gather_no_grad, all_gather_padded, call_generator, global_mean_scale
 from ..objectives import FusionSpec, ObjectiveOptions, Step, build_objectives, match_log_score
 from .base import Output, VLModel, answer_names, image_spec, register, requires_head
 from .clip import PRESETS as CLIP_PRESETS
@@ -340,18 +340,6 @@ class ALBEF(VLModel):
             return 0.0
         return alpha_at(int(self.steps_done), self.cfg.alpha, self.cfg.alpha_ramp_steps)
 
-    def _generator(self, device) -> torch.Generator:
-        """The generator of one ``training_losses`` call (ITM negatives, MLM masks), seeded alike
-        on every process from the run seed, ``steps_done`` and the number of calls so far at this
-        step (the micro-batches of an accumulated step; evaluation calls count apart). Its draws
-        are made for the whole global batch, so they do not depend on the number of processes,
-        and a resumed run repeats them."""
-        step = int(self.steps_done)
-        last, n = self._calls.get(self.training, (step, -1))
-        n = n + 1 if last == step else 0
-        self._calls[self.training] = (step, n)
-        return global_generator(step, 2 * n + (0 if self.training else 1), device)
-
     def training_losses(self, batch: dict) -> dict:
         """ITC (queues + distillation), ITM (hard negatives), MLM (distilled) and, when the batch
         has ``vqa_targets``, VQA. Keys: pixel_values, input_ids, attention_mask; optional word_ids,
@@ -361,7 +349,7 @@ class ALBEF(VLModel):
         pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
         image_ids = batch.get("image_ids")
         alpha, temp = self.alpha(), self.temp.clamp(0.001, 0.5)
-        generator = self._generator(ids.device)
+        generator = call_generator(self._calls, int(self.steps_done), self.training, ids.device)
 
         def draw(rows):  # uniform draws for rows of this batch, made for the global batch
             u = torch.rand(sum(g["sizes"]), generator=generator, device=ids.device)

@@ -21,6 +21,9 @@ Training (``training_losses``), equally weighted, the config's ``objectives`` wh
   - VQA (batches with ``answer_input_ids``): the question through the grounded encoder, the answer
     decoded from [DEC] with cross-attention to the question's states, LM loss on the answer's
     tokens and end token (``vlkit train --vqa`` trains it alone, as the paper's fine-tuning).
+Under a process group the ITC columns hold the momentum features of the global batch, the ITM
+negatives are drawn for the global batch (seeded by run seed and ``steps_done``) and every mean
+is over the global batch: W processes train as one does on the same global batch.
 ``score_captions`` is the unsmoothed log-likelihood of captions; ``generate`` decodes captions
 with ``vlkit.models.generate`` on the layers' KV cache (image encoded once, cross-attention keys
 and values computed once per image). ``hf_compat`` reproduces Hugging Face's BLIP, which gives
@@ -35,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..collective import global_generator
+from ..collective import all_gather_no_grad, call_generator, global_mean_scale
 from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostNormBlock, Transformer,
                       init_weights, padding_mask, patch_attention)
 from ..losses.captioning import caption_labels, lm_loss, sequence_log_likelihood
-from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index
-from ..losses.matching import itm_accuracy, itm_loss
+from ..losses.distill import alpha_at, itc_queue_loss, itm_token_pairs
+from ..losses.matching import gather_token_batch, itm_accuracy, itm_loss
 from ..losses.vqa import answer_log_likelihood, answer_lm_loss
 from .base import Output, VLModel, image_spec, register
 from .clip import PRESETS as CLIP_PRESETS
@@ -180,6 +183,7 @@ class BLIP(VLModel):
                 "vision", "image_proj", "text_embed", "text_layers", "text_proj")}, cfg.momentum)
             self.queue = FeatureQueue(cfg.queue_size, image=e, text=e)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self._calls: dict[bool, tuple[int, int]] = {}  # mode -> (step, calls at that step): the draws
 
     @property
     def _dec_embed(self) -> BertEmbeddings:
@@ -382,7 +386,8 @@ class BLIP(VLModel):
         if cfg.text_decoder and "lm" in objectives:
             dec_ids, dec_mask, unscored = self.decoder_inputs(ids, mask)
             logits = self.lm_head(self.decode_states(dec_ids, dec_mask, image_tokens))
-            out["lm_loss"] = lm_loss(logits, caption_labels(dec_ids, dec_mask, unscored), cfg.label_smoothing)
+            out["lm_loss"] = lm_loss(logits, caption_labels(dec_ids, dec_mask, unscored), cfg.label_smoothing,
+                                     global_batch=True)
             losses.append(out["lm_loss"])
         if "answer_input_ids" in batch and "vqa" in objectives:
             q_mask, a_ids, a_mask = (batch["question_attention_mask"], batch["answer_input_ids"],
@@ -392,7 +397,7 @@ class BLIP(VLModel):
                                  "(text_encoder and text_decoder)")
             states = self.ground(batch["question_input_ids"], q_mask, image_tokens)  # (B, M, D)
             logits = self.answer_logits(states, q_mask, a_ids, a_mask)
-            out["vqa_loss"] = answer_lm_loss(logits, a_ids, a_mask, cfg.label_smoothing)
+            out["vqa_loss"] = answer_lm_loss(logits, a_ids, a_mask, cfg.label_smoothing, global_batch=True)
             losses.append(out["vqa_loss"])
         if not losses:
             raise ValueError(f"nothing to train: objectives {list(cfg.objectives)} need their parts "
@@ -401,36 +406,29 @@ class BLIP(VLModel):
         return out
 
     def _itc_itm(self, batch, pixels, ids, mask, image_tokens) -> dict:
+        """ITC against [momentum features of the global batch ; queue] and ITM with negatives
+        drawn for the global batch (``losses.distill.itm_token_pairs``), means over the global
+        batch; in training the momentum features are enqueued (every process's, in rank order)."""
         cfg, image_ids = self.cfg, batch.get("image_ids")
         alpha, temp = self.alpha(), self.temp.clamp(0.001, 0.5)
+        generator = call_generator(self._calls, int(self.steps_done), self.training, ids.device)
         image_feat = F.normalize(self.image_proj(image_tokens[:, 0]), dim=-1)
         text_feat = self._text(ids, mask)[1]
         with torch.no_grad():
             image_feat_m = self._image(pixels, momentum=True)[1]
             text_feat_m = self._text(ids, mask, momentum=True)[1]
-        out = {"itc_loss": itc_queue_loss(
-            image_feat, text_feat, image_feat_m, text_feat_m, self.queue.image, self.queue.text, temp, alpha,
-            cfg.distill, image_ids, self.queue.ids if image_ids is not None else None)}
-        b = ids.shape[0]
-        generator = global_generator(int(self.steps_done), 0 if self.training else 1, ids.device)
-        with torch.no_grad():
-            neg_text, neg_image = itm_hard_negative_index(
-                image_feat @ text_feat.T / temp, text_feat @ image_feat.T / temp, 0, image_ids, image_ids,
-                hard=cfg.itm_hard_negatives, generator=generator)
-        images = torch.cat([image_tokens, image_tokens[neg_image], image_tokens])
-        texts, masks = torch.cat([ids, ids, ids[neg_text]]), torch.cat([mask, mask, mask[neg_text]])
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(ids.device)
-        neg_ids = batch.get("neg_input_ids")
-        if cfg.hard_negatives and neg_ids is not None and neg_ids.shape[0] > 0:
-            owner, neg_mask = batch["neg_owner"].to(ids.device), batch["neg_attention_mask"]
-            n = max(texts.shape[1], neg_ids.shape[1])
-            texts = torch.cat([F.pad(texts, (0, n - texts.shape[1]), value=cfg.pad_token_id),
-                               F.pad(neg_ids, (0, n - neg_ids.shape[1]), value=cfg.pad_token_id)])
-            masks = torch.cat([F.pad(masks, (0, n - masks.shape[1])), F.pad(neg_mask, (0, n - neg_mask.shape[1]))])
-            images = torch.cat([images, image_tokens[owner]])
-            labels = torch.cat([labels, torch.zeros_like(owner)])
+        g = gather_token_batch(ids, mask, image_ids, cfg.pad_token_id)  # every process's batch
+        itc = itc_queue_loss(
+            image_feat, text_feat, all_gather_no_grad(image_feat_m, g["sizes"]),
+            all_gather_no_grad(text_feat_m, g["sizes"]), self.queue.image, self.queue.text, temp, alpha,
+            cfg.distill, g["ids"], self.queue.ids if image_ids is not None else None, row_start=g["rows"].start)
+        out = {"itc_loss": itc * global_mean_scale(ids.shape[0], ids.device)}
+        images, texts, masks, labels, _ = itm_token_pairs(
+            g, image_tokens, image_feat, text_feat, 1 / temp.detach(), generator, cfg.itm_hard_negatives,
+            batch if cfg.hard_negatives else None, cfg.pad_token_id)
         logits = self.itm_head(self.ground(texts, masks, images)[:, 0])
-        out["itm_loss"], out["itm_acc"] = itm_loss(logits, labels), itm_accuracy(logits.detach(), labels)
+        out["itm_loss"] = itm_loss(logits, labels) * global_mean_scale(labels.shape[0], ids.device)
+        out["itm_acc"] = itm_accuracy(logits.detach(), labels)
         if self.training:
             self.queue.enqueue(ids=image_ids, image=image_feat_m, text=text_feat_m)
         out["alpha"] = torch.tensor(alpha)

@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..collective import all_gather_no_grad, all_gather_padded, all_gather_with_grad, global_generator, global_mean_scale
+from ..collective import all_gather_padded, call_generator, global_mean_scale
 from ..layers import (AttentionGuide, BertEmbeddings, ImageEmbeddings, MLMHead, ModalityExperts, NormMlp, Pooler,
                       PreNormBlock, check_directional_heads, classifier, directional_mask, init_weights,
                       joint_directional_mask, padding_mask, sincos_2d)
 from ..losses.contrastive import ContrastiveLoss
-from ..losses.distill import itm_hard_negative_index
-from ..losses.matching import gather_token_batch, itm_accuracy, itm_loss, pad_cat
+from ..losses.distill import itm_token_pairs
+from ..losses.matching import gather_token_batch, itm_accuracy, itm_loss
 from ..losses.mlm import mask_tokens, mlm_loss
 from ..losses.vqa import batch_vqa_loss
 from ..objectives import FusionSpec, ObjectiveOptions, Step, build_objectives, match_log_score
@@ -368,15 +368,6 @@ class VLMo(VLModel):
         return x
 
     # -- training ---------------------------------------------------------------------------------
-    def _generator(self, device) -> torch.Generator:
-        """The generator of one ``training_losses`` call, seeded alike on every process from the
-        run seed, ``steps_done`` and the calls so far at this step (evaluation calls apart)."""
-        step = int(self.steps_done)
-        last, n = self._calls.get(self.training, (step, -1))
-        n = n + 1 if last == step else 0
-        self._calls[self.training] = (step, n)
-        return global_generator(step, 2 * n + (0 if self.training else 1), device)
-
     def _mask_words(self, batch, ids, mask, g: dict, generator):
         """MLM masks drawn for the global batch (padded to its longest text), this process's rows."""
         cfg = self.cfg
@@ -416,7 +407,7 @@ class VLMo(VLModel):
         question_input_ids / question_attention_mask / vqa_targets."""
         cfg, objectives = self.cfg, self.cfg.objectives
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        generator = self._generator(ids.device)
+        generator = call_generator(self._calls, int(self.steps_done), self.training, ids.device)
         g = gather_token_batch(ids, mask, batch.get("image_ids"), cfg.pad_token_id)
         out, losses = {}, []
         if "text_mlm" in objectives:
@@ -468,28 +459,13 @@ class VLMo(VLModel):
         """ITM logits and labels: B positives, B (text, negative image), B (image, negative text),
         then (image, dataset negative caption) with ``hard_negatives``. Negatives are drawn for
         every row of the global batch, ∝ softmax of the ITC logits, positives excluded."""
-        b, rows = image_tokens.shape[0], g["rows"]
-        with torch.no_grad():
-            img_all, txt_all = all_gather_no_grad(img, g["sizes"]), all_gather_no_grad(txt, g["sizes"])
-            neg_text, neg_image = (i[rows] for i in itm_hard_negative_index(
-                scale.exp() * img_all @ txt_all.T, scale.exp() * txt_all @ img_all.T, 0, g["ids"], g["ids"],
-                hard=self.cfg.itm_hard_negatives, generator=generator))
-        tokens_all = all_gather_with_grad(image_tokens, g["sizes"])
-        ids_p, mask_p = g["local_ids"], g["local_mask"]  # padded to the global length
-        images = torch.cat([image_tokens, tokens_all[neg_image], image_tokens])
-        ids = torch.cat([ids_p, ids_p, g["all_ids"][neg_text]])
-        masks = torch.cat([mask_p, mask_p, g["all_mask"][neg_text]])
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(ids.device)
-        negative_rows = torch.zeros(0, dtype=torch.long, device=ids.device)
-        neg_ids = batch.get("neg_input_ids")
-        if self.cfg.hard_negatives and neg_ids is not None and neg_ids.shape[0] > 0:
-            owner = batch["neg_owner"].to(ids.device)
-            ids, masks = pad_cat(ids, masks, neg_ids, batch["neg_attention_mask"], self.cfg.pad_token_id)
-            images = torch.cat([images, image_tokens[owner]])
-            labels = torch.cat([labels, torch.zeros_like(owner)])
-            negative_rows = 3 * b + torch.arange(owner.shape[0], device=ids.device)
+        cfg = self.cfg
+        images, ids, masks, labels, negative_rows = itm_token_pairs(
+            g, image_tokens, img, txt, scale.exp(), generator, cfg.itm_hard_negatives,
+            batch if cfg.hard_negatives else None, cfg.pad_token_id)
         fused = self.fuse(images, ids, masks)
-        step.itm_rows(fused[:, :ids.shape[1]], torch.arange(b, device=ids.device), negative_rows)
+        step.itm_rows(fused[:, :ids.shape[1]], torch.arange(image_tokens.shape[0], device=ids.device),
+                      negative_rows)
         return self.itm_head(self.pooler(fused)), labels
 
     @torch.no_grad()
