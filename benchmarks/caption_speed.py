@@ -11,6 +11,11 @@ prints each side's captions per second and the ratio vlkit / transformers.
     python benchmarks/caption_speed.py [--batch 8] [--new-tokens 20] [--repeats 3] [--threads N] [--small]
 
 ``--small`` uses a 2-layer, 256-wide model at 96 px (a quick check of the script).
+
+Before the table the script prints the multiply-accumulates each side does per image (from the
+config): the image encoder, the decoder's cross-attention keys and values (vlkit: once per image;
+transformers 5.x: once per beam), and the decoding steps; their ratio is the most vlkit can gain
+at the same arithmetic rate.
 """
 from __future__ import annotations
 
@@ -46,6 +51,19 @@ def hf_model(small: bool):
     return model
 
 
+def macs(cfg, new_tokens: int, beams: int) -> dict:
+    """Multiply-accumulates per image: image encoder, cross-attention keys/values, decoding."""
+    v, t = cfg.vision_config, cfg.text_config
+    n = (v.image_size // v.patch_size) ** 2 + 1  # image tokens
+    dv, dt = v.hidden_size, t.hidden_size
+    vit = v.num_hidden_layers * n * (4 * dv * dv + 2 * dv * v.intermediate_size + 2 * n * dv)
+    cross_kv = t.num_hidden_layers * 2 * dv * dt * n
+    per_token = (t.num_hidden_layers * (6 * dt * dt + 2 * dt * t.intermediate_size + 2 * n * dt)
+                 + t.vocab_size * dt)
+    decode = beams * new_tokens * per_token
+    return {"ours": vit + cross_kv + decode, "hf": vit + beams * cross_kv + decode, "image": vit}
+
+
 def timed(fn, repeats: int):
     out, times = None, []
     for _ in range(repeats):
@@ -75,6 +93,11 @@ def main() -> None:
     n = args.new_tokens
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {n} new tokens, "
           f"{'small' if args.small else 'BLIP base'} model, median of {args.repeats}")
+    for label, beams in (("greedy", 1), ("beam 3", 3)):
+        m = macs(hf.config, n, beams)
+        print(f"{label}: {m['hf'] / 1e9:.1f} GMAC per image (transformers), {m['ours'] / 1e9:.1f} (vlkit), image "
+              f"encoder {m['image'] / m['ours']:.0%} of vlkit's: at the same arithmetic rate vlkit / transformers "
+              f"<= {m['hf'] / m['ours']:.2f}")
     print("| decoding | transformers (captions/s) | vlkit (captions/s) | vlkit / transformers | same tokens |")
     print("|---|---|---|---|---|")
     for label, opts in (("greedy", {}), ("beam 3", {"num_beams": 3})):
