@@ -142,27 +142,52 @@ def test_stages_chain_and_a_run_killed_in_its_second_stage_resumes_bit_identical
     tower = {k for k in vit if k.startswith("vision.")}
     assert tower and all(clip[k].shape == vit[k].shape for k in tower)  # CLIP's tower from the ViT stage
 
+    _kill_in_second_stage_and_resume(recipe, tmp_path, monkeypatch, full)
+
+
+def _kill_in_second_stage_and_resume(recipe, tmp_path, monkeypatch, full):
+    """Run ``recipe`` killed at step 4 of its second stage, resume it, and check it ends where
+    the uninterrupted run ``full`` did, its first stage not trained again."""
+    first = recipe["stage"][0]["name"]
+
     class Crash(Exception):
         pass
     real = loop.Trainer._micro_step
 
-    def crash_in_step_4_of_clip(self, batch, sync):
+    def crash_in_step_4_of_stage_2(self, batch, sync):
         if self.run == tmp_path / "killed" and self.step == 3:
             raise Crash
         return real(self, batch, sync)
-    monkeypatch.setattr(loop.Trainer, "_micro_step", crash_in_step_4_of_clip)
+    monkeypatch.setattr(loop.Trainer, "_micro_step", crash_in_step_4_of_stage_2)
     killed = tmp_path / "killed"
     with pytest.raises(Crash):
         run_recipe(recipe, killed, progress=False)
-    vit_metrics = (killed / "stages" / "vit" / "metrics.jsonl").read_bytes()
+    first_metrics = (killed / "stages" / first / "metrics.jsonl").read_bytes()
     monkeypatch.setattr(loop.Trainer, "_micro_step", real)
     torch.manual_seed(999)  # a new process: other RNG state, which the checkpoint restores
     result = run_recipe(None, killed, resume=True, progress=False)
     assert [s["status"] for s in result["stages"]] == ["kept", "resumed"]
-    assert (killed / "stages" / "vit" / "metrics.jsonl").read_bytes() == vit_metrics  # not trained again
+    assert (killed / "stages" / first / "metrics.jsonl").read_bytes() == first_metrics  # not trained again
     assert _losses(killed) == _losses(full)
     a, b = load_file(str(full / "model.safetensors")), load_file(str(killed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stage_that_starts_from_another_stages_weights_resumes(tmp_path, monkeypatch):
+    """A stage with ``init = "stage:NAME"`` killed after a checkpoint resumes from its own
+    checkpoint (the init was applied when it started)."""
+    text = TINY.replace('name = "vit"\nmodel = "vit"', 'name = "first"\nmodel = "clip"')
+    text = text.replace('[stage.config]\ndim = 32\nmlp_dim = 64\n', '[stage.config]\n"vision.dim" = 32\n"vision.heads" = 2\n'
+                        '"vision.mlp_dim" = 64\n"text.depth" = 1\n"text.dim" = 32\n"text.heads" = 2\n'
+                        '"text.mlp_dim" = 64\nembed_dim = 16\n')
+    text = text[:text.index('[stage.config]\nvision_init')] + 'init = "stage:first"\n'
+    path = tmp_path / "chain.toml"
+    path.write_text(text)
+    recipe = resolve(load_recipe(str(path)))
+    assert recipe["stage"][1]["init"] == "stage:first"
+    full = tmp_path / "full"
+    run_recipe(recipe, full, progress=False)
+    _kill_in_second_stage_and_resume(recipe, tmp_path, monkeypatch, full)
 
 
 def _vlkit(*args):

@@ -338,6 +338,8 @@ def _run_stages(recipe: dict, out: Path, progress: bool) -> dict:
             continue
         # a stage stopped after a checkpoint resumes; one stopped before its first starts again
         args.resume = latest_checkpoint(run) is not None
+        if args.resume:  # its start (``init``) was applied when it began; the checkpoint holds the rest
+            args.init = None
         print(f"stage {i + 1}/{len(stages)} {stage['name']}: {stage['model']}, {budget}"
               f"{' (resumed)' if args.resume else ''} -> {run}", file=sys.stderr)
         result = train(args)

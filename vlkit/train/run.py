@@ -186,7 +186,7 @@ def resolve_resume(args: RunArgs, saved: dict) -> RunArgs:
     if args.overrides:
         current = config_from_dict(cls.config_class, saved["config"])
         merged = config_to_dict(merge_config(current, args.overrides, cls.model_name))
-        changed = _changed_fields(saved["config"], merged)
+        changed = _changed_fields(config_to_dict(current), merged)  # fields newer than the run: their defaults
         if changed:
             raise ValueError(f"--set {', '.join(changed)} with --resume: {run} keeps its config "
                              f"({CONFIG}); drop --set (or train a new run with --init {run} --set ...)")
@@ -715,7 +715,8 @@ def _train(args: RunArgs, run: Path) -> dict:
     trainer = Trainer(model, batches, cfg, run, evaluator=evaluator)
     if rank == 0:
         millions = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"training {args.model} ({args.preset or 'from ' + str(args.init)}, {millions:.1f}M "
+        start = args.preset or (f"from {args.init}" if args.init else "its own architecture")
+        print(f"training {args.model} ({start}, {millions:.1f}M "
               f"parameters) on {args.data}, precision {trainer.precision}, batch {cfg.batch_size}"
               + (f" over {world} processes" if world > 1 else ""), file=sys.stderr)
     result = trainer.fit(resume=args.resume)
