@@ -206,6 +206,44 @@ def test_loss_falls_on_a_fixed_batch():
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
 
 
+def test_fused_passes_on_every_nth_row_and_itc_on_all():
+    """fusion_every=2: ITC over the whole batch, and ITM and MLM exactly as a model given the
+    even rows alone (with their own dataset negatives) computes them."""
+    pixels, ids, mask = _inputs(b=6)
+    batch = dict(pixel_values=pixels, input_ids=ids, attention_mask=mask,
+                 neg_input_ids=ids[[1, 2, 4, 4]].flip(1), neg_attention_mask=torch.ones(4, 7, dtype=torch.long),
+                 neg_owner=torch.tensor([1, 2, 4, 4]))
+    kw = dict(objectives=["itc", "itm", "mlm"], mlm_prob=0.3, hard_negatives=True)
+    every, whole = (_model(fusion_every=2, **kw).train() for _ in range(2))
+    whole.cfg.fusion_every = 1
+    full = every.training_losses(batch)
+    even = whole.training_losses(dict(pixel_values=pixels[::2], input_ids=ids[::2], attention_mask=mask[::2],
+                                      neg_input_ids=ids[[2, 4, 4]].flip(1),
+                                      neg_attention_mask=torch.ones(3, 7, dtype=torch.long),
+                                      neg_owner=torch.tensor([1, 2, 2])))
+    ref_itc = whole.training_losses(batch)["itc_loss"]
+    assert full["itc_loss"].item() == pytest.approx(ref_itc.item(), abs=1e-6)
+    assert full["itc_loss"].item() != pytest.approx(even["itc_loss"].item(), abs=1e-3)
+    for key in ("itm_loss", "mlm_loss"):
+        assert full[key].item() == pytest.approx(even[key].item(), abs=1e-5), key  # float32 sums in another order
+    with pytest.raises(ValueError, match="fusion_every"):
+        _model(fusion_every=0)
+
+
+def test_select_rows_keeps_each_images_negatives():
+    from vlkit.data.collate import select_rows
+    batch = dict(pixel_values=torch.arange(4.0)[:, None], input_ids=torch.arange(8).view(4, 2),
+                 neg_input_ids=torch.arange(10).view(5, 2), neg_owner=torch.tensor([0, 1, 1, 3, 3]),
+                 neg_edits_caption=torch.tensor([True, False, True, True, False]), captions=list("abcd"))
+    out = select_rows(batch, torch.tensor([1, 3]))
+    assert out["pixel_values"].flatten().tolist() == [1.0, 3.0] and out["captions"] == ["b", "d"]
+    assert out["neg_owner"].tolist() == [0, 0, 1, 1]
+    assert out["neg_input_ids"][:, 0].tolist() == [2, 4, 6, 8]
+    assert out["neg_edits_caption"].tolist() == [False, True, True, False]
+    with pytest.raises(ValueError, match="'odd'"):
+        select_rows({**batch, "odd": torch.zeros(3)}, torch.tensor([0]))
+
+
 # -- through the trainer ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

@@ -284,3 +284,33 @@ def _draw_question(rec: dict, j: int, rng: random.Random) -> tuple[str, list[str
     elif not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
         raise ValueError(f"{where}: 'answers' of the 'qa' entry {question!r} must be a list of strings")
     return question, answers
+
+
+def select_rows(batch: dict, rows: torch.Tensor) -> dict:
+    """The part of an ``ImageTextCollate`` batch that belongs to the images ``rows`` (1-D
+    indices): every per-image entry indexed by them, and the dataset negatives (``neg_*``) of
+    those images alone, their ``neg_owner`` renumbered to the new rows."""
+    b = batch["pixel_values"].shape[0]
+    rows = rows.to(torch.long)
+    out = {}
+    if "neg_owner" in batch:
+        owner = batch["neg_owner"]
+        new_index = torch.full((b,), -1, dtype=torch.long)
+        new_index[rows.cpu()] = torch.arange(rows.numel())
+        mapped = new_index[owner.cpu()]
+        kept = (mapped >= 0).nonzero().flatten()
+        for key, value in batch.items():
+            if key.startswith("neg_"):
+                out[key] = value[kept.to(value.device)]
+        out["neg_owner"] = mapped[kept].to(owner.device)
+    for key, value in batch.items():
+        if key.startswith("neg_"):
+            continue
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == b:
+            out[key] = value[rows.to(value.device)]
+        elif isinstance(value, list) and len(value) == b:
+            out[key] = [value[i] for i in rows.tolist()]
+        else:
+            raise ValueError(f"select_rows: batch entry {key!r} is not one value per image "
+                             f"({b} images)")
+    return out

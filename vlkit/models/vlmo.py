@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..collective import all_gather_padded, call_generator, global_mean_scale
+from ..data.collate import select_rows
 from ..layers import (AttentionGuide, BertEmbeddings, ImageEmbeddings, MLMHead, ModalityExperts, NormMlp, Pooler,
                       PreNormBlock, check_directional_heads, classifier, directional_mask, init_weights,
                       joint_directional_mask, padding_mask, sincos_2d)
@@ -81,6 +82,7 @@ class VLMoConfig(ObjectiveOptions):
     objectives: tuple[str, ...] = ("itc", "itm", "mlm", "vqa")  # see the module doc
     itc_vl: bool = False            # average in an ITC through the VL-FFN of the top F blocks
     itm_hard_negatives: bool = True  # ITM negatives ∝ softmax(ITC logits) (else uniform)
+    fusion_every: int = 1           # ITM, MLM, VQA and the objectives on every n-th row of the global batch, ITC on all
     hard_negatives: bool = False    # the dataset's negative captions join ITM as negatives
     mlm_prob: float = 0.15
     whole_word_mask: bool = False   # needs batch["word_ids"]
@@ -129,6 +131,8 @@ class VLMo(VLModel):
             raise ValueError(f"image_pos must be '' or 'sincos' (which needs dim divisible by 4), got {cfg.image_pos!r}")
         if cfg.answer_names and len(cfg.answer_names) != cfg.num_answers:
             raise ValueError(f"{len(cfg.answer_names)} answer_names for num_answers={cfg.num_answers}")
+        if cfg.fusion_every < 1:
+            raise ValueError(f"fusion_every must be at least 1 (every row), got {cfg.fusion_every}")
         blind = ()
         if cfg.directional_heads:
             first = check_directional_heads(cfg.heads, cfg.directional_head_index)
@@ -419,9 +423,6 @@ class VLMo(VLModel):
             return out
         pixels = batch["pixel_values"]
         image_tokens = self.embed_image(pixels)  # (B, 1+N, D), embedded once for every pass
-        step = Step(self.objectives, batch, self.training, word_logits=self.mlm_head,
-                    draw=lambda rows: torch.rand(sum(g["sizes"]), generator=generator, device=ids.device)[g["rows"]][rows],
-                    fuse=lambda rows, t, m: self.fuse(image_tokens[rows], t, m)[:, :t.shape[1]])
         if "itc" in objectives or "itm" in objectives:
             img, txt = self._dual(image_tokens, ids, mask)
             scale = self.logit_scale.clamp(max=cfg.logit_scale_max)
@@ -433,6 +434,16 @@ class VLMo(VLModel):
             if "itc" in objectives:
                 losses.append(out["itc_loss"])
             out["scale"] = scale.detach().exp()
+        if cfg.fusion_every > 1:  # the fused passes on every n-th row of the global batch
+            keep = (torch.arange(g["rows"].start, g["rows"].stop) % cfg.fusion_every == 0).nonzero().flatten()
+            batch, image_tokens = select_rows(batch, keep), image_tokens[keep.to(ids.device)]
+            if "itc" in objectives or "itm" in objectives:
+                img, txt = img[keep.to(ids.device)], txt[keep.to(ids.device)]
+            ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+            g = gather_token_batch(ids, mask, batch.get("image_ids"), cfg.pad_token_id)
+        step = Step(self.objectives, batch, self.training, word_logits=self.mlm_head,
+                    draw=lambda rows: torch.rand(sum(g["sizes"]), generator=generator, device=ids.device)[g["rows"]][rows],
+                    fuse=lambda rows, t, m: self.fuse(image_tokens[rows], t, m)[:, :t.shape[1]])
         if "itm" in objectives:
             logits, labels = self._itm(batch, g, image_tokens, img, txt, scale.detach(), generator, step)
             out["itm_loss"] = itm_loss(logits, labels) * global_mean_scale(labels.shape[0], ids.device)
