@@ -570,24 +570,12 @@ def test_grounding_reads_the_itm_pass_positives_cross_attention():
     assert "relation_loss" not in out and "edit_loss" not in out
 
 
-def test_grounding_loss_falls_on_a_fixed_batch():
+def test_grounding_loss_falls_on_a_fixed_batch(word_squares):
     """Two words, each naming the patch of a bright square (its colour channel the word's) in a
     dark image: a few dozen steps on one batch pull the grounded head's attention onto them."""
     torch.manual_seed(0)
     model = vlkit.create_model("blip", "tiny", **{**SMALL, "grounding_weight": 1.0, "fusion_pos": "sincos"})
-    gen = torch.Generator().manual_seed(1)
-    n = 8
-    cells = torch.randint(0, 16, (n, 2), generator=gen)
-    pixels = torch.full((n, 3, 64, 64), -1.0)
-    ids = torch.tensor([[2, 10, 11, 3]] * n)
-    targets = torch.zeros(n, 4, 16)
-    for j in range(n):
-        for w in range(2):
-            r, c = divmod(int(cells[j, w]), 4)
-            pixels[j, w, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = 1.0
-            targets[j, 1 + w, int(cells[j, w])] = 1.0
-    batch = {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "grounding": targets, "image_ids": torch.arange(n)}
+    batch = {**word_squares(8, torch.Generator().manual_seed(1), 64), "image_ids": torch.arange(8)}
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses, masses = [], []
     for _ in range(40):
