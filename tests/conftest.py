@@ -40,3 +40,25 @@ def untrained_run(tmp_path_factory):
             made[name] = run
         return made[name]
     return make
+
+
+@pytest.fixture
+def word_squares():
+    """``word_squares(n, generator, size)``: a grounding batch of ``n`` dark ``size`` px images on
+    a 4 x 4 patch grid, each with two bright squares (one a colour channel) in random cells, and
+    the caption [CLS] w1 w2 [SEP] whose word k names the square of channel k (``grounding``
+    targets (n, 4, 16))."""
+    def make(n: int, generator: torch.Generator, size: int) -> dict:
+        cells = torch.randint(0, 16, (n, 2), generator=generator)
+        cell = size // 4
+        pixels = torch.full((n, 3, size, size), -1.0)
+        ids = torch.tensor([[2, 10, 11, 3]] * n)
+        targets = torch.zeros(n, 4, 16)
+        for j in range(n):
+            for w in range(2):
+                r, c = divmod(int(cells[j, w]), 4)
+                pixels[j, w, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = 1.0  # channel = word
+                targets[j, 1 + w, int(cells[j, w])] = 1.0
+        return {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "grounding": targets}
+    return make

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vlkit
-from vlkit.layers import FeatureQueue, KVCache
+from vlkit.layers import FeatureQueue, KVCache, directional_mask, padding_mask, sincos_square
 from vlkit.losses.captioning import caption_labels, lm_loss, sequence_log_likelihood
 from vlkit.models.generate import decode, filter_top_k_top_p, repetition_penalty_
 
@@ -500,3 +500,168 @@ def test_cross_attention_maps_are_the_grounded_encoders():
         model.cross_attention_maps(pixels, ids, layer=99)
     with pytest.raises(ValueError, match="no cross-attention layers"):
         patch_attention([], what="a stack")
+
+
+# -- auxiliary objectives on the grounded encoder's ITM pass --------------------------------------
+# every objective BLIP can train (relation_mask_prob needs an MLM pass, which BLIP has not)
+ALL_OBJECTIVES = dict(grounding_weight=1.0, relation_weight=1.0, relation_layer=1, geometry_weight=1.0,
+                      edit_weight=1.0, edit_pass="itm", match_score="itm+edit", attention_forcing_steps=5,
+                      directional_heads=True, fusion_pos="sincos", hard_negatives=True)
+
+
+def _objectives_batch(b=4, seed=0):
+    """``_batch`` with grounding (words 1 and 4 name a cell each), relation targets (word 2 looks
+    at both) and one minimal-pair negative per caption (word 2 replaced)."""
+    batch = _batch(b, seed=seed)
+    ids = batch["input_ids"]
+    names, roles = torch.zeros(b, 8, 16), torch.zeros(b, 2, 8, 16)
+    for i in range(b):
+        names[i, 1, i], names[i, 4, 15 - i] = 1, 1
+        roles[i, 0, 2, i], roles[i, 1, 2, 15 - i] = 1, 1
+    neg = ids.clone()
+    neg[:, 2] = 7
+    batch.update(grounding=names, grounding_roles=roles, neg_input_ids=neg,
+                 neg_attention_mask=batch["attention_mask"].clone(), neg_owner=torch.arange(b))
+    return batch
+
+
+def test_objectives_join_training_and_reach_the_cross_attention():
+    """With the objectives on, the training losses hold theirs, finite, summed into the loss with
+    their weights; the grounding and relation losses train the cross-attention of their layers."""
+    model = _model(**{**ALL_OBJECTIVES, "grounding_weight": 0.5}).train()
+    assert [o.name for o in model.objectives] == ["phrase_grounding", "relation_grounding",
+                                                  "replaced_word_correction", "attention_forcing"]
+    assert model.grounding_grid == (4, 4)
+    out = model.training_losses(_objectives_batch())
+    parts = ("grounding_loss", "relation_loss", "geometry_loss", "edit_loss", "edit_word_loss")
+    assert all(torch.isfinite(out[k]) and out[k] > 0 for k in parts), {k: out.get(k) for k in parts}
+    want = out["itc_loss"] + out["itm_loss"] + out["lm_loss"] + 0.5 * out["grounding_loss"] + sum(
+        out[k] for k in parts[1:])
+    torch.testing.assert_close(out["loss"], want)
+    for loss, layer in (("grounding_loss", 0), ("relation_loss", 1)):
+        model.zero_grad()
+        out[loss].backward(retain_graph=True)
+        grad = model.text_layers.blocks[layer].cross_attn.q.weight.grad
+        assert grad is not None and grad.abs().sum() > 0, loss
+    model.zero_grad()
+    (out["edit_loss"] + out["edit_word_loss"]).backward()
+    assert model.word_head.decoder.weight.grad.abs().sum() > 0
+    assert model.text_layers.blocks[1].cross_attn.v.weight.grad.abs().sum() > 0
+    model.after_step(0)
+    assert int(model.attention_forcing.steps_done) == 1
+
+
+def test_grounding_reads_the_itm_pass_positives_cross_attention():
+    """The ITM pass is the grounded one: its grounding loss is the loss of the chosen layer's
+    cross-attention (patches after the image [CLS], with fusion_pos codes) over the captions with
+    their own images alone; the other rows carry no targets."""
+    from vlkit.losses.grounding import grounding_loss
+    model = _model(grounding_weight=1.0, grounding_layer=1, fusion_pos="sincos")
+    batch = _objectives_batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        out = model.training_losses(batch)
+        tokens = model.forward_features(batch["pixel_values"])
+        _, maps = model.text_layers(model.text_embed(model.text_features(ids)), return_attention=True,
+                                    context=tokens + sincos_square(tokens), mask=padding_mask(mask))
+    want, mass = grounding_loss(maps[1]["cross"][:, :1, :, 1:], batch["grounding"])
+    torch.testing.assert_close(out["grounding_loss"], want)
+    torch.testing.assert_close(out["grounding_mass"], mass)
+    assert "relation_loss" not in out and "edit_loss" not in out
+
+
+def test_grounding_loss_falls_on_a_fixed_batch(word_squares):
+    """Two words, each naming the patch of a bright square (its colour channel the word's) in a
+    dark image: a few dozen steps on one batch pull the grounded head's attention onto them."""
+    torch.manual_seed(0)
+    model = vlkit.create_model("blip", "tiny", **{**SMALL, "grounding_weight": 1.0, "fusion_pos": "sincos"})
+    batch = {**word_squares(8, torch.Generator().manual_seed(1), 64), "image_ids": torch.arange(8)}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses, masses = [], []
+    for _ in range(40):
+        out = model.training_losses(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        model.after_step(0)
+        losses.append(out["grounding_loss"].item())
+        masses.append(out["grounding_mass"].item())
+    assert masses[0] < 0.15 and losses[-1] < 0.2 * losses[0] and masses[-1] > 0.8, (losses, masses)
+
+
+def _itm_plus_edit_model():
+    model = _model(hard_negatives=True, edit_weight=1.0, edit_pass="itm", match_score="itm+edit")
+    with torch.no_grad():  # a word head with opinions
+        for p in model.word_head.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    return model
+
+
+def test_itm_plus_edit_score_adds_the_lowest_word_log_probability():
+    """match_score="itm+edit": ``score`` is the ITM log-probability plus the word head's lowest
+    log-probability of a word of the text where it stands (``objectives.match_log_score``); with
+    "itm" the ITM head's alone. Re-ranking reads the same word check on top of the ITM log-odds."""
+    from vlkit.eval.rerank import rerank
+    model, batch = _itm_plus_edit_model(), _batch(3)
+    px, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        score = model.score(px, ids, mask)
+        states = model.ground(ids, mask, model.forward_features(px))
+        itm = model.itm_head(states[:, 0]).log_softmax(-1)
+        logp = model.word_head(states).log_softmax(-1)
+        lowest = torch.stack([min(logp[i, t, ids[i, t]] for t in range(ids.shape[1])
+                                  if mask[i, t] and ids[i, t] > 6) for i in range(3)])
+        torch.testing.assert_close(score, itm[:, 1] + lowest)
+        reranked = rerank(model, px, ids, mask, k=3)["i2t"]  # every pair is in the top 3
+        sim = model.encode_image(px) @ model.encode_text(ids, mask).T
+        pairs = model.ground(ids.repeat(3, 1), mask.repeat(3, 1), model.forward_features(px).repeat_interleave(3, 0))
+        logits = model.itm_head(pairs[:, 0])  # image-major
+        check = model.score(px.repeat_interleave(3, 0), ids.repeat(3, 1), mask.repeat(3, 1)) \
+            - logits.log_softmax(-1)[:, 1]  # the word check of each pair
+        torch.testing.assert_close(check[::4], lowest)
+        want = (logits[:, 1] - logits[:, 0] + check).view(3, 3) + sim
+        torch.testing.assert_close(reranked, want, atol=1e-4, rtol=1e-5)
+        model.cfg.match_score = "itm"
+        plain = model.score(px, ids, mask)
+        torch.testing.assert_close(plain, model.match(px, ids, mask).log_softmax(-1)[:, 1])
+        torch.testing.assert_close(plain, itm[:, 1])
+        assert (score < plain - 1e-3).all()
+
+
+def test_objective_settings_blip_cannot_train_are_named():
+    with pytest.raises(ValueError, match="relation_mask_prob"):
+        _model(grounding_weight=1.0, relation_mask_prob=0.5)
+    with pytest.raises(ValueError, match="edit_weight > 0"):
+        _model(match_score="itm+edit")
+    with pytest.raises(ValueError, match="hard_negatives"):
+        _model(edit_weight=1.0)
+    with pytest.raises(ValueError, match="ITM pass"):
+        _model(grounding_weight=1.0, objectives=("itc", "lm"))
+    with pytest.raises(ValueError, match="grounding_layer"):
+        _model(grounding_weight=1.0, grounding_layer=2)
+    with pytest.raises(ValueError, match="fusion_pos"):
+        _model(fusion_pos="learned")
+    with pytest.raises(ValueError, match="directional_head_index"):
+        _model(directional_heads=True, directional_head_index=1)
+    with pytest.raises(ValueError, match="'grounding' targets"):
+        _model(grounding_weight=1.0).training_losses(_batch())
+
+
+def test_position_codes_and_directional_heads_change_the_grounded_encoder():
+    """fusion_pos adds 2-D codes to the image tokens the cross-attention reads (encoder and
+    decoder); directional_heads restricts two self-attention heads of the encoder, not the
+    decoder's; both off by default."""
+    plain, batch = _model(), _batch()
+    px, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+    for kw, decoder_changes in ((dict(fusion_pos="sincos"), True), (dict(directional_heads=True), False)):
+        variant = _model(**kw)
+        variant.load_state_dict(plain.state_dict())
+        with torch.no_grad():
+            assert not torch.allclose(variant.match(px, ids, mask), plain.match(px, ids, mask)), kw
+            assert torch.allclose(_lm(variant, batch), _lm(plain, batch)) != decoder_changes, kw
+    with torch.no_grad():
+        unimodal = _model(directional_heads=True, directional_head_index=0)
+        unimodal.load_state_dict(plain.state_dict())
+        x = unimodal.text_embed(ids)
+        want = unimodal.text_layers(x, mask=directional_mask(mask, 2, 0))
+        torch.testing.assert_close(unimodal._text(ids, mask)[0], want)

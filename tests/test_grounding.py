@@ -187,7 +187,7 @@ def test_vilt_checks_its_grounding_settings():
                                  "attention_mask": torch.ones(1, 3, dtype=torch.long)})
 
 
-def test_vilt_learns_to_look_where_the_word_points():
+def test_vilt_learns_to_look_where_the_word_points(word_squares):
     """Two words, each naming the patch of a bright square somewhere in a dark image: trained on
     the grounding loss (with MLM beside it), the supervised head's attention mass on the right
     patch rises from chance (1/16) to most of it, and an unsupervised image shows it."""
@@ -196,18 +196,7 @@ def test_vilt_learns_to_look_where_the_word_points():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
     def batch(n, gen):
-        cells = torch.randint(0, 16, (n, 2), generator=gen)
-        pixels = torch.full((n, 3, 32, 32), -1.0)
-        ids = torch.tensor([[2, 10, 11, 3]] * n)
-        targets = torch.zeros(n, 4, 16)
-        for j in range(n):
-            for w in range(2):
-                c = int(cells[j, w])
-                r, col = divmod(c, 4)
-                pixels[j, w, r * 8:(r + 1) * 8, col * 8:(col + 1) * 8] = 1.0  # channel = word
-                targets[j, 1 + w, c] = 1.0
-        return {"pixel_values": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "grounding": targets}
+        return word_squares(n, gen, 32)
 
     gen = torch.Generator().manual_seed(1)
     test = batch(32, torch.Generator().manual_seed(99))

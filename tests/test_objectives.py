@@ -14,7 +14,9 @@ from vlkit.objectives import FusionSpec, Objective, register_objective, unregist
 SMALL = {"albef": dict(dim=32, heads=4, mlp_dim=64, text_layers=1, fusion_layers=2, vocab_size=60, embed_dim=16,
                        queue_size=32, **{"vision.dim": 32, "vision.depth": 1, "vision.heads": 2,
                                          "vision.mlp_dim": 64}),
-         "vilt": dict(dim=32, depth=2, heads=4, mlp_dim=64, vocab_size=60)}
+         "vilt": dict(dim=32, depth=2, heads=4, mlp_dim=64, vocab_size=60),
+         "blip": dict(dim=32, heads=2, mlp_dim=64, layers=2, vocab_size=60, embed_dim=16, queue_size=8,
+                      **{"vision.dim": 32, "vision.depth": 1, "vision.heads": 2, "vision.mlp_dim": 64})}
 
 
 def _batch(size, b=3, length=7):
@@ -25,7 +27,7 @@ def _batch(size, b=3, length=7):
             "attention_mask": torch.ones_like(ids)}
 
 
-@pytest.mark.parametrize("name", ["albef", "vilt"])
+@pytest.mark.parametrize("name", ["albef", "vilt", "blip"])
 def test_weight_zero_adds_no_loss_and_no_parameters(name):
     torch.manual_seed(0)
     off = vlkit.create_model(name, "tiny", **SMALL[name], grounding_weight=0.0, relation_weight=0.0,
@@ -49,7 +51,7 @@ def test_weight_zero_adds_no_loss_and_no_parameters(name):
 
 def test_a_registered_objective_joins_training_without_a_model_edit():
     """A toy objective (an L2 pull of the fused text states, with a parameter of its own) and a
-    config class that carries its option: ALBEF and ViLT build it, add its weighted loss, save
+    config class that carries its option: ALBEF, ViLT and BLIP build it, add its weighted loss, save
     its parameter, and a weight of 0 leaves it out."""
     @dataclasses.dataclass
     class ToyOptions:
@@ -88,7 +90,7 @@ def test_a_registered_objective_joins_training_without_a_model_edit():
             out["toy_loss"] = torch.stack(step.state["toy"]).mean()
             return [self.cfg.toy_weight * out["toy_loss"]]
     try:
-        for name in ("albef", "vilt"):
+        for name in ("albef", "vilt", "blip"):
             cls = model_class(name)
             config = dataclasses.make_dataclass("ToyConfig", [("toy_weight", float, 0.5)], bases=(cls.config_class,))
             base = cls.make_config("tiny", **SMALL[name])
@@ -96,7 +98,7 @@ def test_a_registered_objective_joins_training_without_a_model_edit():
             model = cls(cfg)
             assert [o.name for o in model.objectives] == ["toy"] and "toy.scale" in model.state_dict()
             size = model.image_spec()["size"]
-            n = size // (16 if name == "albef" else 8)
+            n = size // (8 if name == "vilt" else 16)
             batch = {**_batch(size), "grounding": torch.zeros(3, 7, n * n)}
             out = model.training_losses(batch)
             parts = [v for k, v in out.items() if k.endswith("_loss") and k != "toy_loss"]

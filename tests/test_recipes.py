@@ -14,7 +14,7 @@ from vlkit.train import loop
 from vlkit.train.recipe import (RESOLVED, RecipeError, check_recipe, dump_toml, load_recipe, recipe_names,
                                 resolve, run_recipe, stage_shares, tomllib)
 
-SHIPPED = ["albef-world", "clip-world", "vilt-vqa-world", "vilt-world", "vit-world", "vlmo-world"]
+SHIPPED = ["albef-world", "blip-world", "clip-world", "vilt-vqa-world", "vilt-world", "vit-world", "vlmo-world"]
 
 
 def test_the_named_recipes_ship_with_the_package():

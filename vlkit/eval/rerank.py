@@ -4,7 +4,8 @@ the top k of each query with the ITM head.
 The model needs ``encode_image``/``encode_text`` (normalised embeddings) and ``match`` (ITM
 logits of zipped pairs). Models that also have ``forward_features``, ``text_features`` and
 ``match_tokens`` run each image and text through its encoder once and only the fusion layers
-per pair.
+per pair; a model with ``match_log_odds`` (the same inputs) scores the pairs with it, the ITM
+log-odds adjusted as its ``score`` is (BLIP with ``match_score="itm+edit"``).
 
 Scores: the top k of a row hold the ITM log-odds of a match (logit 1 − logit 0; plus the ITC
 similarity for a model with ``rerank_adds_itc``, as BLIP scores them); the other
@@ -32,6 +33,9 @@ class _Encoded:
         out = []
         for s in range(0, len(image_index), self.batch_size):
             i, t = image_index[s:s + self.batch_size], text_index[s:s + self.batch_size]
+            if self.fast and hasattr(self.model, "match_log_odds"):
+                out.append(self.model.match_log_odds(self.images[i], self.texts[t], self.mask[t]).float())
+                continue
             if self.fast:
                 logits = self.model.match_tokens(self.images[i], self.texts[t], self.mask[t])
             else:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["mask_tokens", "mlm_loss", "minimal_pairs", "MinimalPairs", "IGNORE_INDEX", "no_edit_pairs",
-           "lowest_word_logprob", "edit_loss_and_accuracy", "edit_from_pass"]
+           "lowest_word_logprob", "edit_loss_and_accuracy", "edit_from_pass", "word_keep_loss"]
 
 IGNORE_INDEX = -100
 
@@ -166,3 +166,24 @@ def edit_loss_and_accuracy(logits: torch.Tensor, target: torch.Tensor, false_sho
         return hit[sel].mean() if bool(sel.any()) else nan
     return {"edit_loss": F.cross_entropy(logits.float(), target),
             "edit_fix_acc": share(false_shown), "edit_keep_acc": share(~false_shown)}
+
+
+def word_keep_loss(head, states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   rows: torch.Tensor, special_ids: Iterable[int]) -> dict:
+    """A word head that no MLM trains, taught to name every visible word where it stands (what
+    MLM's unchanged tenth teaches an MLM head), so that a word it doubts stands out in
+    ``lowest_word_logprob``: ``states`` (N, >=L, D) of a fused pass holding caption i of
+    ``input_ids`` (B, L) at row ``rows[i]`` (-1: not in the pass). {"edit_word_loss": the
+    cross-entropy over the real non-special tokens, "edit_word_acc": the share named right}."""
+    special = torch.tensor(sorted(set(int(i) for i in special_ids)), device=input_ids.device)
+    rows = rows.to(input_ids.device)
+    shown = rows >= 0
+    ids, mask = input_ids[shown], attention_mask[shown]
+    words = mask.bool() & ~torch.isin(ids, special)
+    if not bool(words.any()):
+        zero = states.new_zeros(())
+        return {"edit_word_loss": zero, "edit_word_acc": torch.full_like(zero, float("nan"))}
+    logits = head(states[rows[shown], :ids.shape[1]][words]).float()  # (M, vocab)
+    target = ids[words]
+    return {"edit_word_loss": F.cross_entropy(logits, target),
+            "edit_word_acc": (logits.detach().argmax(-1) == target).float().mean()}

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import (AttentionGuide, BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostNormBlock,
+from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostNormBlock,
                       Transformer, check_directional_heads, classifier, directional_mask, init_weights, padding_mask,
                       patch_attention, sincos_square)
 from ..losses.distill import alpha_at, itc_queue_loss, itm_hard_negative_index, mlm_distill_loss
@@ -46,6 +46,7 @@ from ..losses.mlm import mask_tokens
 from ..losses.vqa import batch_vqa_loss, vqa_loss
 from ..collective import all_gather_no_grad, all_gather_padded, call_generator, global_mean_scale
 from ..objectives import FusionSpec, ObjectiveOptions, Step, build_objectives, match_log_score
+from ..objectives.taps import tapped_cross_attention
 from .base import Output, VLModel, answer_names, image_spec, register, requires_head
 from .clip import PRESETS as CLIP_PRESETS
 from .vit import ViTConfig, VisionTransformer
@@ -241,24 +242,12 @@ class ALBEF(VLModel):
         return tuple(self.vision.embed.grid) if self.cfg.grounding_weight > 0 else None
 
     def fuse_tapped(self, text_hidden, attention_mask, image_tokens, step: Step, targets: dict):
-        """The fusion layers as ``fuse``, tapped for the objectives (``vlkit.objectives.base``):
-        the cross-attention of the layers they read, text over the patches (after the image
-        [CLS]), (B, heads, L, P), and attention forcing of those layers in training."""
-        from ..objectives.grounding import check_targets
-        check_targets(targets["names"], attention_mask.shape, image_tokens.shape[1] - 1)
+        """The fusion layers as ``fuse``, tapped for the objectives
+        (``vlkit.objectives.taps.tapped_cross_attention``)."""
         if self.cfg.fusion_pos:
             image_tokens = image_tokens + sincos_square(image_tokens)
-        targets = {k: None if v is None else v.to(image_tokens.device) for k, v in targets.items()}
-        forced, guides = step.guides(targets), None
-        if forced is not None:
-            dtype = self.text_proj.weight.dtype
-            guides = {layer: {"cross": AttentionGuide(first, F.pad(t.to(dtype), (1, 0)), forced[1])}
-                      for layer, (first, t) in forced[0].items()}
-        fused, maps = self.fusion_layers.forward_with_maps_of(
-            text_hidden, step.attention_layers(), mask=self._self_mask(attention_mask), context=image_tokens,
-            guides=guides)
-        step.read("text", lambda layer, heads: maps[layer]["cross"][:, heads, :, 1:], fused, targets)
-        return fused
+        return tapped_cross_attention(self.fusion_layers, step, text_hidden, attention_mask,
+                                      self._self_mask(attention_mask), image_tokens, targets)
 
     def _self_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """The text self-attention mask: padding, and with ``directional_heads`` one head that

@@ -65,7 +65,7 @@ class VLModel(nn.Module):
     # ``score(pixel_values, input_ids, attention_mask=None) -> (B,)``, on every model that rates
     # image-text pairs: a log-score that each zipped (image, text) pair matches, higher = a
     # better match, comparable between captions of one image and between images of one caption.
-    # Fusion models (ViLT, ALBEF) return log P(match) from the ITM head (<= 0); with
+    # Fusion models (ViLT, ALBEF, VLMo, BLIP) return log P(match) from the ITM head (<= 0); with
     # ``match_score="itm+edit"`` the log of that probability times the MLM head's probability of
     # the text's least likely word (``vlkit.objectives.word_edit``). CLIP, which has no match
     # head, returns its logit: the temperature-scaled cosine, whose softmax over candidate

@@ -24,6 +24,10 @@ Training (``training_losses``), equally weighted, the config's ``objectives`` wh
 Under a process group the ITC columns hold the momentum features of the global batch, the ITM
 negatives are drawn for the global batch (seeded by run seed and ``steps_done``) and every mean
 is over the global batch: W processes train as one does on the same global batch.
+Auxiliary objectives (``vlkit.objectives``: phrase and relation grounding, replaced-word
+correction with a word head of its own, attention forcing) read the grounded encoder's ITM pass:
+the cross-attention of the captions shown with their own image, and the states of every row.
+Architecture variants as ALBEF's: ``fusion_pos``, ``directional_heads``.
 ``score_captions`` is the unsmoothed log-likelihood of captions; ``generate`` decodes captions
 with ``vlkit.models.generate`` on the layers' KV cache (image encoded once, cross-attention keys
 and values computed once per image). ``hf_compat`` reproduces Hugging Face's BLIP, which gives
@@ -40,11 +44,14 @@ from torch import nn
 
 from ..collective import all_gather_no_grad, call_generator, global_mean_scale
 from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostNormBlock, Transformer,
-                      init_weights, padding_mask, patch_attention)
+                      check_directional_heads, directional_mask, init_weights, padding_mask, patch_attention,
+                      sincos_square)
 from ..losses.captioning import caption_labels, lm_loss, sequence_log_likelihood
 from ..losses.distill import alpha_at, itc_queue_loss, itm_token_pairs
 from ..losses.matching import gather_token_batch, itm_accuracy, itm_loss
 from ..losses.vqa import answer_log_likelihood, answer_lm_loss
+from ..objectives import FusionSpec, ObjectiveOptions, Step, build_objectives, match_log_score
+from ..objectives.taps import tapped_cross_attention
 from .base import Output, VLModel, image_spec, register
 from .clip import PRESETS as CLIP_PRESETS
 from .generate import decode
@@ -68,7 +75,8 @@ def _needs(part: str):
 
 
 @dataclass
-class BLIPConfig:
+class BLIPConfig(ObjectiveOptions):
+    """The objectives' options (``grounding_weight`` ...) come from ``ObjectiveOptions``."""
     vision: ViTConfig = field(default_factory=ViTConfig)
     dim: int = 768                  # text width (BERT hidden size)
     layers: int = 12                # text layers, each with self-, cross-attention and MLP
@@ -89,6 +97,14 @@ class BLIPConfig:
     retrieval_heads: bool = True    # with the encoder: ITC projections, ITM head, momentum and queues
     hf_compat: bool = False         # grounded encoder fed [CLS] as Hugging Face does, not [ENC]
     vision_init: str = ""           # a ViT or CLIP run (or HF folder) whose image tower fits ``vision``
+    # "sincos": fixed 2-D position codes added to the image tokens the cross-attention reads (the
+    # grounded encoder's and the decoder's), as ALBEF's ``fusion_pos``
+    fusion_pos: str = ""
+    # architecture variant: in the encoder's self-attention (unimodal and grounded), head
+    # directional_head_index (negative: from the end) sees only the tokens at or before its
+    # query, the next head only those at or after it (``layers.directional_mask``)
+    directional_heads: bool = False
+    directional_head_index: int = -2
     # training
     distill: bool = True
     alpha: float = 0.4
@@ -102,6 +118,7 @@ class BLIPConfig:
     eot_token_id: int = 3           # [SEP]: the decoder's end token
     dec_token_id: int = 5           # [DEC] (vlkit's WordPiece with BLIP's extra tokens)
     enc_token_id: int = 6           # [ENC]
+    special_token_ids: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)  # never words (the objectives' word head)
     objectives: tuple[str, ...] = ("itc", "itm", "lm", "vqa")  # losses trained, where the part exists
     answer_names: list[str] = field(default_factory=list)  # VQA: the training answers (eval ranks them)
 
@@ -114,7 +131,8 @@ def _vit(**kw) -> ViTConfig:
     return ViTConfig(**{**base, **kw})
 
 
-BERT_IDS = dict(vocab_size=30524, pad_token_id=0, eot_token_id=102, dec_token_id=30522, enc_token_id=30523)
+BERT_IDS = dict(vocab_size=30524, pad_token_id=0, eot_token_id=102, dec_token_id=30522, enc_token_id=30523,
+                special_token_ids=(0, 100, 101, 102, 103, 30522, 30523))
 PRESETS = {
     # the synthetic world at 64 px: CLIP tiny's image tower; momentum and queue sized as ALBEF tiny's
     "tiny": dict(vision=dataclasses.replace(CLIP_PRESETS["tiny"]["vision"]), dim=192, layers=3, heads=3,
@@ -137,6 +155,8 @@ class BLIP(VLModel):
     # tokens the tokenizer must hold, and the config fields their ids go to (``vlkit train``)
     special_tokens = {"dec_token_id": "[DEC]", "enc_token_id": "[ENC]"}
     decodes_answers = True  # VQA batches carry the answers' tokens (``data.collate``), not class scores
+    # may be missing from an --init source (added by an objective)
+    optional_heads = ("word_head", "relation_grounding", "attention_forcing")
 
     def __init__(self, cfg: BLIPConfig):
         super().__init__()
@@ -145,6 +165,11 @@ class BLIP(VLModel):
         unknown = [o for o in cfg.objectives if o not in OBJECTIVES]
         if unknown or not cfg.objectives:
             raise ValueError(f"objectives {list(cfg.objectives)}: choose from {', '.join(OBJECTIVES)}")
+        if cfg.fusion_pos not in ("", "sincos") or (cfg.fusion_pos and cfg.vision.patch_dropout):
+            raise ValueError(f"fusion_pos must be '' or 'sincos' (which needs every patch token: "
+                             f"vision.patch_dropout=0), got {cfg.fusion_pos!r}")
+        if cfg.directional_heads:
+            check_directional_heads(cfg.heads, cfg.directional_head_index)
         self.cfg = cfg
         d, e = cfg.dim, cfg.embed_dim
         self.vision = VisionTransformer(cfg.vision)
@@ -167,6 +192,19 @@ class BLIP(VLModel):
             self.text_proj = nn.Linear(d, e)
             self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
             self.itm_head = nn.Linear(d, 2)
+        # the grounded encoder's word predictions, for replaced-word correction (no MLM trains it)
+        self.word_head = MLMHead(d, cfg.vocab_size, cfg.eps, cfg.act) \
+            if self.retrieval and (cfg.edit_weight > 0 or cfg.match_score != "itm") else None
+        spec = FusionSpec("grounded encoder", cfg.layers, cfg.heads, d, tuple(self.vision.embed.grid),
+                          all_patches="set vision.patch_dropout=0" if cfg.vision.patch_dropout else "",
+                          mlm_head=self.word_head is not None, mlm_pass=False,
+                          itm_pass=self.retrieval and "itm" in cfg.objectives, hard_negatives=cfg.hard_negatives)
+        self.objectives = build_objectives(cfg, spec)  # each registered under its name: weights in the run
+        if self.objectives and not spec.itm_pass:
+            raise ValueError(f"{', '.join(o.name for o in self.objectives)}: the objectives read the grounded "
+                             "encoder's ITM pass (needs text_encoder, retrieval_heads and 'itm' in objectives)")
+        for objective in self.objectives:
+            self.add_module(objective.name, objective)
         self.lm_head = MLMHead(d, cfg.vocab_size, cfg.eps, cfg.act) if cfg.text_decoder else None
         self.apply(init_weights)
         for emb in (self.text_embed, self.decoder_embed):
@@ -211,21 +249,46 @@ class BLIP(VLModel):
     def _text(self, input_ids, attention_mask, momentum: bool = False):
         """Unimodal encoder: (hidden states (B, L, D), normalised [CLS] embedding (B, E))."""
         mask = _ones_if_none(attention_mask, input_ids)
-        x = self._part("text_layers", momentum)(self._part("text_embed", momentum)(input_ids), mask=padding_mask(mask))
+        x = self._part("text_embed", momentum)(input_ids)
+        x = self._part("text_layers", momentum)(x, mask=self._self_mask(mask))
         return x, F.normalize(self._part("text_proj", momentum)(x[:, 0]), dim=-1)
 
-    def ground(self, input_ids, attention_mask, image_tokens) -> torch.Tensor:
-        """Image-grounded encoder: (B, L, D) states of the text ([ENC] first) over the image tokens."""
-        return self.text_layers(self.text_embed(self._grounded_ids(input_ids)), context=image_tokens,
-                                mask=padding_mask(_ones_if_none(attention_mask, input_ids)))
+    def ground(self, input_ids, attention_mask, image_tokens, step: Step | None = None,
+               targets: dict | None = None) -> torch.Tensor:
+        """Image-grounded encoder: (B, L, D) states of the text ([ENC] first) over the image tokens
+        (with a ``step``: tapped for the objectives, ``objectives.taps.tapped_cross_attention``)."""
+        return self._grounded(self._grounded_ids(input_ids), attention_mask, image_tokens, step, targets)
+
+    def _grounded(self, grounded_ids, attention_mask, image_tokens, step=None, targets=None) -> torch.Tensor:
+        mask = _ones_if_none(attention_mask, grounded_ids)
+        x, context = self.text_embed(grounded_ids), self._context(image_tokens)
+        if step is not None:
+            return tapped_cross_attention(self.text_layers, step, x, mask, self._self_mask(mask), context, targets)
+        return self.text_layers(x, context=context, mask=self._self_mask(mask))
+
+    def _context(self, image_tokens) -> torch.Tensor:
+        """The image tokens as the cross-attention reads them (``fusion_pos``: with 2-D codes)."""
+        return image_tokens + sincos_square(image_tokens) if self.cfg.fusion_pos else image_tokens
+
+    def _self_mask(self, attention_mask) -> torch.Tensor:
+        """The encoder's self-attention mask: padding, and with ``directional_heads`` one head that
+        looks back and one that looks ahead (``layers.directional_mask``)."""
+        if self.cfg.directional_heads:
+            return directional_mask(attention_mask, self.cfg.heads, self.cfg.directional_head_index)
+        return padding_mask(attention_mask)
+
+    @property
+    def grounding_grid(self) -> tuple[int, int] | None:
+        """The patch grid grounding targets are made for, when this model trains grounding."""
+        return tuple(self.vision.embed.grid) if self.cfg.grounding_weight > 0 else None
 
     def cross_attention_maps(self, pixel_values, input_ids, attention_mask=None,
                              layer: int | None = None) -> torch.Tensor:
         """(B, L, N): each text token's cross-attention over the N image patches in the
         image-grounded encoder (``layers.patch_attention``: of ``layer``, or the mean of all)."""
-        _, maps = self.text_layers(self.text_embed(self._grounded_ids(input_ids)),
-                                   context=self.forward_features(pixel_values), return_attention=True,
-                                   mask=padding_mask(_ones_if_none(attention_mask, input_ids)))
+        context = self._context(self.forward_features(pixel_values))
+        _, maps = self.text_layers(self.text_embed(self._grounded_ids(input_ids)), context=context,
+                                   return_attention=True, mask=self._self_mask(_ones_if_none(attention_mask, input_ids)))
         return patch_attention(maps, layer, "this BLIP")
 
     @_needs("retrieval")
@@ -269,9 +332,15 @@ class BLIP(VLModel):
     @_needs("retrieval")
     def match_tokens(self, image_tokens, text_ids, attention_mask=None) -> torch.Tensor:
         """ITM logits (B, 2) from image tokens and ``text_features`` (re-ranking)."""
-        states = self.text_layers(self.text_embed(text_ids), context=image_tokens,
-                                  mask=padding_mask(_ones_if_none(attention_mask, text_ids)))
-        return self.itm_head(states[:, 0])
+        return self.itm_head(self._grounded(text_ids, attention_mask, image_tokens)[:, 0])
+
+    @_needs("retrieval")
+    def match_log_odds(self, image_tokens, text_ids, attention_mask=None) -> torch.Tensor:
+        """(B,) re-ranking scores from image tokens and ``text_features``: the ITM log-odds,
+        adjusted as ``score`` is by the objectives (``match_score="itm+edit"``)."""
+        states = self._grounded(text_ids, attention_mask, image_tokens)
+        return match_log_score(self.objectives, self.itm_head(states[:, 0]), lambda: self.word_head(states),
+                               text_ids, attention_mask, log_odds=True)
 
     @_needs("retrieval")
     def match(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
@@ -280,8 +349,11 @@ class BLIP(VLModel):
 
     @_needs("retrieval")
     def score(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
-        """(B,) log P(match) of zipped pairs from the ITM head."""
-        return self.match(pixel_values, input_ids, attention_mask).float().log_softmax(-1)[:, 1]
+        """(B,) log P(match) of zipped pairs from the ITM head, adjusted by the objectives
+        (``match_score="itm+edit"``; ``VLModel`` documents ``score``)."""
+        states = self.ground(input_ids, attention_mask, self.forward_features(pixel_values))
+        return match_log_score(self.objectives, self.itm_head(states[:, 0]), lambda: self.word_head(states),
+                               input_ids, attention_mask)
 
     def forward(self, pixel_values, input_ids, attention_mask=None) -> Output:
         """Encoder side: grounded states, ITM logits and both ITC embeddings (decoder-only: LM logits)."""
@@ -296,14 +368,14 @@ class BLIP(VLModel):
     def lm_logits(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
         """(B, L', V) next-token logits of [DEC] + prompt + caption (``decoder_inputs``)."""
         ids, mask, _ = self.decoder_inputs(input_ids, attention_mask)
-        return self.lm_head(self.decode_states(ids, mask, self.forward_features(pixel_values)))
+        return self.lm_head(self.decode_states(ids, mask, self._context(self.forward_features(pixel_values))))
 
     @_needs("text_decoder")
     def score_captions(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
         """(B,) log-likelihood of each caption (tokenised with [CLS] ... [SEP]) after the prompt,
         its end token included, without label smoothing."""
         ids, mask, unscored = self.decoder_inputs(input_ids, attention_mask)
-        logits = self.lm_head(self.decode_states(ids, mask, self.forward_features(pixel_values)))
+        logits = self.lm_head(self.decode_states(ids, mask, self._context(self.forward_features(pixel_values))))
         return sequence_log_likelihood(logits, caption_labels(ids, mask, unscored))
 
     @_needs("text_decoder")
@@ -317,7 +389,7 @@ class BLIP(VLModel):
         the image's (VQA: the question's); ``options``: see ``vlkit.models.generate.decode``
         (num_beams, do_sample, top_p, generator ...)."""
         if context is None:
-            context = self.forward_features(pixel_values)  # the image, encoded once
+            context = self._context(self.forward_features(pixel_values))  # the image, encoded once
         keys = None if context_mask is None else padding_mask(context_mask)  # (B, 1, 1, M)
         b = context.shape[0]
         if prompt_ids is None:
@@ -375,17 +447,26 @@ class BLIP(VLModel):
         pixel_values, input_ids, attention_mask; optional image_ids (captions of one image are
         positives of each other), neg_input_ids / neg_attention_mask / neg_owner (with
         ``hard_negatives``), question_input_ids / question_attention_mask / answer_input_ids /
-        answer_attention_mask (VQA)."""
+        answer_attention_mask (VQA); with the auxiliary objectives, their targets (grounding ...)."""
         cfg, objectives = self.cfg, set(self.cfg.objectives)
         pixels, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
         out, losses = {}, []
         image_tokens = self.forward_features(pixels)
-        if self.retrieval and objectives & {"itc", "itm"}:  # ITM draws its negatives by ITC similarity
-            out.update(self._itc_itm(batch, pixels, ids, mask, image_tokens))
+        # the random draws of this call (ITM negatives, then the objectives'), made for the global batch
+        generator = call_generator(self._calls, int(self.steps_done), self.training, ids.device)
+        itc_itm = self.retrieval and bool(objectives & {"itc", "itm"})  # ITM draws its negatives by ITC similarity
+        g = gather_token_batch(ids, mask, batch.get("image_ids"), cfg.pad_token_id) if itc_itm else None
+
+        def draw(rows):  # uniform draws for rows of this batch, made for the global batch
+            return torch.rand(sum(g["sizes"]), generator=generator, device=ids.device)[g["rows"]][rows]
+        step = Step(self.objectives, batch, self.training, word_logits=self.word_head, draw=draw,
+                    fuse=lambda rows, t, m: self.ground(t, m, image_tokens[rows]))
+        if itc_itm:
+            out.update(self._itc_itm(batch, pixels, ids, mask, image_tokens, g, generator, step))
             losses += [out[f"{o}_loss"] for o in ("itc", "itm") if o in objectives]
         if cfg.text_decoder and "lm" in objectives:
             dec_ids, dec_mask, unscored = self.decoder_inputs(ids, mask)
-            logits = self.lm_head(self.decode_states(dec_ids, dec_mask, image_tokens))
+            logits = self.lm_head(self.decode_states(dec_ids, dec_mask, self._context(image_tokens)))
             out["lm_loss"] = lm_loss(logits, caption_labels(dec_ids, dec_mask, unscored), cfg.label_smoothing,
                                      global_batch=True)
             losses.append(out["lm_loss"])
@@ -399,34 +480,41 @@ class BLIP(VLModel):
             logits = self.answer_logits(states, q_mask, a_ids, a_mask)
             out["vqa_loss"] = answer_lm_loss(logits, a_ids, a_mask, cfg.label_smoothing, global_batch=True)
             losses.append(out["vqa_loss"])
+        losses.extend(step.finish(out))
         if not losses:
             raise ValueError(f"nothing to train: objectives {list(cfg.objectives)} need their parts "
                              "(and VQA needs answer_input_ids in the batch)")
         out["loss"] = torch.stack([l.float() for l in losses]).sum()
         return out
 
-    def _itc_itm(self, batch, pixels, ids, mask, image_tokens) -> dict:
-        """ITC against [momentum features of the global batch ; queue] and ITM with negatives
+    def _itc_itm(self, batch, pixels, ids, mask, image_tokens, g: dict, generator, step: Step) -> dict:
+        """ITC against [momentum features of the global batch ``g`` ; queue] and ITM with negatives
         drawn for the global batch (``losses.distill.itm_token_pairs``), means over the global
-        batch; in training the momentum features are enqueued (every process's, in rank order)."""
+        batch; in training the momentum features are enqueued (every process's, in rank order).
+        The ITM pass is the objectives' (targets on the positives, ``Step.targets_at``)."""
         cfg, image_ids = self.cfg, batch.get("image_ids")
         alpha, temp = self.alpha(), self.temp.clamp(0.001, 0.5)
-        generator = call_generator(self._calls, int(self.steps_done), self.training, ids.device)
         image_feat = F.normalize(self.image_proj(image_tokens[:, 0]), dim=-1)
         text_feat = self._text(ids, mask)[1]
         with torch.no_grad():
             image_feat_m = self._image(pixels, momentum=True)[1]
             text_feat_m = self._text(ids, mask, momentum=True)[1]
-        g = gather_token_batch(ids, mask, image_ids, cfg.pad_token_id)  # every process's batch
         itc = itc_queue_loss(
             image_feat, text_feat, all_gather_no_grad(image_feat_m, g["sizes"]),
             all_gather_no_grad(text_feat_m, g["sizes"]), self.queue.image, self.queue.text, temp, alpha,
             cfg.distill, g["ids"], self.queue.ids if image_ids is not None else None, row_start=g["rows"].start)
         out = {"itc_loss": itc * global_mean_scale(ids.shape[0], ids.device)}
-        images, texts, masks, labels, _ = itm_token_pairs(
+        images, texts, masks, labels, negative_rows = itm_token_pairs(
             g, image_tokens, image_feat, text_feat, 1 / temp.detach(), generator, cfg.itm_hard_negatives,
             batch if cfg.hard_negatives else None, cfg.pad_token_id)
-        logits = self.itm_head(self.ground(texts, masks, images)[:, 0])
+        caption_rows = torch.arange(ids.shape[0], device=ids.device)
+        if step.taps_attention:
+            targets = step.targets_at("caption", caption_rows, texts.shape[0], texts.shape[1])
+            states = self.ground(texts, masks, images, step, targets)
+        else:
+            states = self.ground(texts, masks, images)
+        step.itm_rows(states, caption_rows, negative_rows)
+        logits = self.itm_head(states[:, 0])
         out["itm_loss"] = itm_loss(logits, labels) * global_mean_scale(labels.shape[0], ids.device)
         out["itm_acc"] = itm_accuracy(logits.detach(), labels)
         if self.training:
@@ -441,6 +529,8 @@ class BLIP(VLModel):
             self.momentum.update()
             self.temp.clamp_(0.001, 0.5)
         self.steps_done += 1
+        for objective in self.objectives:
+            objective.after_step()
 
 
 def _ones_if_none(mask, ids):

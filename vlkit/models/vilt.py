@@ -341,25 +341,16 @@ class ViLT(VLModel):
                                             self.cfg.pad_token_id)
                 labels = torch.cat([labels, torch.zeros_like(owner)])
                 negative_rows = ids.shape[0] + torch.arange(owner.shape[0], device=ids.device)
-            if step.taps_attention and not mlm:
-                # the true pairs (their own image, first in the ITM batch) carry the targets
-                n = ids.shape[0]
-
-                def own_rows(t):  # padded to the ITM text length, zero but for the true pairs
-                    if t is None:
-                        return None
-                    t = F.pad(t, (0, 0, 0, itm_ids.shape[1] - ids.shape[1]))
-                    keep = own.view(-1, *[1] * (t.dim() - 1)).to(t.dtype)
-                    return torch.cat([t * keep, t.new_zeros(itm_ids.shape[0] - n, *t.shape[1:])])
-                targets = {k: own_rows(v) for k, v in step.targets("caption").items()}
+            # rows 0..B-1: the captions, with their own image where not swapped; the dataset
+            # negatives, each with its own image, from row B on
+            caption_rows = torch.where(own, torch.arange(ids.shape[0], device=own.device), -1)
+            if step.taps_attention and not mlm:  # the true pairs carry the targets
+                targets = step.targets_at("caption", caption_rows, itm_ids.shape[0], itm_ids.shape[1])
                 features = self.forward_tapped(itm_pixels, itm_ids, itm_mask, step, targets)
                 logits = self.itm_head(self.pooler(features))
             else:
                 result = self(itm_pixels, itm_ids, itm_mask)
                 features, logits = result.features, self.itm_head(result.pooled)
-            # rows 0..B-1: the captions, with their own image where not swapped; the dataset
-            # negatives, each with its own image, from row B on
-            caption_rows = torch.where(own, torch.arange(ids.shape[0], device=own.device), -1)
             step.itm_rows(features[:, :itm_ids.shape[1]], caption_rows, negative_rows)
             out["itm_loss"] = itm_loss(logits, labels)
             out["itm_acc"] = itm_accuracy(logits.detach(), labels)

@@ -24,11 +24,13 @@ def build_objectives(cfg, spec: FusionSpec) -> list[Objective]:
     return [cls(cfg, spec) for cls in usable if cls.name in on]
 
 
-def match_log_score(objectives, itm_logits, word_logits, input_ids, attention_mask):
+def match_log_score(objectives, itm_logits, word_logits, input_ids, attention_mask, log_odds: bool = False):
     """(B,) log-probability that each pair matches (what a fusion model's ``score`` returns):
     the ITM head's, from its (B, 2) logits, adjusted by each objective's ``log_score``
-    (``match_score="itm+edit"``); ``word_logits()`` gives the word predictions they may read."""
-    logp = itm_logits.float().log_softmax(-1)[:, 1]
+    (``match_score="itm+edit"``); ``word_logits()`` gives the word predictions they may read.
+    ``log_odds``: start from the ITM log-odds instead (re-ranking scores, ``eval.rerank``)."""
+    logits = itm_logits.float()
+    logp = logits[:, 1] - logits[:, 0] if log_odds else logits.log_softmax(-1)[:, 1]
     for objective in objectives:
         logp = objective.log_score(logp, word_logits, input_ids, attention_mask)
     return logp

@@ -13,6 +13,8 @@ them as submodules under their ``name`` (their weights travel in model.safetenso
   objectives name the layers whose attention they read (``attention_layers``) and may force
   (``guides``); the model returns that attention as (B, heads, L, P) — text rows over the P
   image patches — and the text states (B, L, D) (``read``).
+  A model whose tapped pass is ITM places the targets on the rows of the true pairs
+  (``targets_at``).
 - ``itm_rows``: the ITM pass's fused text states with their pairing (the row of each caption
   shown with its own image, the row of each dataset negative shown with its own image).
 - ``mask_words``: the MLM masking, after the model's own.
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _OBJECTIVES: list[type["Objective"]] = []
@@ -60,7 +63,8 @@ class FusionSpec:
     all_patches: str = ""            # "" or why not every patch token is in place in training
     blind_heads: tuple[int, ...] = ()  # heads whose text rows do not see the image
     blind_reason: str = ""
-    mlm_head: bool = True
+    mlm_head: bool = True            # a head that predicts the word at each text position
+    mlm_pass: bool = True            # ... trained by MLM (else by the objectives alone: no ``mask_words``)
     itm_pass: bool = True            # the model trains ITM (``itm_rows`` is tapped)
     hard_negatives: bool = False     # batches carry the dataset's negative captions
 
@@ -152,6 +156,21 @@ class Step:
         """The attention targets of a pass over the captions ("caption") or questions ("question")."""
         key = "grounding" if kind == "caption" else "question_grounding"
         return {"names": self.batch.get(key), "roles": self.batch.get(key + "_roles")}
+
+    def targets_at(self, kind: str, rows: torch.Tensor, total: int, length: int) -> dict:
+        """``targets(kind)`` placed in a pass of ``total`` rows at ``length`` text positions:
+        the batch's row i at pass row ``rows[i]`` (-1: nowhere), every other row without targets
+        (a pass such as ITM that also shows texts with images they do not describe)."""
+        out = {}
+        for key, t in self.targets(kind).items():
+            if t is not None:
+                at = rows.to(t.device)
+                t = F.pad(t, (0, 0, 0, length - t.shape[-2]))
+                placed = t.new_zeros(total, *t.shape[1:])
+                placed[at[at >= 0]] = t[at >= 0]
+                t = placed
+            out[key] = t
+        return out
 
     def attention_layers(self) -> list[int]:
         layers: set[int] = set()

@@ -76,6 +76,9 @@ class RelationGrounding(Objective):
         if not 0 <= cfg.relation_mask_prob <= 1 or (cfg.relation_mask_prob > 0 and cfg.grounding_weight <= 0):
             raise ValueError(f"relation_mask_prob={cfg.relation_mask_prob}: needs to be in [0, 1], and "
                              "> 0 needs grounding_weight > 0 (the relation words come from the grounding)")
+        if cfg.relation_mask_prob > 0 and not spec.mlm_pass:
+            raise ValueError(f"relation_mask_prob={cfg.relation_mask_prob}: the {spec.stack} trains no MLM "
+                             "(relation words are masked in the MLM pass); set it to 0")
 
     def __init__(self, cfg, spec: FusionSpec):
         super().__init__(cfg, spec)

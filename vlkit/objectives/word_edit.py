@@ -14,6 +14,11 @@ at no extra fusion cost; needs the ITM pass); ``match_score``: "itm" (``score`` 
 log-probability) or "itm+edit" (plus the MLM head's lowest log-probability of a word of the
 text where it stands, ``losses.mlm.lowest_word_logprob``: a word the image contradicts lowers
 the score; needs an MLM head, works with ``edit_weight`` 0 too).
+
+A model whose word head no MLM trains (``FusionSpec.mlm_pass`` false: BLIP's grounded encoder)
+trains it here alone: besides the edited positions, the head names every word of the captions
+shown with their own image in the ITM pass (``losses.mlm.word_keep_loss``, weighted as the edit
+loss), so ``match_score="itm+edit"`` there needs ``edit_weight`` > 0 and the ITM pass.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..losses.mlm import edit_from_pass, edit_loss_and_accuracy, lowest_word_logprob, minimal_pairs, no_edit_pairs
+from ..losses.mlm import (edit_from_pass, edit_loss_and_accuracy, lowest_word_logprob, minimal_pairs, no_edit_pairs,
+                          word_keep_loss)
 from .base import FusionSpec, Objective, register_objective
 
 
@@ -54,6 +60,12 @@ class ReplacedWordCorrection(Objective):
         if cfg.match_score not in ("itm", "itm+edit") or (cfg.match_score == "itm+edit" and not spec.mlm_head):
             raise ValueError(f"match_score must be 'itm' or 'itm+edit' (which needs the MLM head), "
                              f"got {cfg.match_score!r}")
+        if not spec.mlm_pass and (cfg.edit_weight > 0 or cfg.match_score != "itm") \
+                and not (cfg.edit_weight > 0 and spec.itm_pass):
+            raise ValueError(f"edit_weight={cfg.edit_weight}, match_score={cfg.match_score!r}: the {spec.stack} "
+                             "trains no MLM, so its word head is trained by the replaced-word correction "
+                             "alone, read off the ITM pass: match_score='itm+edit' needs edit_weight > 0, "
+                             "and both need the ITM head and objective")
 
     @property
     def on(self) -> bool:
@@ -62,6 +74,10 @@ class ReplacedWordCorrection(Objective):
     def itm_rows(self, step, states, caption_rows, negative_rows) -> None:
         if self.on and self.cfg.edit_pass == "itm":
             step.state["edit"] = edit_from_pass(step.word_logits, states, step.batch, caption_rows, negative_rows)
+        if self.on and not self.spec.mlm_pass:
+            step.state["words"] = word_keep_loss(step.word_logits, states, step.batch["input_ids"],
+                                                 step.batch["attention_mask"], caption_rows,
+                                                 self.cfg.special_token_ids)
 
     def _separate(self, step) -> dict:
         """A fusion pass over each caption's first minimal-pair negative (or, with probability
@@ -87,7 +103,11 @@ class ReplacedWordCorrection(Objective):
             return []
         out.update(step.state["edit"] if self.cfg.edit_pass == "itm" and "edit" in step.state
                    else self._separate(step))
-        return [self.cfg.edit_weight * out["edit_loss"]]
+        terms = [self.cfg.edit_weight * out["edit_loss"]]
+        if "words" in step.state:
+            out.update(step.state["words"])
+            terms.append(self.cfg.edit_weight * out["edit_word_loss"])
+        return terms
 
     def log_score(self, logp, word_logits, input_ids, attention_mask):
         if self.cfg.match_score != "itm+edit":
