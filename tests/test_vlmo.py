@@ -310,10 +310,12 @@ def test_pipeline_dual_and_fusion_calls(data, untrained):
 # -- 2 processes = 1 process ----------------------------------------------------------------------
 def _dist_args(out, data):
     """ITC over the global batch, ITM negatives and MLM masks drawn for it, the dataset's
-    negative captions, no dropout or drop path."""
+    negative captions, the fused passes on every 2nd row of the global batch, no dropout or
+    drop path."""
     return ["train", "vlmo", "--data", str(data), "--out", str(out), "--steps", "4", "--batch-size", "8",
             "--lr", "3e-3", "--no-eval", "--no-progress", "--workers", "0", "--precision", "fp32",
-            "--hard-negatives", *SMALL_SET, "--set", "mlm_prob=0.3", "--set", "itc_vl=true"]
+            "--hard-negatives", *SMALL_SET, "--set", "mlm_prob=0.3", "--set", "itc_vl=true",
+            "--set", "fusion_every=2"]
 
 
 def _dist_worker(rank, world, port, out_dir, data):

@@ -436,9 +436,10 @@ class VLMo(VLModel):
             out["scale"] = scale.detach().exp()
         if cfg.fusion_every > 1:  # the fused passes on every n-th row of the global batch
             keep = (torch.arange(g["rows"].start, g["rows"].stop) % cfg.fusion_every == 0).nonzero().flatten()
-            batch, image_tokens = select_rows(batch, keep), image_tokens[keep.to(ids.device)]
+            batch, keep = select_rows(batch, keep), keep.to(ids.device)
+            image_tokens = image_tokens[keep]
             if "itc" in objectives or "itm" in objectives:
-                img, txt = img[keep.to(ids.device)], txt[keep.to(ids.device)]
+                img, txt = img[keep], txt[keep]
             ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
             g = gather_token_batch(ids, mask, batch.get("image_ids"), cfg.pad_token_id)
         step = Step(self.objectives, batch, self.training, word_logits=self.mlm_head,
