@@ -283,3 +283,50 @@ def test_forward_at_equals_the_full_stack_at_those_positions(fused, causal, padd
     torch.testing.assert_close(g_at, g_full, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="cross-attention"):
         Attention(32, 4, context_dim=24).forward_at(x, 0)
+
+
+def test_bf16_cpu_training_takes_the_plain_path_and_agrees_with_the_fused_kernel(monkeypatch):
+    """bf16 attention on the CPU that records gradients over short sequences goes the plain way
+    (the fused kernel's bf16 backward is several times slower there); fp32, inference and long
+    sequences keep the fused kernel. Outputs and gradients agree to bf16 precision."""
+    import torch.nn.functional as F
+
+    from vlkit.layers import attention as attention_module
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(a[0].shape) or sdpa(*a, **kw))
+    attn = Attention(32, 4)
+    x = torch.randn(3, 9, 32)
+    mask = padding_mask(_pad_mask(3, 9, [9, 6, 3]))
+
+    def run(dtype, grad=True, tokens=9):
+        xi = (x if tokens == 9 else torch.randn(1, tokens, 32)).clone().requires_grad_(grad)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = attn(xi, mask=mask if tokens == 9 else None)
+        if grad:
+            out.float().square().sum().backward()
+        return out, xi.grad
+
+    calls.clear()
+    plain_out, plain_grad = run(torch.bfloat16)
+    assert calls == []                                  # bf16 + gradients + 9 tokens: plain
+    run(torch.float32)
+    assert len(calls) == 1                              # fp32: fused
+    with torch.no_grad():
+        run(torch.bfloat16, grad=False)
+    assert len(calls) == 2                              # no gradients: fused
+    run(torch.bfloat16, tokens=attention_module.PLAIN_BF16_CPU_MAX_TOKENS + 1)
+    assert len(calls) == 3                              # past the bound: fused
+    use_fused = attention_module.use_fused
+    with fused_attention(False):                        # the global switch still turns it off
+        assert not use_fused(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
+    attn.zero_grad()
+    fused_x = x.clone().requires_grad_(True)
+    monkeypatch.setattr(attention_module, "use_fused", lambda q, k: True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused_out = attn(fused_x, mask=mask)
+    fused_out.float().square().sum().backward()
+    assert len(calls) == 4
+    torch.testing.assert_close(plain_out.float(), fused_out.float(), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(plain_grad, fused_x.grad, atol=5e-2, rtol=5e-2)

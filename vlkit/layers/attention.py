@@ -9,7 +9,8 @@ Two code paths compute the same thing:
 - fused: ``F.scaled_dot_product_attention`` (the default);
 - plain: softmax(QKᵀ/√d + mask)V in PyTorch ops, which can also return the attention maps.
 The switch is global (``set_fused_attention``) and per call (``return_attention=True`` forces the
-plain path). Both honour the same boolean masks: ``True`` means "may attend".
+plain path); bf16 training on the CPU over short sequences takes the plain path, which the CPU
+differentiates several times faster (``use_fused``). Both honour the same boolean masks: ``True`` means "may attend".
 """
 from __future__ import annotations
 
@@ -35,6 +36,23 @@ def set_fused_attention(enabled: bool) -> None:
 
 def fused_attention_enabled() -> bool:
     return _FUSED
+
+
+# The CPU kernel of F.scaled_dot_product_attention differentiates bf16 inputs 6-10x slower than
+# the plain path for sequences of up to a few hundred tokens (fp32 it does not; forward passes
+# are close): benchmarks/attention_paths.py. Such attention, while gradients are recorded, takes
+# the plain path; longer sequences keep the fused kernel, whose memory does not grow with N·M.
+PLAIN_BF16_CPU_MAX_TOKENS = 256
+
+
+def use_fused(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether attention of queries ``q`` over keys ``k`` (B, heads, N|M, head_dim) takes the
+    fused kernel: the global switch, except bf16 training on the CPU over short sequences."""
+    if not _FUSED:
+        return False
+    return not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
+                and (q.requires_grad or k.requires_grad)
+                and max(q.shape[-2], k.shape[-2]) <= PLAIN_BF16_CPU_MAX_TOKENS)
 
 
 @contextlib.contextmanager
@@ -268,7 +286,7 @@ class Attention(nn.Module):
                     v = torch.cat([past[1], v], dim=2)
                 cache.set(key, k, v)
         n, m = q.shape[2], k.shape[2]
-        fused = _FUSED and not return_attention and guide is None
+        fused = not return_attention and guide is None and use_fused(q, k)
         # causal alone, square: the kernel's own causal mode (no mask tensor, a faster kernel)
         kernel_causal = causal and not self.is_cross and mask is None and n == m and fused
         if causal and not self.is_cross and not kernel_causal:
@@ -294,7 +312,7 @@ class Attention(nn.Module):
                              + (f" and a context mask of {mask.shape[0]}" if mask is not None else ""))
         g = bg // b
         q = q.view(b, g, h, n, d).transpose(1, 2).reshape(b, h, g * n, d)  # (B, heads, G*N, head_dim)
-        if _FUSED and not return_attention:
+        if not return_attention and use_fused(q, k):
             out, attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
         else:
             out, attn = plain_attention(q, k, v, mask)
@@ -321,7 +339,7 @@ class Attention(nn.Module):
             position = torch.full((b,), index, device=x.device) if isinstance(index, int) else index
             mask = combine_masks(mask, (torch.arange(n, device=x.device) <= position[:, None])[:, None, None, :])
         drop = self.attn_drop if self.training else 0.0
-        if _FUSED:
+        if use_fused(q, k):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         else:
             out = plain_attention(q, k, v, mask, drop, self.training)[0]
@@ -393,7 +411,7 @@ def plain_attention(q, k, v, mask=None, dropout_p: float = 0.0, training: bool =
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, heads, N, M)
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    attn = scores.softmax(dim=-1)
+    attn = scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)  # fp32 sums under bf16
     if mask is not None:  # rows with no allowed key: zero, as SDPA gives for fully masked rows
         attn = attn.masked_fill(~mask, 0.0)
     probs = attn if guide is None or guide.weight <= 0 else _guided(attn, guide)

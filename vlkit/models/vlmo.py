@@ -395,13 +395,10 @@ class VLMo(VLModel):
 
     def _dual(self, image_tokens, ids, mask, vl: bool = False):
         """Normalised (image, text) embeddings from the dual passes (``vl``: the VL-FFN on top)."""
-        first_vl = self.cfg.depth - self.cfg.vl_layers
         img_route, txt_route = self.route("image+vl" if vl else "image"), self.route("text+vl" if vl else "text")
         img_proj, txt_proj = (self.itc_vl_image_proj, self.itc_vl_text_proj) if vl else (self.image_proj, self.text_proj)
-        img = self.run(image_tokens, None, img_route, stop=first_vl)
-        txt = self.run(self.embed_text(ids), self._text_mask(mask), txt_route, stop=first_vl)
-        img = self.norm(self.run(img, None, img_route, start=first_vl))[:, 0]
-        txt = self.norm(self.run(txt, self._text_mask(mask), txt_route, start=first_vl))[:, 0]
+        img = self._cls(image_tokens, None, img_route)  # the last block at [CLS] only
+        txt = self._cls(self.embed_text(ids), self._text_mask(mask), txt_route)
         return F.normalize(img_proj(img), dim=-1), F.normalize(txt_proj(txt), dim=-1)
 
     def training_losses(self, batch: dict) -> dict:
