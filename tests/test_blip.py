@@ -293,6 +293,23 @@ def test_capfilt_end_to_end(tiny_run, tmp_path):
     assert main(["capfilt", str(data), "--captioner", str(tiny_run), "--filter", str(tiny_run), "--out", str(out)]) == 2
 
 
+def test_capfilt_reindexes_what_points_at_captions():
+    """A kept record's caption-indexed fields follow its new caption list: grounding spans of the
+    kept originals ([] for a synthetic caption), negatives' sources re-indexed, a negative whose
+    source was dropped dropped with it."""
+    from vlkit.train.capfilt import _with_captions
+    rec = {"image": "a.png", "caption": "c0", "captions": ["c0", "c1", "c2"],
+           "captions_grounding": [["g0"], ["g1"], ["g2"]],
+           "negatives": [{"caption": "n0", "source": 0}, {"caption": "n2", "source": 2},
+                         {"caption": "free"}], "qa": [{"question": "q", "answer": "a"}]}
+    row = _with_captions(rec, ["c2", "synthetic one"])
+    assert row["caption"] == "c2" and row["captions"] == ["c2", "synthetic one"]
+    assert row["captions_grounding"] == [["g2"], []]
+    assert row["negatives"] == [{"caption": "n2", "source": 0}, {"caption": "free"}]
+    assert row["qa"] == rec["qa"] and rec["captions"] == ["c0", "c1", "c2"]  # the input untouched
+    assert "captions_grounding" not in _with_captions({**rec, "captions_grounding": [[]]}, ["c1"])
+
+
 def test_vlkit_train_and_load(tiny_run):
     run = tiny_run
     pipe = vlkit.load(run)

@@ -4,7 +4,8 @@ For every training record the captioner (a run that captions, e.g. BLIP) writes 
 nucleus-sampled captions; the filter (a run with an ITM head) scores every original and
 synthetic caption against the image, and those it judges matched (match probability above
 ``threshold``) are kept. The new dataset folder holds the kept captions (``caption`` the first
-of them, ``captions`` all) with the record's other fields, and copies of the images; a record
+of them, ``captions`` all) with the record's other fields (grounding spans and negatives
+re-indexed to the kept captions), and copies of the images; a record
 with no caption left is dropped. The val and test splits are copied as they are. The report
 (``capfilt.json`` in the new folder, and returned) counts what was kept and dropped, and
 ``capfilt.jsonl`` lists, per training record, each caption with its source, probability and
@@ -38,6 +39,30 @@ def _image(folder: Path, rec: dict, where: str) -> Path:
     if not rec.get("image") or folder.resolve() not in path.parents or not path.is_file():
         raise ValueError(f"{where}: image {rec.get('image')!r} is not a file inside {folder}")
     return path
+
+
+def _with_captions(rec: dict, kept: list[str]) -> dict:
+    """The record with ``kept`` as its captions, and what indexes its captions re-indexed to match:
+    ``captions_grounding`` (a synthetic caption has no spans: []) and each negative's ``source``
+    (a negative whose source caption was dropped goes with it)."""
+    originals = rec.get("captions") or [rec["caption"]]
+    row = {**rec, "caption": kept[0], "captions": kept}
+    table = rec.get("captions_grounding")
+    if isinstance(table, list) and len(table) == len(originals):
+        row["captions_grounding"] = [table[originals.index(c)] if c in originals else [] for c in kept]
+    else:
+        row.pop("captions_grounding", None)
+    if rec.get("negatives"):
+        negatives = []
+        for n in rec["negatives"]:
+            source = n.get("source") if isinstance(n, dict) else None
+            if isinstance(source, int) and not isinstance(source, bool):
+                if not 0 <= source < len(originals) or originals[source] not in kept:
+                    continue
+                n = {**n, "source": kept.index(originals[source])}
+            negatives.append(n)
+        row["negatives"] = negatives
+    return row
 
 
 def capfilt(data: str | Path, captioner: str | Path, filter: str | Path, out: str | Path,
@@ -80,7 +105,7 @@ def capfilt(data: str | Path, captioner: str | Path, filter: str | Path, out: st
             kept = list(dict.fromkeys(v["caption"] for v in verdicts if v["kept"]))
             if kept:
                 counts["records_kept"] += 1
-                kept_rows.append({**rec, "caption": kept[0], "captions": kept})
+                kept_rows.append(_with_captions(rec, kept))
     for split in ("train", "val", "test"):
         rows = kept_rows if split == "train" else _read(data, split)
         if split != "train" and not (data / f"{split}.jsonl").is_file():
