@@ -6,7 +6,8 @@ are copied by a script, never typed.
 
 ``record`` reads a recipe run folder: its resolved ``recipe.toml`` (name, seed), the steps of each
 stage (``train_summary.json``), ``eval.json`` and, when present, ``eval-1000-pairs.json`` (the
-1,000-pair retrieval protocol; its metrics are kept as ``retrieval_1000.*``), and notes the
+1,000-pair retrieval protocol; its metrics are kept as ``retrieval_1000.*`` and
+``retrieval_1000_itc.*``), and notes the
 machine's CPU (AVX-512 or AVX2) and the precision the run trained in. The table puts the runs of
 one recipe (seeds) in one row, their figures joined by " / ", in seed order.
 """
@@ -60,7 +61,9 @@ def record(run: Path) -> dict:
     metrics = json.loads((run / "eval.json").read_text())["metrics"]
     pairs = run / "eval-1000-pairs.json"
     if pairs.is_file():
-        metrics |= {k.replace("retrieval.", "retrieval_1000.", 1): v
+        # retrieval.* -> retrieval_1000.*, retrieval_itc.* -> retrieval_1000_itc.* (dual-mode
+        # figures of a model that also re-ranks), so neither overwrites the whole-split figures
+        metrics |= {k.replace("retrieval", "retrieval_1000", 1): v
                     for k, v in json.loads(pairs.read_text())["metrics"].items()}
     cpu = machine()
     auto = "bf16 autocast" if cpu.startswith("AVX-512-bf16") else "fp32"  # what --precision auto picks

@@ -189,6 +189,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._drain(receive)
             return await self._refuse(send, int(length))
         received, started, over = 0, False, False
 
@@ -214,7 +215,21 @@ class BodyLimit:
         except _TooLarge:
             pass
         if over and not started:
+            await self._drain(receive)
             await self._refuse(send, received)
+
+    async def _drain(self, receive) -> None:
+        """Read and drop the rest of a refused body, up to another ``limit`` bytes: a client still
+        sending it (a browser, http.client) then reads the 413 instead of a reset connection. A
+        body longer than that is cut off."""
+        budget = self.limit
+        while budget > 0:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            budget -= len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
     async def _refuse(self, send, size: int):
         import json
