@@ -169,6 +169,30 @@ def test_vlkit_train_vqa_and_eval_end_to_end(tmp_path):
     assert SUPPORT["vqa"](_model(hf_compat=True, tie_decoder=False, retrieval_heads=False))
 
 
+def test_vqa_with_an_image_width_other_than_the_text_width():
+    """A BLIP whose image tower is narrower than its text stack (blip-world's: a 128-wide ViT
+    stage under a 192-wide text stack): fine-tuned for VQA (answer_names, as --vqa sets) it maps the question states to the image width
+    the decoder's cross-attention reads, and trains and scores answers; without, answering is a
+    clear error rather than a shape mismatch deep in the decoder."""
+    narrow = {"vision.dim": 16, "vision.mlp_dim": 32}
+    model = _model(objectives=("vqa",), answer_names=["yes", "no"], **narrow)
+    assert model.question_proj is not None and model.question_proj.weight.shape == (16, 32)
+    batch = _vqa_batch()
+    loss = _vqa_loss(model, batch)
+    assert torch.isfinite(loss)
+    with torch.no_grad():
+        model.question_proj.weight.normal_(0, 1.0)
+    assert not torch.allclose(_vqa_loss(model, batch), loss)  # the answers read through it
+    a = batch["answer_input_ids"]
+    scores = model.answer_scores(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], a, (a != 0).long())
+    assert scores.shape == (3, 3) and torch.isfinite(scores).all()
+    assert _model(objectives=("vqa",), answer_names=["yes"]).question_proj is None  # equal widths
+    plain = _model(**narrow)
+    assert plain.question_proj is None
+    with pytest.raises(ValueError, match="differs from its image width"):
+        plain.answer_scores(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], a, (a != 0).long())
+
+
 def test_blip_vqa_world_recipe_fine_tunes_the_blip_stage():
     from vlkit.train.recipe import load_recipe
     stages = load_recipe("blip-vqa-world")["stage"]

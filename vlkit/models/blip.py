@@ -156,7 +156,7 @@ class BLIP(VLModel):
     special_tokens = {"dec_token_id": "[DEC]", "enc_token_id": "[ENC]"}
     decodes_answers = True  # VQA batches carry the answers' tokens (``data.collate``), not class scores
     # may be missing from an --init source (added by an objective)
-    optional_heads = ("word_head", "relation_grounding", "attention_forcing")
+    optional_heads = ("word_head", "relation_grounding", "attention_forcing", "question_proj")
 
     def __init__(self, cfg: BLIPConfig):
         super().__init__()
@@ -206,6 +206,11 @@ class BLIP(VLModel):
         for objective in self.objectives:
             self.add_module(objective.name, objective)
         self.lm_head = MLMHead(d, cfg.vocab_size, cfg.eps, cfg.act) if cfg.text_decoder else None
+        # VQA (a config with answer_names, as --vqa writes): the decoder cross-attends to the question
+        # states, which must have the image width its cross-attention reads (equal in BLIP's
+        # published sizes; a linear map where they differ)
+        self.question_proj = nn.Linear(d, cfg.vision.dim) \
+            if cfg.text_encoder and cfg.text_decoder and cfg.answer_names and cfg.vision.dim != d else None
         self.apply(init_weights)
         for emb in (self.text_embed, self.decoder_embed):
             if emb is not None:
@@ -407,8 +412,19 @@ class BLIP(VLModel):
     # -- VQA: the question grounded in the image, the answer from the decoder ------------------------
     @_needs("vqa")
     def question_states(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
-        """(B, L, D) the image-grounded encoder's states of the questions (the decoder's context)."""
-        return self.ground(input_ids, attention_mask, self.forward_features(pixel_values))
+        """(B, L, D) the image-grounded encoder's states of the questions, as the decoder's context
+        (``_as_context``)."""
+        return self._as_context(self.ground(input_ids, attention_mask, self.forward_features(pixel_values)))
+
+    def _as_context(self, states: torch.Tensor) -> torch.Tensor:
+        """Question states as the decoder's cross-attention context: mapped to the image width by
+        ``question_proj`` where the text and image widths differ."""
+        if self.question_proj is not None:
+            return self.question_proj(states)
+        if states.shape[-1] != self.cfg.vision.dim:
+            raise ValueError(f"VQA: this BLIP's text width {states.shape[-1]} differs from its image width "
+                             f"{self.cfg.vision.dim} and it has no question_proj: fine-tune it with --vqa, which adds one")
+        return states
 
     @_needs("vqa")
     def answer_tokens(self, pixel_values, input_ids, attention_mask=None, max_new_tokens: int = 10,
@@ -476,7 +492,7 @@ class BLIP(VLModel):
             if not (cfg.text_encoder and cfg.text_decoder):
                 raise ValueError("VQA training needs this BLIP's grounded encoder and decoder "
                                  "(text_encoder and text_decoder)")
-            states = self.ground(batch["question_input_ids"], q_mask, image_tokens)  # (B, M, D)
+            states = self._as_context(self.ground(batch["question_input_ids"], q_mask, image_tokens))
             logits = self.answer_logits(states, q_mask, a_ids, a_mask)
             out["vqa_loss"] = answer_lm_loss(logits, a_ids, a_mask, cfg.label_smoothing, global_batch=True)
             losses.append(out["vqa_loss"])
