@@ -193,6 +193,24 @@ def test_vqa_with_an_image_width_other_than_the_text_width():
         plain.answer_scores(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], a, (a != 0).long())
 
 
+def test_vqa_alone_turns_off_the_objectives_of_the_run_it_starts_from():
+    """--vqa (VQA trained alone) from a run with the compositional objectives: their options go
+    back to off, except what the user set; with objectives given, nothing is touched."""
+    from vlkit.models.blip import BLIPConfig
+    from vlkit.train.run import _vqa_overrides
+    probe = BLIPConfig(grounding_weight=1.0, relation_weight=1.0, geometry_weight=1.0, edit_weight=1.0,
+                       edit_pass="itm", match_score="itm+edit", attention_forcing_steps=250)
+    records = [{"qa": [{"question": "what color is the circle?", "answer": "red"}]}]
+    out = _vqa_overrides(probe, records, "blip", set())
+    assert out["objectives"] == ("vqa",) and out["answer_names"] == ["red"]
+    assert (out["grounding_weight"], out["relation_weight"], out["geometry_weight"], out["edit_weight"],
+            out["edit_pass"], out["match_score"], out["attention_forcing_steps"]) == (0.0, 0.0, 0.0, 0.0, "separate", "itm", 0)
+    kept = _vqa_overrides(probe, records, "blip", {"grounding_weight"})
+    assert "grounding_weight" not in kept and kept["edit_weight"] == 0.0
+    both = _vqa_overrides(probe, records, "blip", {"objectives"})
+    assert "objectives" not in both and "edit_weight" not in both
+
+
 def test_blip_vqa_world_recipe_fine_tunes_the_blip_stage():
     from vlkit.train.recipe import load_recipe
     stages = load_recipe("blip-vqa-world")["stage"]

@@ -450,7 +450,7 @@ def prepare_model(args: RunArgs, run: Path):
                                   extra_special_tokens=getattr(cls, "special_tokens", {}).values())
         overrides.update(_text_overrides(cls, probe, tok))
         if args.vqa:
-            overrides.update(_vqa_overrides(probe, records, args.model, "objectives" in args.overrides))
+            overrides.update(_vqa_overrides(probe, records, args.model, set(args.overrides)))
     if args.hard_negatives:
         overrides["hard_negatives"] = True
     cfg = merge_config(base, overrides, cls.model_name)
@@ -517,11 +517,15 @@ def _text_overrides(cls, probe, tok) -> dict:
     return out
 
 
-def _vqa_overrides(probe, records: list[dict], model_name: str, objectives_given: bool) -> dict:
+def _vqa_overrides(probe, records: list[dict], model_name: str, given: set[str]) -> dict:
     """A VQA head over the training answers (kept as they are when the config already names
-    them, e.g. a VQA run continued on other data), trained alone unless ``objectives`` was set.
-    A model that decodes its answers (a config with ``answer_names`` but no ``num_answers``:
-    BLIP) keeps the training answers to rank them in evaluation."""
+    them, e.g. a VQA run continued on other data), trained alone unless ``objectives`` was set
+    (``given``: the keys the user set). Trained alone, the auxiliary objectives (grounding,
+    relations, replaced-word correction, attention forcing: ``vlkit.objectives``), which read the
+    ITM and MLM passes VQA does not run, are turned off unless set, so ``--init`` from a run
+    that trained them needs no ``--set`` to undo them. A model that decodes its answers (a config
+    with ``answer_names`` but no ``num_answers``: BLIP) keeps the training answers to rank them
+    in evaluation."""
     names = {f.name for f in dataclasses.fields(probe)}
     if "answer_names" not in names:
         raise ValueError(f"--vqa: {model_name} has no VQA head (its config has no num_answers/answer_names)")
@@ -531,8 +535,13 @@ def _vqa_overrides(probe, records: list[dict], model_name: str, objectives_given
     out = {"answer_names": answers}
     if "num_answers" in names:
         out["num_answers"] = len(answers)
-    if "objectives" in names and not objectives_given:
+    if "objectives" in names and "objectives" not in given:
         out["objectives"] = ("vqa",)
+        from ..objectives import registered_objectives
+        for cls in registered_objectives():
+            for f in dataclasses.fields(cls.options):
+                if f.name in names and f.name not in given:
+                    out[f.name] = f.default
     return out
 
 
