@@ -10,7 +10,8 @@ Two code paths compute the same thing:
 - plain: softmax(QKᵀ/√d + mask)V in PyTorch ops, which can also return the attention maps.
 The switch is global (``set_fused_attention``) and per call (``return_attention=True`` forces the
 plain path); bf16 training on the CPU over short sequences takes the plain path, which the CPU
-differentiates several times faster (``use_fused``). Both honour the same boolean masks: ``True`` means "may attend".
+differentiates several times faster (``use_fused``). Both honour the same boolean masks: ``True``
+means "may attend".
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def fused_attention_enabled() -> bool:
     return _FUSED
 
 
-# The CPU kernel of F.scaled_dot_product_attention differentiates bf16 inputs 6-10x slower than
+# The CPU kernel of F.scaled_dot_product_attention differentiates bf16 inputs 5-13x slower than
 # the plain path for sequences of up to a few hundred tokens (fp32 it does not; forward passes
 # are close): benchmarks/attention_paths.py. Such attention, while gradients are recorded, takes
 # the plain path; longer sequences keep the fused kernel, whose memory does not grow with N·M.

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..data.collate import _is_index
+
 
 def _read(folder: Path, split: str) -> list[dict]:
     path = folder / f"{split}.jsonl"
@@ -56,7 +58,7 @@ def _with_captions(rec: dict, kept: list[str]) -> dict:
         negatives = []
         for n in rec["negatives"]:
             source = n.get("source") if isinstance(n, dict) else None
-            if isinstance(source, int) and not isinstance(source, bool):
+            if _is_index(source):
                 if not 0 <= source < len(originals) or originals[source] not in kept:
                     continue
                 n = {**n, "source": kept.index(originals[source])}
