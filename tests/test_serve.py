@@ -310,3 +310,34 @@ def test_the_page_in_headless_chromium(server, setup):
             assert errors == []
         finally:
             browser.close()
+
+
+@pytest.mark.parametrize("chunks, left", [([50], 0), ([8, 8, 8], 0), ([8, 8, 8, 8, 8, 8], 2)])
+def test_body_limit_reads_the_rest_of_a_refused_body_and_never_waits_past_its_end(chunks, left):
+    """The 413 comes after the rest of the body is read (so a client still sending reads it), but
+    never waits for more once the last body message has arrived (receive() would then wait for a
+    disconnect that a client awaiting its response never sends). Limit 10: the 2nd message of 8
+    bytes crosses it; the rest is read up to another 10 bytes (``left``: the messages not read)."""
+    import asyncio
+
+    from vlkit.serve import BodyLimit
+    messages = [{"type": "http.request", "body": b"x" * n, "more_body": i < len(chunks) - 1}
+                for i, n in enumerate(chunks)]
+    sent = []
+
+    async def receive():
+        assert messages, "receive() after the last body message"
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(scope, receive, send):  # reads its body to the end, then answers
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    asyncio.run(BodyLimit(app, limit=10, upload=8)({"type": "http", "headers": []}, receive, send))
+    assert sent[0]["status"] == 413 and b"over the upload limit" in sent[1]["body"]
+    assert len(messages) == left

@@ -191,13 +191,14 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.limit:
             await self._drain(receive)
             return await self._refuse(send, int(length))
-        received, started, over = 0, False, False
+        received, started, over, ended = 0, False, False, False
 
         async def counted():
-            nonlocal received, over
+            nonlocal received, over, ended
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                ended = not message.get("more_body", False)
                 if received > self.limit:
                     over = True
                     raise _TooLarge()
@@ -215,7 +216,8 @@ class BodyLimit:
         except _TooLarge:
             pass
         if over and not started:
-            await self._drain(receive)
+            if not ended:  # (after the last body message, receive() would wait for a disconnect)
+                await self._drain(receive)
             await self._refuse(send, received)
 
     async def _drain(self, receive) -> None:
