@@ -230,6 +230,50 @@ def test_fused_passes_on_every_nth_row_and_itc_on_all():
         _model(fusion_every=0)
 
 
+def test_length_groups_give_the_padded_passes_results():
+    """length_groups=3: the dual text pass and the ITM pass run per group of similar length, each
+    over its own longest row; every loss and every gradient equals the padded passes' (float32)."""
+    g = torch.Generator().manual_seed(3)
+    b, length = 9, 12
+    pixels = torch.randn(b, 3, 64, 64, generator=g)
+    ids = torch.randint(5, 60, (b, length), generator=g)
+    ids[:, 0] = 2
+    mask = torch.ones_like(ids)
+    for row, n in enumerate([12, 4, 7, 9, 3, 12, 5, 8, 6]):
+        mask[row, n:] = 0
+        ids[row, n:] = 0
+    batch = dict(pixel_values=pixels, input_ids=ids, attention_mask=mask,
+                 neg_input_ids=ids.flip(0), neg_attention_mask=mask.flip(0), neg_owner=torch.arange(b))
+    kw = dict(objectives=["itc", "itm", "mlm"], mlm_prob=0.3, hard_negatives=True, directional_heads=True)
+    grads = {}
+    for groups in (1, 3):
+        model = _model(length_groups=groups, **kw).train()
+        out = model.training_losses(batch)
+        out["loss"].backward()
+        grads[groups] = (out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (one, g1), (three, g3) = grads[1], grads[3]
+    for key in ("itc_loss", "itm_loss", "mlm_loss", "loss"):
+        assert three[key].item() == pytest.approx(one[key].item(), abs=1e-5), key
+    assert g1.keys() == g3.keys()
+    for name in g1:
+        torch.testing.assert_close(g3[name], g1[name], atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="length_groups"):
+        _model(length_groups=0)
+
+
+def test_length_groups_of_a_mask():
+    from vlkit.layers import in_groups, length_groups
+    mask = torch.tensor([[1] * n + [0] * (6 - n) for n in (6, 2, 4, 3, 1, 5)])
+    groups = length_groups(mask, 3)
+    assert [sorted(rows.tolist()) for rows, _ in groups] == [[1, 4], [2, 3], [0, 5]]
+    assert [n for _, n in groups] == [2, 4, 6]
+    rows = torch.arange(6.0)[:, None]
+    assert torch.equal(in_groups(groups, [rows[r] for r, _ in groups]), rows)
+    assert length_groups(mask, 1) is None and length_groups(mask, 4) is None  # too few rows for 4
+    assert length_groups(torch.ones(6, 5, dtype=torch.long), 2) is None  # nothing to trim
+    assert length_groups(mask.flip(1), 3) is None  # left-padded: not trimmed
+
+
 def test_select_rows_keeps_each_images_negatives():
     from vlkit.data.collate import select_rows
     batch = dict(pixel_values=torch.arange(4.0)[:, None], input_ids=torch.arange(8).view(4, 2),

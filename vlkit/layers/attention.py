@@ -72,6 +72,34 @@ def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.bool()[:, None, None, :]
 
 
+def length_groups(attention_mask: torch.Tensor, groups: int) -> list[tuple[torch.Tensor, int]] | None:
+    """The rows of a right-padded (B, L) 1/0 mask in ``groups`` groups of similar length (the
+    rows sorted by length, cut into equal counts): [(row indices, the group's longest length)].
+    A pass run per group over its own first n columns computes every real token as the padded
+    pass does (keys beyond a row's length are masked), on fewer padded tokens. None when there
+    is nothing to gain or the mask is not right-padded (a row with a 1 after its group's length)."""
+    b, n = attention_mask.shape
+    if groups <= 1 or b < 2 * groups:
+        return None
+    lengths = attention_mask.sum(1)
+    order = torch.argsort(lengths, stable=True)
+    out = []
+    for rows in order.chunk(groups):
+        m = max(int(lengths[rows].max()), 1)
+        if m < n and bool(attention_mask[rows, m:].any()):
+            return None
+        out.append((rows, m))
+    return out if any(m < n for _, m in out) else None
+
+
+def in_groups(groups: list[tuple[torch.Tensor, int]], outputs: list[torch.Tensor]) -> torch.Tensor:
+    """The per-group ``outputs`` (rows of each group in its order) back in the batch's row order."""
+    order = torch.cat([rows for rows, _ in groups])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.shape[0], device=order.device)
+    return torch.cat(outputs)[inverse]
+
+
 def check_directional_heads(heads: int, first: int) -> int:
     """The first directional head (``directional_head_index`` made non-negative), or a clear
     error when a layer of ``heads`` heads has no room for the two."""

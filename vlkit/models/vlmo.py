@@ -36,8 +36,8 @@ from torch import nn
 from ..collective import all_gather_padded, call_generator, global_mean_scale
 from ..data.collate import select_rows
 from ..layers import (AttentionGuide, BertEmbeddings, ImageEmbeddings, MLMHead, ModalityExperts, NormMlp, Pooler,
-                      PreNormBlock, check_directional_heads, classifier, directional_mask, init_weights,
-                      joint_directional_mask, padding_mask, sincos_2d)
+                      PreNormBlock, check_directional_heads, classifier, directional_mask, in_groups, init_weights,
+                      joint_directional_mask, length_groups, padding_mask, sincos_2d)
 from ..losses.contrastive import ContrastiveLoss
 from ..losses.distill import itm_token_pairs
 from ..losses.matching import gather_token_batch, itm_accuracy, itm_loss
@@ -83,6 +83,9 @@ class VLMoConfig(ObjectiveOptions):
     itc_vl: bool = False            # average in an ITC through the VL-FFN of the top F blocks
     itm_hard_negatives: bool = True  # ITM negatives ∝ softmax(ITC logits) (else uniform)
     fusion_every: int = 1           # ITM, MLM, VQA and the objectives on every n-th row of the global batch, ITC on all
+    # >1: the dual text pass and the ITM pass in training run their rows in this many groups of
+    # similar length, each padded to its own longest: the same result on fewer padded tokens
+    length_groups: int = 1
     hard_negatives: bool = False    # the dataset's negative captions join ITM as negatives
     mlm_prob: float = 0.15
     whole_word_mask: bool = False   # needs batch["word_ids"]
@@ -133,6 +136,8 @@ class VLMo(VLModel):
             raise ValueError(f"{len(cfg.answer_names)} answer_names for num_answers={cfg.num_answers}")
         if cfg.fusion_every < 1:
             raise ValueError(f"fusion_every must be at least 1 (every row), got {cfg.fusion_every}")
+        if cfg.length_groups < 1:
+            raise ValueError(f"length_groups must be at least 1 (no grouping), got {cfg.length_groups}")
         blind = ()
         if cfg.directional_heads:
             first = check_directional_heads(cfg.heads, cfg.directional_head_index)
@@ -398,7 +403,12 @@ class VLMo(VLModel):
         img_route, txt_route = self.route("image+vl" if vl else "image"), self.route("text+vl" if vl else "text")
         img_proj, txt_proj = (self.itc_vl_image_proj, self.itc_vl_text_proj) if vl else (self.image_proj, self.text_proj)
         img = self._cls(image_tokens, None, img_route)  # the last block at [CLS] only
-        txt = self._cls(self.embed_text(ids), self._text_mask(mask), txt_route)
+        groups = length_groups(mask, self.cfg.length_groups)
+        if groups is None:
+            txt = self._cls(self.embed_text(ids), self._text_mask(mask), txt_route)
+        else:
+            txt = in_groups(groups, [self._cls(self.embed_text(ids[rows, :n]), self._text_mask(mask[rows, :n]),
+                                               txt_route) for rows, n in groups])
         return F.normalize(img_proj(img), dim=-1), F.normalize(txt_proj(txt), dim=-1)
 
     def training_losses(self, batch: dict) -> dict:
@@ -472,10 +482,20 @@ class VLMo(VLModel):
         images, ids, masks, labels, negative_rows = itm_token_pairs(
             g, image_tokens, img, txt, scale.exp(), generator, cfg.itm_hard_negatives,
             batch if cfg.hard_negatives else None, cfg.pad_token_id)
-        fused = self.fuse(images, ids, masks)
+        groups = length_groups(masks, cfg.length_groups)
+        if groups is None:
+            fused = self.fuse(images, ids, masks)
+        else:  # each group's text states padded back to the batch's length, zeros past the text
+            fused = in_groups(groups, [self._padded(self.fuse(images[rows], ids[rows, :n], masks[rows, :n]), n,
+                                                    ids.shape[1]) for rows, n in groups])
         step.itm_rows(fused[:, :ids.shape[1]], torch.arange(image_tokens.shape[0], device=ids.device),
                       negative_rows)
         return self.itm_head(self.pooler(fused)), labels
+
+    @staticmethod
+    def _padded(fused: torch.Tensor, n: int, length: int) -> torch.Tensor:
+        """A joint sequence over n text tokens, (B, n+1+N, D), as one over ``length``: zeros after the text."""
+        return torch.cat([F.pad(fused[:, :n], (0, 0, 0, length - n)), fused[:, n:]], dim=1)
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
