@@ -262,13 +262,16 @@ def test_length_groups_give_the_padded_passes_results():
 
 
 def test_length_groups_of_a_mask():
-    from vlkit.layers import in_groups, length_groups
+    from vlkit.layers import by_length, length_groups
     mask = torch.tensor([[1] * n + [0] * (6 - n) for n in (6, 2, 4, 3, 1, 5)])
     groups = length_groups(mask, 3)
     assert [sorted(rows.tolist()) for rows, _ in groups] == [[1, 4], [2, 3], [0, 5]]
     assert [n for _, n in groups] == [2, 4, 6]
     rows = torch.arange(6.0)[:, None]
-    assert torch.equal(in_groups(groups, [rows[r] for r, _ in groups]), rows)
+    seen = []
+    assert torch.equal(by_length(mask, 3, lambda r, n: seen.append(n) or rows[r]), rows)  # back in row order
+    assert seen == [2, 4, 6]
+    assert torch.equal(by_length(mask, 1, lambda r, n: seen.append(n) or rows[r]), rows) and seen[-1] == 6
     assert length_groups(mask, 1) is None and length_groups(mask, 4) is None  # too few rows for 4
     assert length_groups(torch.ones(6, 5, dtype=torch.long), 2) is None  # nothing to trim
     assert length_groups(mask.flip(1), 3) is None  # left-padded: not trimmed

@@ -92,12 +92,17 @@ def length_groups(attention_mask: torch.Tensor, groups: int) -> list[tuple[torch
     return out if any(m < n for _, m in out) else None
 
 
-def in_groups(groups: list[tuple[torch.Tensor, int]], outputs: list[torch.Tensor]) -> torch.Tensor:
-    """The per-group ``outputs`` (rows of each group in its order) back in the batch's row order."""
-    order = torch.cat([rows for rows, _ in groups])
+def by_length(attention_mask: torch.Tensor, groups: int, run) -> torch.Tensor:
+    """``run(rows, n)`` -- a pass over the batch's ``rows`` and their first ``n`` columns -- per
+    group of ``length_groups(attention_mask, groups)``, the outputs back in the batch's row
+    order; one call over every row and column when there is nothing to group."""
+    found = length_groups(attention_mask, groups)
+    if found is None:
+        return run(slice(None), attention_mask.shape[1])
+    order = torch.cat([rows for rows, _ in found])
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.shape[0], device=order.device)
-    return torch.cat(outputs)[inverse]
+    return torch.cat([run(rows, n) for rows, n in found])[inverse]
 
 
 def check_directional_heads(heads: int, first: int) -> int:

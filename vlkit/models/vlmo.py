@@ -36,8 +36,8 @@ from torch import nn
 from ..collective import all_gather_padded, call_generator, global_mean_scale
 from ..data.collate import select_rows
 from ..layers import (AttentionGuide, BertEmbeddings, ImageEmbeddings, MLMHead, ModalityExperts, NormMlp, Pooler,
-                      PreNormBlock, check_directional_heads, classifier, directional_mask, in_groups, init_weights,
-                      joint_directional_mask, length_groups, padding_mask, sincos_2d)
+                      PreNormBlock, by_length, check_directional_heads, classifier, directional_mask, init_weights,
+                      joint_directional_mask, padding_mask, sincos_2d)
 from ..losses.contrastive import ContrastiveLoss
 from ..losses.distill import itm_token_pairs
 from ..losses.matching import gather_token_batch, itm_accuracy, itm_loss
@@ -403,12 +403,8 @@ class VLMo(VLModel):
         img_route, txt_route = self.route("image+vl" if vl else "image"), self.route("text+vl" if vl else "text")
         img_proj, txt_proj = (self.itc_vl_image_proj, self.itc_vl_text_proj) if vl else (self.image_proj, self.text_proj)
         img = self._cls(image_tokens, None, img_route)  # the last block at [CLS] only
-        groups = length_groups(mask, self.cfg.length_groups)
-        if groups is None:
-            txt = self._cls(self.embed_text(ids), self._text_mask(mask), txt_route)
-        else:
-            txt = in_groups(groups, [self._cls(self.embed_text(ids[rows, :n]), self._text_mask(mask[rows, :n]),
-                                               txt_route) for rows, n in groups])
+        txt = by_length(mask, self.cfg.length_groups, lambda rows, n: self._cls(
+            self.embed_text(ids[rows, :n]), self._text_mask(mask[rows, :n]), txt_route))
         return F.normalize(img_proj(img), dim=-1), F.normalize(txt_proj(txt), dim=-1)
 
     def training_losses(self, batch: dict) -> dict:
@@ -482,12 +478,9 @@ class VLMo(VLModel):
         images, ids, masks, labels, negative_rows = itm_token_pairs(
             g, image_tokens, img, txt, scale.exp(), generator, cfg.itm_hard_negatives,
             batch if cfg.hard_negatives else None, cfg.pad_token_id)
-        groups = length_groups(masks, cfg.length_groups)
-        if groups is None:
-            fused = self.fuse(images, ids, masks)
-        else:  # each group's text states padded back to the batch's length, zeros past the text
-            fused = in_groups(groups, [self._padded(self.fuse(images[rows], ids[rows, :n], masks[rows, :n]), n,
-                                                    ids.shape[1]) for rows, n in groups])
+        # a group's text states padded back to the batch's length (zeros past its longest text)
+        fused = by_length(masks, cfg.length_groups, lambda rows, n: self._padded(
+            self.fuse(images[rows], ids[rows, :n], masks[rows, :n]), n, ids.shape[1]))
         step.itm_rows(fused[:, :ids.shape[1]], torch.arange(image_tokens.shape[0], device=ids.device),
                       negative_rows)
         return self.itm_head(self.pooler(fused)), labels
@@ -495,6 +488,8 @@ class VLMo(VLModel):
     @staticmethod
     def _padded(fused: torch.Tensor, n: int, length: int) -> torch.Tensor:
         """A joint sequence over n text tokens, (B, n+1+N, D), as one over ``length``: zeros after the text."""
+        if n == length:
+            return fused
         return torch.cat([F.pad(fused[:, :n], (0, 0, 0, length - n)), fused[:, n:]], dim=1)
 
     @torch.no_grad()
