@@ -645,6 +645,62 @@ def test_itm_plus_edit_score_adds_the_lowest_word_log_probability():
         assert (score < plain - 1e-3).all()
 
 
+def test_next_word_targets_sit_on_the_position_that_writes_the_word():
+    """A caption token's targets move to the decoder position whose next token it is: the
+    decoder reads [DEC] + prompt + the caption after [CLS], so caption token j is written at
+    position j + unscored - 2; the result is cut or padded to the decoder's length."""
+    from vlkit.models.blip import next_word_targets
+    model, batch = _model(), _batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    dec_ids, _, unscored = model.decoder_inputs(ids, mask)
+    assert unscored == 3  # [DEC] + the two prompt tokens
+    names = torch.zeros(4, 8, 5)
+    names[:, 1, 0], names[:, 4, 2], names[:, 7, 4] = 1, 1, 1
+    roles = torch.stack([names, 2 * names], 1)
+    for targets in (names, roles):
+        moved = next_word_targets(targets, unscored, dec_ids.shape[1])
+        assert moved.shape[:-2] == targets.shape[:-2] and moved.shape[-2:] == (dec_ids.shape[1], 5)
+        for j in (1, 4, 7):  # the position that writes caption token j, and the token it writes
+            k = j + unscored - 2
+            assert torch.equal(dec_ids[:, k + 1], ids[:, j])
+            torch.testing.assert_close(moved[..., k, :], targets[..., j, :])
+        assert moved.sum() == targets[..., 1:, :].sum()
+    assert next_word_targets(names, unscored, 6).shape == (4, 6, 5)  # cut at max_text_len
+    assert next_word_targets(names, unscored, 6)[:, 2 + unscored - 2, 2].eq(0).all()
+    assert next_word_targets(None, unscored, 6) is None
+
+
+def test_decoder_grounding_reads_the_decoders_cross_attention():
+    """decoder_grounding: the grounding loss averages the grounded encoder's ITM pass and the
+    decoder's LM pass, whose term is the decoder's own cross-attention against the next-word
+    targets; the LM loss is unchanged (without forcing), and the term trains the decoder's
+    self-attention, which the encoder does not have."""
+    from vlkit.losses.grounding import grounding_loss
+    from vlkit.models.blip import next_word_targets
+    batch = _objectives_batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    kw = dict(grounding_weight=1.0, grounding_layer=1, fusion_pos="sincos")
+    plain, model = _model(**kw), _model(**kw, decoder_grounding=True)
+    model.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        base = plain.training_losses(batch)
+    out = model.training_losses(batch)
+    torch.testing.assert_close(out["lm_loss"], base["lm_loss"])
+    with torch.no_grad():
+        dec_ids, dec_mask, unscored = model.decoder_inputs(ids, mask)
+        tokens = model.forward_features(batch["pixel_values"])
+        _, maps = model.decoder_layers(model._dec_embed(dec_ids), return_attention=True, causal=True,
+                                       context=tokens + sincos_square(tokens), mask=padding_mask(dec_mask))
+        dec, _ = grounding_loss(maps[1]["cross"][:, :1, :, 1:],
+                                next_word_targets(batch["grounding"], unscored, dec_ids.shape[1]))
+    torch.testing.assert_close(out["grounding_loss"], (base["grounding_loss"] + dec) / 2)
+    assert not torch.allclose(dec, base["grounding_loss"])
+    out["grounding_loss"].backward()
+    assert model.decoder_layers.blocks[0].attn.q.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="decoder_grounding"):
+        _model(decoder_grounding=True)
+
+
 def test_objective_settings_blip_cannot_train_are_named():
     with pytest.raises(ValueError, match="relation_mask_prob"):
         _model(grounding_weight=1.0, relation_mask_prob=0.5)

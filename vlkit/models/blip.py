@@ -105,6 +105,11 @@ class BLIPConfig(ObjectiveOptions):
     # query, the next head only those at or after it (``layers.directional_mask``)
     directional_heads: bool = False
     directional_head_index: int = -2
+    # the objectives that read attention (grounding, relations with their geometry term, attention
+    # forcing) read the decoder's LM pass too, each position against the targets of the word it
+    # writes next: the position before a word that names an object looks at that object, the one
+    # before a relation word at its subject and object (``next_word_targets``)
+    decoder_grounding: bool = False
     # training
     distill: bool = True
     alpha: float = 0.4
@@ -205,6 +210,10 @@ class BLIP(VLModel):
                              "encoder's ITM pass (needs text_encoder, retrieval_heads and 'itm' in objectives)")
         for objective in self.objectives:
             self.add_module(objective.name, objective)
+        if cfg.decoder_grounding and not (cfg.text_decoder and "lm" in cfg.objectives
+                                          and any(o.reads_attention for o in self.objectives)):
+            raise ValueError("decoder_grounding reads the decoder's LM pass for the objectives that read "
+                             "attention: it needs text_decoder, 'lm' in objectives and grounding_weight > 0")
         self.lm_head = MLMHead(d, cfg.vocab_size, cfg.eps, cfg.act) if cfg.text_decoder else None
         # VQA (a config with answer_names, as --vqa writes): the decoder cross-attends to the question
         # states, which must have the image width its cross-attention reads (equal in BLIP's
@@ -482,7 +491,15 @@ class BLIP(VLModel):
             losses += [out[f"{o}_loss"] for o in ("itc", "itm") if o in objectives]
         if cfg.text_decoder and "lm" in objectives:
             dec_ids, dec_mask, unscored = self.decoder_inputs(ids, mask)
-            logits = self.lm_head(self.decode_states(dec_ids, dec_mask, self._context(image_tokens)))
+            context = self._context(image_tokens)
+            if cfg.decoder_grounding and step.taps_attention:
+                targets = {k: next_word_targets(t, unscored, dec_ids.shape[1])
+                           for k, t in step.targets("caption").items()}
+                states = tapped_cross_attention(self.decoder_layers, step, self._dec_embed(dec_ids), dec_mask,
+                                                padding_mask(dec_mask), context, targets, causal=True)
+            else:
+                states = self.decode_states(dec_ids, dec_mask, context)
+            logits = self.lm_head(states)
             out["lm_loss"] = lm_loss(logits, caption_labels(dec_ids, dec_mask, unscored), cfg.label_smoothing,
                                      global_batch=True)
             losses.append(out["lm_loss"])
@@ -547,6 +564,17 @@ class BLIP(VLModel):
         self.steps_done += 1
         for objective in self.objectives:
             objective.after_step()
+
+
+def next_word_targets(targets: torch.Tensor | None, unscored: int, length: int) -> torch.Tensor | None:
+    """Attention targets of captions ([CLS] first: (..., L, P), as the collate writes them) moved
+    to the decoder's positions (``decoder_inputs``: [DEC] + prompt + the caption after [CLS],
+    ``unscored`` tokens before it, ``length`` positions), each on the position that writes the
+    token it belongs to: caption token j is written at position j + unscored - 2."""
+    if targets is None:
+        return None
+    moved = F.pad(targets[..., 1:, :], (0, 0, unscored - 1, max(0, length - targets.shape[-2] - unscored + 2)))
+    return moved[..., :length, :]
 
 
 def _ones_if_none(mask, ids):
