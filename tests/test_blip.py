@@ -440,6 +440,31 @@ def test_caption_correct_reads_the_worlds_grammar():
     assert parse_caption("a picture of a cat") is None and not caption_is_true("", rec["objects"])
 
 
+def test_caption_facts_check_each_phrase_and_relation():
+    """caption_facts counts the stated noun phrases and relations and those that hold; every
+    reference caption holds throughout, and a negative fails a fact or the whole."""
+    from vlkit.data.synthetic import caption_facts, caption_is_true, synthetic_world
+    objects = [dict(shape="circle", color="red", size="small", x=0.2, y=0.5, extent=0.2),
+               dict(shape="square", color="blue", size="large", x=0.8, y=0.5, extent=0.3)]
+    assert caption_facts("a red circle is left of a blue square", objects) == \
+        dict(phrases=2, phrases_true=2, relations=1, relations_true=1)
+    assert caption_facts("a red circle is to the right of a blue square", objects) == \
+        dict(phrases=2, phrases_true=2, relations=1, relations_true=0)
+    assert caption_facts("a large red circle and a blue square", objects) == \
+        dict(phrases=2, phrases_true=1, relations=0, relations_true=0)
+    assert caption_facts("a green circle is left of a blue square", objects)["relations_true"] == 0
+    assert caption_facts("a red circle left of", objects) is None
+    recs = synthetic_world(64).records("test", 60)
+    for r in recs:
+        for c in r["captions"]:
+            f = caption_facts(c, r["objects"])
+            assert f["phrases_true"] == f["phrases"] and f["relations_true"] == f["relations"], c
+        for n in r["negatives"]:
+            f = caption_facts(n["caption"], r["objects"])
+            assert f["phrases_true"] < f["phrases"] or f["relations_true"] < f["relations"] \
+                or not caption_is_true(n["caption"], r["objects"])
+
+
 def test_hf_vqa_parity_and_answers_by_generation_or_ranking(tmp_path):
     """transformers' BlipForQuestionAnswering.generate (greedy and beam 3) token-identical; the
     answer ranking picks the candidate of highest log-likelihood."""
@@ -699,6 +724,26 @@ def test_decoder_grounding_reads_the_decoders_cross_attention():
     assert model.decoder_layers.blocks[0].attn.q.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="decoder_grounding"):
         _model(decoder_grounding=True)
+
+
+def test_match_lm_weight_adds_the_decoders_caption_log_likelihood_to_the_score():
+    """match_lm_weight w: ``score`` = the ITM (+ word head) log-probability + w times the caption's
+    log-likelihood under the decoder (``score_captions``); 0 leaves it the ITM head's; it needs
+    the decoder and the ITM head."""
+    plain = _itm_plus_edit_model()
+    model = _model(hard_negatives=True, edit_weight=1.0, edit_pass="itm", match_score="itm+edit",
+                   match_lm_weight=0.5)
+    model.load_state_dict(plain.state_dict())
+    batch = _batch()
+    px, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        want = plain.score(px, ids, mask) + 0.5 * plain.score_captions(px, ids, mask)
+        torch.testing.assert_close(model.score(px, ids, mask), want)
+        assert (plain.score_captions(px, ids, mask) < -1).all()  # the term moves the score
+    with pytest.raises(ValueError, match="match_lm_weight"):
+        _model(match_lm_weight=-1.0)
+    with pytest.raises(ValueError, match="match_lm_weight"):
+        _model(match_lm_weight=1.0, text_decoder=False)
 
 
 def test_objective_settings_blip_cannot_train_are_named():

@@ -404,6 +404,32 @@ def caption_is_true(text: str, objects: Sequence[dict]) -> bool:
     return _holds(caption, objs)
 
 
+def caption_facts(text: str, objects: Sequence[dict]) -> dict | None:
+    """What a caption states, checked one fact at a time (None when it is not a sentence of the
+    grammar): ``phrases`` noun phrases, ``phrases_true`` of them name an object of the image
+    (colour, shape and a stated size); ``relations`` relation phrases, ``relations_true`` of them
+    hold between two distinct objects their phrases name. ``caption_is_true`` asks more: every
+    fact true together, counts and "it" included."""
+    caption = parse_caption(text)
+    if caption is None:
+        return None
+    objs = [_Obj(o["shape"], o["color"], o.get("size"), o["x"], o["y"], o.get("extent", 0.0)) for o in objects]
+    phrases = []
+    _map_nps(caption, lambda n: phrases.append(n) or n)
+    out = {"phrases": len(phrases), "phrases_true": sum(_find(objs, n) is not None for n in phrases),
+           "relations": 0, "relations_true": 0}
+    prev = None
+    for cl in caption:
+        if cl[0] == "rel":
+            b_np = cl[3] if cl[3] is not None else prev
+            a, b = _find(objs, cl[1]), (_find(objs, b_np) if b_np is not None else None)
+            out["relations"] += 1
+            out["relations_true"] += a is not None and b is not None and a is not b and relation_of(a, b) == cl[2]
+        cur = _last_np(cl)
+        prev = cur if cur is not None else prev
+    return out
+
+
 # ----------------------------------------------------------------------------- drawing
 _STAR = [(math.cos(math.radians(-90 + 36 * k)) * (1.0 if k % 2 == 0 else 0.45),
           math.sin(math.radians(-90 + 36 * k)) * (1.0 if k % 2 == 0 else 0.45)) for k in range(10)]

@@ -233,8 +233,14 @@ def eval_caption(pipe, records):
     refs = [r.get("captions") or [r["caption"]] for r in records]
     out = {"caption.bleu4": M.bleu4(preds, refs), "caption.cider": M.cider(preds, refs)}
     if all(r.get("objects") for r in records):  # the synthetic world's: read with its grammar
-        from ..data.synthetic import caption_is_true
+        from ..data.synthetic import caption_facts, caption_is_true
         out["caption.correct"] = sum(caption_is_true(p, r["objects"]) for p, r in zip(preds, records)) / len(records)
+        facts = [caption_facts(p, r["objects"]) for p, r in zip(preds, records)]
+        out["caption.grammatical"] = sum(f is not None for f in facts) / len(records)
+        for key in ("phrases", "relations"):  # of the facts stated in the grammatical captions
+            stated = sum(f[key] for f in facts if f is not None)
+            if stated:
+                out[f"caption.{key}_true"] = sum(f[f"{key}_true"] for f in facts if f is not None) / stated
     return out
 
 

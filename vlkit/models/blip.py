@@ -110,6 +110,11 @@ class BLIPConfig(ObjectiveOptions):
     # writes next: the position before a word that names an object looks at that object, the one
     # before a relation word at its subject and object (``next_word_targets``)
     decoder_grounding: bool = False
+    # matching (``score``: compositional evaluation, pair scores): this weight times the decoder's
+    # log-likelihood of the text after the prompt (``score_captions``) is added to the ITM (and
+    # word head) log-probability. The decoder reads a caption word by word over the image and
+    # checks word order and relations that the pooled ITM head misses; needs the decoder.
+    match_lm_weight: float = 0.0
     # training
     distill: bool = True
     alpha: float = 0.4
@@ -210,6 +215,10 @@ class BLIP(VLModel):
                              "encoder's ITM pass (needs text_encoder, retrieval_heads and 'itm' in objectives)")
         for objective in self.objectives:
             self.add_module(objective.name, objective)
+        if cfg.match_lm_weight < 0 or (cfg.match_lm_weight > 0 and not (cfg.text_decoder and cfg.text_encoder
+                                                                         and cfg.retrieval_heads)):
+            raise ValueError(f"match_lm_weight={cfg.match_lm_weight}: needs to be >= 0, and > 0 needs the decoder "
+                             "and the grounded encoder's ITM head (text_decoder, text_encoder, retrieval_heads)")
         if cfg.decoder_grounding and not (cfg.text_decoder and "lm" in cfg.objectives
                                           and any(o.reads_attention for o in self.objectives)):
             raise ValueError("decoder_grounding reads the decoder's LM pass for the objectives that read "
@@ -364,10 +373,16 @@ class BLIP(VLModel):
     @_needs("retrieval")
     def score(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
         """(B,) log P(match) of zipped pairs from the ITM head, adjusted by the objectives
-        (``match_score="itm+edit"``; ``VLModel`` documents ``score``)."""
-        states = self.ground(input_ids, attention_mask, self.forward_features(pixel_values))
-        return match_log_score(self.objectives, self.itm_head(states[:, 0]), lambda: self.word_head(states),
-                               input_ids, attention_mask)
+        (``match_score="itm+edit"``) and, with ``match_lm_weight``, plus that weight times the
+        caption's log-likelihood under the decoder (``VLModel`` documents ``score``)."""
+        image_tokens = self.forward_features(pixel_values)
+        states = self.ground(input_ids, attention_mask, image_tokens)
+        score = match_log_score(self.objectives, self.itm_head(states[:, 0]), lambda: self.word_head(states),
+                                input_ids, attention_mask)
+        if self.cfg.match_lm_weight > 0:
+            lm = self._caption_log_likelihood(image_tokens, input_ids, attention_mask)
+            score = score.float() + self.cfg.match_lm_weight * lm.float()
+        return score
 
     def forward(self, pixel_values, input_ids, attention_mask=None) -> Output:
         """Encoder side: grounded states, ITM logits and both ITC embeddings (decoder-only: LM logits)."""
@@ -388,8 +403,11 @@ class BLIP(VLModel):
     def score_captions(self, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
         """(B,) log-likelihood of each caption (tokenised with [CLS] ... [SEP]) after the prompt,
         its end token included, without label smoothing."""
+        return self._caption_log_likelihood(self.forward_features(pixel_values), input_ids, attention_mask)
+
+    def _caption_log_likelihood(self, image_tokens, input_ids, attention_mask) -> torch.Tensor:
         ids, mask, unscored = self.decoder_inputs(input_ids, attention_mask)
-        logits = self.lm_head(self.decode_states(ids, mask, self._context(self.forward_features(pixel_values))))
+        logits = self.lm_head(self.decode_states(ids, mask, self._context(image_tokens)))
         return sequence_log_likelihood(logits, caption_labels(ids, mask, unscored))
 
     @_needs("text_decoder")
