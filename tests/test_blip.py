@@ -329,6 +329,30 @@ def test_vlkit_train_and_load(tiny_run):
     assert isinstance(pipe.answer([img], ["what colour is the circle?"], max_new_tokens=2)[0], str)
 
 
+def test_caption_evaluation_decodes_by_beam_search_when_asked(tiny_run, monkeypatch):
+    """evaluate(caption_beams=N) scores the captions the pipeline writes with num_beams=N
+    (recorded in the result), greedy by default; the world's checks read those captions."""
+    from vlkit.data.synthetic import synthetic_world
+    from vlkit.eval.run import evaluate
+    pipe = vlkit.load(tiny_run)
+    recs = synthetic_world(64).records("test", 6)
+    asked = []
+
+    def caption(images, **options):  # true captions from beam search, false ones greedily
+        asked.append(options)
+        return [recs[i]["captions"][0] if options.get("num_beams", 1) > 1 else "a red circle left of"
+                for i in range(len(images))]
+    monkeypatch.setattr(pipe, "caption", caption)
+    greedy = evaluate(pipe, tasks=["caption"], records=(recs, []))
+    beam = evaluate(pipe, tasks=["caption"], records=(recs, []), caption_beams=3)
+    assert asked == [{}, {"num_beams": 3}]
+    assert greedy["metrics"]["caption.correct"] == 0 and greedy["metrics"]["caption.grammatical"] == 0
+    assert beam["metrics"]["caption.correct"] == 1 and beam["metrics"]["caption.phrases_true"] == 1
+    assert beam["caption_beams"] == 3 and "caption_beams" not in greedy
+    with pytest.raises(ValueError, match="caption_beams"):
+        evaluate(pipe, tasks=["caption"], records=(recs, []), caption_beams=0)
+
+
 # -- Hugging Face parity -------------------------------------------------------------------------
 def _hf_blip(cls_name, tmp_path, sep=98, seed=0):
     """A tiny random transformers BLIP (the sizes of transformers' own tests, two layers), its

@@ -335,6 +335,8 @@ def cmd_eval(args) -> int:
     from .train.runfolder import is_vlkit_run, run_lock
     if args.retrieval_size is not None and args.retrieval_size < 2:
         raise UsageError(f"--retrieval-size must be at least 2, got {args.retrieval_size}")
+    if args.caption_beams < 1:
+        raise UsageError(f"--caption-beams must be at least 1, got {args.caption_beams}")
     out = args.out or str(Path(args.run) / "eval.json")
     _writable_output(out, "--out", _is_eval_json, "a vlkit evaluation result", inputs=[args.run])
     into_run = is_vlkit_run(args.run) and Path(out).resolve().parent == Path(args.run).resolve()
@@ -347,7 +349,7 @@ def cmd_eval(args) -> int:
         pipe = load(args.run)
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else default_tasks(pipe.model)
         res = evaluate(pipe, data, args.split, tasks, retrieval_size=args.retrieval_size,
-                       allow_outside=args.allow_outside_paths)
+                       allow_outside=args.allow_outside_paths, caption_beams=args.caption_beams)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_eval(res, out)
     print_metrics(res)
@@ -602,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retrieval among the first N images of the split, each with its first caption "
                         "(default: the whole split for dual encoders, 100 images for fusion models, "
                         "which score every image-text pair)")
+    s.add_argument("--caption-beams", type=int, default=1, metavar="N",
+                   help="the caption task decodes by beam search over N beams (default 1: greedy)")
     _allow_outside_paths(s)
     s.set_defaults(func=cmd_eval)
 

@@ -226,10 +226,12 @@ def eval_vqa(pipe, records):
     return {f"vqa.{k}": v for k, v in res.items()}
 
 
-def eval_caption(pipe, records):
-    preds = []
+def eval_caption(pipe, records, beams: int = 1):
+    """BLEU-4 and CIDEr-D of captions decoded greedily (``beams`` > 1: by beam search of that
+    width) against all reference captions; on the synthetic world, its check of every caption."""
+    preds, options = [], ({"num_beams": beams} if beams > 1 else {})
     for chunk in _batches(records, 64):
-        preds.extend(pipe.caption([r["image"] for r in chunk]))
+        preds.extend(pipe.caption([r["image"] for r in chunk], **options))
     refs = [r.get("captions") or [r["caption"]] for r in records]
     out = {"caption.bleu4": M.bleu4(preds, refs), "caption.cider": M.cider(preds, refs)}
     if all(r.get("objects") for r in records):  # the synthetic world's: read with its grammar
@@ -271,9 +273,12 @@ RUNNERS = {"classification": eval_classification, "zeroshot": eval_zeroshot,
 
 def evaluate(pipe, data: str = "synthetic", split: str = "test", tasks=ALL_TASKS,
              retrieval_size: int | None = None, records: tuple[list, list] | None = None,
-             rerank_k: int = RERANK_K, allow_outside: bool = False) -> dict:
+             rerank_k: int = RERANK_K, allow_outside: bool = False, caption_beams: int = 1) -> dict:
     """Metrics of ``tasks`` on a split; ``retrieval_size``: see the module docstring.
-    ``records``: (image-text records, single-object records) to use instead of loading the split."""
+    ``records``: (image-text records, single-object records) to use instead of loading the split.
+    ``caption_beams``: captions by beam search of that width (1: greedy; recorded when > 1)."""
+    if isinstance(caption_beams, bool) or not isinstance(caption_beams, int) or caption_beams < 1:
+        raise ValueError(f"caption_beams must be a whole number >= 1, got {caption_beams!r}")
     unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(ALL_TASKS)}")
@@ -292,6 +297,10 @@ def evaluate(pipe, data: str = "synthetic", split: str = "test", tasks=ALL_TASKS
             images = retrieval_images(pipe.model, len(records), retrieval_size)
             if res is not None and images is not None:
                 out["retrieval_images"] = images
+        elif task == "caption":
+            res = eval_caption(pipe, records, caption_beams) if records else None
+            if res is not None and caption_beams > 1:
+                out["caption_beams"] = caption_beams
         else:
             res = RUNNERS[task](pipe, records)
         if res is None:
@@ -314,6 +323,8 @@ def print_metrics(result: dict, file=None) -> None:
     file = file or sys.stdout
     for k, v in sorted(result["metrics"].items()):
         print(f"{k:34s} {v:.4f}", file=file)
+    if result.get("caption_beams"):
+        print(f"captions by beam search over {result['caption_beams']} beams", file=file)
     if result.get("retrieval_images"):
         print(f"retrieval among {result['retrieval_images']} images, each with its first caption", file=file)
     if result["unsupported"]:
