@@ -353,6 +353,29 @@ def test_caption_evaluation_decodes_by_beam_search_when_asked(tiny_run, monkeypa
         evaluate(pipe, tasks=["caption"], records=(recs, []), caption_beams=0)
 
 
+def test_blip_diagnostics_script_scores_three_ways_and_ranks_beams(tiny_run, capsys):
+    """scripts/blip_diagnostics.py: compositional accuracy by ITM + word head, by the decoder's
+    log-likelihood and by their sum, and captions from k beams (top, oracle, ranked); the
+    oracle is never below the top beam, and the model's config is left as it was."""
+    import importlib.util
+    import re
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "blip_diagnostics.py"
+    spec = importlib.util.spec_from_file_location("blip_diagnostics", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pipe = vlkit.load(tiny_run)
+    with mod.lm_weight(pipe.model, 0.7):
+        assert pipe.model.cfg.match_lm_weight == 0.7
+    assert pipe.model.cfg.match_lm_weight == 0.0
+    mod.main([str(tiny_run), "--records", "4", "--beams", "2"])
+    out = capsys.readouterr().out
+    rows = {name: float(v) for name, v in re.findall(r"^  (top beam|any beam \(oracle\)|ranked first by the score)\s+([0-9.]+)$",
+                                                      out, re.M)}
+    assert len(rows) == 3 and rows["any beam (oracle)"] >= max(rows["top beam"], rows["ranked first by the score"])
+    assert all(name in out for name in ("ITM + word head", "decoder log-likelihood", "sum"))
+
+
 # -- Hugging Face parity -------------------------------------------------------------------------
 def _hf_blip(cls_name, tmp_path, sep=98, seed=0):
     """A tiny random transformers BLIP (the sizes of transformers' own tests, two layers), its
