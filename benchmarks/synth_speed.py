@@ -7,6 +7,8 @@ For each image size it measures, interleaved in rounds so that machine load hits
   reference  a numpy-noise image of the same size plus one PIL ellipse (the floor of any
              renderer: one noise field, one shape, one conversion)
   png        PNG encoding of the synthetic image (what write_dataset adds per image)
+  single / image-only   a single-object sample in full, and with ``image_only`` (a
+             classifier's training stream: image, objects and label, no text)
 and prints images/s, synth/reference (how many "noise + ellipse" images one sample costs
 the inverse of) and synth/png. Target: synth >= 1,000 images/s at 64 px on one core.
 """
@@ -56,7 +58,8 @@ def measure(size: int, seconds: float, rounds: int = 5) -> dict:
         img.save(io.BytesIO(), format="PNG", compress_level=1)
 
     jobs = {"synth": lambda i: world.sample(i), "reference": lambda i: reference_image(rng, size),
-            "png": png}
+            "png": png, "single": lambda i: world.sample(i, single_object=True),
+            "image_only": lambda i: world.sample(i, single_object=True, image_only=True)}
     for fn in jobs.values():  # warm up
         rate(fn, 0.05)
     totals = {k: [0, 0.0, 0.0] for k in jobs}
@@ -81,6 +84,8 @@ def main(argv=None) -> int:
         r = measure(size, args.seconds)
         print(f"{size:>5} {r['synth']:>12.0f} {r['synth_cpu']:>12.0f} {r['reference']:>16.0f} "
               f"{r['synth'] / r['reference']:>16.3f} {r['png']:>10.0f} {r['synth'] / r['png']:>10.3f}")
+        print(f"      single-object samples: full {r['single']:.0f} img/s, image-only {r['image_only']:.0f} "
+              f"img/s: image-only / full {r['image_only'] / r['single']:.2f}x")
         if size == 64:
             ok = r["synth"] >= TARGET_64
     print(f"reference = numpy-noise image + one PIL ellipse of the same size; png = PNG encode "

@@ -547,3 +547,26 @@ def test_train_records_negative_weights(tmp_path):
                   negatives=3, negative_weights={"attribute_swap": 2.0}, overrides=small, progress=False))
     saved = read_run_config(out)
     assert saved["negatives"] == 3 and saved["negative_weights"] == {"attribute_swap": 2.0}
+
+
+def test_image_only_records_are_the_full_records_image_part():
+    """image_only (a classifier's stream) skips the text but keeps the image, objects, label and
+    held-out flag exactly as the full record has them, grouped worlds included; the training
+    source of a classifier reads it, the others read full records."""
+    import numpy as np
+    from vlkit.data.synthetic import SyntheticWorld
+    from vlkit.train.run import training_source
+    for world in (SyntheticWorld(image_size=64), SyntheticWorld(image_size=64, group_size=2)):
+        for single in (True, False):
+            for i in range(12):
+                full = world.sample(i, "train", single)
+                part = world.sample(i, "train", single, image_only=True)
+                assert set(part) == {k for k in ("image", "heldout", "objects", "label") if k in full}
+                assert np.array_equal(np.asarray(part["image"]), np.asarray(full["image"]))
+                assert part["objects"] == full["objects"] and part.get("label") == full.get("label")
+                assert part["heldout"] == full["heldout"]
+    vit = training_source("classification", "synthetic", 64, 0, "error")
+    clip = training_source("contrastive", "synthetic", 64, 0, "error")
+    assert "captions" not in vit(3) and "label" in vit(3) and "captions" in clip(3)
+    full = SyntheticWorld(image_size=64).sample(3, "train", True)
+    assert np.array_equal(np.asarray(vit(3)["image"]), np.asarray(full["image"]))

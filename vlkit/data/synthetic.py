@@ -453,6 +453,23 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 
 
 # ----------------------------------------------------------------------------- the world
+_IMAGE_KEYS = ("image", "heldout", "objects", "label")
+
+
+def _image_record(objs, image) -> dict:
+    """The part of a record that the image fixes: image, held-out flag, objects, label."""
+    rec = {"image": image, "heldout": any((o.color, o.shape) in _HELDOUT for o in objs),
+           "objects": [{"shape": o.shape, "color": o.color, "size": o.size, "x": round(o.x, 4),
+                        "y": round(o.y, 4), "extent": round(o.extent, 4)} for o in objs]}
+    if len(objs) == 1:
+        rec["label"] = f"{objs[0].color} {objs[0].shape}"
+    return rec
+
+
+def _image_part(rec: dict) -> dict:
+    return {k: rec[k] for k in _IMAGE_KEYS if k in rec}
+
+
 class SyntheticWorld:
     """Deterministic generator: ``sample(index, split)`` depends only on (seed, split, index).
 
@@ -493,15 +510,21 @@ class SyntheticWorld:
         return {c: [s for s in SHAPES if split != "train" or (c, s) not in _HELDOUT] for c in COLORS}
 
     # -- public API
-    def sample(self, index: int, split: str = "train", single_object: bool = False) -> dict:
+    def sample(self, index: int, split: str = "train", single_object: bool = False,
+               image_only: bool = False) -> dict:
         """Sample ``index`` of a split. With ``group_size`` G > 1, training samples come in
-        minimal-pair groups (see ``_group_member``); val and test are the same for every G."""
+        minimal-pair groups (see ``_group_member``); val and test are the same for every G.
+        ``image_only``: the record's image, objects, label and held-out flag alone, as the full
+        record has them (its text is drawn after the image: a classifier's stream skips it)."""
         if self.group_size > 1 and split == "train":
-            return self._group_member(int(index), single_object)
+            rec = self._group_member(int(index), single_object)
+            return _image_part(rec) if image_only else rec
         rng = random.Random(f"vlkit-synth:{self.seed}:{split}:{int(index)}:{int(bool(single_object))}")
         train = split == "train"
         objs = self._objects(rng, train, single_object)
         image = self._draw(rng, objs)
+        if image_only:
+            return _image_record(objs, image)
         captions, cap_texts = self._unique_captions(rng, objs)
         return self._record(rng, objs, image, captions, cap_texts, train)
 
@@ -604,12 +627,8 @@ class SyntheticWorld:
             "captions_grounding": [_grounding(c, objs) for c in captions],
             "negatives": negatives,
             "qa": self._qa(rng, objs, train),
-            "heldout": any((o.color, o.shape) in _HELDOUT for o in objs),
-            "objects": [{"shape": o.shape, "color": o.color, "size": o.size, "x": round(o.x, 4),
-                         "y": round(o.y, 4), "extent": round(o.extent, 4)} for o in objs],
         }
-        if len(objs) == 1:
-            rec["label"] = f"{objs[0].color} {objs[0].shape}"
+        rec.update(_image_record(objs, image))
         return rec
 
     def records(self, split: str, n: int, single_object: bool = False) -> list[dict]:

@@ -321,7 +321,8 @@ def training_source(task: str, data: str, image_size: int, seed: int, on_bad_sam
     if data == "synthetic":
         world = synthetic_world(image_size, groups if task != "classification" else 1)
         single = (task == "classification") if single_object is None else single_object
-        return SyntheticSource(world, "train", single_object=single, offset=seed * 10_000_000)
+        return SyntheticSource(world, "train", single_object=single, offset=seed * 10_000_000,
+                               image_only=task == "classification")  # a classifier reads no text
     dataset = open_dataset(data, "train", on_bad_sample, max_skip_rate, allow_outside, remote)
     if hasattr(dataset, "head_records"):  # streamed shards: batches come from stream_batch_loader
         return dataset
