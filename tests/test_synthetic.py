@@ -570,3 +570,20 @@ def test_image_only_records_are_the_full_records_image_part():
     assert "captions" not in vit(3) and "label" in vit(3) and "captions" in clip(3)
     full = SyntheticWorld(image_size=64).sample(3, "train", True)
     assert np.array_equal(np.asarray(vit(3)["image"]), np.asarray(full["image"]))
+
+
+def test_records_without_questions_keep_every_other_field():
+    """questions=False leaves out ``qa`` (drawn last) and nothing else changes, grouped worlds
+    included; a model that trains no VQA reads such records, one that does reads the questions."""
+    import numpy as np
+    from vlkit.data.synthetic import SyntheticWorld
+    for world in (SyntheticWorld(image_size=64), SyntheticWorld(image_size=64, group_size=2)):
+        for i in range(12):
+            full, lean = world.sample(i, "train"), world.sample(i, "train", questions=False)
+            assert "qa" in full and set(lean) == set(full) - {"qa"}
+            assert np.array_equal(np.asarray(lean.pop("image")), np.asarray(full.pop("image")))
+            full.pop("qa")
+            assert lean == full
+    from vlkit.train.run import training_source
+    assert "qa" not in training_source("fusion", "synthetic", 64, 0, "error", questions=False)(3)
+    assert "qa" in training_source("fusion", "synthetic", 64, 0, "error")(3)

@@ -23,21 +23,23 @@ class SyntheticSource:
     """Sample ``i`` of the synthetic world's stream for a split. ``single_object``: True or
     False, or a share in (0, 1): each sample is then a single-object one with that probability
     (drawn from its position, so the stream stays fixed). ``image_only``: records without their
-    text (image, objects, label: what a classifier reads), the same images as the full stream."""
+    text (image, objects, label: what a classifier reads), the same images as the full stream;
+    ``questions=False``: records without their ``qa`` (a model that trains no VQA)."""
 
     def __init__(self, world, split: str = "train", single_object: bool | float = False, offset: int = 0,
-                 image_only: bool = False):
+                 image_only: bool = False, questions: bool = True):
         if not isinstance(single_object, bool) and not 0 < single_object < 1:
             raise ValueError(f"single_object: True, False or a share in (0, 1), got {single_object}")
         self.world, self.split, self.single_object = world, split, single_object
         self.offset = offset  # a different training seed reads another stretch of the stream
-        self.image_only = bool(image_only)
+        self.image_only, self.questions = bool(image_only), bool(questions)
 
     def __call__(self, i: int) -> dict:
         single = self.single_object
         if not isinstance(single, bool):
             single = random.Random(f"single-object {self.offset + i}").random() < single
-        return self.world.sample(self.offset + i, split=self.split, single_object=single, image_only=self.image_only)
+        return self.world.sample(self.offset + i, split=self.split, single_object=single,
+                                 image_only=self.image_only, questions=self.questions)
 
 
 class EpochSource:

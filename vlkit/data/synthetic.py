@@ -511,13 +511,14 @@ class SyntheticWorld:
 
     # -- public API
     def sample(self, index: int, split: str = "train", single_object: bool = False,
-               image_only: bool = False) -> dict:
+               image_only: bool = False, questions: bool = True) -> dict:
         """Sample ``index`` of a split. With ``group_size`` G > 1, training samples come in
         minimal-pair groups (see ``_group_member``); val and test are the same for every G.
         ``image_only``: the record's image, objects, label and held-out flag alone, as the full
-        record has them (its text is drawn after the image: a classifier's stream skips it)."""
+        record has them (its text is drawn after the image: a classifier's stream skips it).
+        ``questions=False``: without ``qa`` (drawn last: every other field as the full record's)."""
         if self.group_size > 1 and split == "train":
-            rec = self._group_member(int(index), single_object)
+            rec = self._group_member(int(index), single_object, questions and not image_only)
             return _image_part(rec) if image_only else rec
         rng = random.Random(f"vlkit-synth:{self.seed}:{split}:{int(index)}:{int(bool(single_object))}")
         train = split == "train"
@@ -526,7 +527,7 @@ class SyntheticWorld:
         if image_only:
             return _image_record(objs, image)
         captions, cap_texts = self._unique_captions(rng, objs)
-        return self._record(rng, objs, image, captions, cap_texts, train)
+        return self._record(rng, objs, image, captions, cap_texts, train, questions)
 
     def _unique_captions(self, rng, objs) -> tuple[list, list[str]]:
         captions, cap_texts = [], []
@@ -537,7 +538,7 @@ class SyntheticWorld:
                 cap_texts.append(t)
         return captions, cap_texts
 
-    def _group_member(self, index: int, single_object: bool) -> dict:
+    def _group_member(self, index: int, single_object: bool, questions: bool = True) -> dict:
         """Member ``index % G`` of training group ``index // G``: member 0 is a scene, every
         other member the same scene after one edit -- an object's shape or colour changed, two
         objects' colours exchanged, or the scene mirrored along the axis of one of its relations
@@ -555,7 +556,7 @@ class SyntheticWorld:
         objs, captions, cap_texts = members[m]
         colors = sorted({o.color for member in members for o in member[0]})  # one background for all
         image = self._draw(random.Random(key + ":draw"), objs, colors)
-        return self._record(random.Random(f"{key}:member:{m}"), objs, image, captions, cap_texts, True)
+        return self._record(random.Random(f"{key}:member:{m}"), objs, image, captions, cap_texts, True, questions)
 
     def _group(self, key: str, single_object: bool) -> list[tuple]:
         """(objects, captions, caption texts) of each member of a group."""
@@ -618,7 +619,7 @@ class SyntheticWorld:
                         o.y = 1.0 - o.y
                 return new
 
-    def _record(self, rng, objs, image, captions, cap_texts, train: bool) -> dict:
+    def _record(self, rng, objs, image, captions, cap_texts, train: bool, questions: bool = True) -> dict:
         negatives = self._negatives(rng, objs, captions, cap_texts, train)
         rec = {
             "image": image,
@@ -626,8 +627,9 @@ class SyntheticWorld:
             "captions": cap_texts,
             "captions_grounding": [_grounding(c, objs) for c in captions],
             "negatives": negatives,
-            "qa": self._qa(rng, objs, train),
         }
+        if questions:  # the last draw: leaving it out changes nothing before it
+            rec["qa"] = self._qa(rng, objs, train)
         rec.update(_image_record(objs, image))
         return rec
 

@@ -313,16 +313,18 @@ def answer_vocabulary(records: list[dict]) -> list[str]:
 def training_source(task: str, data: str, image_size: int, seed: int, on_bad_sample: str,
                     max_skip_rate: float | None = None, groups: int = 1,
                     single_object: bool | float | None = None, allow_outside: bool = False,
-                    remote: dict | None = None):
+                    remote: dict | None = None, questions: bool = True):
     """``single_object`` (synthetic world): True for labelled single-object images, a share in
     (0, 1) for a mix with images of several objects; default: True for classification.
+    ``questions=False`` (synthetic world): records without their questions (no VQA trained).
     ``remote``: `RemoteShardStream` options for shard URLs."""
     from ..data.loader import EpochSource, SyntheticSource
     if data == "synthetic":
         world = synthetic_world(image_size, groups if task != "classification" else 1)
         single = (task == "classification") if single_object is None else single_object
         return SyntheticSource(world, "train", single_object=single, offset=seed * 10_000_000,
-                               image_only=task == "classification")  # a classifier reads no text
+                               image_only=task == "classification",  # a classifier reads no text
+                               questions=questions)
     dataset = open_dataset(data, "train", on_bad_sample, max_skip_rate, allow_outside, remote)
     if hasattr(dataset, "head_records"):  # streamed shards: batches come from stream_batch_loader
         return dataset
@@ -702,7 +704,8 @@ def _train(args: RunArgs, run: Path) -> dict:
     source = training_source(task, args.data, model.image_spec()["size"], args.seed, args.on_bad_sample,
                              args.max_skip_rate, groups, single_object=single,
                              allow_outside=args.allow_outside_paths,
-                             remote=dict(remote_options(args), seed=args.seed, rank=rank, world=world))
+                             remote=dict(remote_options(args), seed=args.seed, rank=rank, world=world),
+                             questions=vqa_answers(model.cfg) is not None)
     collate = make_collate(model, task, tok, negatives, data=args.data, negative_weights=weights)
     from ..data.loader import batch_loader
     # augmentation draws from an RNG seeded by (seed, global sample position), so every sample
