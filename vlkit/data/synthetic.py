@@ -281,6 +281,15 @@ def _last_np(cl):
     return None
 
 
+def _relation_holds(cl, prev, objs) -> bool:
+    """A "rel" clause holds: its two phrases (the second "it": ``prev``, the last phrase before
+    it) name two distinct objects in that relation."""
+    _, a_np, rel, b_np, _, _ = cl
+    b_np = b_np if b_np is not None else prev
+    a, b = _find(objs, a_np), (_find(objs, b_np) if b_np is not None else None)
+    return a is not None and b is not None and a is not b and relation_of(a, b) == rel
+
+
 def _holds(caption, objs) -> bool:
     """Truth of a caption structure for these objects (the grammar's semantics)."""
     prev = None
@@ -296,10 +305,7 @@ def _holds(caption, objs) -> bool:
             if _find(objs, cl[1]) is None:
                 return False
         elif kind == "rel":
-            _, a_np, rel, b_np, _, _ = cl
-            b_np = b_np if b_np is not None else prev
-            a, b = _find(objs, a_np), (_find(objs, b_np) if b_np is not None else None)
-            if a is None or b is None or a is b or relation_of(a, b) != rel:
+            if not _relation_holds(cl, prev, objs):
                 return False
         elif kind == "shapes":
             counts = {}
@@ -400,8 +406,13 @@ def caption_is_true(text: str, objects: Sequence[dict]) -> bool:
     caption = parse_caption(text)
     if caption is None:
         return False
-    objs = [_Obj(o["shape"], o["color"], o.get("size"), o["x"], o["y"], o.get("extent", 0.0)) for o in objects]
+    objs = _objs_of(objects)
     return _holds(caption, objs)
+
+
+def _objs_of(objects: Sequence[dict]) -> list[_Obj]:
+    """Records' ``objects`` as the grammar's objects."""
+    return [_Obj(o["shape"], o["color"], o.get("size"), o["x"], o["y"], o.get("extent", 0.0)) for o in objects]
 
 
 def caption_facts(text: str, objects: Sequence[dict]) -> dict | None:
@@ -413,7 +424,7 @@ def caption_facts(text: str, objects: Sequence[dict]) -> dict | None:
     caption = parse_caption(text)
     if caption is None:
         return None
-    objs = [_Obj(o["shape"], o["color"], o.get("size"), o["x"], o["y"], o.get("extent", 0.0)) for o in objects]
+    objs = _objs_of(objects)
     phrases = []
     _map_nps(caption, lambda n: phrases.append(n) or n)
     out = {"phrases": len(phrases), "phrases_true": sum(_find(objs, n) is not None for n in phrases),
@@ -421,10 +432,8 @@ def caption_facts(text: str, objects: Sequence[dict]) -> dict | None:
     prev = None
     for cl in caption:
         if cl[0] == "rel":
-            b_np = cl[3] if cl[3] is not None else prev
-            a, b = _find(objs, cl[1]), (_find(objs, b_np) if b_np is not None else None)
             out["relations"] += 1
-            out["relations_true"] += a is not None and b is not None and a is not b and relation_of(a, b) == cl[2]
+            out["relations_true"] += _relation_holds(cl, prev, objs)
         cur = _last_np(cl)
         prev = cur if cur is not None else prev
     return out
