@@ -8,7 +8,9 @@ r"""What a BLIP run's matching and captions rest on, on the synthetic world's te
    (``match_lm_weight = 1``).
 2. Captions from beam search with ``--beams`` beams, all returned: the share of images whose top
    beam is true of the image (``caption_is_true``), whose beams hold a true one (the oracle), and
-   whose beam ranked first by the model's score (ITM + word head + log-likelihood) is true.
+   whose beam ranked first is true, ranked by the model's score (ITM + word head + the decoder's
+   log-likelihood: ``caption_rerank``), by its two parts alone, and by twice the first plus the
+   second.
 """
 from __future__ import annotations
 
@@ -44,22 +46,25 @@ def compositional(pipe, score, records) -> dict:
 
 def beam_captions(pipe, records, beams: int) -> dict:
     model = pipe.model
-    top = oracle = ranked = 0
-    with lm_weight(model, 1.0):
-        for i in range(0, len(records), 16):
-            chunk = records[i:i + 16]
-            caps = pipe.caption([r["image"] for r in chunk], num_beams=beams, num_return_sequences=beams)
-            t = pipe.tokens(caps)
-            with torch.no_grad():
-                px = pipe.pixels([r["image"] for r in chunk for _ in range(beams)])
-                score = model.score(px, t["input_ids"], t["attention_mask"]).view(len(chunk), beams)
-            for j, r in enumerate(chunk):
-                true = [caption_is_true(c, r["objects"]) for c in caps[j * beams:(j + 1) * beams]]
-                top += true[0]
-                oracle += any(true)
-                ranked += true[int(score[j].argmax())]
-    n = len(records)
-    return {"top beam": top / n, "any beam (oracle)": oracle / n, "ranked first by the score": ranked / n}
+    counts = dict.fromkeys(("top beam", "any beam (oracle)", "ranked first by the score",
+                            "... by ITM + word head", "... by the log-likelihood", "... by twice the ITM part + log-lik."), 0)
+    for i in range(0, len(records), 16):
+        chunk = records[i:i + 16]
+        caps = pipe.caption([r["image"] for r in chunk], num_beams=beams, num_return_sequences=beams)
+        t = pipe.tokens(caps)
+        with torch.no_grad(), lm_weight(model, 0.0):
+            px = pipe.pixels([r["image"] for r in chunk for _ in range(beams)])
+            itm = model.score(px, t["input_ids"], t["attention_mask"]).float().view(len(chunk), beams)
+            lm = model.score_captions(px, t["input_ids"], t["attention_mask"]).float().view(len(chunk), beams)
+        rankings = {"ranked first by the score": itm + lm, "... by ITM + word head": itm,
+                    "... by the log-likelihood": lm, "... by twice the ITM part + log-lik.": 2 * itm + lm}
+        for j, r in enumerate(chunk):
+            true = [caption_is_true(c, r["objects"]) for c in caps[j * beams:(j + 1) * beams]]
+            counts["top beam"] += true[0]
+            counts["any beam (oracle)"] += any(true)
+            for name, score in rankings.items():
+                counts[name] += true[int(score[j].argmax())]
+    return {k: v / len(records) for k, v in counts.items()}
 
 
 def main(argv=None) -> None:
@@ -81,7 +86,7 @@ def main(argv=None) -> None:
                                            for k, v in sorted(res.items())))
     print(f"captions from {args.beams} beams, true of the image:")
     for k, v in beam_captions(pipe, records, args.beams).items():
-        print(f"  {k:28s} {v:.3f}")
+        print(f"  {k:38s} {v:.3f}")
 
 
 if __name__ == "__main__":

@@ -353,10 +353,73 @@ def test_caption_evaluation_decodes_by_beam_search_when_asked(tiny_run, monkeypa
         evaluate(pipe, tasks=["caption"], records=(recs, []), caption_beams=0)
 
 
+def test_caption_rerank_keeps_the_beam_the_models_score_ranks_first(tiny_run):
+    """caption(rerank=K): K beams per image, the one ``score`` ranks highest kept (checked
+    against the beams and their scores computed apart); the config's caption_rerank is the
+    default decoding, and an explicit decoding (num_beams, rerank=0) replaces it."""
+    import dataclasses
+    from vlkit.data.synthetic import synthetic_world
+    pipe = vlkit.load(tiny_run)
+    images = [r["image"] for r in synthetic_world(64).records("test", 3)]
+    k = 4
+    beams = pipe.caption(images, num_beams=k, num_return_sequences=k, max_new_tokens=6)
+    t = pipe.tokens(beams)
+    px = pipe.pixels(images).repeat_interleave(k, 0)
+    with torch.no_grad():
+        scores = pipe.model.score(px, t["input_ids"], t["attention_mask"]).float().view(3, k)
+    expected = [beams[i * k + int(j)] for i, j in enumerate(scores.argmax(1))]
+    assert pipe.caption(images, rerank=k, max_new_tokens=6) == expected
+    greedy = pipe.caption(images, max_new_tokens=6)
+    assert pipe.caption_rerank() == 0
+    pipe.model.cfg = dataclasses.replace(pipe.model.cfg, caption_rerank=k)
+    assert pipe.caption(images, max_new_tokens=6) == expected              # the config's default
+    assert pipe.caption(images, rerank=0, max_new_tokens=6) == greedy
+    assert pipe.caption(images, num_beams=k, max_new_tokens=6) == [beams[i * k] for i in range(3)]
+    assert pipe.caption_rerank(None, {"do_sample": True}) == 0 and pipe.caption_rerank(2, {}) == 2
+    for kwargs, message in [(dict(rerank=k, num_beams=2), "contradicts"),
+                            (dict(rerank=k, num_return_sequences=2), "one caption per image"),
+                            (dict(rerank=-1), "rerank must be")]:
+        with pytest.raises(ValueError, match=message):
+            pipe.caption(images, **kwargs)
+    with pytest.raises(ValueError, match="caption_rerank must be"):
+        _model(caption_rerank=-2)
+    with pytest.raises(ValueError, match="needs the decoder, the text encoder"):
+        _model(caption_rerank=4, text_encoder=False)
+
+
+def test_caption_evaluation_reranks_and_counts_the_facts_stated(tiny_run, monkeypatch):
+    """evaluate(caption_rerank=K) asks the pipeline for rerank=K and records it (also when the
+    model's config sets it); caption.facts is the mean number of noun phrases and relations
+    stated (an ungrammatical caption states none)."""
+    import dataclasses
+    from vlkit.data.synthetic import synthetic_world
+    from vlkit.eval.run import evaluate
+    pipe = vlkit.load(tiny_run)
+    recs = synthetic_world(64).records("test", 4)
+    asked = []
+    said = ["a red circle", "a red circle left of a blue square", "not a sentence", "two circles"]
+
+    def caption(images, **options):
+        asked.append(options)
+        return said[:len(images)]
+    monkeypatch.setattr(pipe, "caption", caption)
+    res = evaluate(pipe, tasks=["caption"], records=(recs, []), caption_rerank=3)
+    assert asked[-1] == {"rerank": 3} and res["caption_rerank"] == 3
+    # phrases + relations: 1, 2 + 1, none (ungrammatical), none (a count of shapes names no object)
+    assert res["metrics"]["caption.facts"] == pytest.approx((1 + 3 + 0 + 0) / 4, abs=1e-4)
+    res = evaluate(pipe, tasks=["caption"], records=(recs, []))
+    assert asked[-1] == {} and "caption_rerank" not in res
+    pipe.model.cfg = dataclasses.replace(pipe.model.cfg, caption_rerank=5)
+    assert evaluate(pipe, tasks=["caption"], records=(recs, []))["caption_rerank"] == 5
+    assert "caption_rerank" not in evaluate(pipe, tasks=["caption"], records=(recs, []), caption_beams=2)
+    with pytest.raises(ValueError, match="leave caption_beams at 1"):
+        evaluate(pipe, tasks=["caption"], records=(recs, []), caption_rerank=3, caption_beams=2)
+
+
 def test_blip_diagnostics_script_scores_three_ways_and_ranks_beams(tiny_run, capsys):
     """scripts/blip_diagnostics.py: compositional accuracy by ITM + word head, by the decoder's
-    log-likelihood and by their sum, and captions from k beams (top, oracle, ranked); the
-    oracle is never below the top beam, and the model's config is left as it was."""
+    log-likelihood and by their sum, and captions from k beams (top, oracle, ranked four ways);
+    the oracle is never below any of them, and the model's config is left as it was."""
     import importlib.util
     import re
     from pathlib import Path
@@ -370,9 +433,9 @@ def test_blip_diagnostics_script_scores_three_ways_and_ranks_beams(tiny_run, cap
     assert pipe.model.cfg.match_lm_weight == 0.0
     mod.main([str(tiny_run), "--records", "4", "--beams", "2"])
     out = capsys.readouterr().out
-    rows = {name: float(v) for name, v in re.findall(r"^  (top beam|any beam \(oracle\)|ranked first by the score)\s+([0-9.]+)$",
-                                                      out, re.M)}
-    assert len(rows) == 3 and rows["any beam (oracle)"] >= max(rows["top beam"], rows["ranked first by the score"])
+    rows = {name.strip(): float(v) for name, v in re.findall(r"^  (top beam|any beam \(oracle\)|ranked first by the score|"
+                                                              r"\.\.\. by [^0-9]+?)\s+([0-9.]+)$", out, re.M)}
+    assert len(rows) == 6 and rows["any beam (oracle)"] >= max(v for k, v in rows.items() if "oracle" not in k)
     assert all(name in out for name in ("ITM + word head", "decoder log-likelihood", "sum"))
 
 

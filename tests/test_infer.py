@@ -141,11 +141,16 @@ def test_caption_decodings_and_models_without_a_decoder(runs, photos, capsys):
     assert [r["caption"] for r in _json(sample, capsys)["results"]] == pipe.caption(
         paths, do_sample=True, top_p=0.9, temperature=1.5, generator=torch.Generator().manual_seed(3),
         max_new_tokens=5)
+    ranked = _json(["caption", str(runs["blip"]), *paths, "--rerank", "3", "--max-new-tokens", "5"], capsys)
+    assert [r["caption"] for r in ranked["results"]] == pipe.caption(paths, rerank=3, max_new_tokens=5)
+    assert ranked["decoding"] == "the best of 3 beams by the model's score"
     rc, out, _ = _cli(["caption", str(runs["blip"]), paths[0], "--max-new-tokens", "3"], capsys)
     assert rc == 0 and out.splitlines()[0].split() == ["image", "caption"] and out.endswith("1 image; greedy\n")
     for argv, message in [(["caption", str(runs["clip"]), paths[0]], f"{runs['clip']} has no decoder"),
                           (["caption", str(runs["blip"]), paths[0], "--beam", "2", "--top-p", "0.9"],
                            "--beam and --top-p"),
+                          (["caption", str(runs["blip"]), paths[0], "--beam", "2", "--rerank", "4"],
+                           "--rerank K draws its own K beams"),
                           (["caption", str(runs["blip"]), paths[0], "--seed", "1"], "give --top-p too")]:
         rc, _, err = _cli(argv, capsys)
         assert rc == 2 and message in err and err.count("\n") == 1

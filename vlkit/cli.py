@@ -337,6 +337,10 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--retrieval-size must be at least 2, got {args.retrieval_size}")
     if args.caption_beams < 1:
         raise UsageError(f"--caption-beams must be at least 1, got {args.caption_beams}")
+    if args.caption_rerank is not None and args.caption_rerank < 0:
+        raise UsageError(f"--caption-rerank must be at least 0, got {args.caption_rerank}")
+    if args.caption_rerank and args.caption_beams > 1:
+        raise UsageError("--caption-rerank K draws its own K beams: give it or --caption-beams, not both")
     out = args.out or str(Path(args.run) / "eval.json")
     _writable_output(out, "--out", _is_eval_json, "a vlkit evaluation result", inputs=[args.run])
     into_run = is_vlkit_run(args.run) and Path(out).resolve().parent == Path(args.run).resolve()
@@ -349,7 +353,8 @@ def cmd_eval(args) -> int:
         pipe = load(args.run)
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else default_tasks(pipe.model)
         res = evaluate(pipe, data, args.split, tasks, retrieval_size=args.retrieval_size,
-                       allow_outside=args.allow_outside_paths, caption_beams=args.caption_beams)
+                       allow_outside=args.allow_outside_paths, caption_beams=args.caption_beams,
+                       caption_rerank=args.caption_rerank)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_eval(res, out)
     print_metrics(res)
@@ -394,7 +399,8 @@ def cmd_zero_shot(args) -> int:
 
 def cmd_caption(args) -> int:
     from .infer import generation_options
-    opts = generation_options(args.beam, args.top_p, args.temperature, args.seed, args.max_new_tokens)
+    opts = generation_options(args.beam, args.top_p, args.temperature, args.seed, args.max_new_tokens,
+                              args.rerank)
     return _infer(args, "caption", args.images, prompt=args.prompt, **opts)
 
 
@@ -605,7 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the whole split for dual encoders, 100 images for fusion models, "
                         "which score every image-text pair)")
     s.add_argument("--caption-beams", type=int, default=1, metavar="N",
-                   help="the caption task decodes by beam search over N beams (default 1: greedy)")
+                   help="the caption task decodes by beam search over N beams (default 1: greedy, or "
+                        "the model's own default)")
+    s.add_argument("--caption-rerank", type=int, metavar="K",
+                   help="the caption task keeps the best of K beams by the model's matching score "
+                        "(0: none; default: the model's config, BLIP's caption_rerank)")
     _allow_outside_paths(s)
     s.set_defaults(func=cmd_eval)
 
@@ -658,7 +668,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("caption", help="write a caption for each image (BLIP)")
     _image_inputs(s)
     s.add_argument("images", nargs="+", help=images_help)
-    s.add_argument("--beam", type=_count, metavar="N", help="beam search with N beams (default: greedy)")
+    s.add_argument("--beam", type=_count, metavar="N", help="beam search with N beams (default: the model's "
+                                                             "own decoding, greedy unless its config ranks beams)")
+    s.add_argument("--rerank", type=int, metavar="K", help="draw K captions (beams, or samples with --top-p) and "
+                                                         "keep the one the model's matching score ranks first "
+                                                         "(0: none)")
     s.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling from the top P of the probability")
     s.add_argument("--temperature", type=float, metavar="T", help="with --top-p: sampling temperature (default 1)")
     s.add_argument("--seed", type=int, help="with --top-p: seed of the sampling")

@@ -234,11 +234,16 @@ def zero_shot(pipe: Pipeline, batches: ImageBatches, labels, templates: Sequence
 
 
 def generation_options(beam: int | None = None, top_p: float | None = None, temperature: float | None = None,
-                       seed: int | None = None, max_new_tokens: int | None = None) -> dict:
-    """``Pipeline.caption`` keyword arguments: greedy by default, beam search with ``beam``,
-    nucleus sampling with ``top_p`` (and ``temperature``, ``seed``)."""
+                       seed: int | None = None, max_new_tokens: int | None = None,
+                       rerank: int | None = None) -> dict:
+    """``Pipeline.caption`` keyword arguments: the model's default decoding (greedy unless its
+    config says otherwise) when none is given, beam search with ``beam``, nucleus sampling with
+    ``top_p`` (and ``temperature``, ``seed``), the best of ``rerank`` beams (or samples, with
+    ``top_p``) by the model's score."""
     if beam is not None and top_p is not None:
         raise ValueError("--beam and --top-p choose different decodings: give one of them")
+    if rerank is not None and beam is not None:
+        raise ValueError("--rerank K draws its own K beams: give it or --beam, not both")
     if top_p is None and (temperature is not None or seed is not None):
         raise ValueError("--temperature and --seed apply to sampling: give --top-p too")
     opts: dict = {}
@@ -254,6 +259,10 @@ def generation_options(beam: int | None = None, top_p: float | None = None, temp
         opts.update(do_sample=True, top_p=top_p, temperature=1.0 if temperature is None else temperature)
         if seed is not None:
             opts["generator"] = torch.Generator().manual_seed(seed)
+    if rerank is not None:
+        if rerank < 0:
+            raise ValueError(f"--rerank must be at least 0 (0: none), got {rerank}")
+        opts["rerank"] = rerank
     if max_new_tokens is not None:
         if max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -261,9 +270,13 @@ def generation_options(beam: int | None = None, top_p: float | None = None, temp
     return opts
 
 
-def _decoding(opts: dict) -> str:
+def _decoding(opts: dict, pipe: Pipeline) -> str:
+    k = pipe.caption_rerank(opts.get("rerank"), opts)
     if opts.get("do_sample"):
-        return f"nucleus sampling (top-p {opts['top_p']:g}, temperature {opts['temperature']:g})"
+        sampling = f"nucleus sampling (top-p {opts['top_p']:g}, temperature {opts['temperature']:g})"
+        return f"the best of {k} samples by the model's score, {sampling}" if k else sampling
+    if k:
+        return f"the best of {k} beams by the model's score"
     return f"beam search ({opts['num_beams']} beams)" if opts.get("num_beams", 1) > 1 else "greedy"
 
 
@@ -281,7 +294,7 @@ def caption(pipe: Pipeline, batches: ImageBatches, prompt: str | None = None, **
     for paths, images in batches:
         texts = pipe.caption(images, prompt=prompt, **opts)
         results += [{"image": p, "caption": t} for p, t in zip(paths, texts)]
-    return _result("caption", pipe, batches, results, decoding=_decoding(opts), prompt=prompt)
+    return _result("caption", pipe, batches, results, decoding=_decoding(opts, pipe), prompt=prompt)
 
 
 def vqa(pipe: Pipeline, batches: ImageBatches, question: str, candidates=None) -> dict:

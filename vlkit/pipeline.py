@@ -179,18 +179,52 @@ class Pipeline:
         return list(zip(index.tolist(), values.tolist()))
 
     @torch.no_grad()
-    def caption(self, images, prompt: str | Sequence[str] | None = None, **kwargs) -> list[str]:
+    def caption(self, images, prompt: str | Sequence[str] | None = None, rerank: int | None = None,
+                **kwargs) -> list[str]:
         """A caption of each image (``kwargs``: the model's ``generate`` options, e.g. num_beams,
         do_sample, top_p). ``prompt``: text the caption continues, one for all images or one per
-        image (default: the model's own); the captions are returned without it."""
+        image (default: the model's own); the captions are returned without it. ``rerank`` K:
+        draw K captions (K beams, or K samples with do_sample) and keep the one the model's
+        ``score`` (matching) ranks first. With no decoding asked for (none of rerank, num_beams,
+        do_sample), the model's config decides (BLIP's ``caption_rerank``; else greedy)."""
         generate = self._need("generate", "captioning")
+        k = self.caption_rerank(rerank, kwargs)
         pixels = self.pixels(images)
         if prompt is not None:
             prompts = [prompt] * pixels.shape[0] if isinstance(prompt, str) else list(prompt)
             if len(prompts) != pixels.shape[0]:
                 raise ValueError(f"caption: {len(prompts)} prompts for {pixels.shape[0]} images")
             kwargs["prompt_ids"] = [self.tokenizer.encode(p)[1:-1] for p in prompts]
-        return [self.tokenizer.decode(row.tolist()) for row in generate(pixels, **kwargs)]
+        if not k:
+            return [self.tokenizer.decode(row.tolist()) for row in generate(pixels, **kwargs)]
+        score = self._need("score", "caption re-ranking")
+        if "num_return_sequences" in kwargs:
+            raise ValueError("caption: rerank returns one caption per image; num_return_sequences does not apply")
+        if kwargs.get("num_beams", k) != k:
+            raise ValueError(f"caption: rerank={k} draws {k} beams; num_beams={kwargs['num_beams']} contradicts it")
+        options = dict(kwargs, num_return_sequences=k) if kwargs.get("do_sample") else \
+            dict(kwargs, num_beams=k, num_return_sequences=k)
+        texts = [self.tokenizer.decode(row.tolist()) for row in generate(pixels, **options)]  # image-major
+        scores = []
+        for start in range(0, len(texts), 256):  # every candidate with its image
+            t = self.tokens(texts[start:start + 256])
+            rows = torch.arange(start, min(start + 256, len(texts)), device=pixels.device) // k
+            scores.append(self._checked(score(pixels[rows], t["input_ids"], t["attention_mask"]).float(),
+                                        "caption scores"))
+        best = torch.cat(scores).view(-1, k).argmax(-1).tolist()
+        return [texts[i * k + j] for i, j in enumerate(best)]
+
+    def caption_rerank(self, rerank: int | None = None, options: dict | None = None) -> int:
+        """How many candidates ``caption`` ranks (0: none) for these arguments: ``rerank`` if
+        given, none when a decoding is asked for (num_beams, do_sample), else the config's
+        ``caption_rerank``."""
+        if rerank is not None:
+            if isinstance(rerank, bool) or not isinstance(rerank, int) or rerank < 0:
+                raise ValueError(f"caption: rerank must be a whole number >= 0 (0: none), got {rerank!r}")
+            return rerank
+        if options and ({"num_beams", "do_sample"} & set(options)):
+            return 0
+        return int(getattr(self.model.cfg, "caption_rerank", 0) or 0)
 
     @torch.no_grad()
     def answer(self, images, questions, candidates: Sequence[str] | None = None, **kwargs) -> list[str]:

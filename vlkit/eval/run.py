@@ -226,10 +226,16 @@ def eval_vqa(pipe, records):
     return {f"vqa.{k}": v for k, v in res.items()}
 
 
-def eval_caption(pipe, records, beams: int = 1):
-    """BLEU-4 and CIDEr-D of captions decoded greedily (``beams`` > 1: by beam search of that
-    width) against all reference captions; on the synthetic world, its check of every caption."""
-    preds, options = [], ({"num_beams": beams} if beams > 1 else {})
+def eval_caption(pipe, records, beams: int = 1, rerank: int | None = None):
+    """BLEU-4 and CIDEr-D of captions against all reference captions, decoded greedily,
+    by beam search (``beams`` > 1) or as the best of ``rerank`` beams by the model's score
+    (``Pipeline.caption``; None: the model's default decoding). On the synthetic world, its
+    check of every caption and ``caption.facts``: the facts (noun phrases and relations) a
+    caption states, on average (an ungrammatical one states none)."""
+    options = {"num_beams": beams} if beams > 1 else {}
+    if rerank is not None:
+        options["rerank"] = rerank
+    preds = []
     for chunk in _batches(records, 64):
         preds.extend(pipe.caption([r["image"] for r in chunk], **options))
     refs = [r.get("captions") or [r["caption"]] for r in records]
@@ -239,6 +245,7 @@ def eval_caption(pipe, records, beams: int = 1):
         out["caption.correct"] = sum(caption_is_true(p, r["objects"]) for p, r in zip(preds, records)) / len(records)
         facts = [caption_facts(p, r["objects"]) for p, r in zip(preds, records)]
         out["caption.grammatical"] = sum(f is not None for f in facts) / len(records)
+        out["caption.facts"] = sum(f["phrases"] + f["relations"] for f in facts if f is not None) / len(records)
         for key in ("phrases", "relations"):  # of the facts stated in the grammatical captions
             stated = sum(f[key] for f in facts if f is not None)
             if stated:
@@ -273,12 +280,21 @@ RUNNERS = {"classification": eval_classification, "zeroshot": eval_zeroshot,
 
 def evaluate(pipe, data: str = "synthetic", split: str = "test", tasks=ALL_TASKS,
              retrieval_size: int | None = None, records: tuple[list, list] | None = None,
-             rerank_k: int = RERANK_K, allow_outside: bool = False, caption_beams: int = 1) -> dict:
+             rerank_k: int = RERANK_K, allow_outside: bool = False, caption_beams: int = 1,
+             caption_rerank: int | None = None) -> dict:
     """Metrics of ``tasks`` on a split; ``retrieval_size``: see the module docstring.
     ``records``: (image-text records, single-object records) to use instead of loading the split.
-    ``caption_beams``: captions by beam search of that width (1: greedy; recorded when > 1)."""
+    ``caption_beams``: captions by beam search of that width (recorded when > 1);
+    ``caption_rerank`` K: the best of K beams by the model's score (0: none; None: with
+    ``caption_beams`` 1, the model's default decoding, e.g. BLIP's ``caption_rerank``; recorded
+    when K > 0)."""
     if isinstance(caption_beams, bool) or not isinstance(caption_beams, int) or caption_beams < 1:
         raise ValueError(f"caption_beams must be a whole number >= 1, got {caption_beams!r}")
+    if caption_rerank is not None and (isinstance(caption_rerank, bool) or not isinstance(caption_rerank, int)
+                                       or caption_rerank < 0):
+        raise ValueError(f"caption_rerank must be a whole number >= 0, got {caption_rerank!r}")
+    if caption_rerank and caption_beams > 1:
+        raise ValueError(f"caption_rerank={caption_rerank} draws its own beams: leave caption_beams at 1")
     unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(ALL_TASKS)}")
@@ -298,9 +314,12 @@ def evaluate(pipe, data: str = "synthetic", split: str = "test", tasks=ALL_TASKS
             if res is not None and images is not None:
                 out["retrieval_images"] = images
         elif task == "caption":
-            res = eval_caption(pipe, records, caption_beams) if records else None
+            res = eval_caption(pipe, records, caption_beams, caption_rerank) if records else None
             if res is not None and caption_beams > 1:
                 out["caption_beams"] = caption_beams
+            ranked = pipe.caption_rerank(caption_rerank, {"num_beams": caption_beams} if caption_beams > 1 else {})
+            if res is not None and ranked:
+                out["caption_rerank"] = ranked
         else:
             res = RUNNERS[task](pipe, records)
         if res is None:
@@ -325,6 +344,8 @@ def print_metrics(result: dict, file=None) -> None:
         print(f"{k:34s} {v:.4f}", file=file)
     if result.get("caption_beams"):
         print(f"captions by beam search over {result['caption_beams']} beams", file=file)
+    if result.get("caption_rerank"):
+        print(f"captions: the best of {result['caption_rerank']} beams by the model's score", file=file)
     if result.get("retrieval_images"):
         print(f"retrieval among {result['retrieval_images']} images, each with its first caption", file=file)
     if result["unsupported"]:

@@ -115,6 +115,10 @@ class BLIPConfig(ObjectiveOptions):
     # word head) log-probability. The decoder reads a caption word by word over the image and
     # checks word order and relations that the pooled ITM head misses; needs the decoder.
     match_lm_weight: float = 0.0
+    # captioning's default decoding (``Pipeline.caption`` and the caption evaluation, when no
+    # decoding is asked for): >0 draws this many captions by beam search and keeps the one
+    # ``score`` ranks first (matching and the decoder's likelihood together); 0: greedy
+    caption_rerank: int = 0
     # training
     distill: bool = True
     alpha: float = 0.4
@@ -180,6 +184,11 @@ class BLIP(VLModel):
                              f"vision.patch_dropout=0), got {cfg.fusion_pos!r}")
         if cfg.directional_heads:
             check_directional_heads(cfg.heads, cfg.directional_head_index)
+        if isinstance(cfg.caption_rerank, bool) or not isinstance(cfg.caption_rerank, int) or cfg.caption_rerank < 0:
+            raise ValueError(f"caption_rerank must be a whole number >= 0 (0: greedy), got {cfg.caption_rerank!r}")
+        if cfg.caption_rerank and not (cfg.text_decoder and cfg.text_encoder and cfg.retrieval_heads):
+            raise ValueError("caption_rerank ranks the decoder's captions by score: it needs the decoder, the "
+                             "text encoder and the ITM head")
         self.cfg = cfg
         d, e = cfg.dim, cfg.embed_dim
         self.vision = VisionTransformer(cfg.vision)
