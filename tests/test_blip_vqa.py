@@ -145,12 +145,15 @@ def test_vlkit_train_vqa_and_eval_end_to_end(tmp_path):
     data, pre, run = tmp_path / "data", tmp_path / "pre", tmp_path / "vqa"
     write_dataset(data, sizes={"train": 8, "val": 2, "test": 4})
     common = ["--data", str(data), "--batch-size", "4", "--no-eval"]
-    assert main(["train", "blip", "--steps", "2", "--out", str(pre), *common, *SETS]) == 0
+    # pretrained as blip-world is: an objective that reads the grounded encoder and the decoder
+    objectives = ["--set", "grounding_weight=1.0", "--set", "decoder_grounding=true"]
+    assert main(["train", "blip", "--steps", "2", "--out", str(pre), *common, *SETS, *objectives]) == 0
     assert vqa_candidates(vlkit.load(pre).model) is None  # no training answers: it generates
     assert main(["train", "blip", "--init", str(pre), "--vqa", "--steps", "3", "--out", str(run), *common]) == 0
     saved = json.loads((run / "config.json").read_text())
     answers = saved["config"]["answer_names"]
     assert saved["vqa"] and saved["config"]["objectives"] == ["vqa"] and "yes" in answers
+    assert saved["config"]["grounding_weight"] == 0.0 and saved["config"]["decoder_grounding"] is False
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all("vqa_loss" in m and "lm_loss" not in m for m in metrics)
     pipe = vlkit.load(run)
@@ -195,13 +198,15 @@ def test_vqa_with_an_image_width_other_than_the_text_width():
 
 def test_vqa_alone_turns_off_the_objectives_of_the_run_it_starts_from():
     """--vqa (VQA trained alone) from a run with the compositional objectives: their options go
-    back to off, except what the user set; with objectives given, nothing is touched."""
+    back to off (and the model's ``objective_fields``), except what the user set; with objectives
+    given, nothing is touched."""
     from vlkit.models.blip import BLIPConfig
     from vlkit.train.run import _vqa_overrides
     probe = BLIPConfig(grounding_weight=1.0, relation_weight=1.0, geometry_weight=1.0, edit_weight=1.0,
-                       edit_pass="itm", match_score="itm+edit", attention_forcing_steps=250)
+                       edit_pass="itm", match_score="itm+edit", attention_forcing_steps=250, decoder_grounding=True)
     records = [{"qa": [{"question": "what color is the circle?", "answer": "red"}]}]
-    out = _vqa_overrides(probe, records, "blip", set())
+    out = _vqa_overrides(probe, records, "blip", set(), ("decoder_grounding",))
+    assert out["decoder_grounding"] is False  # a field of BLIP's own that serves the objectives
     assert out["objectives"] == ("vqa",) and out["answer_names"] == ["red"]
     assert (out["grounding_weight"], out["relation_weight"], out["geometry_weight"], out["edit_weight"],
             out["edit_pass"], out["match_score"], out["attention_forcing_steps"]) == (0.0, 0.0, 0.0, 0.0, "separate", "itm", 0)

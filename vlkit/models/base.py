@@ -41,6 +41,9 @@ class VLModel(nn.Module):
     config_class: type = object
     presets: dict = {}
     task = "none"
+    # config fields of the model's own that serve only the auxiliary objectives (besides their
+    # options in ``ObjectiveOptions``): ``--vqa`` trained alone resets them with the objectives
+    objective_fields: tuple[str, ...] = ()
     cfg: typing.Any
 
     @classmethod

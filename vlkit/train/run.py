@@ -453,7 +453,7 @@ def prepare_model(args: RunArgs, run: Path):
                                   extra_special_tokens=getattr(cls, "special_tokens", {}).values())
         overrides.update(_text_overrides(cls, probe, tok))
         if args.vqa:
-            overrides.update(_vqa_overrides(probe, records, args.model, set(args.overrides)))
+            overrides.update(_vqa_overrides(probe, records, args.model, set(args.overrides), cls.objective_fields))
     if args.hard_negatives:
         overrides["hard_negatives"] = True
     cfg = merge_config(base, overrides, cls.model_name)
@@ -520,13 +520,15 @@ def _text_overrides(cls, probe, tok) -> dict:
     return out
 
 
-def _vqa_overrides(probe, records: list[dict], model_name: str, given: set[str]) -> dict:
+def _vqa_overrides(probe, records: list[dict], model_name: str, given: set[str],
+                   objective_fields: tuple[str, ...] = ()) -> dict:
     """A VQA head over the training answers (kept as they are when the config already names
     them, e.g. a VQA run continued on other data), trained alone unless ``objectives`` was set
     (``given``: the keys the user set). Trained alone, the auxiliary objectives (grounding,
     relations, replaced-word correction, attention forcing: ``vlkit.objectives``), which read the
-    ITM and MLM passes VQA does not run, are turned off unless set, so ``--init`` from a run
-    that trained them needs no ``--set`` to undo them. A model that decodes its answers (a config
+    ITM and MLM passes VQA does not run, are turned off unless set (with the model's
+    ``objective_fields``, e.g. BLIP's ``decoder_grounding``), so ``--init`` from a run that
+    trained them needs no ``--set`` to undo them. A model that decodes its answers (a config
     with ``answer_names`` but no ``num_answers``: BLIP) keeps the training answers to rank them
     in evaluation."""
     names = {f.name for f in dataclasses.fields(probe)}
@@ -541,10 +543,9 @@ def _vqa_overrides(probe, records: list[dict], model_name: str, given: set[str])
     if "objectives" in names and "objectives" not in given:
         out["objectives"] = ("vqa",)
         from ..objectives import registered_objectives
-        for cls in registered_objectives():
-            for f in dataclasses.fields(cls.options):
-                if f.name in names and f.name not in given:
-                    out[f.name] = f.default
+        defaults = {f.name: f.default for cls in registered_objectives() for f in dataclasses.fields(cls.options)}
+        defaults.update({f.name: f.default for f in dataclasses.fields(probe) if f.name in objective_fields})
+        out.update({name: value for name, value in defaults.items() if name in names and name not in given})
     return out
 
 
