@@ -221,3 +221,7 @@ def test_blip_vqa_world_recipe_fine_tunes_the_blip_stage():
     stages = load_recipe("blip-vqa-world")["stage"]
     assert [s["name"] for s in stages] == ["vit", "blip", "vqa"]
     assert stages[-1]["vqa"] is True and stages[-1]["init"] == "stage:blip" and "preset" not in stages[-1]
+    # its first two stages are blip-world's, option for option (caption_rerank decodes, trains nothing)
+    pretraining = load_recipe("blip-world")["stage"]
+    pretraining[-1]["config"].pop("caption_rerank")
+    assert stages[:2] == pretraining
