@@ -414,6 +414,8 @@ def test_caption_evaluation_reranks_and_counts_the_facts_stated(tiny_run, monkey
     assert "caption_rerank" not in evaluate(pipe, tasks=["caption"], records=(recs, []), caption_beams=2)
     with pytest.raises(ValueError, match="leave caption_beams at 1"):
         evaluate(pipe, tasks=["caption"], records=(recs, []), caption_rerank=3, caption_beams=2)
+    with pytest.raises(ValueError, match="rerank must be a whole number"):
+        evaluate(pipe, tasks=["caption"], records=(recs, []), caption_rerank=-1)
 
 
 def test_blip_diagnostics_script_scores_three_ways_and_ranks_beams(tiny_run, capsys):

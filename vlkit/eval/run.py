@@ -290,11 +290,10 @@ def evaluate(pipe, data: str = "synthetic", split: str = "test", tasks=ALL_TASKS
     when K > 0)."""
     if isinstance(caption_beams, bool) or not isinstance(caption_beams, int) or caption_beams < 1:
         raise ValueError(f"caption_beams must be a whole number >= 1, got {caption_beams!r}")
-    if caption_rerank is not None and (isinstance(caption_rerank, bool) or not isinstance(caption_rerank, int)
-                                       or caption_rerank < 0):
-        raise ValueError(f"caption_rerank must be a whole number >= 0, got {caption_rerank!r}")
     if caption_rerank and caption_beams > 1:
         raise ValueError(f"caption_rerank={caption_rerank} draws its own beams: leave caption_beams at 1")
+    # how many beams the captions are ranked over (checks caption_rerank)
+    ranked = pipe.caption_rerank(caption_rerank, {"num_beams": caption_beams} if caption_beams > 1 else {})
     unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; tasks: {', '.join(ALL_TASKS)}")
@@ -317,7 +316,6 @@ def evaluate(pipe, data: str = "synthetic", split: str = "test", tasks=ALL_TASKS
             res = eval_caption(pipe, records, caption_beams, caption_rerank) if records else None
             if res is not None and caption_beams > 1:
                 out["caption_beams"] = caption_beams
-            ranked = pipe.caption_rerank(caption_rerank, {"num_beams": caption_beams} if caption_beams > 1 else {})
             if res is not None and ranked:
                 out["caption_rerank"] = ranked
         else:
