@@ -69,9 +69,9 @@ def test_minutes_are_shared_among_the_stages_as_they_were_measured():
     assert stage_shares(blip) == pytest.approx({k: v / sum(timed.values()) for k, v in timed.items()})
     for entry in blip["measured"]:
         entry.pop("stage_minutes", None)
-    assert stage_shares(blip) == pytest.approx({"vit": 0.22, "blip": 0.78})
+    assert stage_shares(blip) == pytest.approx({"vit": 0.34, "blip": 0.66})
     del blip["time_shares"]
-    assert stage_shares(blip) == pytest.approx({"vit": 1000 / 1600, "blip": 600 / 1600})
+    assert stage_shares(blip) == pytest.approx({"vit": 1500 / 2100, "blip": 600 / 2100})
 
 
 @pytest.mark.parametrize("text, message", [
