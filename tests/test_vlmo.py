@@ -477,6 +477,21 @@ def test_official_checkpoint_layout_loads_strictly(tmp_path):
             load_official(fresh, broken)
 
 
+def test_trainable_exclusions():
+    """``!`` patterns freeze what they match whatever else matches it; an exclusion that matches
+    nothing, or a list of exclusions alone, is refused."""
+    from vlkit.train.trainable import apply_trainable
+    model = torch.nn.ModuleDict({"stem": torch.nn.Linear(2, 2), "head": torch.nn.Linear(2, 2)})
+    assert apply_trainable(model, ["*", "!stem.*"]) == ["head.weight", "head.bias"]
+    assert not model["stem"].weight.requires_grad and model["head"].bias.requires_grad
+    assert apply_trainable(model, ["*", "!*.bias"]) == ["stem.weight", "head.weight"]
+    assert model["stem"].weight.requires_grad and not model["head"].bias.requires_grad
+    with pytest.raises(ValueError, match="'!steam.*' matches no parameter"):
+        apply_trainable(model, ["*", "!steam.*"])
+    with pytest.raises(ValueError, match="only excludes"):
+        apply_trainable(model, ["!stem.*"])
+
+
 def test_trainable_patterns_as_run_options():
     """``--trainable a,b`` reaches RunArgs as a list; a resumed run keeps its patterns and refuses
     others; a recipe stage takes a list of strings only."""

@@ -574,7 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and G-1 one-edit variants of it, each other's hard negatives); 1 turns them off")
     s.add_argument("--trainable", metavar="GLOB,...",
                    help="train only the parameters whose names match one of these patterns (e.g. "
-                        "'text_embed.*,blocks.*.mlp.experts.text.*'); the rest stay frozen")
+                        "'text_embed.*,blocks.*.mlp.experts.text.*'); the rest stay frozen. A pattern "
+                        "starting with ! excludes: '*,!image_embed.patch_embed.*' trains all but those")
     s.add_argument("--eval-every", type=int, metavar="N",
                    help="learning curve: evaluate on the test split every N steps (curve.jsonl; the "
                         "time spent does not count against --minutes)")
