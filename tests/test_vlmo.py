@@ -291,6 +291,46 @@ def test_select_rows_keeps_each_images_negatives():
         select_rows({**batch, "odd": torch.zeros(3)}, torch.tensor([0]))
 
 
+def test_collate_spares_the_rows_that_are_not_fused():
+    """``fused_rows=(4, offset)``: the same captions for every row, and for the fused rows the
+    negatives and grounding targets of the full collate; the other rows get none (zeros). A
+    trained VLMo's collate gets its fusion_every and the rank's offset in the global batch."""
+    import random
+    from vlkit.data.collate import ImageTextCollate, select_rows
+    from vlkit.data.synthetic import synthetic_world
+    from vlkit.data.transforms import ImageTransform
+    from vlkit.tokenizers import build_wordpiece_vocab
+    from vlkit.train.run import fused_rows_of
+    records = synthetic_world(64).records("train", 12)
+    tok = build_wordpiece_vocab([c for r in records for c in r["captions"] + [n["caption"] for n in r["negatives"]]])
+    transform = ImageTransform(64, train=True, scale=(1.0, 1.0), hflip=True)
+    def batch(rows):
+        collate = ImageTextCollate(transform, tok, negatives=1, grounding_grid=(4, 4), fused_rows=rows)
+        return collate(records, [random.Random(i) for i in range(12)])
+    full, spared, shifted = batch((1, 0)), batch((4, 0)), batch((4, 3))
+    assert torch.equal(spared["input_ids"], full["input_ids"]) and torch.equal(spared["pixel_values"], full["pixel_values"])
+    assert spared["neg_owner"].tolist() == [0, 4, 8] and shifted["neg_owner"].tolist() == [1, 5, 9]
+    for rows, b in ((torch.tensor([0, 4, 8]), spared), (torch.tensor([1, 5, 9]), shifted)):
+        a, b = select_rows(full, rows), select_rows(b, rows)
+        assert a.keys() == b.keys()
+        for key in a:
+            if key.startswith("neg_") and a[key].dim() == 2:  # padded to the longest negative drawn
+                n = b[key].shape[1]
+                assert not a[key][:, n:].any(), key
+                assert torch.equal(a[key][:, :n], b[key]), key
+            else:
+                assert torch.equal(a[key], b[key]), key
+        assert a["grounding"].sum() > 0
+    unfused = [j for j in range(12) if j % 4]
+    assert not spared["grounding"][unfused].any() and not spared["grounding_roles"][unfused].any()
+    with pytest.raises(ValueError, match="fused_rows"):
+        ImageTextCollate(transform, tok, fused_rows=(0, 0))
+    model = _model(fusion_every=4)
+    assert fused_rows_of(model, 256, 0, 1) == (4, 0)
+    assert fused_rows_of(model, 10, 1, 2) == (4, 1)  # rank 1's rows start at global row 5
+    assert fused_rows_of(_model(), 10, 1, 2) == (1, 0)
+
+
 # -- through the trainer ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

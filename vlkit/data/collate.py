@@ -125,14 +125,26 @@ class ImageTextCollate:
     ``qa`` entry's ``grounding``; a text without grounding gets zero rows (no supervision).
     ``grounding_roles`` and ``question_grounding_roles`` (B, 2, L, rows * columns) hold the
     subjects and objects of the relation phrases (entries with a role).
+
+    ``fused_rows=(n, offset)``: for a model that fuses only every n-th row of the global batch
+    (VLMo's ``fusion_every``), with this process's rows starting at global row ``offset``: the
+    other rows get no negatives and all-zero grounding targets (they feed only the unimodal
+    passes), which spares drawing their negatives' text and grounding. Their captions are
+    chosen as before (the same random draws), so the fused rows' batch is the one the full
+    collate makes.
     """
 
     def __init__(self, transform, tokenizer, max_length: int | None = None, negatives: int = 0,
                  random_caption: bool = True, word_ids: bool = False,
                  answers: Sequence[str] | None = None, paired: bool = True,
                  grounding_grid: tuple[int, int] | None = None,
-                 negative_weights: dict[str, float] | None = None, answer_tokens: bool = False):
+                 negative_weights: dict[str, float] | None = None, answer_tokens: bool = False,
+                 fused_rows: tuple[int, int] = (1, 0)):
         self.transform, self.tokenizer = transform, tokenizer
+        every, offset = fused_rows
+        if not (_is_index(every) and every >= 1 and _is_index(offset) and offset >= 0):
+            raise ValueError(f"fused_rows: (every n-th row, offset) with n >= 1 and offset >= 0, got {fused_rows!r}")
+        self.fused_rows = (every, offset)
         self.answer_tokens = answer_tokens
         self.negative_weights = check_negative_weights(negative_weights)
         self.grounding_grid = tuple(grounding_grid) if grounding_grid else None
@@ -152,8 +164,10 @@ class ImageTextCollate:
         pixels, captions, negs, owners, questions, annotated, edits = [], [], [], [], [], [], []
         written = []
         grounded = []  # (record, caption as written, question as written or None, flipped)
+        every, offset = self.fused_rows
         for j, rec in enumerate(records):
             rng = rngs[j] if rngs else random.Random(0)
+            fused = (offset + j) % every == 0
             options = rec.get("captions") or [rec["caption"]]
             caption = rng.choice(options) if self.random_caption else rec["caption"]
             chosen = []
@@ -171,6 +185,8 @@ class ImageTextCollate:
                 if _is_index(source):
                     caption = options[source]
                 shown = options.index(caption) if caption in options else None
+                if not fused:  # drawn for the caption's choice alone
+                    drawn, chosen = [], []
                 edits.extend(not _is_index(n.get("source")) or n["source"] == shown for n in drawn)
             asked = []
             if self.answers is not None:
@@ -185,7 +201,7 @@ class ImageTextCollate:
                                      f"images (boxes are fractions of the side), got {image.size}")
             pixel, texts, flipped = self.transform(image, [caption] + chosen + asked, rng,
                                                    return_flip=True)
-            grounded.append((rec, caption, asked[0] if asked else None, flipped))
+            grounded.append((rec, caption, asked[0] if asked else None, flipped, fused))
             pixels.append(pixel)
             captions.append(texts[0])
             negs.extend(texts[1:1 + len(chosen)])
@@ -222,9 +238,12 @@ class ImageTextCollate:
     def _grounding(self, grounded, read: list[str], length: int, question: bool) -> torch.Tensor:
         """(B, 3, length, cells) targets of the batch's captions (or questions) as the model reads
         them: names, then the subjects and objects of relation phrases."""
-        from .grounding import grounding_targets
+        from .grounding import ROLES, grounding_targets
         rows = []
-        for j, ((rec, caption, asked, flipped), text) in enumerate(zip(grounded, read)):
+        for j, ((rec, caption, asked, flipped, fused), text) in enumerate(zip(grounded, read)):
+            if not fused:
+                rows.append(torch.zeros(1 + len(ROLES), length, self.grounding_grid[0] * self.grounding_grid[1]))
+                continue
             where = f"record {rec.get('image_path', j)!r}" if isinstance(rec.get("image_path"), str) \
                 else f"record {j} of the batch"
             written = asked if question else caption

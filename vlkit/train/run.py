@@ -358,7 +358,9 @@ def remote_options(args: RunArgs) -> dict:
 
 
 def make_collate(model, task: str, tokenizer, negatives: int, train: bool = True,
-                 data: str = "synthetic", negative_weights: dict | None = None):
+                 data: str = "synthetic", negative_weights: dict | None = None,
+                 fused_rows: tuple[int, int] = (1, 0)):
+    """``fused_rows``: `ImageTextCollate`'s (training: `fused_rows_of`)."""
     from ..data.collate import ClassificationCollate, ImageTextCollate, max_text_length
     from ..data.transforms import ImageTransform
     spec = model.image_spec()
@@ -376,8 +378,16 @@ def make_collate(model, task: str, tokenizer, negatives: int, train: bool = True
     return ImageTextCollate(transform, tokenizer, max_length=max_text_length(cfg), negatives=negatives,
                             word_ids=bool(getattr(cfg, "whole_word_mask", False)),
                             answers=vqa_answers(cfg), grounding_grid=grounding_grid if train else None,
-                            negative_weights=negative_weights,
+                            negative_weights=negative_weights, fused_rows=fused_rows,
                             answer_tokens=bool(getattr(model, "decodes_answers", False)))
+
+
+def fused_rows_of(model, batch_size: int, rank: int, world: int) -> tuple[int, int]:
+    """(n, offset) for `ImageTextCollate`: a model that fuses every n-th row of the global batch
+    (``fusion_every``), this process's rows starting at global row ``offset``."""
+    from ..data.loader import rank_slice
+    every = int(getattr(model.cfg, "fusion_every", 1) or 1)
+    return every, rank_slice(0, batch_size, rank, world).start % every
 
 
 def vqa_answers(cfg) -> list[str] | None:
@@ -707,7 +717,8 @@ def _train(args: RunArgs, run: Path) -> dict:
                              allow_outside=args.allow_outside_paths,
                              remote=dict(remote_options(args), seed=args.seed, rank=rank, world=world),
                              questions=vqa_answers(model.cfg) is not None)
-    collate = make_collate(model, task, tok, negatives, data=args.data, negative_weights=weights)
+    collate = make_collate(model, task, tok, negatives, data=args.data, negative_weights=weights,
+                           fused_rows=fused_rows_of(model, cfg.batch_size, rank, world))
     from ..data.loader import batch_loader
     # augmentation draws from an RNG seeded by (seed, global sample position), so every sample
     # is augmented alike whichever rank or worker reads it
