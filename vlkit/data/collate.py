@@ -163,7 +163,7 @@ class ImageTextCollate:
     def __call__(self, records: list[dict], rngs: list[random.Random] | None = None) -> dict:
         pixels, captions, negs, owners, questions, annotated, edits = [], [], [], [], [], [], []
         written = []
-        grounded = []  # (record, caption as written, question as written or None, flipped)
+        grounded = []  # (record, caption as written, question as written or None, flipped, fused row)
         every, offset = self.fused_rows
         for j, rec in enumerate(records):
             rng = rngs[j] if rngs else random.Random(0)
