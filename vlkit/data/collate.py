@@ -238,16 +238,13 @@ class ImageTextCollate:
     def _grounding(self, grounded, read: list[str], length: int, question: bool) -> torch.Tensor:
         """(B, 3, length, cells) targets of the batch's captions (or questions) as the model reads
         them: names, then the subjects and objects of relation phrases."""
-        from .grounding import ROLES, grounding_targets
+        from .grounding import grounding_targets
         rows = []
         for j, ((rec, caption, asked, flipped, fused), text) in enumerate(zip(grounded, read)):
-            if not fused:
-                rows.append(torch.zeros(1 + len(ROLES), length, self.grounding_grid[0] * self.grounding_grid[1]))
-                continue
             where = f"record {rec.get('image_path', j)!r}" if isinstance(rec.get("image_path"), str) \
                 else f"record {j} of the batch"
             written = asked if question else caption
-            spans = _spans_of(rec, written, question, where)
+            spans = _spans_of(rec, written, question, where) if fused else []  # no spans: zero targets
             rows.append(grounding_targets(self.tokenizer, written, text, spans, rec.get("objects") or [],
                                           self.grounding_grid, length, flipped,
                                           max_length=self.max_length or self.tokenizer.max_length,
