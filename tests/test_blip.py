@@ -441,6 +441,29 @@ def test_blip_diagnostics_script_scores_three_ways_and_ranks_beams(tiny_run, cap
     assert all(name in out for name in ("ITM + word head", "decoder log-likelihood", "sum"))
 
 
+def test_caption_errors_script_sorts_captions_by_the_first_rule_they_break(tiny_run, capsys):
+    """scripts/caption_errors.py: each caption's kind is the first rule it breaks, and the counts
+    over the records add up."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "caption_errors.py"
+    spec = importlib.util.spec_from_file_location("caption_errors", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    objs = [{"shape": "circle", "color": "red", "size": "large", "x": 0.2, "y": 0.5},
+            {"shape": "circle", "color": "blue", "size": "small", "x": 0.8, "y": 0.5}]
+    assert mod.kind_of("a red circle left of a blue circle", objs) == "true"
+    assert mod.kind_of("a red circle right of a blue circle", objs) == "false_relation"
+    assert mod.kind_of("one circle and one circle", objs) == "shape_named_twice"
+    assert mod.kind_of("a green circle and a blue circle", objs) == "false_phrase"
+    assert mod.kind_of("three objects: a red circle and a blue circle", objs) == "wrong_count"
+    assert mod.kind_of("a red circle and a red circle", objs) == "other"
+    assert mod.kind_of("a cat", objs) == "ungrammatical"
+    out = mod.main([str(tiny_run), "--records", "3", "--show", "1"])
+    assert sum(out["counts"].values()) == 3 and out["true"] == out["counts"]["true"] / 3
+    assert '"counts"' in capsys.readouterr().out
+
+
 # -- Hugging Face parity -------------------------------------------------------------------------
 def _hf_blip(cls_name, tmp_path, sep=98, seed=0):
     """A tiny random transformers BLIP (the sizes of transformers' own tests, two layers), its
@@ -550,6 +573,12 @@ def test_caption_correct_reads_the_worlds_grammar():
     spaced = rec["captions"][0].replace(";", " ;").replace(",", " ,") + " ."  # as a WordPiece decode
     assert caption_is_true(spaced, rec["objects"])
     assert parse_caption("a picture of a cat") is None and not caption_is_true("", rec["objects"])
+    # a list names distinct objects: one object named twice is false, though each phrase holds
+    two = next(r for r in recs if len(r["objects"]) == 2)
+    a, b = (f'a {o["color"]} {o["shape"]}' for o in two["objects"])
+    assert caption_is_true(f"two objects: {a} and {b}", two["objects"]) and caption_is_true(f"{b} and {a}", two["objects"])
+    assert not caption_is_true(f"two objects: {a} and {a}", two["objects"])
+    assert not caption_is_true(f"{b} and {b}", two["objects"])
 
 
 def test_caption_facts_check_each_phrase_and_relation():
@@ -895,3 +924,41 @@ def test_position_codes_and_directional_heads_change_the_grounded_encoder():
         x = unimodal.text_embed(ids)
         want = unimodal.text_layers(x, mask=directional_mask(mask, 2, 0))
         torch.testing.assert_close(unimodal._text(ids, mask)[0], want)
+
+
+# -- words false for every image -------------------------------------------------------------------
+def test_false_word_loss_is_the_unlikelihood_at_the_marked_position():
+    """``false_word_weight``: -log(1 - p) of each ``false_input_ids`` row's token at
+    ``false_position``, read off the decoder over the owner's image, and a step lowers it."""
+    from vlkit.losses.captioning import unlikelihood_loss
+    model = _model(false_word_weight=1.0, objectives=("lm",)).train()
+    batch = _batch(3)
+    false = _batch(2, length=9, seed=5)
+    false["attention_mask"][1, 7:] = 0
+    batch.update(false_input_ids=false["input_ids"], false_attention_mask=false["attention_mask"],
+                 false_owner=torch.tensor([2, 0]), false_position=torch.tensor([4, 6]))
+    out = model.training_losses(batch)
+    with torch.no_grad():
+        logits = model.lm_logits(batch["pixel_values"][[2, 0]], false["input_ids"], false["attention_mask"])
+    unscored = 3
+    p = torch.stack([logits[0, 4 + unscored - 2].softmax(-1)[false["input_ids"][0, 4]],
+                     logits[1, 6 + unscored - 2].softmax(-1)[false["input_ids"][1, 6]]])
+    assert torch.allclose(out["false_word_loss"], -(1 - p).log().mean(), atol=1e-5)
+    assert torch.allclose(out["loss"], out["lm_loss"] + out["false_word_loss"], atol=1e-6)
+    z = torch.randn(4, 7)
+    t = torch.tensor([0, 3, 6, 2])
+    assert torch.allclose(unlikelihood_loss(z, t), -(1 - z.softmax(-1)[torch.arange(4), t]).log().mean(), atol=1e-6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = float(out["false_word_loss"].detach())
+    for _ in range(5):
+        opt.zero_grad()
+        out = model.training_losses(batch)
+        out["false_word_loss"].backward()
+        opt.step()
+    assert float(model.training_losses(batch)["false_word_loss"].detach()) < before
+    # with no such rows, or the weight at 0, nothing is added
+    empty = dict(batch, false_input_ids=torch.zeros(0, 1, dtype=torch.long),
+                 false_attention_mask=torch.zeros(0, 1, dtype=torch.long),
+                 false_owner=torch.zeros(0, dtype=torch.long), false_position=torch.zeros(0, dtype=torch.long))
+    assert float(model.training_losses(empty)["false_word_loss"]) == 0.0
+    assert "false_word_loss" not in _model(objectives=("lm",)).train().training_losses(batch)

@@ -472,6 +472,7 @@ def test_pipeline_refuses_non_finite_outputs(good_run):
     ("negatives", [{"caption": "a blue square"}], "negatives[0]"),  # no kind: a KeyError in eval
     ("qa", [{"question": "what colour?"}], "qa[0]"),  # no answer: a KeyError in eval
     ("label", 3, "label"),
+    ("false_captions", [{"caption": "one circle and one circle", "false_from": 17}], "false_captions[0]"),  # mid-word
 ])
 def test_optional_fields_of_the_wrong_shape_are_bad_lines(ds, good_run, tmp_path, field, value, named):
     from vlkit.data.jsonl import DatasetError, JsonlDataset

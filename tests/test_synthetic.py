@@ -587,3 +587,56 @@ def test_records_without_questions_keep_every_other_field():
     from vlkit.train.run import training_source
     assert "qa" not in training_source("fusion", "synthetic", 64, 0, "error", questions=False)(3)
     assert "qa" in training_source("fusion", "synthetic", 64, 0, "error")(3)
+
+
+def test_false_captions_repeat_a_shape_or_an_object_and_the_collate_marks_the_word(train_recs):
+    """The world's ``false_captions`` (a "shapes" caption with a shape named once per object; a
+    list or count caption with its first object named again) are false from ``false_from`` on,
+    cost no random draw, and the collate's ``false_words`` gives the token where each turns false."""
+    import random
+
+    from vlkit.data.collate import ImageTextCollate
+    from vlkit.data.synthetic import COLORS, SHAPES, caption_is_true, parse_caption
+    from vlkit.data.transforms import ImageTransform
+    from vlkit.train.run import build_tokenizer
+
+    kinds = Counter()
+    for r in train_recs:
+        shapes = [o["shape"] for o in r["objects"]]
+        for f in r.get("false_captions") or []:
+            text, at = f["caption"], f["false_from"]
+            assert not caption_is_true(text, r["objects"]) and parse_caption(text) is not None
+            word = text[at:].split(" ")[0].rstrip(",")
+            if word in SHAPES:  # the second naming of a shape in a count of shapes
+                kinds["shapes"] += 1
+                assert len(set(shapes)) < len(shapes) and text[:at].count(" " + word) + text.startswith(word) == 1
+            else:  # the first object's colour again (or "an" before it), where the list names another
+                kinds["list"] += 1
+                assert word in COLORS or word == "an"
+                first = parse_caption(text)[0][-1][0]
+                assert first[3] == parse_caption(text)[0][-1][-1][3] and len(r["objects"]) > 1
+                assert word == "an" or text[:at].count(word) == 1
+        if len(r["objects"]) == 1:
+            assert not r.get("false_captions")
+    assert kinds["shapes"] > 20 and kinds["list"] > 200
+    tok = build_tokenizer("synthetic", 64, records=train_recs)
+    for false_words in (False, True):
+        collate = ImageTextCollate(ImageTransform(64, train=True, hflip=True), tok, negatives=1,
+                                   false_words=false_words)
+        batch = collate(train_recs[:32], [random.Random(i) for i in range(32)])
+        if not false_words:
+            assert "false_input_ids" not in batch
+            plain = batch
+            continue
+        assert torch.equal(batch["input_ids"], plain["input_ids"])  # the same draws as without
+        owners = batch["false_owner"].tolist()
+        entries = [f for r in train_recs[:32] for f in r.get("false_captions") or []]
+        assert owners == [j for j, r in enumerate(train_recs[:32]) for _ in r.get("false_captions") or []]
+        for k, f in enumerate(entries):
+            p = int(batch["false_position"][k])
+            word = f["caption"][f["false_from"]:].split(" ")[0].rstrip(",")
+            assert tok.decode([int(batch["false_input_ids"][k, p])]).strip() == word
+    bad = dict(train_recs[0], false_captions=[{"caption": "one circle and one circle", "false_from": 3}],
+               image_path="x.png")
+    with pytest.raises(ValueError, match="x.png.*false_from"):
+        ImageTextCollate(ImageTransform(64), tok, false_words=True)([bad])

@@ -132,6 +132,13 @@ class ImageTextCollate:
     passes), which spares drawing their negatives' text and grounding. Their captions are
     chosen as before (the same random draws), so the fused rows' batch is the one the full
     collate makes.
+
+    ``false_words=True`` adds the records' ``false_captions`` (texts false for every image from
+    the word at character ``false_from`` on, given the words before it; fused rows only) as
+    ``false_input_ids`` / ``false_attention_mask`` with ``false_owner`` (the image each belongs
+    to) and ``false_position`` (the index of that word's first token). A ``false_from`` that is
+    not the start of a word inside the text, or a word cut off by ``max_length``, is an error
+    naming the record.
     """
 
     def __init__(self, transform, tokenizer, max_length: int | None = None, negatives: int = 0,
@@ -139,8 +146,9 @@ class ImageTextCollate:
                  answers: Sequence[str] | None = None, paired: bool = True,
                  grounding_grid: tuple[int, int] | None = None,
                  negative_weights: dict[str, float] | None = None, answer_tokens: bool = False,
-                 fused_rows: tuple[int, int] = (1, 0)):
+                 fused_rows: tuple[int, int] = (1, 0), false_words: bool = False):
         self.transform, self.tokenizer = transform, tokenizer
+        self.false_words = bool(false_words)
         every, offset = fused_rows
         if not (_is_index(every) and every >= 1 and _is_index(offset) and offset >= 0):
             raise ValueError(f"fused_rows: (every n-th row, offset) with n >= 1 and offset >= 0, got {fused_rows!r}")
@@ -162,6 +170,7 @@ class ImageTextCollate:
 
     def __call__(self, records: list[dict], rngs: list[random.Random] | None = None) -> dict:
         pixels, captions, negs, owners, questions, annotated, edits = [], [], [], [], [], [], []
+        false, false_owners = [], []  # (text, text before its false word, record name)
         written = []
         grounded = []  # (record, caption as written, question as written or None, flipped, fused row)
         every, offset = self.fused_rows
@@ -199,8 +208,14 @@ class ImageTextCollate:
                 if image.width != image.height:
                     raise ValueError(f"record {rec.get('image_path', j)!r}: grounding needs square "
                                      f"images (boxes are fractions of the side), got {image.size}")
-            pixel, texts, flipped = self.transform(image, [caption] + chosen + asked, rng,
+            falsified = [f for f in rec.get("false_captions") or () if fused] if self.false_words else []
+            marked = [t for f in falsified for t in _false_split(f, rec.get("image_path", j))]
+            pixel, texts, flipped = self.transform(image, [caption] + chosen + asked + marked, rng,
                                                    return_flip=True)
+            if marked:
+                texts, cut = texts[:len(texts) - len(marked)], texts[len(texts) - len(marked):]
+                false.extend((cut[k], cut[k + 1], rec.get("image_path", j)) for k in range(0, len(cut), 2))
+                false_owners.extend([j] * (len(cut) // 2))
             grounded.append((rec, caption, asked[0] if asked else None, flipped, fused))
             pixels.append(pixel)
             captions.append(texts[0])
@@ -219,6 +234,8 @@ class ImageTextCollate:
                 batch["neg_attention_mask"] = torch.zeros(0, 1, dtype=torch.long)
             batch["neg_owner"] = torch.tensor(owners, dtype=torch.long)
             batch["neg_edits_caption"] = torch.tensor(edits, dtype=torch.bool)
+        if self.false_words:
+            batch.update(self._false_tokens(false, false_owners))
         if self.answers is not None:
             t = self._tokens(questions)
             batch["question_input_ids"] = t["input_ids"]
@@ -251,11 +268,50 @@ class ImageTextCollate:
                                           where=f"{where}, text {written!r}", roles=True))
         return torch.stack(rows)
 
+    def _false_tokens(self, false: list[tuple], owners: list[int]) -> dict:
+        """``false_*`` of the batch: the texts' tokens and where each one's false word begins."""
+        if not false:
+            empty = torch.zeros(0, 1, dtype=torch.long)
+            return {"false_input_ids": empty, "false_attention_mask": empty.clone(),
+                    "false_owner": torch.zeros(0, dtype=torch.long), "false_position": torch.zeros(0, dtype=torch.long)}
+        t = self._tokens([text for text, _, _ in false])
+        before = self.tokenizer([b for _, b, _ in false], max_length=None, padding="longest", truncation=False)
+        positions = []
+        for k, (text, _, name) in enumerate(false):
+            n = int(before["attention_mask"][k].sum()) - 1  # [CLS] + the words before, without [SEP]
+            if n >= int(t["attention_mask"][k].sum()) - 1 or \
+                    not torch.equal(before["input_ids"][k, :n], t["input_ids"][k, :n]):
+                raise ValueError(f"record {name!r}: false caption {text!r}: its false word is cut off "
+                                 f"by max_length or does not start a token")
+            positions.append(n)
+        return {"false_input_ids": t["input_ids"], "false_attention_mask": t["attention_mask"],
+                "false_owner": torch.tensor(owners, dtype=torch.long),
+                "false_position": torch.tensor(positions, dtype=torch.long)}
+
     def _tokens(self, texts: list[str], word_ids: bool = False) -> dict:
         out = self.tokenizer(texts, max_length=self.max_length, padding="longest", truncation=True,
                              return_word_ids=word_ids)
         keys = ("input_ids", "attention_mask", "word_ids") if word_ids else ("input_ids", "attention_mask")
         return {k: out[k] for k in keys}
+
+
+def false_caption_parts(entry) -> tuple[str, str] | None:
+    """A ``false_captions`` entry as (its text, the text before its false word); None unless it
+    is {"caption": str, "false_from": the offset of a word's first character inside it}."""
+    text = entry.get("caption") if isinstance(entry, dict) else None
+    at = entry.get("false_from") if isinstance(entry, dict) else None
+    if not isinstance(text, str) or not _is_index(at) or not 0 < at < len(text) \
+            or text[at - 1] != " " or text[at] == " ":
+        return None
+    return text, text[:at].rstrip()
+
+
+def _false_split(entry, name) -> tuple[str, str]:
+    parts = false_caption_parts(entry)
+    if parts is None:
+        raise ValueError(f"record {name!r}: false_captions entry {entry!r} needs a caption and "
+                         "false_from, the offset of a word's first character inside it")
+    return parts
 
 
 def _is_index(value) -> bool:

@@ -23,6 +23,7 @@ from typing import Callable
 
 from torch.utils.data import Dataset
 
+from .collate import false_caption_parts
 from .transforms import ImageError, load_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -160,8 +161,9 @@ def check_optional_fields(rec: dict, where: str) -> None:
     have their shapes, or the line is bad (reason "bad field"), named with file, line and field:
     ``captions`` a list of non-empty strings, ``negatives`` a list of {"caption": str,
     "kind": str}, ``qa`` a list of {"question": str, "answer": str (or "answers": [str]),
-    "type": str (optional)}, ``label`` a non-empty string. A string where a list belongs would
-    be read letter by letter."""
+    "type": str (optional)}, ``label`` a non-empty string, ``false_captions`` a list of
+    {"caption": str, "false_from": the offset of a word's first character in it}. A string
+    where a list belongs would be read letter by letter."""
     def bad(field: str, want: str, got) -> DatasetError:
         return _error("bad field", f"{where}: \"{field}\" must be {want}, got "
                                    f"{type(got).__name__} {json.dumps(got)[:40]}")
@@ -179,6 +181,14 @@ def check_optional_fields(rec: dict, where: str) -> None:
         for i, n in enumerate(negatives):
             if not isinstance(n, dict) or not text(n.get("caption")) or not text(n.get("kind")):
                 raise bad(f"negatives[{i}]", 'an object with "caption" and "kind" strings', n)
+    false = rec.get("false_captions")
+    if false is not None:
+        if not isinstance(false, list):
+            raise bad("false_captions", "a list", false)
+        for i, f in enumerate(false):
+            if false_caption_parts(f) is None:
+                raise bad(f"false_captions[{i}]", 'an object with a "caption" string and "false_from", '
+                                                  "the offset of a word's first character in it", f)
     qa = rec.get("qa")
     if qa is not None:
         if not isinstance(qa, list):

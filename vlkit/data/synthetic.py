@@ -19,7 +19,15 @@ tinted background with a mild gradient and noise. Colours are distinct within an
   relation (yes or no with equal probability);
 * ``label`` ("red circle") for single-object images; ``objects`` with centres in [0, 1];
 * phrase grounding (``vlkit.data.grounding``): ``captions_grounding[i]`` for ``captions[i]`` and
-  ``grounding`` in each ``qa`` entry, spans of the text that name objects.
+  ``grounding`` in each ``qa`` entry, spans of the text that name objects;
+* ``false_captions``: captions ``{"caption", "false_from"}`` false for every image from the word
+  at character ``false_from`` on, given the words before it: the "shapes" caption with a
+  repeated shape named once per object ("one circle, one circle and one star": a count names
+  each shape once), and each "list" or "count" caption of two or more objects with its last
+  phrase replaced by its first ("a blue circle, a gray cross and a blue circle": an image's
+  colours are distinct; false at the colour, or at "an" before "orange", the one colour it
+  admits). Made without random draws, so every other field is as it would be
+  without them.
 
 Captions and negatives come from one small grammar (see ``_render``); every caption is checked
 true and every negative false against the objects before it is emitted.
@@ -262,6 +270,45 @@ def _grounding(caption, objs) -> list[list]:
     return spans
 
 
+def _false_captions(captions) -> list[dict]:
+    """Captions false for every image from one word on (``false_captions``), made from the
+    record's "shapes", "list" and "count" captions without a random draw:
+
+    * the "shapes" caption with each shape named once per object ("one circle, one circle and one
+      star" for "two circles and one star"), false at the second naming of a shape: a count
+      names each shape once;
+    * a "list" or "count" caption of two or more objects with its last phrase replaced by its
+      first ("a blue circle, a gray cross and a blue circle"), false at the repeated colour: the
+      list names distinct objects, and an image's colours are distinct.
+    """
+    out = []
+    for cap in captions:
+        if len(cap) != 1:
+            continue
+        cl = cap[0]
+        if cl[0] == "shapes" and any(c > 1 for c, _ in cl[1]):
+            items = [shape for c, shape in cl[1] for _ in range(c)]
+            text = _join([f"one {shape}" for shape in items])
+            seen, at = set(), 0
+            for shape in items:
+                at = text.index(f"one {shape}", at) + len("one ")
+                if shape in seen:
+                    out.append({"caption": text, "false_from": at})
+                    break
+                seen.add(shape)
+                at += len(shape)
+        elif cl[0] in ("list", "count") and len(cl[-1]) > 1:
+            nps = list(cl[-1])
+            nps[-1] = nps[0]
+            text = _render([cl[:-1] + (nps,)])
+            last = _np_text(nps[-1])
+            at = len(text) - len(last)  # "an": only "orange" follows it, already named
+            if not last.startswith("an "):
+                at += len("a ") + (len(nps[0][2]) + 1 if nps[0][2] else 0)  # the colour, after a size
+            out.append({"caption": text, "false_from": at})
+    return out
+
+
 def _find(objs, np_):
     _, _, size, color, shape = np_
     for o in objs:
@@ -299,8 +346,9 @@ def _holds(caption, objs) -> bool:
             nps = cl[1] if kind == "list" else cl[2]
             if kind == "count" and cl[1] != len(objs):
                 return False
-            if any(_find(objs, n) is None for n in nps):
-                return False
+            found = [_find(objs, n) for n in nps]
+            if any(o is None for o in found) or len({id(o) for o in found}) < len(found):
+                return False  # a list names distinct objects: "a red circle and a red circle" is false
         elif kind == "there":
             if _find(objs, cl[1]) is None:
                 return False
@@ -637,6 +685,9 @@ class SyntheticWorld:
             "captions_grounding": [_grounding(c, objs) for c in captions],
             "negatives": negatives,
         }
+        false = _false_captions(captions)
+        if false:
+            rec["false_captions"] = false
         if questions:  # the last draw: leaving it out changes nothing before it
             rec["qa"] = self._qa(rng, objs, train)
         rec.update(_image_record(objs, image))

@@ -5,6 +5,8 @@ begin token, a prompt, padding); position t's logits predict the label at t + 1.
 
 - ``lm_loss``: cross-entropy with label smoothing (BLIP: 0.1) averaged over every scored token
   of the batch (or, ``global_batch``, of every process's batch).
+- ``unlikelihood_loss``: -log(1 - p(token)) averaged over rows, for tokens known to be false
+  where they stand (a word that makes a text false for every image).
 - ``sequence_log_likelihood``: (B,) sum of log p(token) over each row's scored tokens, without
   smoothing (captions ranked or filtered by their likelihood).
 """
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from ..collective import global_mean_scale
 from .mlm import IGNORE_INDEX
 
-__all__ = ["lm_loss", "sequence_log_likelihood", "caption_labels"]
+__all__ = ["lm_loss", "unlikelihood_loss", "sequence_log_likelihood", "caption_labels"]
 
 
 def _shifted(logits: torch.Tensor, labels: torch.Tensor):
@@ -37,6 +39,20 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float =
         return logits.sum() * 0.0
     loss = F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX,
                            label_smoothing=label_smoothing)
+    return loss * scale if global_batch else loss
+
+
+def unlikelihood_loss(logits: torch.Tensor, tokens: torch.Tensor, global_batch: bool = False) -> torch.Tensor:
+    """Mean over rows of -log(1 - p(tokens[i])) under logits (N, V): the probability of each false
+    token pushed toward 0, the rest of the distribution left to the other losses. ``global_batch``:
+    this process's share of the mean over every process's rows (every process must call it)."""
+    z = logits.float()
+    n = z.shape[0]
+    scale = global_mean_scale(n, z.device) if global_batch else 1.0
+    if n == 0:
+        return logits.sum() * 0.0
+    others = z.scatter(-1, tokens[:, None], float("-inf")).logsumexp(-1)
+    loss = (z.logsumexp(-1) - others).mean()  # -log(1 - p) = log sum_all - log sum_others
     return loss * scale if global_batch else loss
 
 

@@ -46,7 +46,7 @@ from ..collective import all_gather_no_grad, call_generator, global_mean_scale
 from ..layers import (BertEmbeddings, FeatureQueue, MLMHead, MomentumCopy, PostNormBlock, Transformer,
                       check_directional_heads, directional_mask, init_weights, padding_mask, patch_attention,
                       sincos_square)
-from ..losses.captioning import caption_labels, lm_loss, sequence_log_likelihood
+from ..losses.captioning import caption_labels, lm_loss, sequence_log_likelihood, unlikelihood_loss
 from ..losses.distill import alpha_at, itc_queue_loss, itm_token_pairs
 from ..losses.matching import gather_token_batch, itm_accuracy, itm_loss
 from ..losses.vqa import answer_log_likelihood, answer_lm_loss
@@ -120,6 +120,10 @@ class BLIPConfig(ObjectiveOptions):
     # ``score`` ranks first (matching and the decoder's likelihood together); 0: greedy
     caption_rerank: int = 0
     # training
+    # the decoder's unlikelihood of words the data marks false for every image where they stand
+    # (records' ``false_captions``: "one circle and one circle", false at the second "circle"),
+    # -log(1 - p) at that word after the text before it, over the image; this weight times its mean
+    false_word_weight: float = 0.0
     distill: bool = True
     alpha: float = 0.4
     alpha_ramp_steps: int = 1000
@@ -531,6 +535,9 @@ class BLIP(VLModel):
             out["lm_loss"] = lm_loss(logits, caption_labels(dec_ids, dec_mask, unscored), cfg.label_smoothing,
                                      global_batch=True)
             losses.append(out["lm_loss"])
+            if cfg.false_word_weight > 0 and "false_input_ids" in batch:
+                out["false_word_loss"] = self._false_word_loss(batch, context)
+                losses.append(cfg.false_word_weight * out["false_word_loss"])
         if "answer_input_ids" in batch and "vqa" in objectives:
             q_mask, a_ids, a_mask = (batch["question_attention_mask"], batch["answer_input_ids"],
                                      batch["answer_attention_mask"])
@@ -547,6 +554,21 @@ class BLIP(VLModel):
                              "(and VQA needs answer_input_ids in the batch)")
         out["loss"] = torch.stack([l.float() for l in losses]).sum()
         return out
+
+    def _false_word_loss(self, batch: dict, context: torch.Tensor) -> torch.Tensor:
+        """Unlikelihood of each ``false_input_ids`` row's token at ``false_position`` (the collate's
+        ``false_words``) under the decoder, over its owner's image; the rows are decoded up to it."""
+        ids, position = batch["false_input_ids"], batch["false_position"]
+        dec_ids, dec_mask, unscored = self.decoder_inputs(ids, batch["false_attention_mask"])
+        at = position + unscored - 2  # the decoder position whose logits predict caption token j
+        if not ids.shape[0]:  # none in this batch: a zero that still reaches every process's mean
+            return unlikelihood_loss(context.new_zeros(0, 1), position, global_batch=True)
+        end = int(at.max()) + 1
+        dec_ids, dec_mask = dec_ids[:, :end], dec_mask[:, :end]
+        states = self.decode_states(dec_ids, dec_mask, context[batch["false_owner"]])
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        logits = self.lm_head(states[rows, at])
+        return unlikelihood_loss(logits, ids[rows, position], global_batch=True)
 
     def _itc_itm(self, batch, pixels, ids, mask, image_tokens, g: dict, generator, step: Step) -> dict:
         """ITC against [momentum features of the global batch ``g`` ; queue] and ITM with negatives

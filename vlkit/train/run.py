@@ -379,7 +379,8 @@ def make_collate(model, task: str, tokenizer, negatives: int, train: bool = True
                             word_ids=bool(getattr(cfg, "whole_word_mask", False)),
                             answers=vqa_answers(cfg), grounding_grid=grounding_grid if train else None,
                             negative_weights=negative_weights, fused_rows=fused_rows,
-                            answer_tokens=bool(getattr(model, "decodes_answers", False)))
+                            answer_tokens=bool(getattr(model, "decodes_answers", False)),
+                            false_words=train and getattr(cfg, "false_word_weight", 0) > 0)
 
 
 def fused_rows_of(model, batch_size: int, rank: int, world: int) -> tuple[int, int]:
