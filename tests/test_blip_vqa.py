@@ -203,10 +203,14 @@ def test_vqa_alone_turns_off_the_objectives_of_the_run_it_starts_from():
     from vlkit.models.blip import BLIPConfig
     from vlkit.train.run import _vqa_overrides
     probe = BLIPConfig(grounding_weight=1.0, relation_weight=1.0, geometry_weight=1.0, edit_weight=1.0,
-                       edit_pass="itm", match_score="itm+edit", attention_forcing_steps=250, decoder_grounding=True)
+                       edit_pass="itm", match_score="itm+edit", attention_forcing_steps=250, decoder_grounding=True,
+                       false_word_weight=1.0)
     records = [{"qa": [{"question": "what color is the circle?", "answer": "red"}]}]
-    out = _vqa_overrides(probe, records, "blip", set(), ("decoder_grounding",))
-    assert out["decoder_grounding"] is False  # a field of BLIP's own that serves the objectives
+    out = _vqa_overrides(probe, records, "blip", set(), ("decoder_grounding", "false_word_weight"))
+    assert out["decoder_grounding"] is False  # fields of BLIP's own that serve the objectives
+    assert out["false_word_weight"] == 0.0
+    from vlkit.models.blip import BLIP
+    assert "false_word_weight" in BLIP.objective_fields
     assert out["objectives"] == ("vqa",) and out["answer_names"] == ["red"]
     assert (out["grounding_weight"], out["relation_weight"], out["geometry_weight"], out["edit_weight"],
             out["edit_pass"], out["match_score"], out["attention_forcing_steps"]) == (0.0, 0.0, 0.0, 0.0, "separate", "itm", 0)

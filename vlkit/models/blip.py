@@ -175,7 +175,8 @@ class BLIP(VLModel):
     decodes_answers = True  # VQA batches carry the answers' tokens (``data.collate``), not class scores
     # may be missing from an --init source (added by an objective)
     optional_heads = ("word_head", "relation_grounding", "attention_forcing", "question_proj")
-    objective_fields = ("decoder_grounding",)  # the objectives' reading of the decoder's LM pass
+    # the objectives' reading of the decoder's LM pass, and its unlikelihood of false words
+    objective_fields = ("decoder_grounding", "false_word_weight")
 
     def __init__(self, cfg: BLIPConfig):
         super().__init__()
