@@ -107,8 +107,9 @@ def test_vilt_mlm_parity(tmp_path):
         ours = model.mlm_logits(pixels, ids, mask)
     assert ours.shape == (2, 7, 99)
     torch.testing.assert_close(ours, hf, atol=1e-5, rtol=0)
-    # HF ties the decoder to the word embeddings and saves only the latter
-    torch.testing.assert_close(model.mlm_head.decoder.weight, model.text_embed.word.weight)
+    # transformers 5.x ties the decoder to the word embeddings and saves only the latter; 4.x
+    # leaves them untied and saves both: either way the converted head is the reference's
+    torch.testing.assert_close(model.mlm_head.decoder.weight, ref.mlm_score.decoder.weight, atol=0, rtol=0)
     assert not hasattr(model, "match") and not hasattr(model, "answer")
 
 

@@ -14,14 +14,62 @@ class ConversionError(ValueError):
     """A checkpoint does not fit the model it is loaded into."""
 
 
+# transformers' class defaults of the config fields the converters read. transformers 4.x writes
+# into config.json only the fields that differ from them (5.x writes every field) and reads a
+# missing one as its default, so a folder it wrote is read the same way here.
+_TEXT_ROLES = {"blip": ("blip_text_model", "blip_vision_model"), "clip": ("clip_text_model", "clip_vision_model")}
+HF_DEFAULTS = {
+    "vit": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3,
+                qkv_bias=True),
+    "bert": dict(vocab_size=30522, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=512, hidden_act="gelu", layer_norm_eps=1e-12,
+                 pad_token_id=0, type_vocab_size=2),
+    "vilt": dict(vocab_size=30522, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=40, hidden_act="gelu", layer_norm_eps=1e-12,
+                 image_size=384, patch_size=32, num_channels=3, qkv_bias=True, type_vocab_size=2,
+                 modality_type_vocab_size=2, max_image_length=-1, num_images=-1),
+    "blip": dict(image_text_hidden_size=256),
+    "blip_text_model": dict(vocab_size=30524, hidden_size=768, encoder_hidden_size=768, intermediate_size=3072,
+                            num_hidden_layers=12, num_attention_heads=8, max_position_embeddings=512,
+                            hidden_act="gelu", layer_norm_eps=1e-12, pad_token_id=0, bos_token_id=30522,
+                            eos_token_id=2, sep_token_id=102),
+    "blip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              hidden_act="gelu", layer_norm_eps=1e-5, image_size=384, patch_size=16),
+    "clip": dict(projection_dim=512, logit_scale_init_value=2.6592),
+    "clip_text_model": dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                            num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
+                            layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=49406, eos_token_id=49407),
+    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              hidden_act="quick_gelu", layer_norm_eps=1e-5, image_size=224, patch_size=32,
+                              num_channels=3),
+}
+
+
 def read_hf_config(folder: str | Path) -> dict:
+    """A model folder's config.json, with transformers' defaults for the fields it leaves out
+    (`HF_DEFAULTS`), in its own part and in ``text_config`` / ``vision_config``."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (not a model folder)")
     try:
-        return json.loads(path.read_text(), object_hook=lambda d: HFConfig(d, path))
+        cfg = json.loads(path.read_text(), object_hook=lambda d: HFConfig(d, path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, HFConfig):
+        raise ConversionError(f"{path}: not a JSON object")
+    kind = cfg.get("model_type")
+    for field, role in zip(("text_config", "vision_config"), _TEXT_ROLES.get(kind, ())):
+        part = cfg.get(field)
+        if part is None or isinstance(part, HFConfig):
+            cfg[field] = with_defaults(part if part is not None else HFConfig({}, path), role)
+    return with_defaults(cfg, kind)
+
+
+def with_defaults(cfg: "HFConfig", model_type) -> "HFConfig":
+    """``cfg`` with transformers' default for each field of ``model_type`` it lacks."""
+    defaults = HF_DEFAULTS.get(model_type if isinstance(model_type, str) else "", {})
+    return HFConfig({**defaults, **cfg}, cfg.path)
 
 
 class HFConfig(dict):

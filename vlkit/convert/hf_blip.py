@@ -5,8 +5,11 @@
 - retrieval: the image tower, ``text_encoder``, the ITC projections and the ITM head (encoder only);
 - question answering: the image tower, ``text_encoder`` and its own ``text_decoder`` (untied).
 The vision attention's fused ``qkv`` splits into q, k, v. Sizes, heads and LayerNorm eps come
-from the file (Hugging Face's defaults differ from the published checkpoints'). The LM head's
-weight is the decoder's word embeddings (tied, as Hugging Face saves it). The converted model
+from the file (Hugging Face's defaults differ from the published checkpoints'), a field it
+leaves out (transformers 4.x writes only those that differ from its defaults) taking
+transformers' default, as transformers reads it. The LM head's weight is the decoder's word
+embeddings when the folder ties them (transformers 5.x writes the matrix once) and its own when
+the folder holds a different one (4.x leaves a new model's untied: ``tie_lm_head=False``). The converted model
 has ``hf_compat=True``: its grounded encoder reads [CLS], as Hugging Face's does. Momentum
 copies start from the loaded weights; the feature queues keep their random start. ``BlipModel``
 is refused: its layout matches no published weights.
@@ -84,7 +87,7 @@ def _kind(hf: dict, folder) -> str:
                           f"(supported: {', '.join(KINDS)})")
 
 
-def config_from_hf(hf: dict, kind: str, folder="") -> BLIPConfig:
+def config_from_hf(hf: dict, kind: str, folder="", tie_lm_head: bool = True) -> BLIPConfig:
     t, v = hf.get("text_config") or {}, hf.get("vision_config") or {}
     try:
         act_t, act_v = _ACT[t.get("hidden_act", "gelu")], _ACT[v.get("hidden_act", "gelu")]
@@ -98,7 +101,7 @@ def config_from_hf(hf: dict, kind: str, folder="") -> BLIPConfig:
             vision=vision, dim=t["hidden_size"], layers=t["num_hidden_layers"], heads=t["num_attention_heads"],
             mlp_dim=t["intermediate_size"], act=act_t, eps=t["layer_norm_eps"], vocab_size=vocab,
             max_text_len=t["max_position_embeddings"], embed_dim=hf.get("image_text_hidden_size", 256),
-            text_encoder=encoder, text_decoder=decoder, tie_decoder=False, hf_compat=True,
+            text_encoder=encoder, text_decoder=decoder, tie_decoder=False, tie_lm_head=tie_lm_head, hf_compat=True,
             retrieval_heads=kind == "BlipForImageTextRetrieval", prompt="", pad_token_id=t["pad_token_id"],
             eot_token_id=t["sep_token_id"], dec_token_id=bos, enc_token_id=min(bos + 1, vocab - 1))
     except KeyError as e:
@@ -130,9 +133,15 @@ def convert_state(state: dict[str, torch.Tensor], cfg: BLIPConfig, kind: str) ->
 
 def load_hf_blip(folder: str | Path, hf_config: dict) -> BLIP:
     kind = _kind(hf_config, folder)
-    cfg = checked_config(config_from_hf(hf_config, kind, folder), folder)
+    raw = read_hf_weights(folder)
+    # transformers 5.x ties the LM head to the decoder's word embeddings and writes the matrix once;
+    # 4.x leaves a new model's two untied and writes both
+    head, words = (raw.get(f"text_decoder.{k}") for k in ("cls.predictions.decoder.weight",
+                                                         "bert.embeddings.word_embeddings.weight"))
+    tie = head is None or words is None or torch.equal(head, words)
+    cfg = checked_config(config_from_hf(hf_config, kind, folder, tie_lm_head=tie), folder)
     model = BLIP(cfg)
-    state = convert_state(read_hf_weights(folder), cfg, kind)
+    state = convert_state(raw, cfg, kind)
     # training state Hugging Face does not hold: momentum copies (reset below), queues, step count
     own = model.state_dict()
     for key, value in own.items():

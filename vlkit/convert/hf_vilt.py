@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..models.vilt import ViLT, ViLTConfig
 from .hf_vit import layer_rules
 from .common import ConversionError, checked_config, load_strict, read_hf_weights, rename, strip_prefix
@@ -98,7 +100,16 @@ def config_from_hf(hf: dict, folder: Path | None = None, num_labels: int | None 
 
 def load_hf_vilt(folder: str | Path, hf_config: dict) -> ViLT:
     folder = Path(folder)
-    state = rename(strip_prefix(read_hf_weights(folder), "vilt."), RULES, IGNORE)
+    raw = strip_prefix(read_hf_weights(folder), "vilt.")
+    # transformers 4.x writes the MLM output bias twice, as the head's own parameter and as the
+    # decoder's (the same tensor); 5.x writes the decoder's alone
+    bias = raw.pop("mlm_score.bias", None)
+    if bias is not None:
+        tied = raw.setdefault("mlm_score.decoder.bias", bias)
+        if not torch.equal(tied, bias):
+            raise ConversionError(f"{folder}: mlm_score.bias and mlm_score.decoder.bias differ "
+                                  "(transformers ties them)")
+    state = rename(raw, RULES, IGNORE)
     out = state.get("CLASSIFIER.3.weight")
     cfg = checked_config(config_from_hf(hf_config, folder, None if out is None else out.shape[0]), folder)
     head = "vqa_head" if cfg.num_answers else "pair_head"

@@ -7,7 +7,8 @@ cross-attention to the image tokens in every layer, used three ways:
      head (captioning).
 The encoder and the decoder share every parameter (embeddings, cross-attention, MLP and their
 LayerNorms) except the self-attention and its LayerNorm; the LM head belongs to the decoder and
-is tied to the word embeddings. ``tie_decoder=False`` gives the decoder a text stack of its own
+is tied to the word embeddings (``tie_lm_head=False``: a matrix of its own, as folders written by
+transformers 4.x hold). ``tie_decoder=False`` gives the decoder a text stack of its own
 (BLIP's VQA model); ``text_encoder=False`` / ``text_decoder=False`` drop a part (Hugging Face's
 captioning and retrieval models hold only one).
 
@@ -94,6 +95,7 @@ class BLIPConfig(ObjectiveOptions):
     text_encoder: bool = True       # the unimodal / image-grounded encoder (ITC, ITM)
     text_decoder: bool = True       # the image-grounded decoder (LM, captioning)
     tie_decoder: bool = True        # the decoder shares all but self-attention with the encoder
+    tie_lm_head: bool = True        # the LM head's output matrix is the decoder's word embeddings
     retrieval_heads: bool = True    # with the encoder: ITC projections, ITM head, momentum and queues
     hf_compat: bool = False         # grounded encoder fed [CLS] as Hugging Face does, not [ENC]
     vision_init: str = ""           # a ViT or CLIP run (or HF folder) whose image tower fits ``vision``
@@ -252,7 +254,7 @@ class BLIP(VLModel):
         if tied and cfg.text_decoder:  # everything but the self-attention and its LayerNorm
             for enc, dec in zip(self.text_layers.blocks, self.decoder_layers.blocks):
                 dec.cross_attn, dec.norm_cross, dec.mlp, dec.norm2 = enc.cross_attn, enc.norm_cross, enc.mlp, enc.norm2
-        if self.lm_head is not None:
+        if self.lm_head is not None and cfg.tie_lm_head:
             self.lm_head.decoder.weight = self._dec_embed.word.weight
         if self.retrieval:
             self.momentum = MomentumCopy({name: getattr(self, name) for name in (
