@@ -14,8 +14,15 @@ prints each side's captions per second and the ratio vlkit / transformers.
 
 Before the table the script prints the multiply-accumulates each side does per image (from the
 config): the image encoder, the decoder's cross-attention keys and values (vlkit: once per image;
-transformers 5.x: once per beam), and the decoding steps; their ratio is the most vlkit can gain
-at the same arithmetic rate.
+transformers 4.54 and later: once per beam; 4.53 and earlier: at every step, for every beam; the
+script counts the passes with a hook rather than assume), and the decoding steps; their ratio is
+the most vlkit can gain at the same arithmetic rate.
+
+transformers 4.x in an environment of its own (the project's test extra, ``transformers>=4.45``,
+takes the newest):
+
+    python -m venv /tmp/hf4 && /tmp/hf4/bin/pip install torch==2.13.0 transformers==4.46.3 safetensors numpy pillow
+    /tmp/hf4/bin/pip install --no-deps -e . && /tmp/hf4/bin/python benchmarks/caption_speed.py
 """
 from __future__ import annotations
 
@@ -51,8 +58,25 @@ def hf_model(small: bool):
     return model
 
 
-def macs(cfg, new_tokens: int, beams: int) -> dict:
-    """Multiply-accumulates per image: image encoder, cross-attention keys/values, decoding."""
+def cross_kv_passes(model, pixels, new_tokens: int) -> int:
+    """How many times transformers' ``generate`` computes the first decoder layer's cross-attention
+    keys over ``new_tokens`` greedy steps: 1 where it caches them (5.x), ``new_tokens`` where it
+    recomputes them at every step (4.x)."""
+    layer = model.text_decoder.bert.encoder.layer[0].crossattention.self
+    key = getattr(layer, "key", None) or getattr(layer, "k_proj")
+    calls = []
+    hook = key.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            model.generate(pixel_values=pixels[:1], max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    finally:
+        hook.remove()
+    return len(calls)
+
+
+def macs(cfg, new_tokens: int, beams: int, hf_kv_passes: int = 1) -> dict:
+    """Multiply-accumulates per image: image encoder, cross-attention keys/values, decoding.
+    ``hf_kv_passes``: how many times per beam transformers computes the keys and values."""
     v, t = cfg.vision_config, cfg.text_config
     n = (v.image_size // v.patch_size) ** 2 + 1  # image tokens
     dv, dt = v.hidden_size, t.hidden_size
@@ -61,7 +85,7 @@ def macs(cfg, new_tokens: int, beams: int) -> dict:
     per_token = (t.num_hidden_layers * (6 * dt * dt + 2 * dt * t.intermediate_size + 2 * n * dt)
                  + t.vocab_size * dt)
     decode = beams * new_tokens * per_token
-    return {"ours": vit + cross_kv + decode, "hf": vit + beams * cross_kv + decode, "image": vit}
+    return {"ours": vit + cross_kv + decode, "hf": vit + hf_kv_passes * beams * cross_kv + decode, "image": vit}
 
 
 def timed(fn, repeats: int):
@@ -91,10 +115,14 @@ def main() -> None:
     size = hf.config.vision_config.image_size
     pixels = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(2))
     n = args.new_tokens
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {n} new tokens, "
-          f"{'small' if args.small else 'BLIP base'} model, median of {args.repeats}")
+    import transformers
+    passes = cross_kv_passes(hf, pixels, n)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+          f"batch {args.batch}, {n} new tokens, {'small' if args.small else 'BLIP base'} model, median of "
+          f"{args.repeats}; transformers computes the cross-attention keys and values {passes} time(s) per "
+          f"caption of {n} tokens")
     for label, beams in (("greedy", 1), ("beam 3", 3)):
-        m = macs(hf.config, n, beams)
+        m = macs(hf.config, n, beams, passes)
         print(f"{label}: {m['hf'] / 1e9:.1f} GMAC per image (transformers), {m['ours'] / 1e9:.1f} (vlkit), image "
               f"encoder {m['image'] / m['ours']:.0%} of vlkit's: at the same arithmetic rate vlkit / transformers "
               f"<= {m['hf'] / m['ours']:.2f}")
