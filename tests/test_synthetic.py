@@ -267,7 +267,7 @@ def test_heldout_only_outside_train(train_recs, test_recs, world):
     for rec in train_recs:
         assert not rec["heldout"]
         texts = rec["captions"] + [n["caption"] for n in rec["negatives"]] + \
-            [q["question"] for q in rec["qa"]]
+            [q["question"] for q in rec["qa"]] + [f["caption"] for f in rec.get("false_captions") or ()]
         for t in texts:
             assert not any(h in t for h in held), t
     assert any(r["heldout"] for r in test_recs)
@@ -591,8 +591,9 @@ def test_records_without_questions_keep_every_other_field():
 
 def test_false_captions_repeat_a_shape_or_an_object_and_the_collate_marks_the_word(train_recs):
     """The world's ``false_captions`` (a "shapes" caption with a shape named once per object; a
-    list or count caption with its first object named again) are false from ``false_from`` on,
-    cost no random draw, and the collate's ``false_words`` gives the token where each turns false."""
+    list or count caption with its first object named again; one phrase with the other size; one
+    phrase with a shape the image lacks) are false from ``false_from`` on, cost no random draw, and
+    the collate's ``false_words`` gives the token where each turns false."""
     import random
 
     from vlkit.data.collate import ImageTextCollate
@@ -606,8 +607,21 @@ def test_false_captions_repeat_a_shape_or_an_object_and_the_collate_marks_the_wo
         for f in r.get("false_captions") or []:
             text, at = f["caption"], f["false_from"]
             assert not caption_is_true(text, r["objects"]) and parse_caption(text) is not None
-            word = text[at:].split(" ")[0].rstrip(",")
-            if word in SHAPES:  # the second naming of a shape in a count of shapes
+            word = text[at:].split(" ")[0].rstrip(",;")
+            # one word of one of the record's captions changed
+            changed = [[b for a, b in zip(c.split(), text.split()) if a != b] for c in r["captions"]
+                       if len(c.split()) == len(text.split())]
+            changed = [c[0].rstrip(",;") for c in changed if len(c) == 1]
+            if changed and changed[0] in SIZES:  # a phrase with the other size
+                kinds["size"] += 1
+                if changed[0] in {o["size"] for o in r["objects"]}:  # false at the colour after it
+                    assert word in COLORS and text[:at].split()[-1] == changed[0]
+                else:
+                    assert word == changed[0]
+            elif changed and changed[0] in SHAPES and changed[0] not in shapes:  # a shape the image lacks
+                kinds["shape"] += 1
+                assert word == changed[0] and text[:at].split()[-1] in COLORS
+            elif word in SHAPES:  # the second naming of a shape in a count of shapes
                 kinds["shapes"] += 1
                 assert len(set(shapes)) < len(shapes) and text[:at].count(" " + word) + text.startswith(word) == 1
             else:  # the first object's colour again (or "an" before it), where the list names another
@@ -616,9 +630,9 @@ def test_false_captions_repeat_a_shape_or_an_object_and_the_collate_marks_the_wo
                 first = parse_caption(text)[0][-1][0]
                 assert first[3] == parse_caption(text)[0][-1][-1][3] and len(r["objects"]) > 1
                 assert word == "an" or text[:at].count(word) == 1
-        if len(r["objects"]) == 1:
-            assert not r.get("false_captions")
-    assert kinds["shapes"] > 20 and kinds["list"] > 200
+        if len(r["objects"]) == 1:  # the size and shape kinds alone
+            assert 1 <= len(r.get("false_captions") or ()) <= 2
+    assert kinds["shapes"] > 20 and kinds["list"] > 200 and kinds["size"] > 200 and kinds["shape"] > 400
     tok = build_tokenizer("synthetic", 64, records=train_recs)
     for false_words in (False, True):
         collate = ImageTextCollate(ImageTransform(64, train=True, hflip=True), tok, negatives=1,
@@ -634,7 +648,7 @@ def test_false_captions_repeat_a_shape_or_an_object_and_the_collate_marks_the_wo
         assert owners == [j for j, r in enumerate(train_recs[:32]) for _ in r.get("false_captions") or []]
         for k, f in enumerate(entries):
             p = int(batch["false_position"][k])
-            word = f["caption"][f["false_from"]:].split(" ")[0].rstrip(",")
+            word = f["caption"][f["false_from"]:].split(" ")[0].rstrip(",;")
             assert tok.decode([int(batch["false_input_ids"][k, p])]).strip() == word
     bad = dict(train_recs[0], false_captions=[{"caption": "one circle and one circle", "false_from": 3}],
                image_path="x.png")

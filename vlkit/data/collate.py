@@ -133,7 +133,7 @@ class ImageTextCollate:
     chosen as before (the same random draws), so the fused rows' batch is the one the full
     collate makes.
 
-    ``false_words=True`` adds the records' ``false_captions`` (texts false for every image from
+    ``false_words=True`` adds the records' ``false_captions`` (texts false of the image from
     the word at character ``false_from`` on, given the words before it; fused rows only) as
     ``false_input_ids`` / ``false_attention_mask`` with ``false_owner`` (the image each belongs
     to) and ``false_position`` (the index of that word's first token). A ``false_from`` that is

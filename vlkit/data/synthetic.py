@@ -20,14 +20,15 @@ tinted background with a mild gradient and noise. Colours are distinct within an
 * ``label`` ("red circle") for single-object images; ``objects`` with centres in [0, 1];
 * phrase grounding (``vlkit.data.grounding``): ``captions_grounding[i]`` for ``captions[i]`` and
   ``grounding`` in each ``qa`` entry, spans of the text that name objects;
-* ``false_captions``: captions ``{"caption", "false_from"}`` false for every image from the word
-  at character ``false_from`` on, given the words before it: the "shapes" caption with a
+* ``false_captions``: captions ``{"caption", "false_from"}`` false of the image from the word
+  at character ``false_from`` on, given the words before it. False for every image: the "shapes" caption with a
   repeated shape named once per object ("one circle, one circle and one star": a count names
   each shape once), and each "list" or "count" caption of two or more objects with its last
   phrase replaced by its first ("a blue circle, a gray cross and a blue circle": an image's
   colours are distinct; false at the colour, or at "an" before "orange", the one colour it
-  admits). Made without random draws, so every other field is as it would be
-  without them.
+  admits). False of this image: one phrase with the other size, and one with a shape the
+  image lacks (``_phrase_false_captions``). Made without random draws, so every other field is
+  as it would be without them.
 
 Captions and negatives come from one small grammar (see ``_render``); every caption is checked
 true and every negative false against the objects before it is emitted.
@@ -305,6 +306,59 @@ def _false_captions(captions) -> list[dict]:
             at = len(text) - len(last)  # "an": only "orange" follows it, already named
             if not last.startswith("an "):
                 at += len("a ") + (len(nps[0][2]) + 1 if nps[0][2] else 0)  # the colour, after a size
+            out.append({"caption": text, "false_from": at})
+    return out
+
+
+def _phrase_false_captions(captions, objs, allowed) -> list[dict]:
+    """Captions false of this image from one word on, made from its true captions without a random
+    draw (``false_captions``; the caption and the phrase are chosen by a checksum of the caption
+    texts):
+
+    * one phrase that states a size with the other size ("a small blue circle" for a large one),
+      false at the colour, or at the size word where no object of the image has that size: the
+      image's colours are distinct;
+    * one phrase with a shape the image does not have ("a blue star" for a blue circle), false at
+      the shape word; a (colour, shape) pair ``allowed`` refuses (held out of training) is not used.
+    """
+    import zlib
+    texts = [_render(c) for c in captions]
+    key = zlib.crc32("|".join(texts).encode())
+    present = {o.shape for o in objs}
+    sizes = {o.size for o in objs}
+    out = []
+    for kind in ("size", "shape"):
+        # (caption index, phrase index) of every phrase this kind can change
+        spots = []
+        for i, cap in enumerate(captions):
+            nps = []
+            _map_nps(cap, lambda n: nps.append(n) or n)
+            for j, n in enumerate(nps):
+                if kind == "size" and n[2] is not None:
+                    spots.append((i, j))
+                elif kind == "shape" and any(s not in present and allowed(n[3], s) for s in SHAPES):
+                    spots.append((i, j))
+        if not spots:
+            continue
+        i, j = spots[(key >> (0 if kind == "size" else 16)) % len(spots)]
+        count = iter(range(1 << 30))
+        target = []
+
+        def change(n, i=i, j=j):
+            if next(count) != j:
+                return n
+            target.append(n)
+            if kind == "size":
+                return (n[0], n[1], "small" if n[2] == "large" else "large", n[3], n[4])
+            shapes = [s for s in SHAPES if s not in present and allowed(n[3], s)]
+            return (n[0], n[1], n[2], n[3], shapes[key % len(shapes)])
+        new = _map_nps(captions[i], change)
+        text = _render(new)
+        at = next(k for k, (a, b) in enumerate(zip(texts[i], text)) if a != b)
+        at = text.rfind(" ", 0, at) + 1  # the changed word's start
+        if kind == "size" and ("small" if target[0][2] == "large" else "large") in sizes:
+            at = text.index(" ", at) + 1  # the colour after it
+        if not _holds(new, objs):
             out.append({"caption": text, "false_from": at})
     return out
 
@@ -686,6 +740,8 @@ class SyntheticWorld:
             "negatives": negatives,
         }
         false = _false_captions(captions)
+        allowed = (lambda c, sh: (c, sh) not in _HELDOUT) if train else (lambda c, sh: True)
+        false += _phrase_false_captions(captions, objs, allowed)
         if false:
             rec["false_captions"] = false
         if questions:  # the last draw: leaving it out changes nothing before it

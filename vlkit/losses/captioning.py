@@ -6,7 +6,7 @@ begin token, a prompt, padding); position t's logits predict the label at t + 1.
 - ``lm_loss``: cross-entropy with label smoothing (BLIP: 0.1) averaged over every scored token
   of the batch (or, ``global_batch``, of every process's batch).
 - ``unlikelihood_loss``: -log(1 - p(token)) averaged over rows, for tokens known to be false
-  where they stand (a word that makes a text false for every image).
+  where they stand (a word that makes a text false of its image).
 - ``sequence_log_likelihood``: (B,) sum of log p(token) over each row's scored tokens, without
   smoothing (captions ranked or filtered by their likelihood).
 """

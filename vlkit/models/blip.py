@@ -122,9 +122,10 @@ class BLIPConfig(ObjectiveOptions):
     # ``score`` ranks first (matching and the decoder's likelihood together); 0: greedy
     caption_rerank: int = 0
     # training
-    # the decoder's unlikelihood of words the data marks false for every image where they stand
-    # (records' ``false_captions``: "one circle and one circle", false at the second "circle"),
-    # -log(1 - p) at that word after the text before it, over the image; this weight times its mean
+    # the decoder's unlikelihood of words the data marks false of a record's image where they stand
+    # (records' ``false_captions``: "one circle and one circle", false at the second "circle";
+    # "a blue star" for a blue circle, false at "star"), -log(1 - p) at that word after the text
+    # before it, over the image; this weight times its mean
     false_word_weight: float = 0.0
     distill: bool = True
     alpha: float = 0.4
