@@ -48,6 +48,7 @@ import math
 import os
 import random
 import re
+import zlib
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -321,7 +322,6 @@ def _phrase_false_captions(captions, objs, allowed) -> list[dict]:
     * one phrase with a shape the image does not have ("a blue star" for a blue circle), false at
       the shape word; a (colour, shape) pair ``allowed`` refuses (held out of training) is not used.
     """
-    import zlib
     texts = [_render(c) for c in captions]
     key = zlib.crc32("|".join(texts).encode())
     present = {o.shape for o in objs}
@@ -344,7 +344,7 @@ def _phrase_false_captions(captions, objs, allowed) -> list[dict]:
         count = iter(range(1 << 30))
         target = []
 
-        def change(n, i=i, j=j):
+        def change(n, j=j):
             if next(count) != j:
                 return n
             target.append(n)
