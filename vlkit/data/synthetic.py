@@ -43,6 +43,7 @@ image nor in any caption, negative or question; val and test draw objects from a
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -311,6 +312,12 @@ def _false_captions(captions) -> list[dict]:
     return out
 
 
+def _pair_allowed(train: bool):
+    """Whether a (colour, shape) pair may be named in a text of this split: training never
+    names a held-out combination."""
+    return (lambda c, s: (c, s) not in _HELDOUT) if train else (lambda c, s: True)
+
+
 def _phrase_false_captions(captions, objs, allowed) -> list[dict]:
     """Captions false of this image from one word on, made from its true captions without a random
     draw (``false_captions``; the caption and the phrase are chosen by a checksum of the caption
@@ -328,35 +335,31 @@ def _phrase_false_captions(captions, objs, allowed) -> list[dict]:
     sizes = {o.size for o in objs}
     out = []
     for kind in ("size", "shape"):
-        # (caption index, phrase index) of every phrase this kind can change
+        # (caption index, phrase index, phrase) of every phrase this kind can change
         spots = []
         for i, cap in enumerate(captions):
             nps = []
             _map_nps(cap, lambda n: nps.append(n) or n)
             for j, n in enumerate(nps):
                 if kind == "size" and n[2] is not None:
-                    spots.append((i, j))
+                    spots.append((i, j, n))
                 elif kind == "shape" and any(s not in present and allowed(n[3], s) for s in SHAPES):
-                    spots.append((i, j))
+                    spots.append((i, j, n))
         if not spots:
             continue
-        i, j = spots[(key >> (0 if kind == "size" else 16)) % len(spots)]
-        count = iter(range(1 << 30))
-        target = []
-
-        def change(n, j=j):
-            if next(count) != j:
-                return n
-            target.append(n)
-            if kind == "size":
-                return (n[0], n[1], "small" if n[2] == "large" else "large", n[3], n[4])
+        i, j, n = spots[(key >> (0 if kind == "size" else 16)) % len(spots)]
+        if kind == "size":
+            other = "small" if n[2] == "large" else "large"
+            changed = (n[0], n[1], other, n[3], n[4])
+        else:
             shapes = [s for s in SHAPES if s not in present and allowed(n[3], s)]
-            return (n[0], n[1], n[2], n[3], shapes[key % len(shapes)])
-        new = _map_nps(captions[i], change)
+            changed = (n[0], n[1], n[2], n[3], shapes[key % len(shapes)])
+        count = itertools.count()  # the phrases in _map_nps's order, as enumerated above
+        new = _map_nps(captions[i], lambda p: changed if next(count) == j else p)
         text = _render(new)
         at = next(k for k, (a, b) in enumerate(zip(texts[i], text)) if a != b)
         at = text.rfind(" ", 0, at) + 1  # the changed word's start
-        if kind == "size" and ("small" if target[0][2] == "large" else "large") in sizes:
+        if kind == "size" and other in sizes:
             at = text.index(" ", at) + 1  # the colour after it
         if not _holds(new, objs):
             out.append({"caption": text, "false_from": at})
@@ -740,8 +743,7 @@ class SyntheticWorld:
             "negatives": negatives,
         }
         false = _false_captions(captions)
-        allowed = (lambda c, sh: (c, sh) not in _HELDOUT) if train else (lambda c, sh: True)
-        false += _phrase_false_captions(captions, objs, allowed)
+        false += _phrase_false_captions(captions, objs, _pair_allowed(train))
         if false:
             rec["false_captions"] = false
         if questions:  # the last draw: leaving it out changes nothing before it
@@ -876,7 +878,7 @@ class SyntheticWorld:
         says nothing about truth.
         """
         n = len(objs)
-        allowed = (lambda c, s: (c, s) not in _HELDOUT) if train else (lambda c, s: True)
+        allowed = _pair_allowed(train)
         seen = set(texts)
         used = [0] * len(captions)
         found = {}
