@@ -78,14 +78,14 @@ def albef_text_config(hf: dict) -> dict:
     Hugging Face BERT config."""
     if hf.get("model_type") != "bert":
         raise ConversionError(f"expected a BERT config (model_type 'bert'), got {hf.get('model_type')!r}")
-    act = _ACT.get(hf.get("hidden_act", "gelu"))
+    act = _ACT.get(hf["hidden_act"])
     if act is None:
         raise ConversionError(f"unsupported BERT activation {hf.get('hidden_act')!r}")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise ConversionError("only absolute position embeddings are supported")
     return dict(dim=hf["hidden_size"], heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"],
-                vocab_size=hf["vocab_size"], max_text_len=hf.get("max_position_embeddings", 512),
-                type_vocab_size=hf.get("type_vocab_size", 2), eps=hf.get("layer_norm_eps", 1e-12),
+                vocab_size=hf["vocab_size"], max_text_len=hf["max_position_embeddings"],
+                type_vocab_size=hf["type_vocab_size"], eps=hf["layer_norm_eps"],
                 act=act, pad_token_id=hf.get("pad_token_id") or 0)
 
 

@@ -88,9 +88,9 @@ def _kind(hf: dict, folder) -> str:
 
 
 def config_from_hf(hf: dict, kind: str, folder="", tie_lm_head: bool = True) -> BLIPConfig:
-    t, v = hf.get("text_config") or {}, hf.get("vision_config") or {}
+    t, v = hf["text_config"], hf["vision_config"]  # with transformers' defaults (read_hf_config)
     try:
-        act_t, act_v = _ACT[t.get("hidden_act", "gelu")], _ACT[v.get("hidden_act", "gelu")]
+        act_t, act_v = _ACT[t["hidden_act"]], _ACT[v["hidden_act"]]
         vision = ViTConfig(image_size=v["image_size"], patch_size=v["patch_size"], dim=v["hidden_size"],
                            depth=v["num_hidden_layers"], heads=v["num_attention_heads"],
                            mlp_dim=v["intermediate_size"], act=act_v, eps=v["layer_norm_eps"],
@@ -100,7 +100,7 @@ def config_from_hf(hf: dict, kind: str, folder="", tie_lm_head: bool = True) -> 
         return BLIPConfig(
             vision=vision, dim=t["hidden_size"], layers=t["num_hidden_layers"], heads=t["num_attention_heads"],
             mlp_dim=t["intermediate_size"], act=act_t, eps=t["layer_norm_eps"], vocab_size=vocab,
-            max_text_len=t["max_position_embeddings"], embed_dim=hf.get("image_text_hidden_size", 256),
+            max_text_len=t["max_position_embeddings"], embed_dim=hf["image_text_hidden_size"],
             text_encoder=encoder, text_decoder=decoder, tie_decoder=False, tie_lm_head=tie_lm_head, hf_compat=True,
             retrieval_heads=kind == "BlipForImageTextRetrieval", prompt="", pad_token_id=t["pad_token_id"],
             eot_token_id=t["sep_token_id"], dec_token_id=bos, enc_token_id=min(bos + 1, vocab - 1))

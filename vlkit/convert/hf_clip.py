@@ -47,29 +47,28 @@ IGNORE = [r".*position_ids"]
 def config_from_hf(hf: dict) -> CLIPConfig:
     if hf.get("model_type") != "clip":
         raise ConversionError(f"expected a CLIP config (model_type 'clip'), got {hf.get('model_type')!r}")
-    v, t = hf.get("vision_config") or {}, hf.get("text_config") or {}
+    v, t = hf["vision_config"], hf["text_config"]
 
     def act(cfg):
-        name = cfg.get("hidden_act", "quick_gelu")
+        name = cfg["hidden_act"]
         if name not in _ACT:
             raise ConversionError(f"unsupported CLIP activation {name!r}")
         return _ACT[name]
 
-    eos = t.get("eos_token_id", 2)
-    vision = ViTConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32),
-                       in_chans=v.get("num_channels", 3), dim=v.get("hidden_size", 768),
-                       depth=v.get("num_hidden_layers", 12), heads=v.get("num_attention_heads", 12),
-                       mlp_dim=v.get("intermediate_size", 3072), act=act(v),
-                       eps=v.get("layer_norm_eps", 1e-5), pre_norm=True, patch_bias=False,
+    # fields the file leaves out are transformers' defaults, filled by read_hf_config
+    eos = t["eos_token_id"]
+    vision = ViTConfig(image_size=v["image_size"], patch_size=v["patch_size"], in_chans=v["num_channels"],
+                       dim=v["hidden_size"], depth=v["num_hidden_layers"], heads=v["num_attention_heads"],
+                       mlp_dim=v["intermediate_size"], act=act(v), eps=v["layer_norm_eps"], pre_norm=True,
+                       patch_bias=False,
                        mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
-    text = TextConfig(vocab_size=t.get("vocab_size", 49408), context_length=t.get("max_position_embeddings", 77),
-                      dim=t.get("hidden_size", 512), depth=t.get("num_hidden_layers", 12),
-                      heads=t.get("num_attention_heads", 8), mlp_dim=t.get("intermediate_size", 2048),
-                      act=act(t), eps=t.get("layer_norm_eps", 1e-5),
+    text = TextConfig(vocab_size=t["vocab_size"], context_length=t["max_position_embeddings"],
+                      dim=t["hidden_size"], depth=t["num_hidden_layers"], heads=t["num_attention_heads"],
+                      mlp_dim=t["intermediate_size"], act=act(t), eps=t["layer_norm_eps"],
                       # configs from before the end-token fix say 2: they pool at the largest id
                       eot_token_id=None if eos == 2 else eos)
-    return CLIPConfig(vision=vision, text=text, embed_dim=hf.get("projection_dim", 512),
-                      logit_scale_init=hf.get("logit_scale_init_value", 2.6592))
+    return CLIPConfig(vision=vision, text=text, embed_dim=hf["projection_dim"],
+                      logit_scale_init=hf["logit_scale_init_value"])
 
 
 def load_hf_clip(folder: str | Path, hf_config: dict) -> CLIP:

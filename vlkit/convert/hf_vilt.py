@@ -53,7 +53,7 @@ def _special_ids(folder: Path, hf: dict) -> dict:
     if tok is not None and tok.token_to_id("[MASK]") is not None:
         return dict(mask_token_id=tok.token_to_id("[MASK]"), pad_token_id=tok.pad_token_id,
                     special_token_ids=tuple(sorted(tok.special_token_ids | {tok.pad_token_id})))
-    if hf.get("vocab_size", 30522) == 30522:  # bert-base-uncased, ViLT's tokenizer
+    if hf["vocab_size"] == 30522:  # bert-base-uncased, ViLT's tokenizer
         return dict(mask_token_id=103, pad_token_id=0, special_token_ids=(0, 100, 101, 102, 103))
     return dict(pad_token_id=hf.get("pad_token_id") or 0)
 
@@ -63,10 +63,10 @@ def config_from_hf(hf: dict, folder: Path | None = None, num_labels: int | None 
     ``id2label`` when it is the default two labels)."""
     if hf.get("model_type") != "vilt":
         raise ConversionError(f"expected a ViLT config (model_type 'vilt'), got {hf.get('model_type')!r}")
-    act = _ACT.get(hf.get("hidden_act", "gelu"))
+    act = _ACT.get(hf["hidden_act"])
     if act is None:
         raise ConversionError(f"unsupported ViLT activation {hf.get('hidden_act')!r}")
-    image_size, patch_size = hf.get("image_size", 384), hf.get("patch_size", 32)
+    image_size, patch_size = hf["image_size"], hf["patch_size"]
     if not isinstance(image_size, int) or not isinstance(patch_size, int):
         raise ConversionError("only square image_size / patch_size are supported")
     archs = hf.get("architectures") or ["ViltModel"]
@@ -80,20 +80,19 @@ def config_from_hf(hf: dict, folder: Path | None = None, num_labels: int | None 
     if arch == "ViltForQuestionAnswering":
         heads.update(num_answers=len(names), answer_names=names)
     elif arch == "ViltForImagesAndTextClassification":
-        if hf.get("num_images", -1) != 2:
+        if hf["num_images"] != 2:
             raise ConversionError(f"pair classification needs num_images=2, got {hf.get('num_images')}")
         heads.update(pair_classes=len(names))
     elif arch not in ("ViltModel", "ViltForMaskedLM", "ViltForImageAndTextRetrieval"):
         raise ConversionError(f"ViLT architecture {arch!r} cannot be converted")
-    max_image = hf.get("max_image_length", -1)
+    max_image = hf["max_image_length"]
     return ViLTConfig(
-        image_size=image_size, patch_size=patch_size, in_chans=hf.get("num_channels", 3),
+        image_size=image_size, patch_size=patch_size, in_chans=hf["num_channels"],
         dim=hf["hidden_size"], depth=hf["num_hidden_layers"], heads=hf["num_attention_heads"],
-        mlp_dim=hf["intermediate_size"], act=act, eps=hf.get("layer_norm_eps", 1e-12),
-        qkv_bias=hf.get("qkv_bias", True), dropout=hf.get("hidden_dropout_prob", 0.0),
-        vocab_size=hf["vocab_size"], max_text_len=hf.get("max_position_embeddings", 40),
-        type_vocab_size=hf.get("type_vocab_size", 2),
-        modality_types=hf.get("modality_type_vocab_size", 2),
+        mlp_dim=hf["intermediate_size"], act=act, eps=hf["layer_norm_eps"],
+        qkv_bias=hf["qkv_bias"], dropout=hf.get("hidden_dropout_prob", 0.0),
+        vocab_size=hf["vocab_size"], max_text_len=hf["max_position_embeddings"],
+        type_vocab_size=hf["type_vocab_size"], modality_types=hf["modality_type_vocab_size"],
         max_image_tokens=max_image if isinstance(max_image, int) and max_image > 0 else 0,
         **heads, **(_special_ids(folder, hf) if folder is not None else {}))
 

@@ -38,18 +38,18 @@ def config_from_hf(hf: dict) -> ViTConfig:
     if hf.get("model_type") != "vit":
         raise ConversionError(f"expected a ViT config (model_type 'vit'), got {hf.get('model_type')!r}")
     act = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-           "quick_gelu": "quick_gelu", "relu": "relu"}.get(hf.get("hidden_act", "gelu"))
+           "quick_gelu": "quick_gelu", "relu": "relu"}.get(hf["hidden_act"])
     if act is None:
         raise ConversionError(f"unsupported ViT activation {hf.get('hidden_act')!r}")
     archs = hf.get("architectures") or []
     labels = hf.get("id2label") or {}
     classify = any("ImageClassification" in a for a in archs)
     names = [labels[k] for k in sorted(labels, key=int)] if classify else []
-    return ViTConfig(image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 16),
-                     in_chans=hf.get("num_channels", 3), dim=hf["hidden_size"],
+    return ViTConfig(image_size=hf["image_size"], patch_size=hf["patch_size"],
+                     in_chans=hf["num_channels"], dim=hf["hidden_size"],
                      depth=hf["num_hidden_layers"], heads=hf["num_attention_heads"],
-                     mlp_dim=hf["intermediate_size"], act=act, eps=hf.get("layer_norm_eps", 1e-12),
-                     qkv_bias=hf.get("qkv_bias", True), num_classes=len(names), class_names=names)
+                     mlp_dim=hf["intermediate_size"], act=act, eps=hf["layer_norm_eps"],
+                     qkv_bias=hf["qkv_bias"], num_classes=len(names), class_names=names)
 
 
 def load_hf_vit(folder: str | Path, hf_config: dict) -> ViT:
